@@ -1,0 +1,1 @@
+"""The lazyfs containerd remote snapshotter (a separate process from the daemon)."""
