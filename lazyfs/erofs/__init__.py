@@ -1,5 +1,9 @@
 """EROFS metadata images: on-disk structures, a reader and a writer (pure Python)."""
 
 from lazyfs.erofs.errors import CorruptImage, ErofsError, UnsupportedImage
+from lazyfs.erofs.writer import Builder, BuildInfo, ChunkedData, Entry, FileData
 
-__all__ = ["CorruptImage", "ErofsError", "UnsupportedImage"]
+__all__ = [
+    "BuildInfo", "Builder", "ChunkedData", "CorruptImage", "Entry", "ErofsError", "FileData",
+    "UnsupportedImage",
+]
