@@ -1,0 +1,610 @@
+"""The fetch scheduler: one place where chunk bytes come from a blob source into the cache.
+
+A read asks for chunk references; hits come from the ChunkCache, misses become *pending*
+items, one per chunk key (the digest), shared by every waiter. Pending items wait in a
+per-host queue ordered by (priority, arrival); whenever a host has a free slot the best
+item is taken, merged with queued neighbours of the same source and priority whose stored
+ranges are contiguous (gaps up to ``max_gap``) up to ``max_coalesce`` bytes, and fetched by
+one range request. Each chunk of the answer is decompressed (bounded by its declared
+length), verified (xxh3-128) and only then cached and handed to its waiters. Failures are
+retried per chunk with exponential backoff; after the last attempt every waiter gets a
+FetchError.
+
+Concurrency rules (see the design notes): the bookkeeping -- ``_dispatch``, ``_take_group``,
+``_promote``, ``_complete``, ``_failed`` -- is synchronous and never awaits, so queue state
+is never observed half-changed; the only awaits are the source request, the worker-thread
+calls for decoding/caching large chunks, backoff sleeps and waiters' waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Protocol
+
+import trio
+import xxhash
+import zstandard
+from sortedcontainers import SortedKeyList
+
+from lazyfs.cache import DIGEST_SIZE, CacheError, ChunkCache
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS = ("zstd", "none")
+_ZSTD_UNKNOWN_SIZE = zstandard.CONTENTSIZE_UNKNOWN
+
+
+class Priority(IntEnum):
+    ON_DEMAND = 0
+    PREFETCH = 1
+    BACKGROUND = 2
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One chunk of a blob: where its stored form is and what it must decode to."""
+
+    offset: int  # byte offset of the stored (compressed) form in the blob
+    stored_length: int  # bytes in the blob
+    length: int  # uncompressed length
+    digest: bytes | None  # xxh3-128 of the uncompressed bytes; None only for trusted plain blobs
+    compression: str  # "zstd" or "none"
+
+    def __post_init__(self):
+        if self.offset < 0 or self.stored_length < 0 or self.length < 0:
+            raise ValueError(f"negative offset or length in {self!r}")
+        if self.digest is not None and len(self.digest) != DIGEST_SIZE:
+            raise ValueError(f"chunk digest must be {DIGEST_SIZE} bytes: {self!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"unknown chunk compression {self.compression!r}")
+        if self.compression == "none" and self.stored_length != self.length:
+            raise ValueError(f"uncompressed chunk with stored_length != length: {self!r}")
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.stored_length
+
+
+class BlobSource(Protocol):
+    name: str  # for messages and as the identity of the blob (same name = same bytes)
+    host: str  # concurrency is limited per host
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or raise."""
+        ...
+
+
+class FetchError(Exception):
+    """A chunk could not be fetched and verified; the read that needs it fails (EIO)."""
+
+    def __init__(self, source_name: str, ref: ChunkRef, attempts: int, reason: str):
+        digest = ref.digest.hex() if ref.digest is not None else "untrusted"
+        super().__init__(
+            f"chunk {digest} at {ref.offset}+{ref.stored_length} of {source_name}: "
+            f"{reason} (after {attempts} attempt(s))")
+        self.source_name = source_name
+        self.ref = ref
+        self.attempts = attempts
+        self.reason = reason
+
+
+class ChunkCorrupt(Exception):
+    """The bytes received for a chunk do not decode to its declared length and digest."""
+
+
+class ShortRead(Exception):
+    """A source returned a different number of bytes than requested."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: failure n (1-based) waits initial_delay * factor**(n-1), capped."""
+
+    attempts: int = 4
+    initial_delay: float = 0.1
+    factor: float = 2.0
+    max_delay: float = 5.0
+    jitter: float = 0.0  # fraction of the delay added at random, to de-synchronise clients
+
+    def delay(self, failures: int) -> float:
+        base = min(self.max_delay, self.initial_delay * self.factor ** (failures - 1))
+        return base + (random.uniform(0, base * self.jitter) if self.jitter else 0.0)
+
+
+def decode_chunk(ref: ChunkRef, stored: bytes) -> bytes:
+    """Decompress (bounded by ``ref.length``) and verify one chunk. Pure; safe in a thread."""
+    if ref.compression == "zstd":
+        try:
+            declared = zstandard.get_frame_parameters(stored).content_size
+        except zstandard.ZstdError as e:
+            raise ChunkCorrupt(f"not a zstd frame: {e}") from e
+        if declared != _ZSTD_UNKNOWN_SIZE and declared != ref.length:
+            # decompress() trusts a declared size over max_output_size: reject before allocating.
+            raise ChunkCorrupt(f"zstd frame declares {declared} bytes, chunk has {ref.length}")
+        try:
+            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.length)
+        except zstandard.ZstdError as e:
+            raise ChunkCorrupt(f"zstd frame does not decode within {ref.length} bytes: {e}") from e
+    else:
+        data = bytes(stored)
+    if len(data) != ref.length:
+        raise ChunkCorrupt(f"decoded {len(data)} bytes, expected {ref.length}")
+    if ref.digest is not None and xxhash.xxh3_128_digest(data) != ref.digest:
+        raise ChunkCorrupt("xxh3-128 digest mismatch")
+    return data
+
+
+class _State(Enum):
+    QUEUED = "queued"
+    BACKOFF = "backoff"
+    FETCHING = "fetching"
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One chunk being fetched, shared by all of its waiters."""
+
+    key: Hashable
+    source: BlobSource
+    ref: ChunkRef
+    priority: Priority
+    seq: int
+    state: _State = _State.QUEUED
+    done: trio.Event = field(default_factory=trio.Event)
+    result: bytes | None = None
+    error: FetchError | None = None
+    cause: BaseException | None = None
+    failures: int = 0
+    waiters: int = 0
+
+
+@dataclass(eq=False)
+class _Host:
+    queue: SortedKeyList = field(default_factory=lambda: SortedKeyList(key=lambda p: (p.priority, p.seq)))
+    active: int = 0
+    active_background: int = 0  # requests led by a prefetch/background item
+
+
+class FetchStats:
+    """Counters of one fetcher; ``snapshot()`` is what the control socket reports."""
+
+    LATENCY_SAMPLES = 4096
+
+    def __init__(self):
+        self.requests = 0
+        self.bytes_fetched = 0
+        self.chunks_fetched = 0
+        self.coalesced_chunks = 0  # chunks that rode along in a request led by another chunk
+        self.hits = 0
+        self.misses = 0
+        self.joined = 0  # waiters that joined an already pending chunk
+        self.inflight = 0
+        self.retries = 0
+        self.source_errors = 0
+        self.verify_failures = 0
+        self.failed_chunks = 0
+        self.cache_put_errors = 0
+        self.promotions = 0
+        self.queued = {p: 0 for p in Priority}
+        self.done = {p: 0 for p in Priority}
+        self.already_cached = {p: 0 for p in Priority}
+        self._latencies: deque[float] = deque(maxlen=self.LATENCY_SAMPLES)
+
+    def record_latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+
+    def latency_percentiles(self) -> dict[str, float]:
+        samples = sorted(self._latencies)
+        if not samples:
+            return {}
+
+        def pct(q: float) -> float:
+            return samples[min(len(samples) - 1, math.ceil(q * len(samples)) - 1)]
+
+        return {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "max": samples[-1]}
+
+    def snapshot(self) -> dict:
+        names = {p: p.name.lower() for p in Priority}
+        return {
+            "requests": self.requests,
+            "bytes_fetched": self.bytes_fetched,
+            "chunks_fetched": self.chunks_fetched,
+            "coalesced_chunks": self.coalesced_chunks,
+            "hits": self.hits,
+            "misses": self.misses,
+            "joined": self.joined,
+            "inflight": self.inflight,
+            "retries": self.retries,
+            "source_errors": self.source_errors,
+            "verify_failures": self.verify_failures,
+            "failed_chunks": self.failed_chunks,
+            "cache_put_errors": self.cache_put_errors,
+            "promotions": self.promotions,
+            "queued": {names[p]: n for p, n in self.queued.items()},
+            "done": {names[p]: n for p, n in self.done.items()},
+            "already_cached": {names[p]: n for p, n in self.already_cached.items()},
+            "latency": self.latency_percentiles(),
+        }
+
+
+FetchObserver = Callable[[BlobSource, Sequence[ChunkRef], Priority, float, float], None]
+
+
+def _chunk_key(source: BlobSource, ref: ChunkRef) -> Hashable:
+    if ref.digest is not None:
+        return ref.digest
+    return ("plain", source.name, ref.offset, ref.length)
+
+
+class ChunkFetcher:
+    """Single-flight, coalescing, prioritised, verifying chunk fetcher over a ChunkCache.
+
+    Run it in the daemon's nursery (``nursery.start_soon(fetcher.run)``) or as
+    ``async with fetcher:``. Chunks without a digest (plain EROFS blobs, trusted mode) are
+    length-checked, single-flighted and returned, but not stored in the content-addressed cache.
+    """
+
+    def __init__(
+        self,
+        cache: ChunkCache,
+        *,
+        max_coalesce: int = 8 << 20,
+        max_gap: int = 64 << 10,
+        per_host_concurrency: int = 8,
+        retry: RetryPolicy = RetryPolicy(),
+        stats: FetchStats | None = None,
+        on_fetch: FetchObserver | None = None,
+        offload_threshold: int = 256 << 10,
+        cpu_threads: int = 2,
+    ):
+        if per_host_concurrency < 1:
+            raise ValueError("per_host_concurrency must be at least 1")
+        self.cache = cache
+        self.max_coalesce = max_coalesce
+        self.max_gap = max_gap
+        self.per_host_concurrency = per_host_concurrency
+        # One slot per host is kept for on-demand reads, so prefetch can never occupy them all.
+        self.background_slots = max(1, per_host_concurrency - 1)
+        self.retry = retry
+        self.stats = stats if stats is not None else FetchStats()
+        self.observers: list[FetchObserver] = [on_fetch] if on_fetch is not None else []
+        self.offload_threshold = offload_threshold
+        self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
+        self._pending: dict[Hashable, _Pending] = {}
+        self._hosts: dict[str, _Host] = {}
+        self._queued_by_source: dict[str, SortedKeyList] = {}
+        self._seq = 0
+        self._nursery: trio.Nursery | None = None
+        self._nursery_manager = None
+        self._closing = False
+
+    # ----------------------------------------------------------------- lifetime
+
+    async def run(self) -> None:
+        """The scheduler's tasks; returns only when cancelled."""
+        async with self:
+            await trio.sleep_forever()
+
+    async def __aenter__(self) -> ChunkFetcher:
+        if self._nursery is not None or self._closing:
+            raise RuntimeError("this ChunkFetcher is already running or has stopped")
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        self._closing = True
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_manager.__aexit__(*exc_info)
+        finally:
+            self._nursery = None
+            for pending in list(self._pending.values()):
+                self._finish_failed(pending, "the fetcher stopped")
+
+    def _require_running(self) -> trio.Nursery:
+        if self._nursery is None or self._closing:
+            raise RuntimeError("ChunkFetcher is not running (start fetcher.run() in a nursery)")
+        return self._nursery
+
+    # ----------------------------------------------------------------- public API
+
+    async def get(self, source: BlobSource, chunks: Sequence[ChunkRef],
+                  priority: Priority = Priority.ON_DEMAND) -> list[bytes]:
+        """The verified uncompressed bytes of each chunk, in order. Raises FetchError."""
+        self._require_running()
+        results: list[bytes | None] = [None] * len(chunks)
+        waiting: list[tuple[int, _Pending]] = []
+        cached: list[int] = []
+        try:
+            for i, ref in enumerate(chunks):
+                pending = self._pending.get(_chunk_key(source, ref))
+                if pending is None and ref.digest is not None and self.cache.contains(ref.digest):
+                    cached.append(i)
+                    continue
+                waiting.append((i, self._want(source, ref, priority, waiter=True)))
+            self._dispatch()
+            for i in cached:
+                data = await self._read_cached(chunks[i])
+                if data is None:  # vanished or corrupt since contains(): fetch it after all
+                    waiting.append((i, self._want(source, chunks[i], priority, waiter=True)))
+                    self._dispatch()
+                else:
+                    self.stats.hits += 1
+                    results[i] = data
+            while waiting:
+                i, pending = waiting[0]
+                await pending.done.wait()
+                waiting.pop(0)
+                pending.waiters -= 1
+                if pending.error is not None:
+                    err = pending.error
+                    raise FetchError(err.source_name, err.ref, err.attempts, err.reason) from pending.cause
+                results[i] = pending.result
+        finally:
+            for _, pending in waiting:
+                pending.waiters -= 1
+        return results  # type: ignore[return-value]
+
+    def enqueue(self, source: BlobSource, chunks: Sequence[ChunkRef],
+                priority: Priority = Priority.PREFETCH) -> None:
+        """Fetch chunks into the cache in the background (trace prefetch, background fill)."""
+        self._require_running()
+        for ref in chunks:
+            if (_chunk_key(source, ref) not in self._pending and ref.digest is not None
+                    and self.cache.contains(ref.digest)):
+                self.stats.already_cached[priority] += 1
+                continue
+            self._want(source, ref, priority, waiter=False)
+        self._dispatch()
+
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    # ----------------------------------------------------------------- bookkeeping (no awaits)
+
+    def _want(self, source: BlobSource, ref: ChunkRef, priority: Priority, *, waiter: bool) -> _Pending:
+        key = _chunk_key(source, ref)
+        pending = self._pending.get(key)
+        if pending is None:
+            self._seq += 1
+            pending = _Pending(key, source, ref, priority, self._seq)
+            self._pending[key] = pending
+            if ref.digest is not None:
+                self.cache.pin(ref.digest)
+            self._enqueue_pending(pending)
+            self.stats.queued[priority] += 1
+            if waiter:
+                self.stats.misses += 1
+        else:
+            self._promote(pending, priority)
+            if waiter:
+                self.stats.joined += 1
+        if waiter:
+            pending.waiters += 1
+        return pending
+
+    def _promote(self, pending: _Pending, priority: Priority) -> None:
+        if priority >= pending.priority:
+            return
+        self.stats.promotions += 1
+        if pending.state is _State.QUEUED:
+            host = self._hosts[pending.source.host]
+            host.queue.remove(pending)
+            pending.priority = priority
+            host.queue.add(pending)
+        else:  # in backoff: requeued at the new priority; fetching: nothing left to speed up
+            pending.priority = priority
+
+    def _enqueue_pending(self, pending: _Pending) -> None:
+        pending.state = _State.QUEUED
+        host = self._hosts.get(pending.source.host)
+        if host is None:
+            host = self._hosts[pending.source.host] = _Host()
+        host.queue.add(pending)
+        by_offset = self._queued_by_source.get(pending.source.name)
+        if by_offset is None:
+            by_offset = self._queued_by_source[pending.source.name] = SortedKeyList(
+                key=lambda p: (p.ref.offset, p.seq))
+        by_offset.add(pending)
+
+    def _dequeue_pending(self, pending: _Pending) -> None:
+        self._hosts[pending.source.host].queue.remove(pending)
+        by_offset = self._queued_by_source[pending.source.name]
+        by_offset.remove(pending)
+        if not by_offset:
+            del self._queued_by_source[pending.source.name]
+        pending.state = _State.FETCHING
+
+    def _dispatch(self) -> None:
+        """Start requests while hosts have free slots; the best queued item leads each one."""
+        nursery = self._nursery
+        if nursery is None or self._closing:
+            return
+        for host in self._hosts.values():
+            while host.queue and host.active < self.per_host_concurrency:
+                leader = host.queue[0]
+                background = leader.priority is not Priority.ON_DEMAND
+                if background and host.active_background >= self.background_slots:
+                    break
+                group = self._take_group(leader)
+                host.active += 1
+                if background:
+                    host.active_background += 1
+                self.stats.inflight += 1
+                nursery.start_soon(self._fetch_group, host, group, background)
+
+    def _take_group(self, leader: _Pending) -> list[_Pending]:
+        """The leader plus queued neighbours (same source and priority) for one range request."""
+        by_offset = self._queued_by_source[leader.source.name]
+        index = by_offset.index(leader)
+        start, end = leader.ref.offset, leader.ref.end
+        after: list[_Pending] = []
+        for pending in by_offset.islice(index + 1):
+            ref = pending.ref
+            if ref.offset < end:  # overlapping stored ranges are not merged
+                continue
+            if (ref.offset - end > self.max_gap or pending.priority != leader.priority
+                    or ref.end - start > self.max_coalesce):
+                break
+            after.append(pending)
+            end = ref.end
+        before: list[_Pending] = []
+        for pending in by_offset.islice(0, index, reverse=True):
+            ref = pending.ref
+            if ref.end > start:
+                continue
+            if (start - ref.end > self.max_gap or pending.priority != leader.priority
+                    or end - ref.offset > self.max_coalesce):
+                break
+            before.append(pending)
+            start = ref.offset
+        group = before[::-1] + [leader] + after
+        for pending in group:
+            self._dequeue_pending(pending)
+        return group
+
+    def _complete(self, pending: _Pending, data: bytes) -> None:
+        pending.result = data
+        self.stats.done[pending.priority] += 1
+        self._finish(pending)
+
+    def _failed(self, pending: _Pending, cause: BaseException, reason: str) -> float | None:
+        """Count a failed attempt; returns the backoff delay, or None if the chunk failed for good."""
+        pending.failures += 1
+        if pending.failures >= self.retry.attempts or self._closing:
+            log.warning("giving up on chunk at %d+%d of %s after %d attempt(s): %s",
+                        pending.ref.offset, pending.ref.stored_length, pending.source.name,
+                        pending.failures, reason)
+            pending.cause = cause
+            self._finish_failed(pending, reason)
+            return None
+        self.stats.retries += 1
+        pending.state = _State.BACKOFF
+        delay = self.retry.delay(pending.failures)
+        log.info("chunk at %d+%d of %s: attempt %d failed (%s); retrying in %.3fs",
+                 pending.ref.offset, pending.ref.stored_length, pending.source.name,
+                 pending.failures, reason, delay)
+        return delay
+
+    def _finish_failed(self, pending: _Pending, reason: str) -> None:
+        if pending.done.is_set():
+            return
+        pending.error = FetchError(pending.source.name, pending.ref, pending.failures, reason)
+        self.stats.failed_chunks += 1
+        self._finish(pending)
+
+    def _finish(self, pending: _Pending) -> None:
+        if pending.state is _State.QUEUED:
+            self._dequeue_pending(pending)
+        if self._pending.get(pending.key) is pending:
+            del self._pending[pending.key]
+        if pending.ref.digest is not None:
+            self.cache.unpin(pending.ref.digest)
+        pending.done.set()
+
+    # ----------------------------------------------------------------- tasks
+
+    async def _fetch_group(self, host: _Host, group: list[_Pending], background: bool) -> None:
+        source = group[0].source
+        start = group[0].ref.offset
+        end = max(p.ref.end for p in group)
+        retry_after: dict[float, list[_Pending]] = {}
+        try:
+            began = trio.current_time()
+            try:
+                data = await source.read_range(start, end - start)
+                if len(data) != end - start:
+                    raise ShortRead(f"asked for {end - start} bytes at {start}, got {len(data)}")
+            except (trio.Cancelled, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                self.stats.source_errors += 1
+                for pending in group:
+                    delay = self._failed(pending, e, f"source error: {type(e).__name__}: {e}")
+                    if delay is not None:
+                        retry_after.setdefault(delay, []).append(pending)
+                return
+            finished = trio.current_time()
+            self._record_request(source, group, finished - began, end - start)
+            self._notify(source, [p.ref for p in group], group[0].priority, began, finished)
+            view = memoryview(data)
+            for pending in group:
+                ref = pending.ref
+                stored = view[ref.offset - start: ref.end - start]
+                try:
+                    chunk = await self._decode(ref, stored)
+                except ChunkCorrupt as e:
+                    self.stats.verify_failures += 1
+                    delay = self._failed(pending, e, f"verification failed: {e}")
+                    if delay is not None:
+                        retry_after.setdefault(delay, []).append(pending)
+                    continue
+                await self._store(ref, chunk)
+                self._complete(pending, chunk)
+        finally:
+            host.active -= 1
+            if background:
+                host.active_background -= 1
+            self.stats.inflight -= 1
+            nursery = self._nursery
+            for delay, pendings in retry_after.items():
+                if nursery is None or self._closing:
+                    for pending in pendings:
+                        self._finish_failed(pending, "the fetcher stopped")
+                else:
+                    nursery.start_soon(self._requeue_after, delay, pendings)
+            self._dispatch()
+
+    async def _requeue_after(self, delay: float, pendings: list[_Pending]) -> None:
+        await trio.sleep(delay)
+        for pending in pendings:
+            if not pending.done.is_set():
+                self._enqueue_pending(pending)
+        self._dispatch()
+
+    async def _decode(self, ref: ChunkRef, stored: memoryview) -> bytes:
+        if ref.length >= self.offload_threshold:
+            return await trio.to_thread.run_sync(decode_chunk, ref, stored, limiter=self._cpu_limiter)
+        return decode_chunk(ref, stored)
+
+    async def _store(self, ref: ChunkRef, chunk: bytes) -> None:
+        if ref.digest is None:
+            return
+        try:
+            if ref.length >= self.offload_threshold:
+                await trio.to_thread.run_sync(self.cache.put, ref.digest, chunk, limiter=self._cpu_limiter)
+            else:
+                self.cache.put(ref.digest, chunk)
+        except CacheError as e:
+            # The read still gets its verified bytes; only the cache copy is missing.
+            self.stats.cache_put_errors += 1
+            log.warning("cannot cache chunk %s: %s", ref.digest.hex(), e)
+
+    async def _read_cached(self, ref: ChunkRef) -> bytes | None:
+        assert ref.digest is not None
+        if ref.length >= self.offload_threshold:
+            return await trio.to_thread.run_sync(self.cache.get, ref.digest, limiter=self._cpu_limiter)
+        return self.cache.get(ref.digest)
+
+    def _record_request(self, source: BlobSource, group: list[_Pending], seconds: float, nbytes: int) -> None:
+        self.stats.requests += 1
+        self.stats.bytes_fetched += nbytes
+        self.stats.chunks_fetched += len(group)
+        self.stats.coalesced_chunks += len(group) - 1
+        self.stats.record_latency(seconds)
+
+    def _notify(self, source: BlobSource, refs: list[ChunkRef], priority: Priority,
+                began: float, finished: float) -> None:
+        for observer in self.observers:
+            try:
+                observer(source, refs, priority, began, finished)
+            except Exception:
+                log.exception("fetch observer %r failed", observer)

@@ -1,0 +1,397 @@
+"""ChunkFetcher scheduling logic on trio's mock clock, over in-memory blob sources.
+
+The in-memory source is a test double for fault injection and request recording; the real
+file and HTTP sources are tested in t4_sources.py.
+"""
+
+import errno
+import resource
+
+import pytest
+import trio
+import trio.testing
+import xxhash
+import zstandard
+
+from lazyfs.cache import ChunkCache
+from lazyfs.fetch import (
+    ChunkCorrupt, ChunkFetcher, ChunkRef, FetchError, Priority, RetryPolicy, decode_chunk,
+)
+
+REQUEST_TIME = 1.0  # seconds each in-memory request takes on the mock clock
+
+
+class MemorySource:
+    """A blob in memory that records every range request and can inject faults."""
+
+    def __init__(self, blob: bytes, name: str = "mem blob", host: str = "mem-host"):
+        self.blob = blob
+        self.name = name
+        self.host = host
+        self.requests: list[tuple[float, int, int]] = []  # (start time, offset, length)
+        self.faults: list = []  # consumed one per request: an exception, or a bytes mangler
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        self.requests.append((trio.current_time(), offset, length))
+        await trio.sleep(REQUEST_TIME)
+        fault = self.faults.pop(0) if self.faults else None
+        if isinstance(fault, BaseException):
+            raise fault
+        data = self.blob[offset:offset + length]
+        return fault(data) if fault is not None else data
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(offset, length) for _, offset, length in self.requests]
+
+
+def build_blob(sizes, *, gap: int = 0, compress: bool = True, seed: int = 0):
+    """A blob of chunks (zstd frames or plain), ``gap`` filler bytes between them."""
+    blob = bytearray()
+    refs, datas = [], []
+    compressor = zstandard.ZstdCompressor(level=1)
+    for i, size in enumerate(sizes):
+        data = bytes((seed * 131 + i * 7 + j) % 251 for j in range(64)) * (size // 64) + b"x" * (size % 64)
+        stored = compressor.compress(data) if compress else data
+        refs.append(ChunkRef(len(blob), len(stored), size, xxhash.xxh3_128_digest(data),
+                             "zstd" if compress else "none"))
+        datas.append(data)
+        blob += stored + bytes(gap)
+    return bytes(blob), refs, datas
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return ChunkCache(tmp_path / "cache")
+
+
+async def test_single_flight_many_waiters_one_request(cache, autojump_clock):
+    blob, refs, datas = build_blob([4096])
+    source = MemorySource(blob)
+    results = []
+    async with ChunkFetcher(cache) as fetcher:
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                async def reader():
+                    results.append(await fetcher.get(source, refs))
+                nursery.start_soon(reader)
+    assert source.ranges() == [(refs[0].offset, refs[0].stored_length)]
+    assert results == [datas] * 10
+    assert fetcher.stats.misses == 1 and fetcher.stats.joined == 9
+    assert cache.get(refs[0].digest) == datas[0]
+    assert cache.stats()["pinned"] == 0
+
+
+async def test_second_read_is_a_cache_hit(cache, autojump_clock):
+    blob, refs, datas = build_blob([1000, 2000])
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+        assert await fetcher.get(source, refs[::-1]) == datas[::-1]
+    assert len(source.requests) == 1
+    assert fetcher.stats.hits == 2 and fetcher.stats.misses == 2
+
+
+async def test_same_chunk_in_two_sources_is_fetched_once(cache, autojump_clock):
+    blob, refs, datas = build_blob([3000])
+    first, second = MemorySource(blob, name="layer a"), MemorySource(b"pad" + blob, name="layer b")
+    moved = ChunkRef(refs[0].offset + 3, refs[0].stored_length, refs[0].length, refs[0].digest, "zstd")
+    async with ChunkFetcher(cache) as fetcher:
+        assert await fetcher.get(first, refs) == datas
+        assert await fetcher.get(second, [moved]) == datas
+    assert len(first.requests) == 1 and second.requests == []
+
+
+async def test_adjacent_chunks_coalesce_up_to_the_bound(cache, autojump_clock):
+    blob, refs, datas = build_blob([64 << 10] * 20, compress=False)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, max_coalesce=256 << 10) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    assert sorted(source.ranges()) == [(i * (256 << 10), 256 << 10) for i in range(5)]
+    assert fetcher.stats.coalesced_chunks == 15
+    assert all(start == 0.0 for start, _, _ in source.requests)  # 5 requests in parallel
+
+
+async def test_small_gaps_merge_large_gaps_split(cache, autojump_clock):
+    blob, refs, datas = build_blob([1000] * 4, gap=100, compress=False)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, max_gap=100) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    assert source.ranges() == [(0, refs[-1].end)]
+
+    blob, refs, datas = build_blob([1000] * 4, gap=101, compress=False, seed=1)
+    source = MemorySource(blob, name="other")
+    async with ChunkFetcher(cache, max_gap=100) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    assert sorted(source.ranges()) == [(r.offset, r.stored_length) for r in refs]
+
+
+async def test_on_demand_promotes_queued_prefetch_and_jumps_the_queue(cache, autojump_clock):
+    # Chunks far apart so that nothing coalesces; one request at a time.
+    blob, refs, datas = build_blob([1000] * 6, gap=1 << 20, compress=False)
+    source = MemorySource(blob)
+    a, b, c, d, e, x = refs
+    async with ChunkFetcher(cache, per_host_concurrency=1) as fetcher:
+        fetcher.enqueue(source, [a, b, c, d, e], Priority.PREFETCH)
+        await trio.sleep(0.5)  # a is in flight
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.get, source, [d])
+            nursery.start_soon(fetcher.get, source, [x])
+        # d (promoted) and x (new on-demand) were fetched right after a, before b and c.
+        assert trio.current_time() == pytest.approx(3.0)
+        while fetcher.pending_count():
+            await trio.sleep(1)
+    order = [offset for _, offset, _ in source.requests]
+    assert order == [a.offset, d.offset, x.offset, b.offset, c.offset, e.offset]
+    assert fetcher.stats.promotions == 1
+    assert fetcher.stats.done[Priority.PREFETCH] == 4
+    assert fetcher.stats.done[Priority.ON_DEMAND] == 2
+
+
+async def test_prefetch_leaves_a_slot_for_on_demand(cache, autojump_clock):
+    blob, refs, datas = build_blob([1000] * 12, gap=1 << 20, compress=False)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, per_host_concurrency=3) as fetcher:
+        fetcher.enqueue(source, refs[:10], Priority.BACKGROUND)
+        await trio.sleep(0.5)
+        assert fetcher.stats.inflight == 2  # background may use all slots but one
+        assert await fetcher.get(source, refs[10:11]) == datas[10:11]
+        assert trio.current_time() == pytest.approx(1.5)  # not delayed by the queue
+    assert source.requests[2][1] == refs[10].offset
+
+
+async def test_priorities_order_the_queue(cache, autojump_clock):
+    blob, refs, _ = build_blob([1000] * 5, gap=1 << 20, compress=False)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, per_host_concurrency=2) as fetcher:
+        fetcher.enqueue(source, [refs[0], refs[1], refs[4]], Priority.BACKGROUND)
+        fetcher.enqueue(source, refs[2:4], Priority.PREFETCH)
+        while fetcher.pending_count():
+            await trio.sleep(1)
+    order = [offset for _, offset, _ in source.requests]
+    # refs[0] started at once (a slot was free); then prefetch before background, each in
+    # arrival order, one at a time (one of the two slots is kept for on-demand reads).
+    assert order == [refs[i].offset for i in (0, 2, 3, 1, 4)]
+    assert [start for start, _, _ in source.requests] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+async def test_enqueue_skips_cached_chunks(cache, autojump_clock):
+    blob, refs, datas = build_blob([500, 600])
+    cache.put(refs[0].digest, datas[0])
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache) as fetcher:
+        fetcher.enqueue(source, refs, Priority.PREFETCH)
+        while fetcher.pending_count():
+            await trio.sleep(1)
+    assert source.ranges() == [(refs[1].offset, refs[1].stored_length)]
+    assert fetcher.stats.already_cached[Priority.PREFETCH] == 1
+    assert cache.contains(refs[1].digest)
+
+
+async def test_retry_backoff_timing(cache, autojump_clock):
+    blob, refs, datas = build_blob([2000])
+    source = MemorySource(blob)
+    source.faults = [OSError(errno.ECONNRESET, "reset"), OSError(errno.ECONNRESET, "reset")]
+    retry = RetryPolicy(attempts=4, initial_delay=2.0, factor=3.0, max_delay=100.0)
+    async with ChunkFetcher(cache, retry=retry) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    # request 1 at 0 (fails at 1), backoff 2 -> request 2 at 3 (fails at 4), backoff 6 -> 10
+    assert [start for start, _, _ in source.requests] == [0.0, 3.0, 10.0]
+    assert fetcher.stats.retries == 2 and fetcher.stats.source_errors == 2
+
+
+@pytest.mark.expected_log
+async def test_source_errors_exhaust_attempts_then_fetch_error(cache, autojump_clock):
+    blob, refs, _ = build_blob([2000])
+    source = MemorySource(blob)
+    source.faults = [OSError(errno.EIO, "boom")] * 3
+    retry = RetryPolicy(attempts=3, initial_delay=1.0)
+    errors = []
+    async with ChunkFetcher(cache, retry=retry) as fetcher:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                async def reader():
+                    with pytest.raises(FetchError) as excinfo:
+                        await fetcher.get(source, refs)
+                    errors.append(excinfo.value)
+                nursery.start_soon(reader)
+        assert len(errors) == 3 and all(e.attempts == 3 for e in errors)
+        assert isinstance(errors[0].__cause__, OSError)
+        assert len(source.requests) == 3
+        assert not cache.contains(refs[0].digest)
+        # The failure is not sticky: a later read tries again.
+        assert len(await fetcher.get(source, refs)) == 1
+    assert len(source.requests) == 4
+
+
+@pytest.mark.expected_log
+async def test_wrong_bytes_are_refetched_and_never_returned(cache, autojump_clock):
+    blob, refs, datas = build_blob([1000, 1000], compress=False)
+    source = MemorySource(blob)
+    corrupt_second = lambda data: data[:1500] + bytes([data[1500] ^ 0xFF]) + data[1501:]  # noqa: E731
+    source.faults = [corrupt_second, lambda data: data[:-1]]  # then a short body
+    async with ChunkFetcher(cache, retry=RetryPolicy(attempts=3, initial_delay=1.0)) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    # First chunk verified from the first answer; the second needed two more requests.
+    assert source.ranges() == [(0, 2000), (1000, 1000), (1000, 1000)]
+    assert fetcher.stats.verify_failures == 1 and fetcher.stats.source_errors == 1
+    assert cache.get(refs[1].digest) == datas[1]
+
+
+@pytest.mark.expected_log
+async def test_persistent_verification_failure_gives_fetch_error(cache, autojump_clock):
+    blob, refs, _ = build_blob([3000])
+    bad = ChunkRef(refs[0].offset, refs[0].stored_length, refs[0].length, bytes(16), "zstd")
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, retry=RetryPolicy(attempts=3, initial_delay=0.5)) as fetcher:
+        with pytest.raises(FetchError, match="digest mismatch"):
+            await fetcher.get(source, [bad])
+    assert len(source.requests) == 3
+    assert not cache.contains(bad.digest)
+    assert fetcher.stats.verify_failures == 3 and fetcher.stats.failed_chunks == 1
+
+
+def test_zstd_bomb_is_rejected_without_allocating():
+    bomb_size = 1 << 30
+    declared = zstandard.ZstdCompressor(level=1).compress(bytes(bomb_size))
+    undeclared = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(bomb_size))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for stored in (declared, undeclared):
+        ref = ChunkRef(0, len(stored), 1 << 20, None, "zstd")
+        with pytest.raises(ChunkCorrupt):
+            decode_chunk(ref, stored)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kib < 64 << 10
+
+
+def test_decode_rejects_garbage_and_wrong_length():
+    with pytest.raises(ChunkCorrupt):
+        decode_chunk(ChunkRef(0, 5, 5, None, "zstd"), b"hello")
+    frame = zstandard.ZstdCompressor().compress(b"a" * 100)
+    with pytest.raises(ChunkCorrupt):
+        decode_chunk(ChunkRef(0, len(frame), 99, None, "zstd"), frame)
+    assert decode_chunk(ChunkRef(0, len(frame), 100, None, "zstd"), frame) == b"a" * 100
+    with pytest.raises(ValueError):
+        ChunkRef(0, 1, 1, b"short", "zstd")
+    with pytest.raises(ValueError):
+        ChunkRef(0, 1, 1, None, "gzip")
+
+
+@pytest.mark.expected_log
+async def test_bomb_through_the_fetcher_is_a_fetch_error(cache, autojump_clock):
+    stored = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64 << 20))
+    source = MemorySource(stored)
+    ref = ChunkRef(0, len(stored), 4096, xxhash.xxh3_128_digest(bytes(4096)), "zstd")
+    async with ChunkFetcher(cache, retry=RetryPolicy(attempts=1)) as fetcher:
+        with pytest.raises(FetchError, match="does not decode within 4096"):
+            await fetcher.get(source, [ref])
+    assert not cache.contains(ref.digest)
+
+
+async def test_cancelled_waiter_does_not_cancel_the_shared_fetch(cache, autojump_clock):
+    blob, refs, datas = build_blob([5000])
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache) as fetcher:
+        got = []
+        async with trio.open_nursery() as nursery:
+            async def impatient():
+                with trio.move_on_after(REQUEST_TIME / 2) as scope:
+                    await fetcher.get(source, refs)
+                assert scope.cancelled_caught
+
+            async def patient():
+                got.append(await fetcher.get(source, refs))
+            nursery.start_soon(impatient)
+            nursery.start_soon(patient)
+        assert got == [datas]
+        # The only waiter cancelled: the fetch still completes into the cache.
+        other_blob, other_refs, other_datas = build_blob([700], seed=9)
+        other = MemorySource(other_blob, name="other")
+        with trio.move_on_after(0.1):
+            await fetcher.get(other, other_refs)
+        while fetcher.pending_count():
+            await trio.sleep(0.5)
+        assert cache.get(other_refs[0].digest) == other_datas[0]
+    assert len(source.requests) == 1 and len(other.requests) == 1
+    assert cache.stats()["pinned"] == 0
+
+
+@pytest.mark.expected_log
+async def test_stopping_the_fetcher_fails_waiters_and_keeps_cache_consistent(cache, autojump_clock):
+    blob, refs, _ = build_blob([1000, 1000], gap=1 << 20)
+    source = MemorySource(blob)
+    fetcher = ChunkFetcher(cache, per_host_concurrency=1)
+    outcome = []
+    async with trio.open_nursery() as nursery:
+        async def fetcher_task(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await fetcher.run()
+        scope = await nursery.start(fetcher_task)
+        await trio.sleep(0)
+
+        async def reader():
+            try:
+                await fetcher.get(source, refs)
+            except FetchError as e:
+                outcome.append(e)
+        nursery.start_soon(reader)
+        await trio.sleep(REQUEST_TIME / 2)
+        scope.cancel()
+    assert len(outcome) == 1 and "stopped" in str(outcome[0])
+    assert cache.stats()["pinned"] == 0 and cache.stats()["entries"] == 0
+    assert list((cache.root / "tmp").iterdir()) == []
+    with pytest.raises(RuntimeError):
+        await fetcher.get(source, refs)
+
+
+async def test_plain_chunks_without_digest_are_length_checked_not_cached(cache, autojump_clock):
+    blob, refs, datas = build_blob([1000, 1000], compress=False)
+    plain = [ChunkRef(r.offset, r.stored_length, r.length, None, "none") for r in refs]
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache) as fetcher:
+        assert await fetcher.get(source, plain) == datas
+        assert await fetcher.get(source, plain) == datas
+    assert len(source.requests) == 2
+    assert cache.stats()["entries"] == 0
+
+
+@pytest.mark.expected_log
+async def test_corrupt_cache_entry_is_refetched(cache, autojump_clock):
+    blob, refs, datas = build_blob([2000])
+    cache.put(refs[0].digest, datas[0])
+    cache.chunk_path(refs[0].digest).write_bytes(b"\0" * 2000)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    assert len(source.requests) == 1
+    assert cache.get(refs[0].digest) == datas[0]
+
+
+async def test_observer_sees_each_request(cache, autojump_clock):
+    blob, refs, _ = build_blob([1000] * 3, compress=False)
+    seen = []
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, on_fetch=lambda *args: seen.append(args)) as fetcher:
+        await trio.sleep(5)
+        await fetcher.get(source, refs, Priority.PREFETCH)
+    assert seen == [(source, refs, Priority.PREFETCH, 5.0, 6.0)]
+    snapshot = fetcher.stats.snapshot()
+    assert snapshot["requests"] == 1 and snapshot["bytes_fetched"] == 3000
+    assert snapshot["latency"]["p50"] == pytest.approx(1.0)
+
+
+async def test_large_chunks_decode_in_worker_threads(cache):
+    # Real clock: the offload path goes through trio.to_thread.
+    blob, refs, datas = build_blob([1 << 20, 1 << 20, 4096])
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, offload_threshold=512 << 10, retry=RetryPolicy(attempts=1)) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+        assert await fetcher.get(source, refs) == datas
+    assert fetcher.stats.hits == 3
+
+
+def test_retry_policy_delays():
+    policy = RetryPolicy(attempts=6, initial_delay=0.5, factor=2.0, max_delay=3.0)
+    assert [policy.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    jittered = RetryPolicy(initial_delay=1.0, jitter=0.5)
+    assert all(1.0 <= jittered.delay(1) <= 1.5 for _ in range(50))
