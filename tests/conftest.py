@@ -13,6 +13,7 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures.common",
+    "tests.fixtures.containerd",
 ]
 
 _skipped: list[str] = []
