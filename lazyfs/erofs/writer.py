@@ -217,6 +217,7 @@ class Builder:
         self._chunkbits = chunkbits
         self._inodes: dict[bytes, _Inode] = {}  # path -> inode (hard links share one)
         self._children: dict[bytes, list[bytes]] = {}  # directory path -> child names
+        self._entries: list[Entry] = []
 
     # -- collecting entries --------------------------------------------------------------
 
@@ -244,10 +245,15 @@ class Builder:
         else:
             inode = _Inode(entry=entry, size=self._check_entry(entry))
         self._inodes[path] = inode
+        self._entries.append(entry)
         if path != b"":
             self._children[_parent(path)].append(_basename(path))
         if inode.entry is entry and stat.S_IFMT(entry.mode) == fmt.S_IFDIR:
             self._children[path] = []
+
+    def entries(self) -> list[Entry]:
+        """The entries added so far, in the order they were added."""
+        return list(self._entries)
 
     def _check_entry(self, entry: Entry) -> int:
         """Validate one entry; returns its i_size except for directories (computed later)."""
