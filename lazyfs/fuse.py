@@ -1,0 +1,232 @@
+"""The pyfuse3 adapter: kernel requests translated into LayerFS calls, nothing more.
+
+Every handler goes through :func:`boundary`: pyfuse3 lets a handler raise only FUSEError,
+and any other exception escaping a handler would end ``pyfuse3.main`` and with it the mount.
+The boundary passes FUSEError through, maps our own errors to an errno through one table,
+and turns anything unexpected into EIO with a logged traceback.
+
+The filesystem is immutable while a layer is attached, so the kernel may cache everything:
+entries and attributes for a long time, file pages across opens (``keep_cache``). The mount
+root changes when layers come and go; its attributes use a short timeout and detaching a
+layer invalidates its entry explicitly (see lazyfs.daemon).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyfuse3
+
+from lazyfs.cache import CacheError
+from lazyfs.erofs.errors import CorruptImage, ErofsError, UnsupportedImage
+from lazyfs.layerfs import ROOT_INODE, Attributes, DirEntry, LayerFS, LayerFSError
+
+log = logging.getLogger(__name__)
+
+# Layer contents never change while attached: let the kernel cache lookups and attributes
+# for a day. The root directory's own attributes change with attach/detach.
+LAYER_TIMEOUT = 86400.0
+ROOT_ATTR_TIMEOUT = 1.0
+
+# Our exception types -> errno, most specific first. LayerFSError carries its own errno.
+ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
+    (CorruptImage, errno.EIO),
+    (UnsupportedImage, errno.EOPNOTSUPP),
+    (ErofsError, errno.EIO),
+    (CacheError, errno.EIO),
+)
+
+
+def errno_for(exc: BaseException) -> int | None:
+    if isinstance(exc, LayerFSError):
+        return exc.errno
+    for kind, code in ERRNO_TABLE:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+def boundary(handler: Callable) -> Callable:
+    """Let only FUSEError out of a handler (see the module docstring)."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the one place that must catch all
+            code = errno_for(exc)
+            if code is None:
+                log.exception("unexpected error in %s%r", handler.__name__, args[1:])
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            if code == errno.EIO:
+                log.error("%s%r failed: %s", handler.__name__, args[1:], exc)
+            else:
+                log.debug("%s%r: %s", handler.__name__, args[1:], exc)
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper
+
+
+def _read_only(*_args: Any, **_kwargs: Any):
+    async def refuse(*_a: Any, **_k: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return refuse
+
+
+def entry_attributes(attr: Attributes) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attr.ino
+    entry.generation = 0
+    timeout = ROOT_ATTR_TIMEOUT if attr.ino == ROOT_INODE else LAYER_TIMEOUT
+    entry.entry_timeout = LAYER_TIMEOUT
+    entry.attr_timeout = timeout
+    entry.st_mode = attr.mode
+    entry.st_nlink = attr.nlink
+    entry.st_uid = attr.uid
+    entry.st_gid = attr.gid
+    entry.st_rdev = attr.rdev
+    entry.st_size = attr.size
+    entry.st_blksize = attr.blksize
+    entry.st_blocks = attr.blocks
+    entry.st_atime_ns = attr.mtime_ns
+    entry.st_ctime_ns = attr.mtime_ns
+    entry.st_mtime_ns = attr.mtime_ns
+    return entry
+
+
+class LazyOperations(pyfuse3.Operations):
+    """Read-only pyfuse3 operations over a LayerFS."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: LayerFS, on_read: Callable[[int, int, int], None] | None = None):
+        super().__init__()
+        self.fs = fs
+        self._dir_handles: dict[int, list[DirEntry]] = {}
+        self._dir_inodes: dict[int, int] = {}
+        self._next_dir_handle = itertools.count(1)
+        self._on_read = on_read
+
+    # -------------------------------------------------------------- namespace
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.fs.getattr(self.fs.lookup(parent_inode, name)))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inode numbers are derived from (slot, nid): there is no per-inode state to drop.
+        return None
+
+    @boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.fs.getattr(inode))
+
+    @boundary
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return self.fs.readlink(inode)
+
+    @boundary
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        entries = self.fs.listdir(inode)
+        fh = next(self._next_dir_handle)
+        self._dir_handles[fh] = entries
+        self._dir_inodes[fh] = inode
+        return fh
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for index in range(start_id, len(entries)):
+            entry = entries[index]
+            attr = entry_attributes(self.fs.getattr(entry.ino))
+            if not pyfuse3.readdir_reply(token, entry.name, attr, index + 1):
+                break
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+        self._dir_inodes.pop(fh, None)
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @boundary
+    async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+        self.fs.getattr(inode)
+        if mode & 0o2:  # W_OK
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    @boundary
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        info = self.fs.statfs()
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = info["bsize"]
+        st.f_frsize = info["bsize"]
+        st.f_blocks = info["blocks"]
+        st.f_bfree = 0
+        st.f_bavail = 0
+        st.f_files = info["files"]
+        st.f_ffree = 0
+        st.f_favail = 0
+        st.f_namemax = info["namemax"]
+        return st
+
+    # -------------------------------------------------------------- data
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self.fs.getattr(inode)
+        # The file handle is the inode: reads need nothing else. keep_cache keeps pages
+        # across opens, which is correct because the content never changes.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        data = await self.fs.read(fh, off, size)
+        if self._on_read is not None:
+            self._on_read(fh, off, len(data))
+        return data
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        return None
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # -------------------------------------------------------------- writes: EROFS
+
+    setattr = _read_only()
+    mknod = _read_only()
+    mkdir = _read_only()
+    unlink = _read_only()
+    rmdir = _read_only()
+    symlink = _read_only()
+    rename = _read_only()
+    link = _read_only()
+    write = _read_only()
+    create = _read_only()
+    setxattr = _read_only()
+    removexattr = _read_only()
