@@ -1,0 +1,483 @@
+"""Stream an OCI layer tar (gzip, zstd or plain) into a lazyfs layer blob with bounded memory.
+
+The input is read once, sequentially. Every member is re-emitted as a PAX tar entry; the tar
+bytes go out as zstd frames of two kinds:
+
+* *stream frames*: tar headers, padding, the end-of-archive blocks, and the content of files
+  stored in the metadata (at or below the inline threshold) and of all-zero chunks, grouped up
+  to STREAM_FRAME_TARGET bytes. Nobody fetches these by range, so grouping them only helps
+  compression.
+* *chunk frames*: one per chunk of every larger regular file, exactly the chunk's bytes, so a
+  chunk is one Range request and one independent decompression.
+
+Chunk compression runs on a thread pool (zstandard releases the GIL); frames are written in
+order through a bounded queue of pending futures, so memory stays at a few chunks whatever the
+layer size. After the tar come the metadata (EROFS, zstd-compressed), the chunk table and the
+footer as skippable frames (lazyfs.layer.format).
+
+Dedup inside a layer: the tar stream must still decompress to every byte of every file, so a
+repeated chunk is written again; its chunk-table entry points at the first copy's frame, so it
+is fetched and cached once and its own frame is never read.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import concurrent.futures
+import copy
+import dataclasses
+import gzip
+import hashlib
+import io
+import logging
+import os
+import stat
+import tarfile
+import threading
+import urllib.parse
+from collections.abc import Callable
+from typing import BinaryIO
+
+import xxhash
+import zstandard
+
+from lazyfs.erofs.writer import Builder as ErofsBuilder
+from lazyfs.erofs.writer import ChunkedData
+from lazyfs.layer import format as fmt
+from lazyfs.layer.annotations import to_annotations
+from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
+from lazyfs.layer.tree import OVERLAY_XATTR_PREFIX, Node, Tree
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096
+STREAM_FRAME_TARGET = 1 << 20
+DEFAULT_LEVEL = 3
+META_LEVEL = 9
+_TAR_BLOCK = 512
+_EOF_BLOCKS = bytes(2 * _TAR_BLOCK)
+_XATTR_NAME_PREFIXES = (b"user.", b"trusted.", b"security.")
+_XATTR_WHOLE_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+_XATTR_VALUE_MAX = 0xFFFF
+
+
+@dataclasses.dataclass
+class LayerStats:
+    files: int = 0  # regular files (hard links not counted twice)
+    entries: int = 0  # tar members read
+    chunks: int = 0  # chunk-table entries
+    unique_chunks: int = 0  # distinct frames the table points at
+    dedup_bytes: int = 0  # uncompressed bytes served by another chunk's frame
+    hole_bytes: int = 0  # all-zero chunks stored as holes
+    inline_bytes: int = 0  # file content held in the metadata
+
+
+@dataclasses.dataclass
+class BuildResult:
+    digest: str  # "sha256:..." of the blob: the descriptor digest
+    size: int  # blob bytes
+    diff_id: str  # "sha256:..." of the uncompressed tar
+    tar_size: int
+    input_format: str  # "gzip", "zstd" or "tar"
+    index: fmt.LayerIndex
+    stats: LayerStats
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return to_annotations(self.index)
+
+
+def detect_compression(head: bytes) -> str:
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(fmt.ZSTD_FRAME_MAGIC):
+        return "zstd"
+    if len(head) >= 4:
+        magic = int.from_bytes(head[:4], "little")
+        if fmt.SKIPPABLE_MAGIC_MIN <= magic <= fmt.SKIPPABLE_MAGIC_MAX:
+            return "zstd"
+    return "tar"
+
+
+class _Counting(io.RawIOBase):
+    """The source, re-prefixed with the sniffed head bytes, counting what has been consumed."""
+
+    def __init__(self, head: bytes, src: BinaryIO, progress: Callable[[int], None] | None):
+        self._head = head
+        self._src = src
+        self._progress = progress
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self._head:
+            n = min(len(buf), len(self._head))
+            buf[:n] = self._head[:n]
+            self._head = self._head[n:]
+        else:
+            data = self._src.read(len(buf))
+            n = len(data)
+            buf[:n] = data
+        self.consumed += n
+        if self._progress is not None and n:
+            self._progress(n)
+        return n
+
+
+def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[BinaryIO, str]:
+    """An uncompressed tar stream over src, sniffing the compression from the magic bytes."""
+    head = src.read(8)
+    kind = detect_compression(head)
+    raw = io.BufferedReader(_Counting(head, src, progress), buffer_size=1 << 20)
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), kind
+    if kind == "zstd":
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20, read_across_frames=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20), kind
+    return raw, kind
+
+
+class _FrameWriter:
+    """Writes zstd frames to the blob in order while compression runs ahead on a thread pool."""
+
+    def __init__(self, out: BinaryIO, pool: concurrent.futures.Executor, level: int, max_pending: int):
+        self._out = out
+        self._pool = pool
+        self._level = level
+        self._local = threading.local()
+        self._pending: collections.deque = collections.deque()
+        self._max_pending = max_pending
+        self.sha256 = hashlib.sha256()
+        self.position = 0
+
+    def _compress(self, data: bytes) -> bytes:
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self._level)
+        return compressor.compress(data)
+
+    def frame(self, data: bytes, written: Callable[[int, int], None] | None = None) -> None:
+        self._pending.append((self._pool.submit(self._compress, data), written))
+        self._drain(self._max_pending)
+
+    def raw(self, data: bytes) -> int:
+        """Write bytes as they are (skippable frames); returns their offset."""
+        self._drain(0)
+        offset = self.position
+        self._write(data)
+        return offset
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self.sha256.update(data)
+        self.position += len(data)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            future, written = self._pending.popleft()
+            stored = future.result()
+            if written is not None:
+                written(self.position, len(stored))
+            self._write(stored)
+
+
+class LayerBuilder:
+    """One conversion: feed it a tar stream with build(), get the blob written to out."""
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        *,
+        chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
+        inline_threshold: int = fmt.DEFAULT_INLINE_THRESHOLD,
+        level: int = DEFAULT_LEVEL,
+        threads: int | None = None,
+    ):
+        fmt.check_chunk_size(chunk_size)
+        if not 0 <= inline_threshold <= BLOCK_SIZE:
+            raise LayerFormatError(f"inline threshold {inline_threshold} must be in [0, {BLOCK_SIZE}]")
+        self.out = out
+        self.chunk_size = chunk_size
+        self.inline_threshold = inline_threshold
+        self.level = level
+        self.threads = threads or os.cpu_count() or 1
+        self.tree = Tree()
+        self.stats = LayerStats()
+        self._tar_sha = hashlib.sha256()
+        self._tar_size = 0
+        self._stream = bytearray()
+        self._entries: list[fmt.ChunkEntry | None] = []
+        self._dup_of: dict[int, int] = {}
+        self._first_chunk: dict[bytes, int] = {}
+        self._zero = bytes(chunk_size)
+        self._frames: _FrameWriter | None = None
+
+    # -- tar bytes ---------------------------------------------------------------------
+
+    def _emit_stream(self, data: bytes) -> None:
+        self._tar_sha.update(data)
+        self._tar_size += len(data)
+        self._stream += data
+        if len(self._stream) >= STREAM_FRAME_TARGET:
+            self._flush_stream()
+
+    def _flush_stream(self) -> None:
+        if self._stream:
+            self._frames.frame(bytes(self._stream))
+            self._stream = bytearray()
+
+    def _emit_chunk(self, data: bytes) -> int | None:
+        """Write one chunk of file content; its chunk number, or None for a hole."""
+        if data == self._zero[: len(data)]:
+            self.stats.hole_bytes += len(data)
+            self._emit_stream(data)
+            return None
+        self._flush_stream()
+        self._tar_sha.update(data)
+        self._tar_size += len(data)
+        digest = xxhash.xxh3_128(data).digest()
+        n = len(self._entries)
+        self._entries.append(None)
+        first = self._first_chunk.get(digest)
+        if first is None:
+            self._first_chunk[digest] = n
+
+            def written(offset: int, stored: int, n=n, length=len(data), digest=digest) -> None:
+                self._entries[n] = fmt.ChunkEntry(offset, stored, length, digest)
+
+            self._frames.frame(data, written)
+        else:
+            self._dup_of[n] = first
+            self.stats.dedup_bytes += len(data)
+            self._frames.frame(data)
+        return n
+
+    # -- members -----------------------------------------------------------------------
+
+    def build(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> BuildResult:
+        """Read the whole layer from src and write the blob. Closes nothing."""
+        stream, kind = open_tar_stream(src, progress)
+        max_pending = max(2, min(2 * self.threads + 2, (64 << 20) // self.chunk_size))
+        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-zstd") as pool:
+            self._frames = _FrameWriter(self.out, pool, self.level, max_pending)
+            try:
+                tar = tarfile.open(
+                    fileobj=stream, mode="r|", bufsize=1 << 20, encoding="utf-8", errors="surrogateescape"
+                )
+                for member in tar:
+                    self.stats.entries += 1
+                    self._member(tar, member)
+            except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
+                raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
+            self._emit_stream(_EOF_BLOCKS)
+            self._flush_stream()
+            self._frames.raw(b"")
+            return self._finish(kind)
+
+    def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        name = m.name.encode("utf-8", "surrogateescape")
+        where = m.name
+        node = Node(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, xattrs=_xattrs(m, where))
+        node.mtime, node.mtime_nsec = _mtime(m)
+        pax = dict(m.pax_headers)
+        out_type = m.type
+        if m.isreg():
+            node.mode |= stat.S_IFREG
+            if m.issparse():
+                # Written out expanded: all-zero chunks become holes of the EROFS file.
+                out_type = tarfile.REGTYPE
+                pax = {k: v for k, v in pax.items() if not k.startswith("GNU.sparse.") and k != "size"}
+        elif m.isdir():
+            node.mode |= stat.S_IFDIR
+        elif m.issym():
+            node.mode |= stat.S_IFLNK
+            node.link_target = m.linkname.encode("utf-8", "surrogateescape")
+            if not 0 < len(node.link_target) < 4096:
+                raise UnsafeTarEntry(where, "symlink target is empty or longer than 4095 bytes")
+        elif m.islnk():
+            target = self.tree.lookup_link_target(m.linkname.encode("utf-8", "surrogateescape"), where)
+            self.tree.add(name, target, where)
+            self._header(m, m.type, pax, size=0)
+            return
+        elif m.ischr() or m.isblk():
+            node.mode |= stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            if not (0 <= m.devmajor < 1 << 12 and 0 <= m.devminor < 1 << 20):
+                raise UnsafeTarEntry(where, f"device number {m.devmajor}:{m.devminor} out of range")
+            node.rdev = (m.devmajor, m.devminor)
+        elif m.isfifo():
+            node.mode |= stat.S_IFIFO
+        else:
+            raise UnsafeTarEntry(where, f"unsupported tar entry type {m.type!r}")
+        # Validate the placement before emitting anything for this member.
+        self.tree.add(name, node, where)
+        if not m.isreg():
+            self._header(m, out_type, pax, size=0)
+            return
+        self.stats.files += 1
+        self._header(m, out_type, pax, size=m.size)
+        node.data = self._content(tar, m, where)
+        pad = -m.size % _TAR_BLOCK
+        if pad:
+            self._emit_stream(bytes(pad))
+
+    def _header(self, m: tarfile.TarInfo, out_type: bytes, pax: dict[str, str], size: int) -> None:
+        h = copy.copy(m)
+        h.type = out_type
+        h.size = size
+        if "mtime" in pax:
+            # Keep the PAX record (nanoseconds) verbatim: tarfile would rewrite a float mtime.
+            h.mtime = int(m.mtime) if m.mtime >= 0 else 0
+        if size < 8**11:
+            pax.pop("size", None)
+        h.pax_headers = pax
+        try:
+            header = h.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        except (ValueError, UnicodeError) as e:
+            raise UnsafeTarEntry(m.name, f"cannot be re-encoded as a PAX header: {e}") from None
+        self._emit_stream(header)
+
+    def _content(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes | ChunkedData:
+        f = tar.extractfile(m)
+        if m.size <= self.inline_threshold:
+            data = f.read(m.size)
+            if len(data) != m.size:
+                raise LayerFormatError(f"tar entry {where!r} is truncated")
+            self.stats.inline_bytes += len(data)
+            self._emit_stream(data)
+            return data
+        chunks: list[int | None] = []
+        remaining = m.size
+        while remaining:
+            want = min(self.chunk_size, remaining)
+            data = f.read(want)
+            if len(data) != want:
+                raise LayerFormatError(f"tar entry {where!r} is truncated")
+            chunks.append(self._emit_chunk(data))
+            remaining -= want
+        return ChunkedData(size=m.size, chunks=chunks)
+
+    # -- sections ------------------------------------------------------------------------
+
+    def _finish(self, kind: str) -> BuildResult:
+        frames = self._frames
+        data_end = frames.position
+        for n, first in self._dup_of.items():
+            self._entries[n] = self._entries[first]
+        entries = [e for e in self._entries if e is not None]
+        if len(entries) != len(self._entries):
+            raise RuntimeError("a chunk frame was never written")
+        table = fmt.ChunkTable(self.chunk_size, data_end, entries).encode()
+        table_sha = hashlib.sha256(table).digest()
+
+        device_blocks = len(entries) * (self.chunk_size // BLOCK_SIZE)
+        if device_blocks >= 1 << 32:
+            raise LayerFormatError("layer too large: chunk device exceeds 2**32 blocks")
+        erofs = ErofsBuilder(
+            block_size=BLOCK_SIZE, chunk_size=self.chunk_size, inline_threshold=self.inline_threshold,
+            device_blocks=device_blocks, device_tag=table_device_tag(table_sha),
+        )
+        try:
+            for entry in self.tree.entries():
+                erofs.add(entry)
+            meta_buf = io.BytesIO()
+            erofs.write(meta_buf)
+        except ValueError as e:
+            raise LayerFormatError(f"cannot build the layer metadata: {e}") from None
+        meta = meta_buf.getvalue()
+        meta_stored = zstandard.ZstdCompressor(level=META_LEVEL, threads=-1).compress(meta)
+
+        meta_offset = frames.raw(fmt.skippable_frame(meta_stored)) + fmt.SKIPPABLE_HEADER.size
+        table_offset = frames.raw(fmt.skippable_frame(table)) + fmt.SKIPPABLE_HEADER.size
+        index = fmt.LayerIndex(
+            version=fmt.FORMAT_VERSION,
+            chunk_size=self.chunk_size,
+            meta=fmt.make_section(meta_offset, meta_stored, fmt.COMPRESSION_ZSTD, len(meta)),
+            table=fmt.make_section(table_offset, table, fmt.COMPRESSION_NONE, len(table)),
+        )
+        frames.raw(fmt.encode_footer(index))
+        self.stats.chunks = len(entries)
+        self.stats.unique_chunks = len(self._first_chunk)
+        result = BuildResult(
+            digest="sha256:" + frames.sha256.hexdigest(),
+            size=frames.position,
+            diff_id="sha256:" + self._tar_sha.hexdigest(),
+            tar_size=self._tar_size,
+            input_format=kind,
+            index=index,
+            stats=self.stats,
+        )
+        log.info(
+            "layer %s: %d entries, %d chunks (%d unique), tar %d bytes -> blob %d bytes",
+            result.digest, self.stats.entries, self.stats.chunks, self.stats.unique_chunks,
+            self._tar_size, result.size,
+        )
+        return result
+
+
+def table_device_tag(table_sha256: bytes) -> bytes:
+    """The chunk device's tag in the EROFS device table: binds the metadata to its chunk table."""
+    return b"sha256=" + base64.urlsafe_b64encode(table_sha256).rstrip(b"=")
+
+
+def build_layer(
+    src: BinaryIO,
+    out: BinaryIO,
+    *,
+    chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
+    inline_threshold: int = fmt.DEFAULT_INLINE_THRESHOLD,
+    level: int = DEFAULT_LEVEL,
+    threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> BuildResult:
+    """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out."""
+    builder = LayerBuilder(
+        out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads
+    )
+    return builder.build(src, progress)
+
+
+def _mtime(m: tarfile.TarInfo) -> tuple[int, int]:
+    """(seconds, nanoseconds), exact from a PAX record when there is one; negative clamps to 0."""
+    text = m.pax_headers.get("mtime")
+    if text is not None:
+        whole, _, frac = text.partition(".")
+        try:
+            seconds = int(whole)
+            nsec = int((frac + "000000000")[:9]) if frac else 0
+        except ValueError:
+            raise UnsafeTarEntry(m.name, f"bad PAX mtime {text!r}") from None
+        if whole.startswith("-"):
+            return 0, 0
+        return seconds, nsec
+    return max(0, int(m.mtime)), 0
+
+
+def _xattrs(m: tarfile.TarInfo, where: str) -> dict[bytes, bytes]:
+    """Extended attributes from PAX SCHILY.xattr.* and LIBARCHIVE.xattr.* records."""
+    out: dict[bytes, bytes] = {}
+    for key, value in m.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr.") :].encode("utf-8", "surrogateescape")
+            raw = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
+            try:
+                raw = base64.b64decode(value + "=" * (-len(value) % 4))
+            except ValueError:
+                raise UnsafeTarEntry(where, f"bad base64 in {key}") from None
+        else:
+            continue
+        if name.startswith(OVERLAY_XATTR_PREFIX):
+            log.debug("%s: dropping overlayfs xattr %r from the tar", where, name)
+            continue
+        supported = name in _XATTR_WHOLE_NAMES or any(
+            name.startswith(p) and len(name) > len(p) for p in _XATTR_NAME_PREFIXES
+        )
+        if not supported or len(raw) > _XATTR_VALUE_MAX or len(name) > 255:
+            log.debug("%s: dropping xattr %r (not storable in EROFS)", where, name)
+            continue
+        out[name] = raw
+    return out
