@@ -1,0 +1,186 @@
+"""Blob sources against real I/O: a local file, and a local HTTP server answering ranges."""
+
+import http.server
+import os
+import re
+import threading
+
+import httpx
+import pytest
+import trio
+import xxhash
+import zstandard
+
+from lazyfs.cache import ChunkCache
+from lazyfs.fetch import ChunkFetcher, ChunkRef, FetchError, RetryPolicy
+from lazyfs.sources import FileBlobSource, HttpBlobSource, SourceError
+
+BLOB = os.urandom(300_000)
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves BLOB; the path picks the behaviour: /blob honours Range, /norange ignores it,
+    /badrange answers a wrong Content-Range, /error answers 500, /short cuts the body."""
+
+    protocol_version = "HTTP/1.1"
+    requests_seen: list[tuple[str, str | None]] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        range_header = self.headers.get("Range")
+        self.requests_seen.append((self.path, range_header))
+        if self.path == "/error":
+            self._send(500, b"internal error")
+            return
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", range_header or "")
+        if self.path == "/norange" or match is None:
+            self._send(200, BLOB)
+            return
+        first, last = int(match[1]), min(int(match[2]), len(BLOB) - 1)
+        if first >= len(BLOB):
+            self._send(416, b"", {"Content-Range": f"bytes */{len(BLOB)}"})
+            return
+        body = BLOB[first:last + 1]
+        if self.path == "/badrange":
+            first += 1
+        headers = {"Content-Range": f"bytes {first}-{first + len(body) - 1}/{len(BLOB)}"}
+        if self.path == "/short":
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Range", headers["Content-Range"])
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return
+        self._send(206, body, headers)
+
+    def _send(self, status, body, headers=None):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    RangeHandler.requests_seen = []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+async def client():
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+async def test_http_range_read(http_server, client):
+    source = HttpBlobSource(f"{http_server}/blob", client)
+    assert source.host == http_server.removeprefix("http://")
+    assert await source.read_range(1000, 5000) == BLOB[1000:6000]
+    assert await source.read_range(len(BLOB) - 10, 10) == BLOB[-10:]
+    assert await source.read_range(0, 0) == b""
+    assert RangeHandler.requests_seen[0] == ("/blob", "bytes=1000-5999")
+
+
+async def test_http_server_ignoring_range_is_handled(http_server, client):
+    source = HttpBlobSource(f"{http_server}/norange", client)
+    assert await source.read_range(123_456, 1000) == BLOB[123_456:124_456]
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/badrange", "Content-Range"),
+    ("/error", "HTTP 500"),
+    ("/short", "RemoteProtocolError|ReadError|body"),
+])
+async def test_http_bad_answers_raise_source_error(http_server, client, path, message):
+    source = HttpBlobSource(f"{http_server}{path}", client)
+    with pytest.raises(SourceError, match=message):
+        await source.read_range(10, 20_000)
+
+
+async def test_http_range_past_the_end(http_server, client):
+    source = HttpBlobSource(f"{http_server}/blob", client)
+    with pytest.raises(SourceError, match="416"):
+        await source.read_range(len(BLOB) + 5, 10)
+    with pytest.raises(SourceError):
+        await source.read_range(len(BLOB) - 5, 10)  # a short 206
+
+
+async def test_http_connection_refused_is_source_error(client):
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    source = HttpBlobSource(f"http://127.0.0.1:{port}/blob", client)
+    with pytest.raises(SourceError, match="ConnectError"):
+        await source.read_range(0, 10)
+
+
+async def test_file_source(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(BLOB)
+    with FileBlobSource(path) as source:
+        assert source.size == len(BLOB)
+        assert await source.read_range(7, 70_000) == BLOB[7:70_007]
+        with pytest.raises(SourceError, match="end of file"):
+            await source.read_range(len(BLOB) - 3, 10)
+    with pytest.raises(SourceError, match="closed"):
+        await source.read_range(0, 1)
+
+
+def zstd_blob(count: int, size: int):
+    compressor = zstandard.ZstdCompressor(level=3)
+    blob = bytearray()
+    refs, datas = [], []
+    for i in range(count):
+        data = os.urandom(size // 2) + bytes([i]) * (size // 2)
+        frame = compressor.compress(data)
+        refs.append(ChunkRef(len(blob), len(frame), len(data), xxhash.xxh3_128_digest(data), "zstd"))
+        datas.append(data)
+        blob += frame
+    return bytes(blob), refs, datas
+
+
+async def test_fetcher_over_http_and_file(http_server, client, tmp_path):
+    global BLOB
+    blob, refs, datas = zstd_blob(12, 64 << 10)
+    saved, BLOB = BLOB, blob
+    try:
+        path = tmp_path / "blob"
+        path.write_bytes(blob)
+        cache = ChunkCache(tmp_path / "cache")
+        http_source = HttpBlobSource(f"{http_server}/blob", client)
+        async with ChunkFetcher(cache, max_coalesce=256 << 10) as fetcher:
+            assert await fetcher.get(http_source, refs) == datas
+            requests = len(RangeHandler.requests_seen)
+            assert refs[-1].end > 256 << 10 and 2 <= requests <= 4  # coalesced, at most 256 KiB each
+            with FileBlobSource(path) as file_source:
+                assert await fetcher.get(file_source, refs[::-1]) == datas[::-1]  # all hits
+            assert len(RangeHandler.requests_seen) == requests
+            assert fetcher.stats.hits == 12
+    finally:
+        BLOB = saved
+
+
+@pytest.mark.expected_log
+async def test_fetcher_gives_fetch_error_for_http_500(http_server, client, tmp_path):
+    cache = ChunkCache(tmp_path / "cache")
+    source = HttpBlobSource(f"{http_server}/error", client)
+    ref = ChunkRef(0, 100, 100, xxhash.xxh3_128_digest(BLOB[:100]), "none")
+    async with ChunkFetcher(cache, retry=RetryPolicy(attempts=2, initial_delay=0.01)) as fetcher:
+        with pytest.raises(FetchError, match="HTTP 500"):
+            await fetcher.get(source, [ref])
+    assert len(RangeHandler.requests_seen) == 2
