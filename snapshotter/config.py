@@ -1,0 +1,116 @@
+"""lazyfs-snapshotter configuration: a TOML file, every key optional.
+
+```toml
+root = "/var/lib/lazyfs-snapshotter"
+socket = "/run/lazyfs-snapshotter/snapshotter.sock"
+log_level = "info"
+
+[daemon]
+enabled = true                 # false: no lazy layers, every layer is unpacked
+binary = "lazyfs"              # the lazyfs CLI; the daemon runs as `lazyfs daemon ...`
+mountpoint = ""                # default <root>/mnt
+control_socket = ""            # default <root>/daemon.sock
+cache_dir = ""                 # default <root>/cache
+cache_size = "10GiB"
+prefetch = true
+
+[registry]
+insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP
+[registry.mirrors]
+"docker.io" = ["https://mirror.example"]
+```
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ROOT = Path("/var/lib/lazyfs-snapshotter")
+DEFAULT_SOCKET = Path("/run/lazyfs-snapshotter/snapshotter.sock")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class ConfigError(Exception):
+    pass
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise ConfigError(f"bad size {value!r} (examples: 1073741824, 512MiB, 10GiB)")
+    unit = (m.group(2) or "").upper()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+@dataclass
+class DaemonConfig:
+    enabled: bool = True
+    binary: str = "lazyfs"
+    mountpoint: Path = Path()
+    control_socket: Path = Path()
+    cache_dir: Path = Path()
+    cache_size: int = 10 * 1024**3
+    prefetch: bool = True
+
+
+@dataclass
+class RegistryConfig:
+    mirrors: dict[str, list[str]] = field(default_factory=dict)
+    insecure_hosts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    root: Path = DEFAULT_ROOT
+    socket: Path = DEFAULT_SOCKET
+    log_level: str = "info"
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+
+def _take(table: dict, key: str, kind: type, default):
+    if key not in table:
+        return default
+    value = table.pop(key)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {getattr(kind, '__name__', 'a size')}, got {value!r}")
+    return value
+
+
+def load(path: Path | None, root: Path | None = None) -> Config:
+    """Read ``path`` (None: all defaults), override the root if given, and fill in the paths
+    derived from the root."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+    cfg = Config()
+    cfg.root = Path(_take(raw, "root", str, str(cfg.root)))
+    if root is not None:
+        cfg.root = Path(root)
+    cfg.socket = Path(_take(raw, "socket", str, str(cfg.socket)))
+    cfg.log_level = _take(raw, "log_level", str, cfg.log_level)
+    daemon = _take(raw, "daemon", dict, {})
+    d = cfg.daemon
+    d.enabled = _take(daemon, "enabled", bool, d.enabled)
+    d.binary = _take(daemon, "binary", str, d.binary)
+    d.mountpoint = Path(_take(daemon, "mountpoint", str, "") or cfg.root / "mnt")
+    d.control_socket = Path(_take(daemon, "control_socket", str, "") or cfg.root / "daemon.sock")
+    d.cache_dir = Path(_take(daemon, "cache_dir", str, "") or cfg.root / "cache")
+    d.cache_size = parse_size(_take(daemon, "cache_size", (int, str), d.cache_size))
+    d.prefetch = _take(daemon, "prefetch", bool, d.prefetch)
+    registry = _take(raw, "registry", dict, {})
+    cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
+    cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])
+    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry.")):
+        if table:
+            raise ConfigError(f"unknown configuration keys: {', '.join(name + k for k in table)}")
+    return cfg

@@ -1,0 +1,217 @@
+"""The lazyfs daemon as the snapshotter sees it: a control socket, and a process to keep alive.
+
+:class:`DaemonLayerFS` implements :class:`snapshotter.layerfs.LayerFS` with requests on the
+daemon's control socket (unix socket, one JSON object per line each way).
+:class:`DaemonSupervisor` starts the daemon (or adopts one that is already answering, e.g.
+after a snapshotter restart), watches it, and when it dies logs the loss, starts a new one and
+lets the snapshotter re-attach its lazy layers. Running containers whose overlay mounts used
+the old FUSE connection lose their lazy lowerdirs: the kernel cannot move them to the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .config import Config
+from .errors import LayerFSError
+from .layerfs import layer_source
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 30.0  # an attach fetches and verifies the layer's metadata
+PING_TIMEOUT = 2.0
+START_TIMEOUT = 30.0
+WATCH_INTERVAL = 0.5
+MAX_RESTART_DELAY = 30.0
+
+
+class DaemonLayerFS:
+    def __init__(self, control_socket: Path, mountpoint: Path):
+        self.control_socket = Path(control_socket)
+        self.mountpoint = Path(mountpoint)
+
+    def request(self, op: str, timeout: float = REQUEST_TIMEOUT, **args) -> dict:
+        message = json.dumps({"op": op, **args}).encode() + b"\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(str(self.control_socket))
+                sock.sendall(message)
+                reply = b""
+                while not reply.endswith(b"\n"):
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    reply += data
+        except OSError as e:
+            raise LayerFSError(f"lazyfs daemon at {self.control_socket}: {op}: {e}") from e
+        try:
+            answer = json.loads(reply)
+        except ValueError as e:
+            raise LayerFSError(f"lazyfs daemon: {op}: malformed reply {reply[:200]!r}") from e
+        if not isinstance(answer, dict) or not answer.get("ok", False):
+            error = answer.get("error", answer) if isinstance(answer, dict) else answer
+            raise LayerFSError(f"lazyfs daemon: {op}: {error}")
+        return answer
+
+    def ping(self) -> bool:
+        try:
+            self.request("ping", timeout=PING_TIMEOUT)
+        except LayerFSError:
+            return False
+        return True
+
+    def check(self, labels: Mapping[str, str]) -> bool:
+        return layer_source(labels) is not None and self.ping()
+
+    def mount(self, layer: str, labels: Mapping[str, str]) -> str:
+        source = layer_source(labels)
+        if source is None:
+            raise LayerFSError(f"labels of layer {layer} do not describe a lazyfs layer")
+        attached = {entry.get("name") for entry in self.request("list").get("layers", [])}
+        if layer not in attached:
+            self.request("attach", name=layer, ref=source.image_ref, digest=source.layer_digest,
+                         annotations=source.lazyfs_annotations)
+        return self.path(layer)
+
+    def unmount(self, layer: str) -> None:
+        self.request("detach", name=layer)
+
+    def path(self, layer: str) -> str:
+        return str(self.mountpoint / layer)
+
+
+class DaemonSupervisor:
+    def __init__(self, cfg: Config, layerfs: DaemonLayerFS,
+                 on_restart: Callable[[], object] = lambda: None):
+        self.cfg = cfg
+        self.layerfs = layerfs
+        self.on_restart = on_restart
+        self.pid_file = cfg.root / "daemon.pid"
+        self.log_file = cfg.root / "daemon.log"
+        self._process: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def command(self) -> list[str]:
+        d = self.cfg.daemon
+        cmd = [d.binary, "daemon", "--mountpoint", str(d.mountpoint),
+               "--control-socket", str(d.control_socket), "--cache-dir", str(d.cache_dir),
+               "--cache-size", str(d.cache_size)]
+        if not d.prefetch:
+            cmd.append("--no-prefetch")
+        for host in self.cfg.registry.insecure_hosts:
+            cmd += ["--insecure-registry", host]
+        for host, mirrors in self.cfg.registry.mirrors.items():
+            for mirror in mirrors:
+                cmd += ["--registry-mirror", f"{host}={mirror}"]
+        return cmd
+
+    def start(self) -> None:
+        """Adopt or start the daemon, then watch it. A daemon that cannot start is logged and
+        retried with backoff; meanwhile every layer takes the ordinary (unpacking) path."""
+        if self.layerfs.ping():
+            log.info("adopting the lazyfs daemon already serving %s", self.layerfs.control_socket)
+        else:
+            try:
+                self._spawn()
+            except LayerFSError as e:
+                log.error("starting the lazyfs daemon failed: %s", e)
+        self._thread = threading.Thread(target=self._watch, name="daemon-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop supervising; the daemon keeps running for the containers that use it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def daemon_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _alive(self) -> bool:
+        if self._process is not None and self._process.poll() is not None:
+            return False  # exited (poll also reaped it)
+        return self.layerfs.ping() or self.layerfs.ping()
+
+    def _spawn(self) -> None:
+        self._release_stale_mount()
+        for path in (self.cfg.daemon.mountpoint, self.cfg.daemon.cache_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            out = open(self.log_file, "ab")
+        except OSError as e:
+            raise LayerFSError(f"daemon log {self.log_file}: {e}") from e
+        with out:
+            # Its own session: a signal to the snapshotter's process group must not reach it.
+            try:
+                self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                                 stdout=out, stderr=out, start_new_session=True)
+            except OSError as e:
+                raise LayerFSError(f"cannot run {self.cfg.daemon.binary}: {e}") from e
+        self.pid_file.write_text(str(self._process.pid))
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.layerfs.ping():
+            if self._process.poll() is not None:
+                raise LayerFSError(f"lazyfs daemon exited with status {self._process.returncode}; "
+                                   f"see {self.log_file}")
+            if time.monotonic() > deadline:
+                raise LayerFSError(f"lazyfs daemon did not answer within {START_TIMEOUT}s")
+            time.sleep(0.05)
+        log.info("lazyfs daemon started (pid %d)", self._process.pid)
+
+    def _release_stale_mount(self) -> None:
+        """A dead daemon leaves its FUSE mount behind ("transport endpoint is not connected")."""
+        mountpoint = str(self.cfg.daemon.mountpoint)
+        with open("/proc/self/mountinfo") as f:
+            mounted = any(line.split()[4] == mountpoint for line in f)
+        if mounted:
+            subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+
+    def _watch(self) -> None:
+        delay = WATCH_INTERVAL
+        while not self._stop.wait(delay):
+            if self._alive():
+                delay = WATCH_INTERVAL
+                continue
+            log.error("lazyfs daemon lost (pid %s); containers using its layers lose them; "
+                      "restarting it", self.daemon_pid())
+            try:
+                self._spawn()
+                self.on_restart()
+                delay = WATCH_INTERVAL
+            except LayerFSError as e:
+                delay = min(delay * 2, MAX_RESTART_DELAY)
+                log.error("restarting the lazyfs daemon failed (next try in %.0fs): %s", delay, e)
+
+
+def stop_daemon(pid_file: Path, timeout: float = 10.0) -> None:
+    """Terminate the daemon recorded in ``pid_file`` (for shutdown scripts and tests)."""
+    try:
+        pid = int(Path(pid_file).read_text())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,81 @@
+"""``lazyfs-snapshotter``: serve containerd's Snapshots API on a unix socket.
+
+Starts (or adopts) and supervises the lazyfs daemon when lazy layers are enabled, re-attaches
+the lazy layers of committed snapshots, and serves until SIGTERM/SIGINT. Stopping the
+snapshotter leaves the daemon running, so running containers keep their lazy layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from . import config as config_mod
+from .daemon_client import DaemonLayerFS, DaemonSupervisor
+from .service import serve
+from .snapshots import Snapshotter
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="lazyfs-snapshotter",
+        description="containerd remote snapshotter serving lazyfs layers lazily "
+                    "(configure containerd with proxy_plugins.lazyfs pointing at --socket)")
+    p.add_argument("--config", type=Path, help="TOML configuration file (default: built-in defaults)")
+    p.add_argument("--root", type=Path, help="state directory (overrides the config)")
+    p.add_argument("--socket", type=Path, help="gRPC unix socket (overrides the config)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="overrides the config")
+    p.add_argument("--no-daemon", action="store_true",
+                   help="no lazy layers: behave as containerd's overlayfs snapshotter")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config, root=args.root)
+    except config_mod.ConfigError as e:
+        print(f"lazyfs-snapshotter: {e}", file=sys.stderr)
+        return 2
+    if args.socket:
+        cfg.socket = args.socket
+    if args.log_level:
+        cfg.log_level = args.log_level
+    if args.no_daemon:
+        cfg.daemon.enabled = False
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    supervisor = None
+    layerfs = None
+    if cfg.daemon.enabled:
+        layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint)
+    snapshotter = Snapshotter(cfg.root, layerfs)
+    if layerfs is not None:
+        supervisor = DaemonSupervisor(cfg, layerfs, on_restart=snapshotter.reattach_lazy_layers)
+        supervisor.start()
+        log.info("re-attached %d lazy layers", snapshotter.reattach_lazy_layers())
+    server = serve(snapshotter, cfg.socket)
+    log.info("serving containerd snapshots on %s (root %s)", cfg.socket, cfg.root)
+    stop.wait()
+    log.info("stopping")
+    server.stop(grace=5).wait()
+    if supervisor is not None:
+        supervisor.stop()
+    snapshotter.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
