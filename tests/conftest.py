@@ -14,6 +14,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.common",
     "tests.fixtures.containerd",
+    "tests.fixtures.registry",
 ]
 
 _skipped: list[str] = []
