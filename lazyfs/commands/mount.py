@@ -1,0 +1,161 @@
+"""`lazyfs mount`: serve an image (or one layer, or a plain EROFS image) read-only at a directory.
+
+The daemon (lazyfs.daemon) runs in its own session with a FUSE mount in a private state
+directory (see lazyfs.mountstate); the layers are attached there and stacked at MOUNTPOINT
+with a read-only overlay (a bind mount for a single layer). Unless --foreground is given,
+this command returns once the mount is ready, or fails with the daemon's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lazyfs.mountstate import DAEMON_MODULE, DEFAULT_CACHE_DIR, DEFAULT_RUN_DIR, MountState, daemon_running
+from lazyfs.mounts import is_mounted
+
+NAME = "mount"
+HELP = "mount an image, a layer or a plain chunk-based EROFS image read-only"
+READY_TIMEOUT = 300.0
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500M, 20G)") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="+", metavar="[IMAGE] MOUNTPOINT",
+                        help="registry reference or oci:DIR[:TAG], then the mount point "
+                             "(only the mount point with --meta/--blob)")
+    parser.add_argument("--layer", metavar="DIGEST", help="mount only this layer of the image")
+    parser.add_argument("--meta", type=Path, help="metadata image of a plain chunk-based EROFS image")
+    parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
+    parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="chunk cache directory")
+    parser.add_argument("--cache-size", type=parse_size, default=None, help="cache size limit, e.g. 20G")
+    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                        help="reach this registry over plain HTTP (repeatable)")
+    parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
+    parser.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        mountpoint, startup = _startup_spec(args)
+    except _UsageError as e:
+        print(f"lazyfs mount: {e}", file=sys.stderr)
+        return 2
+    state = MountState.for_mountpoint(mountpoint, args.run_dir)
+    if state.exists() and state.daemon_alive():
+        print(f"lazyfs mount: {state.mountpoint} is already mounted by daemon {state.pid()}", file=sys.stderr)
+        return 1
+    state.clean_stale()
+    if is_mounted(state.mountpoint):
+        print(f"lazyfs mount: something else is mounted at {state.mountpoint}", file=sys.stderr)
+        return 1
+    if not state.mountpoint.is_dir():
+        print(f"lazyfs mount: {state.mountpoint} is not a directory", file=sys.stderr)
+        return 1
+    startup["stack"]["mountpoint"] = str(state.mountpoint)
+    state.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(state.root, 0o700)
+    state.startup_file.write_text(json.dumps(startup, indent=1))
+    state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"],
+                                           "layers": startup["stack"]["layers"]}, indent=1))
+    cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(state.fuse_dir), "--socket", str(state.socket),
+           "--cache-dir", str(args.cache_dir), "--startup", str(state.startup_file)]
+    if args.cache_size is not None:
+        cmd += ["--cache-size", str(args.cache_size)]
+    if args.metrics:
+        cmd += ["--metrics", args.metrics]
+    for host in args.insecure_registry:
+        cmd += ["--insecure-registry", host]
+    cmd += ["-v"] * max(1, args.verbose)
+    with open(state.log_file, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                start_new_session=not args.foreground, close_fds=True)
+    state.pid_file.write_text(f"{proc.pid}\n")
+    error = _wait_ready(state, proc)
+    if error is not None:
+        print(f"lazyfs mount: {error}", file=sys.stderr)
+        state.clean_stale()
+        return 1
+    if not args.foreground:
+        return 0
+    return _wait_foreground(state, proc)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
+    if args.meta is not None or args.blob is not None:
+        if args.meta is None or args.blob is None:
+            raise _UsageError("--meta and --blob go together")
+        if len(args.target) != 1:
+            raise _UsageError("with --meta/--blob give only the mount point")
+        blob = args.blob if args.blob.startswith(("http://", "https://")) else os.path.abspath(args.blob)
+        attach = {"name": "layer", "kind": "plain", "meta": os.path.abspath(args.meta), "blob": blob}
+        return args.target[0], {"source": {"meta": attach["meta"], "blob": blob},
+                                "attach": [attach], "stack": {"layers": ["layer"]}}
+    if len(args.target) != 2:
+        raise _UsageError("usage: lazyfs mount IMAGE MOUNTPOINT (or --meta META --blob BLOB MOUNTPOINT)")
+    from lazyfs.imagespec import ImageSpecError, image_attach_requests
+
+    try:
+        attach = image_attach_requests(args.target[0], layer=args.layer, platform=args.platform,
+                                       insecure_registries=args.insecure_registry)
+    except ImageSpecError as e:
+        raise _UsageError(str(e)) from e
+    # overlayfs lists the topmost lower directory first; the manifest lists the base first.
+    layers = [request["name"] for request in reversed(attach)]
+    return args.target[1], {"source": {"image": args.target[0], "layer": args.layer},
+                            "attach": attach, "stack": {"layers": layers}}
+
+
+def _wait_ready(state: MountState, proc: subprocess.Popen) -> str | None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        status = proc.poll()
+        if status is not None:
+            return f"the daemon exited with status {status}:\n{_log_tail(state)}"
+        reply = state.ping(timeout=2.0) if state.socket.exists() else None
+        if reply is not None and reply.get("ready"):
+            return None
+        time.sleep(0.05)
+    proc.terminate()
+    return f"the mount was not ready after {READY_TIMEOUT:.0f}s:\n{_log_tail(state)}"
+
+
+def _log_tail(state: MountState, lines: int = 20) -> str:
+    try:
+        text = state.log_file.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no daemon log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_foreground(state: MountState, proc: subprocess.Popen) -> int:
+    def forward(signum, _frame):
+        if daemon_running(proc.pid):
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    status = proc.wait()
+    state.clean_stale()
+    return 0 if status in (0, -signal.SIGTERM) else status

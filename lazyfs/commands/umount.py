@@ -1,0 +1,63 @@
+"""`lazyfs umount`: unmount a `lazyfs mount` and stop its daemon; clean up after a dead one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lazyfs.control import ControlError, request
+from lazyfs.mounts import MountError, is_mounted, is_stale, unmount_fuse, unmount_path
+from lazyfs.mountstate import DEFAULT_RUN_DIR, MountState, wait_for_exit
+
+NAME = "umount"
+HELP = "unmount a lazyfs mount and stop its daemon"
+EXIT_TIMEOUT = 30.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", help="the directory given to `lazyfs mount`")
+    parser.add_argument("--lazy", "-l", action="store_true", help="detach even if the mount is busy")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
+
+
+def run(args: argparse.Namespace) -> int:
+    state = MountState.for_mountpoint(args.mountpoint, args.run_dir)
+    if not state.exists():
+        if is_mounted(state.mountpoint) and is_stale(state.mountpoint):
+            unmount_path(state.mountpoint, lazy_if_busy=True)
+            return 0
+        print(f"lazyfs umount: {state.mountpoint} is not a lazyfs mount", file=sys.stderr)
+        return 1
+    pid = state.pid()
+    if not state.daemon_alive():
+        state.clean_stale()
+        return 0
+    try:
+        unmount_path(state.mountpoint, lazy_if_busy=args.lazy)
+    except MountError as e:
+        print(f"lazyfs umount: {e}", file=sys.stderr)
+        return 1
+    try:
+        request(str(state.socket), "shutdown", timeout=10.0)
+    except ControlError as e:
+        print(f"lazyfs umount: daemon did not answer ({e}); stopping it", file=sys.stderr)
+        _kill(pid)
+    if pid is not None and not wait_for_exit(pid, EXIT_TIMEOUT):
+        _kill(pid)
+        wait_for_exit(pid, 5.0)
+    if is_mounted(state.fuse_dir):
+        unmount_fuse(state.fuse_dir)
+    state.clean_stale()
+    return 0
+
+
+def _kill(pid: int | None) -> None:
+    import os
+    import signal
+
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,426 @@
+"""The lazyfs daemon: one process, one FUSE mount, one fetcher, one control socket.
+
+This is the only module that touches pyfuse3's process-global session (init, main,
+terminate, close). Everything runs in one trio nursery: the fetch scheduler, the control
+socket server, the optional Prometheus endpoint, the signal watcher and ``pyfuse3.main``.
+SIGTERM/SIGINT (or the ``shutdown`` request) unmount what the daemon stacked on top of its
+FUSE mount, end the FUSE main loop and unmount cleanly.
+
+A *startup spec* (JSON) lets ``lazyfs mount`` hand the daemon a list of attach requests and
+an overlay or bind mount to create once they are attached; the daemon answers ``ready``
+in ``ping`` only after that, so the parent process knows when the mount is usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyfuse3
+import trio
+
+from lazyfs import attach as attach_kinds
+from lazyfs.cache import ChunkCache
+from lazyfs.control import MAX_LINE
+from lazyfs.fetch import ChunkFetcher, FetchStats
+from lazyfs.fuse import LazyOperations
+from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
+from lazyfs.mounts import stack_mount, unmount_path
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A control request that cannot be carried out; the message goes back to the client."""
+
+    def __init__(self, message: str, kind: str = "bad-request"):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class DaemonOptions:
+    fuse_dir: Path
+    socket_path: Path
+    cache_dir: Path
+    cache_size: int | None = None
+    metrics: tuple[str, int] | None = None
+    insecure_registries: frozenset[str] = frozenset()
+    startup: dict | None = None
+    fuse_options: frozenset[str] = frozenset(
+        {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
+
+
+@dataclass
+class ReadStats:
+    """Kernel read requests served, for `stats`."""
+
+    requests: int = 0
+    bytes: int = 0
+
+    def record(self, _fh: int, _offset: int, length: int) -> None:
+        self.requests += 1
+        self.bytes += length
+
+
+@dataclass
+class Daemon:
+    options: DaemonOptions
+    fs: LayerFS = field(default_factory=LayerFS)
+    read_stats: ReadStats = field(default_factory=ReadStats)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.cache = ChunkCache(self.options.cache_dir, self.options.cache_size)
+        self.fetch_stats = FetchStats()
+        self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats)
+        self.operations = LazyOperations(self.fs, on_read=self.read_stats.record)
+        self.ready = False
+        self.stacked: list[Path] = []  # overlay/bind mounts on top of ours, unmounted first
+        self._nursery: trio.Nursery | None = None
+        self._terminating = False
+        self.http: httpx.AsyncClient | None = None
+        self.attach_context: attach_kinds.AttachContext | None = None
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        timeout = httpx.Timeout(30.0, connect=10.0)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True) as http:
+            self.http = http
+            self.attach_context = attach_kinds.AttachContext(
+                fetcher=self.fetcher, cache=self.cache, http=http,
+                insecure_registries=self.options.insecure_registries)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self.fetcher.run)
+                    nursery.start_soon(self._watch_signals)
+                    nursery.start_soon(self._run_fuse, nursery)
+                    await nursery.start(self._serve_control)
+                    if self.options.metrics is not None:
+                        await nursery.start(self._serve_metrics)
+                    if self.options.startup is not None:
+                        await self._run_startup(self.options.startup)
+                    self.ready = True
+                    log.info("daemon ready: FUSE at %s, control at %s", self.options.fuse_dir, self.options.socket_path)
+            finally:
+                self._nursery = None
+                await self._unstack()
+
+    async def _run_fuse(self, nursery: trio.Nursery) -> None:
+        await pyfuse3.main(max_tasks=128)
+        nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                await self.terminate()
+
+    async def terminate(self) -> None:
+        if self._terminating:
+            return
+        self._terminating = True
+        await self._unstack()
+        pyfuse3.terminate()
+
+    async def _unstack(self) -> None:
+        while self.stacked:
+            path = self.stacked.pop()
+            await trio.to_thread.run_sync(unmount_path, path, True)
+
+    async def _run_startup(self, spec: dict) -> None:
+        for request in spec.get("attach", []):
+            await self.attach(request)
+        stack = spec.get("stack")
+        if stack:
+            target = Path(stack["mountpoint"])
+            lower = [self.options.fuse_dir / name for name in stack["layers"]]
+            await trio.to_thread.run_sync(stack_mount, lower, target)
+            self.stacked.append(target)
+
+    # ------------------------------------------------------------------ operations
+
+    async def attach(self, request: dict) -> dict:
+        name = _require_str(request, "name")
+        kind = _require_str(request, "kind")
+        attacher = attach_kinds.KINDS.get(kind)
+        if attacher is None:
+            raise RequestError(f"unknown layer kind {kind!r} (known: {', '.join(sorted(attach_kinds.KINDS))})")
+        if name in {layer.name for layer in self.fs.layers()}:
+            raise RequestError(f"a layer named {name!r} is already attached", "exists")
+        assert self.attach_context is not None
+        try:
+            image, device, info = await attacher(self.attach_context, request)
+        except attach_kinds.AttachError as e:
+            raise RequestError(str(e), "attach-failed") from e
+        try:
+            self.fs.attach(name, image, device, info)
+        except LayerExists as e:
+            raise RequestError(str(e), "exists") from e
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        return {"path": str(self.options.fuse_dir / name)}
+
+    def detach(self, request: dict) -> dict:
+        name = _require_str(request, "name")
+        try:
+            self.fs.detach(name)
+        except NoSuchEntry as e:
+            raise RequestError(str(e), "not-found") from e
+        try:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode("utf-8", "surrogateescape"),
+                                           ignore_enoent=True)
+        except Exception:  # the entry may simply not be in the kernel's cache
+            log.debug("invalidating the entry of %s failed", name, exc_info=True)
+        return {}
+
+    def list_layers(self) -> dict:
+        return {"layers": [
+            {"name": layer.name, "path": str(self.options.fuse_dir / layer.name),
+             "attached_at": layer.attached_at, **layer.info}
+            for layer in self.fs.layers()]}
+
+    def stats(self) -> dict:
+        fetch = self.fetch_stats.snapshot()
+        prefetch_queued = fetch["queued"].get("prefetch", 0)
+        prefetch_done = fetch["done"].get("prefetch", 0) + fetch["already_cached"].get("prefetch", 0)
+        return {
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "layers": len(self.fs.layers()),
+            "reads": {"requests": self.read_stats.requests, "bytes": self.read_stats.bytes},
+            "fetch": fetch,
+            "cache": self.cache.stats(),
+            "prefetch": {"queued": prefetch_queued, "done": prefetch_done},
+        }
+
+    async def handle(self, request: Any) -> dict:
+        if not isinstance(request, dict):
+            raise RequestError("a request must be a JSON object")
+        op = request.get("op")
+        if op == "ping":
+            return {"ready": self.ready, "pid": os.getpid(), "fuse": str(self.options.fuse_dir)}
+        if op == "attach":
+            return await self.attach(request)
+        if op == "detach":
+            return self.detach(request)
+        if op == "list":
+            return self.list_layers()
+        if op == "stats":
+            return self.stats()
+        if op == "shutdown":
+            assert self._nursery is not None
+            self._nursery.start_soon(self.terminate)
+            return {}
+        raise RequestError(f"unknown op {op!r}")
+
+    # ------------------------------------------------------------------ control socket
+
+    async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        path = self.options.socket_path
+        with _suppress_missing():
+            path.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._serve_connection, [listener])
+        finally:
+            with _suppress_missing():
+                path.unlink()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\n" not in buffer:
+                    if len(buffer) > MAX_LINE:
+                        await _send(stream, {"ok": False, "error": "request line too long", "type": "bad-request"})
+                        return
+                    try:
+                        block = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        return
+                    if not block:
+                        return
+                    buffer += block
+                line, _, buffer = buffer.partition(b"\n")
+                if not line.strip():
+                    continue
+                try:
+                    request = json.loads(line)
+                    reply = {"ok": True, **await self.handle(request)}
+                except ValueError as e:
+                    reply = {"ok": False, "error": f"invalid JSON: {e}", "type": "bad-request"}
+                except RequestError as e:
+                    reply = {"ok": False, "error": str(e), "type": e.kind}
+                except Exception as e:  # a bug must not take the daemon down with it
+                    log.exception("control request failed: %r", line[:200])
+                    reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}", "type": "internal"}
+                try:
+                    await _send(stream, reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+
+    # ------------------------------------------------------------------ metrics
+
+    async def _serve_metrics(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.options.metrics  # type: ignore[misc]
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started()
+        await trio.serve_listeners(self._serve_metrics_connection, listeners)
+
+    async def _serve_metrics_connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(10):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 16384:
+                    block = await stream.receive_some(4096)
+                    if not block:
+                        return
+                    request += block
+                body = prometheus_text(self.stats()).encode()
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+                try:
+                    await stream.send_all(head + body)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+
+
+def prometheus_text(stats: dict) -> str:
+    fetch, cache = stats["fetch"], stats["cache"]
+    lines = []
+
+    def metric(name: str, kind: str, value: float, help_: str, labels: str = "") -> None:
+        lines.append(f"# HELP lazyfs_{name} {help_}")
+        lines.append(f"# TYPE lazyfs_{name} {kind}")
+        lines.append(f"lazyfs_{name}{labels} {value}")
+
+    metric("layers", "gauge", stats["layers"], "Attached layers.")
+    metric("read_requests_total", "counter", stats["reads"]["requests"], "Kernel read requests served.")
+    metric("read_bytes_total", "counter", stats["reads"]["bytes"], "Bytes returned to kernel reads.")
+    metric("fetch_requests_total", "counter", fetch["requests"], "Range requests to blob sources.")
+    metric("fetch_bytes_total", "counter", fetch["bytes_fetched"], "Bytes fetched from blob sources.")
+    metric("fetch_chunk_hits_total", "counter", fetch["hits"], "Chunk reads served from the cache.")
+    metric("fetch_chunk_misses_total", "counter", fetch["misses"], "Chunk reads that needed a fetch.")
+    metric("fetch_inflight", "gauge", fetch["inflight"], "Range requests in flight.")
+    metric("fetch_failed_chunks_total", "counter", fetch["failed_chunks"], "Chunks that failed after retries.")
+    metric("fetch_retries_total", "counter", fetch["retries"], "Retried chunk fetches.")
+    metric("cache_bytes", "gauge", cache["bytes"], "Bytes in the chunk cache.")
+    metric("cache_entries", "gauge", cache["entries"], "Chunks in the chunk cache.")
+    for q, value in fetch.get("latency", {}).items():
+        lines.append(f'lazyfs_fetch_latency_seconds{{quantile="{q}"}} {value}')
+    return "\n".join(lines) + "\n"
+
+
+async def _send(stream: trio.SocketStream, reply: dict) -> None:
+    await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+def _require_str(request: dict, key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{key!r} must be a non-empty string")
+    return value
+
+
+class _suppress_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, tb) -> bool:
+        return kind is not None and issubclass(kind, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def run_daemon(options: DaemonOptions) -> int:
+    """Mount, serve until unmounted or signalled, unmount. Returns an exit status."""
+    daemon = Daemon(options)
+    options.fuse_dir.mkdir(parents=True, exist_ok=True)
+    pyfuse3.init(daemon.operations, str(options.fuse_dir), set(options.fuse_options))
+    status = 0
+    try:
+        trio.run(daemon.run)
+    except BaseException as e:  # report, then make sure the FUSE mount goes away
+        if isinstance(e, KeyboardInterrupt):
+            status = 130
+        else:
+            log.error("daemon failed: %s", _describe(e), exc_info=not _is_expected(e))
+            status = 1
+    finally:
+        pyfuse3.close(unmount=True)
+    return status
+
+
+def _is_expected(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_expected(e) for e in exc.exceptions)
+    return isinstance(exc, (RequestError, OSError))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fuse-dir", required=True, type=Path, help="where the FUSE mount goes")
+    parser.add_argument("--socket", required=True, type=Path, help="control socket path")
+    parser.add_argument("--cache-dir", required=True, type=Path, help="chunk cache directory")
+    parser.add_argument("--cache-size", type=int, default=None, help="cache size limit in bytes")
+    parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
+    parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
+    parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (attach list, stacked mount)")
+
+
+def options_from_args(args: argparse.Namespace) -> DaemonOptions:
+    startup = json.loads(args.startup.read_text()) if args.startup is not None else None
+    return DaemonOptions(
+        fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
+        cache_size=args.cache_size, metrics=args.metrics,
+        insecure_registries=frozenset(args.insecure_registry), startup=startup)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lazyfs.daemon", description=__doc__.splitlines()[0])
+    add_daemon_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_daemon(options_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Kernel mount plumbing around the FUSE mount: stacking, unmounting, stale-mount cleanup.
+
+Blocking (subprocess) calls: the daemon runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """A mount or unmount the kernel refused; the message carries mount(8)'s explanation."""
+
+
+def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True)
+
+
+def mounted_paths() -> set[str]:
+    """Mount points of this mount namespace (octal escapes of /proc/self/mountinfo decoded)."""
+    paths = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            field = line.split()[4]
+            paths.add(_unescape(field.decode("utf-8", "surrogateescape")))
+    return paths
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 3 < len(text) and text[i + 1:i + 4].isdigit():
+            out.append(chr(int(text[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    return os.path.abspath(path) in mounted_paths()
+
+
+def is_stale(path: str | os.PathLike) -> bool:
+    """A mount whose FUSE server is gone (or stacked on one) answers ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    return False
+
+
+def stack_mount(lower: Sequence[Path], target: Path) -> None:
+    """Present ``lower`` (topmost first) at ``target``: an overlay, or a bind mount for one dir."""
+    if not lower:
+        raise MountError("nothing to mount: no layers")
+    target.mkdir(parents=True, exist_ok=True)
+    if len(lower) == 1:
+        cmd = ["mount", "--bind", str(lower[0]), str(target)]
+    else:
+        for path in lower:
+            if ":" in str(path) or "," in str(path):
+                raise MountError(f"overlayfs cannot take a lower directory named {path}")
+        options = "ro,lowerdir=" + ":".join(str(p) for p in lower)
+        cmd = ["mount", "-t", "overlay", "overlay", "-o", options, str(target)]
+    result = _run(cmd)
+    if result.returncode != 0:
+        raise MountError(f"{' '.join(cmd[:4])} ... {target} failed: {result.stderr.strip()}")
+    log.info("mounted %s layer(s) at %s", len(lower), target)
+
+
+def unmount_path(path: Path, lazy_if_busy: bool = False) -> None:
+    """Unmount ``path`` if mounted; with ``lazy_if_busy`` detach it lazily when busy."""
+    if not is_mounted(path):
+        return
+    result = _run(["umount", str(path)])
+    if result.returncode == 0:
+        return
+    if lazy_if_busy or is_stale(path):
+        result = _run(["umount", "-l", str(path)])
+        if result.returncode == 0:
+            log.info("%s was busy or stale: detached lazily", path)
+            return
+    raise MountError(f"umount {path} failed: {result.stderr.strip()}")
+
+
+def unmount_fuse(path: Path) -> None:
+    """Unmount a FUSE mount, lazily (the server may be dead or the mount still referenced)."""
+    if not is_mounted(path):
+        return
+    result = _run(["fusermount3", "-u", "-z", str(path)])
+    if result.returncode != 0 and is_mounted(path):
+        result = _run(["umount", "-l", str(path)])
+        if result.returncode != 0:
+            raise MountError(f"cannot unmount FUSE at {path}: {result.stderr.strip()}")

@@ -1,0 +1,132 @@
+"""Per-mount state of `lazyfs mount`: where a mount's daemon keeps its FUSE mount and socket.
+
+Each mount point gets a private directory ``<run dir>/<16 hex of sha256(mount point)>/``:
+
+    fuse/          the daemon's FUSE mount (one top-level directory per attached layer)
+    control.sock   the daemon's control socket
+    daemon.pid     the daemon's process id
+    daemon.log     the daemon's stderr
+    startup.json   the startup spec handed to the daemon
+    mount.json     what was mounted (mount point, image, layers), for `lazyfs umount` and humans
+
+A state directory whose daemon is gone is *stale*: the next mount or umount of the same mount
+point unmounts what is left (lazily, since the FUSE end is dead) and removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazyfs.control import ControlError, request
+from lazyfs.mounts import is_mounted, is_stale, unmount_fuse, unmount_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = Path("/run/lazyfs")
+DEFAULT_CACHE_DIR = Path("/var/cache/lazyfs")
+DAEMON_MODULE = "lazyfs.daemon"
+
+
+@dataclass(frozen=True)
+class MountState:
+    mountpoint: Path
+    root: Path
+
+    @classmethod
+    def for_mountpoint(cls, mountpoint: str | os.PathLike, run_dir: Path = DEFAULT_RUN_DIR) -> MountState:
+        target = Path(os.path.abspath(mountpoint))
+        key = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+        return cls(target, run_dir / key)
+
+    @property
+    def fuse_dir(self) -> Path:
+        return self.root / "fuse"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "daemon.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "daemon.log"
+
+    @property
+    def startup_file(self) -> Path:
+        return self.root / "startup.json"
+
+    @property
+    def info_file(self) -> Path:
+        return self.root / "mount.json"
+
+    def exists(self) -> bool:
+        return self.root.exists()
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def daemon_alive(self) -> bool:
+        pid = self.pid()
+        return pid is not None and daemon_running(pid)
+
+    def info(self) -> dict:
+        try:
+            return json.loads(self.info_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def ping(self, timeout: float = 5.0) -> dict | None:
+        try:
+            return request(str(self.socket), "ping", timeout=timeout)
+        except ControlError:
+            return None
+
+    def clean_stale(self) -> bool:
+        """Unmount what a dead daemon left behind and drop the state; True if anything was stale."""
+        stale = False
+        if is_mounted(self.mountpoint) and (is_stale(self.mountpoint) or self.exists()):
+            unmount_path(self.mountpoint, lazy_if_busy=True)
+            stale = True
+        if self.exists():
+            if is_mounted(self.fuse_dir):
+                unmount_fuse(self.fuse_dir)
+            shutil.rmtree(self.root, ignore_errors=True)
+            stale = True
+        if stale:
+            log.info("cleaned up the stale lazyfs mount at %s", self.mountpoint)
+        return stale
+
+
+def daemon_running(pid: int) -> bool:
+    """Whether ``pid`` is a live lazyfs daemon (not a zombie, not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        if state in (b"Z", b"X"):
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return DAEMON_MODULE.encode() in f.read()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not daemon_running(pid):
+            return True
+        time.sleep(0.05)
+    return not daemon_running(pid)
