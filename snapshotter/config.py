@@ -7,17 +7,17 @@ log_level = "info"
 
 [daemon]
 enabled = true                 # false: no lazy layers, every layer is unpacked
-binary = "lazyfs"              # the lazyfs CLI; the daemon runs as `lazyfs daemon ...`
+binary = ""                    # "": this Python's `-m lazyfs.daemon`; else a program taking its arguments
 mountpoint = ""                # default <root>/mnt
 control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
-prefetch = true
+prefetch = true                # ask the daemon to prefetch each layer's embedded trace
 
 [registry]
-insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP
-[registry.mirrors]
-"docker.io" = ["https://mirror.example"]
+insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
+[registry.mirrors]                           # lazy layers of docker.io images come from here
+"docker.io" = ["mirror.example:5000"]
 ```
 """
 
@@ -51,7 +51,7 @@ def parse_size(value: int | str) -> int:
 @dataclass
 class DaemonConfig:
     enabled: bool = True
-    binary: str = "lazyfs"
+    binary: str = ""
     mountpoint: Path = Path()
     control_socket: Path = Path()
     cache_dir: Path = Path()

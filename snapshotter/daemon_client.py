@@ -1,7 +1,7 @@
 """The lazyfs daemon as the snapshotter sees it: a control socket, and a process to keep alive.
 
 :class:`DaemonLayerFS` implements :class:`snapshotter.layerfs.LayerFS` with requests on the
-daemon's control socket (unix socket, one JSON object per line each way).
+daemon's control socket (lazyfs.control: unix socket, one JSON object per line each way).
 :class:`DaemonSupervisor` starts the daemon (or adopts one that is already answering, e.g.
 after a snapshotter restart), watches it, and when it dies logs the loss, starts a new one and
 lets the snapshotter re-attach its lazy layers. Running containers whose overlay mounts used
@@ -10,16 +10,17 @@ the old FUSE connection lose their lazy lowerdirs: the kernel cannot move them t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from lazyfs.control import ControlClient, ControlError
 
 from .config import Config
 from .errors import LayerFSError
@@ -31,63 +32,81 @@ REQUEST_TIMEOUT = 30.0  # an attach fetches and verifies the layer's metadata
 PING_TIMEOUT = 2.0
 START_TIMEOUT = 30.0
 WATCH_INTERVAL = 0.5
+
+
+class DaemonRequestError(LayerFSError):
+    """The daemon answered with an error; ``kind`` is its error type ("exists", ...)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 MAX_RESTART_DELAY = 30.0
 
 
 class DaemonLayerFS:
-    def __init__(self, control_socket: Path, mountpoint: Path):
+    """Attach requests carry ``kind: "lazyfs"``, the image reference (registry host rewritten to
+    a configured mirror), the layer digest, the layer's lazyfs annotations (full keys, as in
+    the descriptor) and whether to prefetch its embedded trace."""
+
+    def __init__(self, control_socket: Path, mountpoint: Path,
+                 mirrors: Mapping[str, list[str]] | None = None, prefetch: bool = True):
         self.control_socket = Path(control_socket)
         self.mountpoint = Path(mountpoint)
+        self.mirrors = dict(mirrors or {})
+        self.prefetch = prefetch
 
     def request(self, op: str, timeout: float = REQUEST_TIMEOUT, **args) -> dict:
-        message = json.dumps({"op": op, **args}).encode() + b"\n"
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(str(self.control_socket))
-                sock.sendall(message)
-                reply = b""
-                while not reply.endswith(b"\n"):
-                    data = sock.recv(65536)
-                    if not data:
-                        break
-                    reply += data
-        except OSError as e:
-            raise LayerFSError(f"lazyfs daemon at {self.control_socket}: {op}: {e}") from e
-        try:
-            answer = json.loads(reply)
-        except ValueError as e:
-            raise LayerFSError(f"lazyfs daemon: {op}: malformed reply {reply[:200]!r}") from e
-        if not isinstance(answer, dict) or not answer.get("ok", False):
-            error = answer.get("error", answer) if isinstance(answer, dict) else answer
-            raise LayerFSError(f"lazyfs daemon: {op}: {error}")
-        return answer
+            with ControlClient(str(self.control_socket), timeout=timeout) as client:
+                return client.request(op, **args)
+        except ControlError as e:
+            raise DaemonRequestError(f"lazyfs daemon: {op}: {e}", kind=e.kind) from e
 
-    def ping(self) -> bool:
+    def ready(self) -> bool:
         try:
-            self.request("ping", timeout=PING_TIMEOUT)
+            return bool(self.request("ping", timeout=PING_TIMEOUT).get("ready"))
         except LayerFSError:
             return False
-        return True
 
     def check(self, labels: Mapping[str, str]) -> bool:
-        return layer_source(labels) is not None and self.ping()
+        return layer_source(labels) is not None and self.ready()
 
     def mount(self, layer: str, labels: Mapping[str, str]) -> str:
         source = layer_source(labels)
         if source is None:
             raise LayerFSError(f"labels of layer {layer} do not describe a lazyfs layer")
-        attached = {entry.get("name") for entry in self.request("list").get("layers", [])}
-        if layer not in attached:
-            self.request("attach", name=layer, ref=source.image_ref, digest=source.layer_digest,
-                         annotations=source.lazyfs_annotations)
+        try:
+            self.request("attach", kind="lazyfs", name=layer, ref=mirrored(source.image_ref, self.mirrors),
+                         digest=source.layer_digest, annotations=source.lazyfs_annotations,
+                         prefetch=self.prefetch)
+        except DaemonRequestError as e:
+            if e.kind != "exists":  # attached before (by us, before a snapshotter restart)
+                raise
         return self.path(layer)
 
     def unmount(self, layer: str) -> None:
-        self.request("detach", name=layer)
+        try:
+            self.request("detach", name=layer)
+        except DaemonRequestError as e:
+            if e.kind != "not-found":
+                raise
 
     def path(self, layer: str) -> str:
         return str(self.mountpoint / layer)
+
+
+def mirrored(image_ref: str, mirrors: Mapping[str, list[str]]) -> str:
+    """``image_ref`` with its registry host replaced by the first mirror configured for it."""
+    first, sep, rest = image_ref.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        host, path = first, rest
+    else:
+        host, path = "docker.io", image_ref
+    if host == "docker.io" and "/" not in path:
+        path = "library/" + path
+    for mirror in mirrors.get(host, [])[:1]:
+        return f"{mirror.split('://', 1)[-1].rstrip('/')}/{path}"
+    return image_ref
 
 
 class DaemonSupervisor:
@@ -104,22 +123,17 @@ class DaemonSupervisor:
 
     def command(self) -> list[str]:
         d = self.cfg.daemon
-        cmd = [d.binary, "daemon", "--mountpoint", str(d.mountpoint),
-               "--control-socket", str(d.control_socket), "--cache-dir", str(d.cache_dir),
-               "--cache-size", str(d.cache_size)]
-        if not d.prefetch:
-            cmd.append("--no-prefetch")
+        program = [d.binary] if d.binary else [sys.executable, "-m", "lazyfs.daemon"]
+        cmd = [*program, "--fuse-dir", str(d.mountpoint), "--socket", str(d.control_socket),
+               "--cache-dir", str(d.cache_dir), "--cache-size", str(d.cache_size)]
         for host in self.cfg.registry.insecure_hosts:
             cmd += ["--insecure-registry", host]
-        for host, mirrors in self.cfg.registry.mirrors.items():
-            for mirror in mirrors:
-                cmd += ["--registry-mirror", f"{host}={mirror}"]
         return cmd
 
     def start(self) -> None:
         """Adopt or start the daemon, then watch it. A daemon that cannot start is logged and
         retried with backoff; meanwhile every layer takes the ordinary (unpacking) path."""
-        if self.layerfs.ping():
+        if self.layerfs.ready():
             log.info("adopting the lazyfs daemon already serving %s", self.layerfs.control_socket)
         else:
             try:
@@ -144,7 +158,7 @@ class DaemonSupervisor:
     def _alive(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
             return False  # exited (poll also reaped it)
-        return self.layerfs.ping() or self.layerfs.ping()
+        return self.layerfs.ready() or self.layerfs.ready()
 
     def _spawn(self) -> None:
         self._release_stale_mount()
@@ -163,7 +177,7 @@ class DaemonSupervisor:
                 raise LayerFSError(f"cannot run {self.cfg.daemon.binary}: {e}") from e
         self.pid_file.write_text(str(self._process.pid))
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.layerfs.ping():
+        while not self.layerfs.ready():
             if self._process.poll() is not None:
                 raise LayerFSError(f"lazyfs daemon exited with status {self._process.returncode}; "
                                    f"see {self.log_file}")

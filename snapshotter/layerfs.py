@@ -37,15 +37,14 @@ class LayerSource:
     image_ref: str
     layer_digest: str
     manifest_digest: str
-    lazyfs_annotations: dict[str, str]  # key without LAZYFS_LABEL_PREFIX -> value
+    lazyfs_annotations: dict[str, str]  # the layer's lazyfs annotations, full keys
 
 
 def layer_source(labels: Mapping[str, str]) -> LayerSource | None:
     """The layer named by ``labels``, or None when they do not name a lazyfs layer."""
     image_ref = labels.get(CRI_IMAGE_REF_LABEL) or labels.get(STARGZ_REF_LABEL, "")
     layer_digest = labels.get(CRI_LAYER_DIGEST_LABEL) or labels.get(STARGZ_DIGEST_LABEL, "")
-    annotations = {k[len(LAZYFS_LABEL_PREFIX):]: v for k, v in labels.items()
-                   if k.startswith(LAZYFS_LABEL_PREFIX)}
+    annotations = {k: v for k, v in labels.items() if k.startswith(LAZYFS_LABEL_PREFIX)}
     if not (image_ref and layer_digest and annotations):
         return None
     return LayerSource(image_ref=image_ref, layer_digest=layer_digest,

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = None
     layerfs = None
     if cfg.daemon.enabled:
-        layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint)
+        layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint,
+                                mirrors=cfg.registry.mirrors, prefetch=cfg.daemon.prefetch)
     snapshotter = Snapshotter(cfg.root, layerfs)
     if layerfs is not None:
         supervisor = DaemonSupervisor(cfg, layerfs, on_restart=snapshotter.reattach_lazy_layers)
