@@ -131,13 +131,14 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes, media_type: str | None = None) -> "Manifest":
         """Wrap raw manifest bytes; the media type defaults to the document's `mediaType` field."""
-        if media_type is None or media_type not in MANIFEST_MEDIA_TYPES:
-            declared = _parse_json(data).get("mediaType")
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            document = _parse_json(data)
+            declared = document.get("mediaType")
             if declared in MANIFEST_MEDIA_TYPES:
                 media_type = declared
-            elif media_type is None:
+            else:
                 # An OCI manifest may omit mediaType; tell the two OCI kinds apart by shape.
-                media_type = OCI_INDEX if "manifests" in _parse_json(data) else OCI_MANIFEST
+                media_type = OCI_INDEX if "manifests" in document else OCI_MANIFEST
         return cls(data=data, media_type=media_type, digest=sha256_digest(data))
 
     @property
