@@ -152,3 +152,74 @@ async def test_ordinary_image_pull_run_and_remove(containerd, registry, registry
     assert os.listdir(snapshotter_proc.root / "snapshots") == []
     assert mounts_below(snapshotter_proc.root / "snapshots") == []
     assert containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout.splitlines()[1:] == []
+
+
+def wait_reconnected(containerd, timeout: float = 15.0) -> None:
+    """containerd redials a proxy snapshotter with backoff (at most 3 s apart); until then its
+    calls fail fast with "unavailable"."""
+    deadline = time.monotonic() + timeout
+    while containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "containerd did not reconnect to the snapshotter"
+        time.sleep(0.1)
+
+
+def task_status(containerd, name: str) -> str:
+    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == name:
+            return fields[-1]
+    return "absent"
+
+
+async def test_snapshotter_restart_under_a_running_container(containerd, registry, registry_repo,
+                                                             snapshotter_proc):
+    image = build_image([busybox_layer(), [file("data.txt", b"payload\n")]])
+    ref = await push(registry, registry_repo, image)
+    # ctr-remote sends the remote-snapshot labels; an ordinary layer still gets unpacked
+    await trio.to_thread.run_sync(lambda: containerd.pull(ref, snapshotter=SNAPSHOTTER, remote=True))
+    reader = ("i=0; while [ $i -lt 1200 ]; do cat /data.txt >/dev/null || exit 7; "
+              "i=$((i+1)); sleep 0.05; done")
+    containerd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "reader", "/bin/sh", "-c", reader)
+    try:
+        assert task_status(containerd, "reader") == "RUNNING"
+        snapshotter_proc.stop()
+        snapshotter_proc.start()
+        wait_reconnected(containerd)
+        # the running container never noticed; new containers are served by the new process
+        out = await trio.to_thread.run_sync(lambda: containerd.run(
+            ref, "after-restart", "/bin/cat", "/data.txt", snapshotter=SNAPSHOTTER))
+        assert out.stdout == "payload\n"
+        assert task_status(containerd, "reader") == "RUNNING"
+    finally:
+        containerd.ctr("task", "kill", "-s", "SIGKILL", "reader", check=False)
+        for _ in range(100):
+            if task_status(containerd, "reader") != "RUNNING":
+                break
+            time.sleep(0.05)
+        containerd.ctr("task", "delete", "reader", check=False)
+        containerd.ctr("containers", "rm", "reader", check=False)
+
+
+def test_daemon_killed_is_restarted(snapshotter_proc):
+    pid_file = snapshotter_proc.root / "daemon.pid"
+    deadline = time.monotonic() + START_TIMEOUT
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, snapshotter_proc.log_tail()
+        time.sleep(0.05)
+    old_pid = int(pid_file.read_text())
+    os.kill(old_pid, 9)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        text = pid_file.read_text()
+        if text and int(text) != old_pid and \
+                f"lazyfs daemon started (pid {int(text)})" in snapshotter_proc.log_tail():
+            break
+        assert time.monotonic() < deadline, snapshotter_proc.log_tail()
+        time.sleep(0.05)
+    log = snapshotter_proc.log_path.read_text()
+    assert f"lazyfs daemon lost (pid {old_pid})" in log
+    # the new daemon answers on the same control socket and serves the same FUSE mountpoint
+    from snapshotter.daemon_client import DaemonLayerFS
+    fs = DaemonLayerFS(snapshotter_proc.root / "daemon.sock", snapshotter_proc.root / "mnt")
+    assert fs.ready()
+    assert str(snapshotter_proc.root / "mnt") in mounts_below(snapshotter_proc.root)
