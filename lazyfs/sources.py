@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from lazyfs.registry import ImageStore
+
 
 class SourceError(Exception):
     """A range read from a blob source failed or returned the wrong bytes."""
@@ -133,3 +135,23 @@ class HttpBlobSource:
         if have < length:
             raise SourceError(self.name, offset, length, f"body ended after {have} of {length} bytes")
         return b"".join(parts)
+
+
+class RegistryBlobSource:
+    """One blob of an image store (a registry repository or a local OCI layout), by digest.
+
+    The store does its own transport-level retries (connection errors, 429/5xx, short
+    bodies) and follows redirects; what it finally raises (RegistryError) reaches the
+    fetcher, which retries the chunk with its own policy. Concurrency is limited per
+    registry endpoint, so all repositories of one registry share the fetcher's slots.
+    """
+
+    def __init__(self, store: ImageStore, digest: str):
+        self.store = store
+        self.digest = digest
+        self.name = f"{store.name}@{digest}"
+        reference = getattr(store, "reference", None)
+        self.host = getattr(reference, "endpoint", None) or store.name
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        return await self.store.read_range(self.digest, offset, length)
