@@ -45,6 +45,7 @@ import http.client
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self._requests: list[ProxiedRequest] = []
         self._connections: set[socket.socket] = set()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
         self.host = f"127.0.0.1:{self._server.server_address[1]}"
@@ -205,6 +206,13 @@ class FaultProxy:
     def _track(self, connection: socket.socket, add: bool) -> None:
         with self._lock:
             (self._connections.add if add else self._connections.discard)(connection)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """Clients that drop connections (as the code under test does on purpose) are normal."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
