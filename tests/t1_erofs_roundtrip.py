@@ -91,8 +91,12 @@ def test_writer_reader_round_trip(tree, threshold):
             links[e.hardlink_to] = links.get(e.hardlink_to, 1) + 1
 
     def device(offset, length):
-        chunk, within = divmod(offset, CHUNK)
-        return chunk_bytes[chunk][within:within + length]
+        """The chunk device: chunk n at n * CHUNK (a read may span adjacent chunks)."""
+        out = b""
+        while len(out) < length:
+            chunk, within = divmod(offset + len(out), CHUNK)
+            out += chunk_bytes[chunk][within:within + length - len(out)]
+        return out
 
     with Image(out.getvalue()) as image:
         assert image.root_nid == info.root_nid

@@ -144,13 +144,16 @@ def _check_path(path: bytes) -> None:
         raise ValueError(f"path {path!r} must be bytes")
     if path == b"":
         return
-    if path.startswith(b"/") or path.endswith(b"/") or b"\0" in path:
-        raise ValueError(f"bad path {path!r}: '/'-separated, no leading or trailing slash, no NUL")
-    for name in path.split(b"/"):
-        if name in (b"", b".", b".."):
-            raise ValueError(f"bad path {path!r}: empty, '.' or '..' component")
-        if len(name) > fmt.NAME_LEN_MAX:
-            raise ValueError(f"bad path {path!r}: name longer than {fmt.NAME_LEN_MAX} bytes")
+    if b"\0" in path:
+        raise ValueError(f"bad path {path!r}: contains NUL")
+    names = path.split(b"/")
+    if b"" in names or b"." in names or b".." in names:
+        raise ValueError(
+            f"bad path {path!r}: '/'-separated without leading or trailing slash, "
+            "no empty, '.' or '..' component"
+        )
+    if max(map(len, names)) > fmt.NAME_LEN_MAX:
+        raise ValueError(f"bad path {path!r}: name longer than {fmt.NAME_LEN_MAX} bytes")
 
 
 def _parent(path: bytes) -> bytes:
@@ -216,7 +219,8 @@ class Builder:
         self.device_tag = device_tag
         self._chunkbits = chunkbits
         self._inodes: dict[bytes, _Inode] = {}  # path -> inode (hard links share one)
-        self._children: dict[bytes, list[bytes]] = {}  # directory path -> child names
+        # directory path -> (name, inode) of each child
+        self._children: dict[bytes, list[tuple[bytes, _Inode]]] = {}
         self._entries: list[Entry] = []
 
     # -- collecting entries --------------------------------------------------------------
@@ -247,7 +251,7 @@ class Builder:
         self._inodes[path] = inode
         self._entries.append(entry)
         if path != b"":
-            self._children[_parent(path)].append(_basename(path))
+            self._children[_parent(path)].append((_basename(path), inode))
         if inode.entry is entry and stat.S_IFMT(entry.mode) == fmt.S_IFDIR:
             self._children[path] = []
 
@@ -265,7 +269,7 @@ class Builder:
             (entry.uid, _U32, "uid"), (entry.gid, _U32, "gid"), (entry.mtime, 1 << 64, "mtime"),
             (entry.mtime_nsec, 10**9, "mtime_nsec"),
         ):
-            if not isinstance(value, int) or not 0 <= value < limit:
+            if type(value) is not int or not 0 <= value < limit:
                 raise ValueError(f"{where}: {name} {value!r} out of range")
         for name, value in entry.xattrs.items():
             if len(_split_xattr_name(name)[1]) > 255:
@@ -440,18 +444,18 @@ class Builder:
         """Inodes in depth-first order of sorted names; a hard-linked inode at its first path."""
         order: list[_Inode] = []
         placed: set[int] = set()
-        stack = [b""]
+        children = self._children
+        stack = [(b"", self._inodes[b""])]
         while stack:
-            path = stack.pop()
-            inode = self._inodes[path]
+            path, inode = stack.pop()
             if id(inode) not in placed:
                 placed.add(id(inode))
                 order.append(inode)
-            names = self._children.get(path)
+            names = children.get(path) if inode.entry.path == path else None
             if names:
-                names.sort()
+                names.sort(key=_first)
                 prefix = path + b"/" if path else b""
-                stack.extend(prefix + n for n in reversed(names))
+                stack.extend((prefix + n, child) for n, child in reversed(names))
         return order
 
     def _pick_build_time(self, order: list[_Inode]) -> tuple[int, int]:
@@ -517,19 +521,16 @@ class Builder:
     def _split_dir(self, inode: _Inode) -> None:
         """Split the sorted dirents into blocks; the size of the last one is exact."""
         path = inode.entry.path
-        inodes = self._inodes
-        prefix = path + b"/" if path else b""
-        names = [(b".", inode), (b"..", inodes[_parent(path)])]
-        names += [(n, inodes[prefix + n]) for n in self._children[path]]
-        names.sort(key=lambda item: item[0])
+        children = self._children[path]
+        subdirs = sum(1 for _, child in children if child.entry.mode & fmt.S_IFMT == fmt.S_IFDIR)
+        names = [(b".", inode), (b"..", self._inodes[_parent(path)]), *children]
+        names.sort(key=_first)
         bs = self.block_size
         blocks: list[list[tuple[bytes, _Inode]]] = [[]]
         used = 0
-        subdirs = 0
+        dirent_size = fmt.DIRENT.size
         for name, child in names:
-            if stat.S_IFMT(child.entry.mode) == fmt.S_IFDIR and name not in (b".", b".."):
-                subdirs += 1
-            need = fmt.DIRENT.size + len(name)
+            need = dirent_size + len(name)
             if used + need > bs:
                 blocks.append([])
                 used = 0
@@ -655,6 +656,10 @@ class Builder:
             out.write(data)
             written = len(data)
         out.write(bytes(-written % bs))
+
+
+def _first(item: tuple[bytes, _Inode]) -> bytes:
+    return item[0]
 
 
 def _align(value: int, unit: int) -> int:
