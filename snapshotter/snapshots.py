@@ -98,6 +98,7 @@ class Snapshotter:
         return Usage(size=snap.size, inodes=snap.inodes)
 
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        log.debug("prepare %r on %r, labels %s", key, parent, sorted(labels))
         if labels.get(TARGET_REF_LABEL) and self.layerfs is not None:
             self._prepare_lazy(key, parent, labels)
         return self._create(Kind.ACTIVE, key, parent, labels)

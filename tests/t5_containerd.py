@@ -7,6 +7,7 @@ mount and no directory behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import trio
 
 from lazyfs.registry import open_store
 from snapshotter.daemon_client import stop_daemon
+from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
 from tests.fixtures.containerd import unmount_below
 from tests.fixtures.images import build_image, directory, file, push_image, symlink, whiteout
@@ -223,3 +225,58 @@ def test_daemon_killed_is_restarted(snapshotter_proc):
     fs = DaemonLayerFS(snapshotter_proc.root / "daemon.sock", snapshotter_proc.root / "mnt")
     assert fs.ready()
     assert str(snapshotter_proc.root / "mnt") in mounts_below(snapshotter_proc.root)
+
+
+# -- lazy layers ---------------------------------------------------------------------------
+
+def lazyfs_convert(src: str, dst: str) -> None:
+    exe = Path(sys.executable).parent / "lazyfs"
+    p = subprocess.run([str(exe), "convert", "-q", src, dst], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"lazyfs convert failed: {p.stderr or p.stdout}"
+
+
+def blob_bytes(registry, since: int) -> dict[str, int]:
+    """Bytes the registry sent per blob digest since log position ``since``."""
+    sent: dict[str, int] = {}
+    for r in registry.requests(since):
+        path = r.path.split("?")[0]
+        if "/blobs/sha256:" in path and r.method == "GET":
+            digest = path.rsplit("/", 1)[1]
+            sent[digest] = sent.get(digest, 0) + r.bytes_written
+    return sent
+
+
+async def test_lazy_image_runs_fetching_a_fraction(containerd, registry, registry_repo,
+                                                   snapshotter_proc):
+    big = os.urandom(8 << 20)  # never read by the container
+    image = build_image([busybox_layer(),
+                         [file("hello.txt", b"hello lazily\n"), file("big.bin", big)]])
+    src = await push(registry, registry_repo, image)
+    dst = f"{registry.host}/{registry_repo}-lazy:v1"
+    await trio.to_thread.run_sync(lazyfs_convert, src, dst)
+    start = registry.mark()
+
+    await trio.to_thread.run_sync(lambda: containerd.pull(dst, snapshotter=SNAPSHOTTER, remote=True))
+    out = await trio.to_thread.run_sync(lambda: containerd.run(
+        dst, "t5-lazy", "/bin/sh", "-c", "cat /hello.txt", snapshotter=SNAPSHOTTER))
+    assert out.stdout == "hello lazily\n"
+
+    lazy = [s for s in snapshotter_proc.metadata() if s.lazy_layer]
+    assert len(lazy) == 2, snapshotter_proc.log_tail()
+    print("labels of a lazy snapshot:", sorted(lazy[0].labels))
+    digests = {layer_source(s.labels).layer_digest for s in lazy}
+    sizes = await layer_sizes(dst, registry.host)
+    assert digests == set(sizes)
+    sent = blob_bytes(registry, start)
+    fetched = sum(sent.get(d, 0) for d in digests)
+    print(f"lazy pull + run fetched {fetched} of {sum(sizes.values())} layer bytes")
+    assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
+
+
+async def layer_sizes(ref: str, host: str) -> dict[str, int]:
+    store = open_store(ref, insecure_registries=[host])
+    try:
+        manifest = await store.get_manifest()
+    finally:
+        await store.aclose()
+    return {layer["digest"]: layer["size"] for layer in json.loads(manifest.data)["layers"]}
