@@ -11,17 +11,24 @@ import logging
 import mmap
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import trio
 
-from lazyfs.cache import ChunkCache
+from lazyfs.cache import CacheError, ChunkCache
 from lazyfs.devices import ChunkGridDevice, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
 from lazyfs.fetch import ChunkFetcher
+from lazyfs.layer.annotations import from_annotations, is_lazyfs
+from lazyfs.layer.errors import LayerFormatError
+from lazyfs.layer.format import FOOTER_FRAME_SIZE, Section
+from lazyfs.layer.reader import Layer, locate
 from lazyfs.layerfs import DeviceReader
+from lazyfs.registry import (
+    ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store, parse_any_reference,
+)
 from lazyfs.sources import FileBlobSource, HttpBlobSource
 
 log = logging.getLogger(__name__)
@@ -35,8 +42,10 @@ class AttachError(Exception):
 class AttachContext:
     fetcher: ChunkFetcher
     cache: ChunkCache
-    http: httpx.AsyncClient
+    http: httpx.AsyncClient  # plain blob URLs
+    registry_http: httpx.AsyncClient  # registries (redirects are followed by the registry client)
     insecure_registries: frozenset[str] = frozenset()
+    stores: "_Stores" = field(default_factory=lambda: _Stores())
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -103,6 +112,99 @@ async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, Device
     return image, device, {"kind": "plain", "meta": os.path.abspath(meta), "blob": blob}
 
 
+class StoreBlobSource:
+    """One blob of an image store (registry repository or OCI layout) as a fetcher BlobSource."""
+
+    def __init__(self, store: ImageStore, digest: str, host: str):
+        self.store = store
+        self.digest = digest
+        self.name = f"{store.name}@{digest}"
+        self.host = host
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        return await self.store.read_range(self.digest, offset, length)
+
+
+@dataclass
+class _Stores:
+    """Image stores by repository, shared by all layers of one daemon (one auth state each)."""
+
+    by_name: dict[str, ImageStore] = field(default_factory=dict)
+
+    def get(self, ctx: AttachContext, ref: str) -> tuple[ImageStore, str]:
+        try:
+            parsed = parse_any_reference(ref)
+        except InvalidReference as e:
+            raise AttachError(f"invalid image reference {ref!r}: {e}") from e
+        if isinstance(parsed, LayoutReference):
+            key, host = f"oci:{os.path.abspath(parsed.path)}", "oci-layout"
+        else:
+            key, host = f"{parsed.registry}/{parsed.repository}", parsed.endpoint
+        store = self.by_name.get(key)
+        if store is None:
+            store = open_store(ref, http=ctx.registry_http, retry=DATA_RETRY,
+                               insecure_registries=ctx.insecure_registries)
+            self.by_name[key] = store
+        return store, host
+
+
+# Chunk reads are retried by the fetcher (per chunk, with its own backoff); the store only
+# retries briefly so that one bad response does not multiply into many requests.
+DATA_RETRY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.5, deadline=30.0)
+
+
+async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, section: Section) -> bytes:
+    """A metadata/table section's stored bytes: from the cache, else by one range read."""
+    key = section.sha256.hex()
+    path = ctx.cache.meta_path(key)
+    if path is not None:
+        return await trio.to_thread.run_sync(path.read_bytes)
+    try:
+        stored = await store.read_range(digest, section.offset, section.stored_size)
+    except RegistryError as e:
+        raise AttachError(f"cannot read the layer metadata of {digest}: {e}") from e
+    try:
+        ctx.cache.put_meta(key, stored)
+    except CacheError as e:
+        raise AttachError(f"layer {digest}: {e}") from e
+    return stored
+
+
+async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, DeviceReader, dict]:
+    ref = _string(request, "ref")
+    digest = _string(request, "digest")
+    annotations = request.get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+        raise AttachError("'annotations' must be an object of strings")
+    size = request.get("size")
+    store, host = ctx.stores.get(ctx, ref)
+    try:
+        if size is None:
+            size = await store.blob_size(digest)
+            if size is None:
+                raise AttachError(f"blob {digest} is not in {store.name}")
+        if is_lazyfs(annotations):
+            index, trusted = from_annotations(annotations, size), False
+        else:
+            tail = await store.read_range(digest, size - FOOTER_FRAME_SIZE, FOOTER_FRAME_SIZE) \
+                if size >= FOOTER_FRAME_SIZE else b""
+            index, trusted = locate(lambda _o, _l: tail, size), True
+            log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
+        meta = await _section_bytes(ctx, store, digest, index.meta)
+        table = await _section_bytes(ctx, store, digest, index.table)
+        layer = await trio.to_thread.run_sync(lambda: Layer.load(index, meta, table, trusted_footer=trusted))
+    except LayerFormatError as e:
+        raise AttachError(f"layer {digest} of {store.name}: {e}") from e
+    except RegistryError as e:
+        raise AttachError(f"layer {digest} of {store.name}: {e}") from e
+    source = StoreBlobSource(store, digest, host)
+    device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref)
+    info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
+            "chunks": layer.chunk_count, "trusted_footer": trusted}
+    return layer.image, device, info
+
+
 KINDS: dict[str, Attacher] = {
     "plain": attach_plain,
+    "lazyfs": attach_lazyfs,
 }

@@ -36,6 +36,7 @@ from lazyfs.fetch import ChunkFetcher, FetchStats
 from lazyfs.fuse import LazyOperations
 from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
 from lazyfs.mounts import stack_mount, unmount_path
+from lazyfs.registry import make_http_client
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,11 @@ class Daemon:
     async def run(self) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
         timeout = httpx.Timeout(30.0, connect=10.0)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True) as http:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True) as http, \
+                make_http_client(max_connections=64) as registry_http:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
-                fetcher=self.fetcher, cache=self.cache, http=http,
+                fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
                 insecure_registries=self.options.insecure_registries)
             try:
                 async with trio.open_nursery() as nursery:

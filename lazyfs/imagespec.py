@@ -1,0 +1,63 @@
+"""From an image reference to the daemon's attach requests (one per layer, base layer first).
+
+Runs in the `lazyfs mount` process: it resolves the manifest (an index resolves to the wanted
+platform) and passes each layer's descriptor -- digest, size and annotations -- to the daemon,
+which reads the layer metadata itself (range reads named by the annotations).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from lazyfs.layer.annotations import is_lazyfs
+from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
+
+
+class ImageSpecError(Exception):
+    """The image cannot be resolved, or has no lazyfs layers where some are needed."""
+
+
+def layer_name(index: int, digest: str) -> str:
+    """The top-level directory of a layer in the daemon's mount: position and short digest."""
+    return f"{index:03d}-{digest.partition(':')[2][:16]}"
+
+
+async def _resolve(reference: str, platform: str | None, insecure_registries: list[str]) -> list:
+    try:
+        store = open_store(reference, insecure_registries=insecure_registries)
+    except InvalidReference as e:
+        raise ImageSpecError(f"invalid image reference {reference!r}: {e}") from e
+    try:
+        manifest = await store.resolve_manifest(platform=Platform.parse(platform) if platform else None)
+        return manifest.layers
+    except RegistryError as e:
+        raise ImageSpecError(f"cannot resolve {reference}: {e}") from e
+    finally:
+        await store.aclose()
+
+
+def image_attach_requests(reference: str, *, layer: str | None = None, platform: str | None = None,
+                          insecure_registries: list[str] | None = None) -> list[dict]:
+    layers = trio.run(_resolve, reference, platform, list(insecure_registries or []))
+    requests = []
+    for index, descriptor in enumerate(layers):
+        if layer is not None and not _matches(descriptor.digest, layer):
+            continue
+        requests.append({
+            "name": layer_name(index, descriptor.digest), "kind": "lazyfs", "ref": reference,
+            "digest": descriptor.digest, "size": descriptor.size, "annotations": dict(descriptor.annotations),
+        })
+    if layer is not None and len(requests) != 1:
+        raise ImageSpecError(f"{len(requests)} layers of {reference} match {layer!r}")
+    if not requests:
+        raise ImageSpecError(f"{reference} has no layers")
+    plain = [r["digest"] for r in requests if not is_lazyfs(r["annotations"])]
+    if plain:
+        raise ImageSpecError(
+            f"{len(plain)} layer(s) of {reference} are not lazyfs layers (no lazyfs annotations), "
+            f"e.g. {plain[0]}: convert the image with `lazyfs convert` first")
+    return requests
+
+
+def _matches(digest: str, wanted: str) -> bool:
+    return digest == wanted or digest.partition(":")[2].startswith(wanted.partition(":")[2] or wanted)
