@@ -5,7 +5,6 @@ import json
 
 import pytest
 import trio
-import trio.testing
 
 from lazyfs.registry import (
     Credentials, CredentialStore, InvalidReference, Manifest, NoMatchingPlatform, Platform, RegistryError,
@@ -220,7 +219,3 @@ async def test_retry_gives_up_with_status_and_deadline(autojump_clock):
                                always_503, what="GET x", error_factory=factory)
     assert trio.current_time() - start <= 30.0
 
-
-@pytest.fixture
-def autojump_clock():
-    return trio.testing.MockClock(autojump_threshold=0)

@@ -11,6 +11,7 @@ client: whole blobs against their digest, ranges through the caller's check.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -103,14 +104,20 @@ class OCILayoutStore:
         entry = descriptor.to_json()
         if tag is not None:
             entry["annotations"] = {REF_NAME_ANNOTATION: tag}
-        index = self._read_index()
-        kept = [m for m in index["manifests"]
-                if not (tag is not None and m.get("annotations", {}).get(REF_NAME_ANNOTATION) == tag)
-                and not (tag is None and m.get("digest") == descriptor.digest and not m.get("annotations"))]
-        index["manifests"] = kept + [entry]
-        await anyio.to_thread.run_sync(self._write_atomically, self.path / "index.json",
-                                       json.dumps(index, indent=2).encode())
+        await anyio.to_thread.run_sync(self._add_to_index, entry, tag)
         return descriptor.digest
+
+    def _add_to_index(self, entry: dict, tag: str | None) -> None:
+        """Read-modify-write index.json under an flock, so concurrent writers do not lose entries.
+        A tag moves to the new manifest; an untagged manifest is listed once."""
+        with open(self.path / ".index.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index = self._read_index()
+            kept = [m for m in index["manifests"]
+                    if not (tag is not None and (m.get("annotations") or {}).get(REF_NAME_ANNOTATION) == tag)
+                    and not (tag is None and m.get("digest") == entry["digest"] and not m.get("annotations"))]
+            index["manifests"] = kept + [entry]
+            self._write_atomically(self.path / "index.json", json.dumps(index, indent=2).encode())
 
     def tags(self) -> list[str]:
         return [m["annotations"][REF_NAME_ANNOTATION] for m in self._read_index()["manifests"]
