@@ -76,10 +76,11 @@ def trees(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(trees(), st.sampled_from([0, 100, 4096]))
-def test_writer_reader_round_trip(tree, threshold):
+@given(trees(), st.sampled_from([0, 100, 4096]), st.sampled_from([512, 1024, 4096]))
+def test_writer_reader_round_trip(tree, threshold, block_size):
     entries, chunk_bytes = tree
-    builder = Builder(chunk_size=CHUNK, inline_threshold=threshold, plain_data=True)
+    builder = Builder(block_size=block_size, chunk_size=CHUNK,
+                      inline_threshold=min(threshold, block_size), plain_data=True)
     for entry in entries:
         builder.add(entry)
     out = io.BytesIO()

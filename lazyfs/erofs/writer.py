@@ -17,6 +17,7 @@ input gives equal bytes. docs/parts/erofs-writer.md describes the layout byte by
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -418,7 +419,10 @@ class Builder:
             _DEVICE_SLOT_OFFSET // fmt.DEVICE_SLOT_SIZE if with_devices else 0,
             0, 0, 0, 0, 0, b"",
         )
-        crc = fmt.crc32c_superblock(meta[:bs], bs)
+        # The checksum covers the block holding the superblock from its start, or one whole
+        # block (from the superblock on) when blocks are no larger than the 1024-byte offset.
+        checked = bs if bs > fmt.SUPER_OFFSET else fmt.SUPER_OFFSET + bs
+        crc = fmt.crc32c_superblock(meta[:checked], checked)
         meta[fmt.SUPER_OFFSET + 4:fmt.SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
 
         out.write(meta)
@@ -489,6 +493,8 @@ class Builder:
     ) -> None:
         entry = inode.entry
         kind = stat.S_IFMT(entry.mode)
+        inode.layout, inode.tail, inode.data_blocks = fmt.LAYOUT_FLAT_PLAIN, b"", 0
+        inode.xattr_body = b""
         if kind == fmt.S_IFDIR:
             self._split_dir(inode)
         xattrs = sorted(entry.xattrs.items())
@@ -703,8 +709,10 @@ def _copy_file(out: BinaryIO, path: str, size: int, entry_path: bytes) -> int:
 def _host_xattrs(path: bytes) -> dict[bytes, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return {}
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):  # the host filesystem has none
+            return {}
+        raise
     return {
         os.fsencode(n): os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)
     }
