@@ -232,6 +232,7 @@ def test_stream_decompresses_to_equal_tar(tmp_path):
     tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
     assert result.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     assert result.digest == "sha256:" + hashlib.sha256(blob).hexdigest() and result.size == len(blob)
+    assert result.source_diff_id == "sha256:" + hashlib.sha256(src).hexdigest()
     assert members_of(tar) == members_of(src)
     # The stock tools agree.
     (tmp_path / "l.tar.zst").write_bytes(blob)
@@ -288,6 +289,7 @@ def test_gnu_long_names_and_input_compressions(tmp_path):
     for packed, kind in ((gzip.compress(src, 6), "gzip"), (zstandard.ZstdCompressor().compress(src), "zstd")):
         blob, result = convert(packed)
         assert result.input_format == kind and blob == plain_blob
+        assert result.source_diff_id == "sha256:" + hashlib.sha256(src).hexdigest()
     layer, f = open_layer(plain_blob, tmp_path)
     with f:
         nid = layer.image.resolve(b"l" * 130)

@@ -79,6 +79,7 @@ class BuildResult:
     size: int  # blob bytes
     diff_id: str  # "sha256:..." of the uncompressed tar
     tar_size: int
+    source_diff_id: str  # "sha256:..." of the input's uncompressed tar (to check against the config)
     input_format: str  # "gzip", "zstd" or "tar"
     index: fmt.LayerIndex
     stats: LayerStats
@@ -125,6 +126,25 @@ class _Counting(io.RawIOBase):
         if self._progress is not None and n:
             self._progress(n)
         return n
+
+
+class _Hashing(io.RawIOBase):
+    """Passes reads through, hashing them: the input's diff_id."""
+
+    def __init__(self, inner: BinaryIO):
+        self._inner = inner
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self._inner.read(len(buf))
+        n = len(data)
+        buf[:n] = data
+        self.sha256.update(data)
+        return n
+
 
 
 def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[BinaryIO, str]:
@@ -259,7 +279,8 @@ class LayerBuilder:
 
     def build(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> BuildResult:
         """Read the whole layer from src and write the blob. Closes nothing."""
-        stream, kind = open_tar_stream(src, progress)
+        decompressed, kind = open_tar_stream(src, progress)
+        stream = _Hashing(decompressed)
         max_pending = max(2, min(2 * self.threads + 2, (64 << 20) // self.chunk_size))
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-zstd") as pool:
             self._frames = _FrameWriter(self.out, pool, self.level, max_pending)
@@ -270,12 +291,14 @@ class LayerBuilder:
                 for member in tar:
                     self.stats.entries += 1
                     self._member(tar, member)
+                while stream.read(1 << 20):
+                    pass
             except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
                 raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
             self._emit_stream(_EOF_BLOCKS)
             self._flush_stream()
             self._frames.raw(b"")
-            return self._finish(kind)
+            return self._finish(kind, "sha256:" + stream.sha256.hexdigest())
 
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = m.name.encode("utf-8", "surrogateescape")
@@ -361,7 +384,7 @@ class LayerBuilder:
 
     # -- sections ------------------------------------------------------------------------
 
-    def _finish(self, kind: str) -> BuildResult:
+    def _finish(self, kind: str, source_diff_id: str) -> BuildResult:
         frames = self._frames
         data_end = frames.position
         for n, first in self._dup_of.items():
@@ -405,6 +428,7 @@ class LayerBuilder:
             size=frames.position,
             diff_id="sha256:" + self._tar_sha.hexdigest(),
             tar_size=self._tar_size,
+            source_diff_id=source_diff_id,
             input_format=kind,
             index=index,
             stats=self.stats,

@@ -1,0 +1,78 @@
+"""`lazyfs inspect REF`: the layers of an image and, for lazyfs layers, what is inside them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from lazyfs.imageinfo import inspect_image
+from lazyfs.layer.errors import LayerFormatError
+from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
+
+NAME = "inspect"
+HELP = "show the layers of an image: sizes, metadata, files, chunks, dedup, embedded trace"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ref", help="registry reference or oci:DIR[:TAG]")
+    parser.add_argument("--platform", type=Platform.parse, default=None, help="only this os/arch of an index")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def render(report: dict, console: Console) -> None:
+    for image in report["images"]:
+        plat = image["platform"]
+        title = f"{report['reference']} {image['digest'][:19]}"
+        if plat:
+            title += f" ({plat.get('os')}/{plat.get('architecture')})"
+        table = Table(title=title)
+        for col in ("layer", "type", "blob", "chunk data", "metadata", "files", "chunks", "chunk size",
+                    "dedup", "trace"):
+            table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+        for layer in image["layers"]:
+            if not layer["lazyfs"]:
+                table.add_row(layer["digest"][7:19], layer["media_type"].rsplit(".", 1)[-1], _bytes(layer["size"]),
+                              *["-"] * 7)
+                continue
+            table.add_row(
+                layer["digest"][7:19], "lazyfs v%d" % layer["format_version"], _bytes(layer["size"]),
+                _bytes(layer["chunk_bytes"]),
+                f"{_bytes(layer['metadata_size'])} ({_bytes(layer['metadata_stored'])} stored)",
+                str(layer["files"]), f"{layer['chunks']} ({layer['unique_chunks']} unique)",
+                _bytes(layer["chunk_size"]), _bytes(layer["dedup_savings"]), "yes" if layer["trace"] else "no",
+            )
+        console.print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    async def main() -> dict:
+        store = open_store(args.ref)
+        try:
+            return await inspect_image(store, args.platform)
+        finally:
+            await store.aclose()
+
+    try:
+        report = trio.run(main)
+    except (RegistryError, InvalidReference, LayerFormatError, OSError) as e:
+        print(f"lazyfs inspect: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        render(report, Console())
+    return 0
