@@ -7,6 +7,7 @@ mount and no directory behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,7 +101,7 @@ def busybox_layer() -> list:
         pytest.fail("busybox (busybox-static) is not installed: tools/install.sh installs it")
     data = Path(busybox).read_bytes()
     entries = [directory("bin"), file("bin/busybox", data, mode=0o755)]
-    entries += [symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat", "ls", "sleep")]
+    entries += [symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat", "ls", "sleep", "dd", "sha256sum")]
     entries += [directory("etc"), file("etc/gone", b"removed by the next layer\n"),
                 directory("proc"), directory("sys"), directory("dev"), directory("tmp")]
     return entries
@@ -246,9 +247,29 @@ def blob_bytes(registry, since: int) -> dict[str, int]:
     return sent
 
 
-async def test_lazy_image_runs_fetching_a_fraction(containerd, registry, registry_repo,
-                                                   snapshotter_proc):
-    big = os.urandom(8 << 20)  # never read by the container
+def daemon_layers(snapshotter_proc) -> set[str]:
+    from snapshotter.daemon_client import DaemonLayerFS
+    fs = DaemonLayerFS(snapshotter_proc.root / "daemon.sock", snapshotter_proc.root / "mnt")
+    return {layer["name"] for layer in fs.request("list")["layers"]}
+
+
+def wait_daemon_restarted(snapshotter_proc, old_pid: int) -> int:
+    pid_file = snapshotter_proc.root / "daemon.pid"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        text = pid_file.read_text()
+        if text and int(text) != old_pid and \
+                f"lazyfs daemon started (pid {int(text)})" in snapshotter_proc.log_tail():
+            return int(text)
+        assert time.monotonic() < deadline, snapshotter_proc.log_tail()
+        time.sleep(0.05)
+
+
+async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapshotter_proc):
+    """Converted image: pulled with labels (no layer download), run, fetched only in part;
+    survives a snapshotter restart under a reading container; a killed daemon is restarted
+    with the layers re-attached; removal detaches the layers and leaves nothing behind."""
+    big = os.urandom(8 << 20)  # the first container never reads it
     image = build_image([busybox_layer(),
                          [file("hello.txt", b"hello lazily\n"), file("big.bin", big)]])
     src = await push(registry, registry_repo, image)
@@ -263,14 +284,61 @@ async def test_lazy_image_runs_fetching_a_fraction(containerd, registry, registr
 
     lazy = [s for s in snapshotter_proc.metadata() if s.lazy_layer]
     assert len(lazy) == 2, snapshotter_proc.log_tail()
-    print("labels of a lazy snapshot:", sorted(lazy[0].labels))
     digests = {layer_source(s.labels).layer_digest for s in lazy}
     sizes = await layer_sizes(dst, registry.host)
     assert digests == set(sizes)
+    registry.mark()
     sent = blob_bytes(registry, start)
     fetched = sum(sent.get(d, 0) for d in digests)
     print(f"lazy pull + run fetched {fetched} of {sum(sizes.values())} layer bytes")
     assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
+    layers = {s.lazy_layer for s in lazy}
+    assert daemon_layers(snapshotter_proc) == layers
+
+    # a container reading lazy files in a loop outlives a snapshotter restart
+    reader = ("i=0; while [ $i -lt 1200 ]; do cat /hello.txt >/dev/null || exit 7; "
+              "dd if=/big.bin of=/dev/null bs=4096 count=1 skip=$((i % 2048 * 1)) 2>/dev/null "
+              "|| exit 8; i=$((i+1)); sleep 0.02; done")
+    containerd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, dst, "lazy-reader", "/bin/sh", "-c", reader)
+    daemon_pid = int((snapshotter_proc.root / "daemon.pid").read_text())
+    try:
+        snapshotter_proc.stop()
+        snapshotter_proc.start()
+        wait_reconnected(containerd)
+        assert "adopting the lazyfs daemon" in snapshotter_proc.log_tail()
+        assert int((snapshotter_proc.root / "daemon.pid").read_text()) == daemon_pid
+        out = await trio.to_thread.run_sync(lambda: containerd.run(
+            dst, "t5-lazy-2", "/bin/sh", "-c",
+            "dd if=/big.bin bs=1048576 skip=3 count=1 2>/dev/null | sha256sum",
+            snapshotter=SNAPSHOTTER))
+        assert out.stdout.split()[0] == hashlib.sha256(big[3 << 20:4 << 20]).hexdigest()
+        assert task_status(containerd, "lazy-reader") == "RUNNING"
+    finally:
+        containerd.ctr("task", "kill", "-s", "SIGKILL", "lazy-reader", check=False)
+        for _ in range(100):
+            if task_status(containerd, "lazy-reader") != "RUNNING":
+                break
+            time.sleep(0.05)
+        containerd.ctr("task", "delete", "lazy-reader", check=False)
+        containerd.ctr("containers", "rm", "lazy-reader", check=False)
+
+    # the daemon dies: a new one serves the same layers again
+    os.kill(daemon_pid, 9)
+    wait_daemon_restarted(snapshotter_proc, daemon_pid)
+    deadline = time.monotonic() + START_TIMEOUT
+    while daemon_layers(snapshotter_proc) != layers:
+        assert time.monotonic() < deadline, snapshotter_proc.log_tail()
+        time.sleep(0.05)
+    out = await trio.to_thread.run_sync(lambda: containerd.run(
+        dst, "t5-lazy-3", "/bin/cat", "/hello.txt", snapshotter=SNAPSHOTTER))
+    assert out.stdout == "hello lazily\n"
+
+    # removal: snapshots, directories and attached layers go
+    containerd.ctr("image", "rm", "--sync", dst)
+    assert snapshotter_proc.metadata() == []
+    assert os.listdir(snapshotter_proc.root / "snapshots") == []
+    assert daemon_layers(snapshotter_proc) == set()
+    assert mounts_below(snapshotter_proc.root / "snapshots") == []
 
 
 async def layer_sizes(ref: str, host: str) -> dict[str, int]:
