@@ -3,6 +3,7 @@ and reading push sources (bytes or a file) off the event loop."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,10 +36,11 @@ async def fetch_blob_verified(store, digest: str, max_size: int) -> bytes:
     async def attempt() -> bytes:
         buffer = bytearray()
         try:
-            async for chunk in store.iter_blob(digest):
-                buffer += chunk
-                if len(buffer) > max_size:
-                    raise RegistryError(f"blob is larger than {max_size} bytes", digest=digest)
+            async with contextlib.aclosing(store.iter_blob(digest)) as chunks:
+                async for chunk in chunks:
+                    buffer += chunk
+                    if len(buffer) > max_size:
+                        raise RegistryError(f"blob is larger than {max_size} bytes", digest=digest)
         except DigestMismatch as e:
             raise TransientFailure(e.message, kind=DigestMismatch) from None
         return bytes(buffer)
@@ -53,8 +55,9 @@ async def download_blob_atomically(store, digest: str, path: Path) -> int:
     async def attempt() -> int:
         size = 0
         try:
-            async with await anyio.open_file(temporary, "wb") as out:
-                async for chunk in store.iter_blob(digest):
+            async with await anyio.open_file(temporary, "wb") as out, \
+                    contextlib.aclosing(store.iter_blob(digest)) as chunks:
+                async for chunk in chunks:
                     await out.write(chunk)
                     size += len(chunk)
         except DigestMismatch as e:
@@ -71,9 +74,7 @@ async def download_blob_atomically(store, digest: str, path: Path) -> int:
 
 def _store_error_factory(store, digest: str):
     def make(message: str, status: int | None) -> RegistryError:
-        registry, _, repository = store.name.partition("/")
-        return RegistryError(message, status=status, registry=registry or None, repository=repository or None,
-                    digest=digest)
+        return RegistryError(message, status=status, digest=digest, **store.error_context)
     return make
 
 

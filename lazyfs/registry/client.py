@@ -121,6 +121,11 @@ class RegistryClient:
         if self._owns_http:
             await self._http.aclose()
 
+    @property
+    def error_context(self) -> dict[str, str]:
+        """What every RegistryError of this store names."""
+        return {"registry": self.reference.registry, "repository": self.reference.repository}
+
     def remembered_location(self, digest: str) -> str | None:
         """The redirect target remembered for a blob, if any."""
         return self._blob_locations.get(digest)

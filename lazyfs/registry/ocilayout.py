@@ -55,6 +55,11 @@ class OCILayoutStore:
     def name(self) -> str:
         return f"oci:{self.path}"
 
+    @property
+    def error_context(self) -> dict[str, str | None]:
+        """What every RegistryError of this store names (no registry: the layout path)."""
+        return {"registry": None, "repository": self.name}
+
     async def __aenter__(self) -> "OCILayoutStore":
         return self
 
