@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from lazyfs.registry import open_store
+from lazyfs.registry.manifest import sha256_digest
 from snapshotter.daemon_client import stop_daemon
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
@@ -348,3 +349,44 @@ async def layer_sizes(ref: str, host: str) -> dict[str, int]:
     finally:
         await store.aclose()
     return {layer["digest"]: layer["size"] for layer in json.loads(manifest.data)["layers"]}
+
+
+async def test_mixed_image_ordinary_and_lazy_layers(containerd, registry, registry_repo,
+                                                    snapshotter_proc):
+    """An ordinary gzip base layer under a lazyfs layer: the first is unpacked, the second
+    served lazily on top of it."""
+    base = busybox_layer()
+    image = build_image([base, [file("app.txt", b"lazy app on an unpacked base\n")]])
+    src = await push(registry, registry_repo, image)
+    converted_ref = f"{registry.host}/{registry_repo}-mixed:lazy"
+    await trio.to_thread.run_sync(lazyfs_convert, src, converted_ref)
+
+    store = open_store(converted_ref, insecure_registries=[registry.host])
+    try:
+        converted = json.loads((await store.get_manifest()).data)
+        config = json.loads(await store.get_blob(converted["config"]["digest"]))
+        config["rootfs"]["diff_ids"][0] = image.layers[0].diff_id
+        config_bytes = json.dumps(config).encode()
+        await store.push_blob(image.layers[0].blob, digest=image.layers[0].digest,
+                              media_type=image.layers[0].descriptor.media_type)
+        await store.push_blob(config_bytes, digest=sha256_digest(config_bytes),
+                              media_type=converted["config"]["mediaType"])
+        converted["config"] = {**converted["config"], "digest": sha256_digest(config_bytes),
+                               "size": len(config_bytes)}
+        converted["layers"][0] = image.layers[0].descriptor.to_json()
+        await store.push_manifest(json.dumps(converted).encode(), converted["mediaType"], "mixed")
+    finally:
+        await store.aclose()
+    mixed = f"{registry.host}/{registry_repo}-mixed:mixed"
+
+    await trio.to_thread.run_sync(lambda: containerd.pull(mixed, snapshotter=SNAPSHOTTER, remote=True))
+    out = await trio.to_thread.run_sync(lambda: containerd.run(
+        mixed, "t5-mixed", "/bin/cat", "/app.txt", snapshotter=SNAPSHOTTER))
+    assert out.stdout == "lazy app on an unpacked base\n"
+    committed = [s for s in snapshotter_proc.metadata() if s.kind == Kind.COMMITTED]
+    by_depth = sorted(committed, key=lambda s: len(s.parent_ids))
+    assert [s.lazy_layer is not None for s in by_depth] == [False, True]
+    assert (snapshotter_proc.root / "snapshots" / str(by_depth[0].id) / "fs" / "bin" / "busybox").exists()
+    containerd.ctr("image", "rm", "--sync", mixed)
+    assert snapshotter_proc.metadata() == []
+    assert daemon_layers(snapshotter_proc) == set()
