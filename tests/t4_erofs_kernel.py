@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from lazyfs.erofs import format as fmt
+from lazyfs.erofs.reader import Image
 from lazyfs.erofs.writer import Builder, ChunkedData, Entry
 from tests.fixtures.erofs_images import ChunkDevice, compare_tree, fsck, mounted_erofs
 
@@ -92,6 +93,15 @@ def layer_entries(device: ChunkDevice):
         Entry(b"longlink", fmt.S_IFLNK | 0o777, link_target=b"y/" * 2000, mtime=1_700_000_000),
         Entry(b"bigids", REG | 0o6000, uid=100_000, gid=4_000_000_000, mtime=1_700_000_000,
               data=b"ids"),
+        # Xattrs that push inline data out of the inode's block: FLAT_PLAIN fallbacks, and a
+        # chunk index that starts past a block boundary.
+        Entry(b"xdir", DIR, mtime=1_700_000_000, xattrs={b"user.big": b"d" * 4000}),
+        Entry(b"xdir/child", REG, mtime=1_700_000_000, data=b"c" * 100,
+              xattrs={b"user.big": b"f" * 4000}),
+        Entry(b"xdir/link", fmt.S_IFLNK | 0o777, mtime=1_700_000_000, link_target=b"child",
+              xattrs={b"trusted.big": b"l" * 4090}),  # user.* is off limits on symlinks
+        Entry(b"xdir/chunked", REG, mtime=1_700_000_000, xattrs={b"user.big": b"k" * 9000},
+              data=device.store(b"k" * (CHUNK + 10))),
         Entry(b"hard1", REG, data=b"shared inode", mtime=5, xattrs={b"user.h": b"1"}),
         Entry(b"small/hard2", REG, hardlink_to=b"hard1"),
         Entry(b"deep/hard3", REG, hardlink_to=b"hard1"),
@@ -106,6 +116,14 @@ def test_kernel_mounts_chunked_layer(tmp_path):
     image, info = write_image(tmp_path, entries)
     assert info.build_time == 1_700_000_000 and info.root_nid < 65536
     assert info.shared_xattrs >= 2 and info.extended_inodes >= 40
+    with Image.open(image) as meta:  # the fallbacks the tree is meant to exercise
+        layouts = {p: meta.inode(info.nids[p]).layout for p in (
+            b"xdir", b"xdir/child", b"xdir/link", b"inline_4064", b"inline_4063", b"small")}
+    assert layouts == {
+        b"xdir": fmt.LAYOUT_FLAT_PLAIN, b"xdir/child": fmt.LAYOUT_FLAT_PLAIN,
+        b"xdir/link": fmt.LAYOUT_FLAT_PLAIN, b"inline_4064": fmt.LAYOUT_FLAT_INLINE,
+        b"inline_4063": fmt.LAYOUT_FLAT_INLINE, b"small": fmt.LAYOUT_FLAT_INLINE,
+    }
     device.finish(info.device_blocks, 4096)
     assert os.stat(device.path).st_blocks * 512 < 64 * CHUNK  # the device file stays sparse
     fsck(image, device.path)
