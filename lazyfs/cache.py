@@ -5,6 +5,7 @@ On-disk layout under the cache root::
     chunks/<hh>/<32 hex>   one file per chunk: its uncompressed bytes, named by xxh3-128 digest
     meta/<hh>/<64 hex>     one file per metadata image, named by sha256 digest
     tmp/                   files being written; published by rename(2), emptied on open
+    index                  LRU snapshot (a hint, see below)
 
 ``<hh>`` is the first two hex digits of the name (256 fan-out directories per store).
 
@@ -16,10 +17,16 @@ torn write after a power loss, someone editing the directory -- is reported as a
 the file is deleted, so the fetcher refetches. There is deliberately no fsync: after a power
 loss the verification turns a torn file into a miss instead of wrong bytes.
 
-The index (size and last use per chunk) lives in memory and is rebuilt from the directory on
-open; last use survives a restart through the file's mtime, refreshed at most once a minute
-per chunk. All methods are synchronous and thread-safe: the fetcher may call ``get`` or
-``put`` from a worker thread for large chunks.
+The index (size per chunk, in LRU order) lives in memory. On open it is rebuilt from the
+directory listing, which is the truth: ``save_index()`` (called periodically by the fetcher
+and by ``close()``) writes a snapshot of sizes in LRU order, so that opening needs no stat(2)
+for the chunks it lists; chunks written since the snapshot are stat'ed and count as most
+recently used (by mtime), listed chunks that are gone are dropped. A lost or damaged snapshot
+only costs open time. Snapshot format: magic ``LZCIDX1\n``, u64 count, count records of
+(16-byte digest, u64 size), then the xxh3-64 of everything before it; little-endian.
+
+All methods are synchronous and thread-safe: the fetcher may call ``get`` or ``put`` from a
+worker thread for large chunks.
 """
 
 from __future__ import annotations
@@ -31,11 +38,10 @@ import itertools
 import logging
 import os
 import shutil
+import struct
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -43,9 +49,11 @@ import xxhash
 log = logging.getLogger(__name__)
 
 DIGEST_SIZE = 16
-# How stale a chunk file's mtime may get before a hit refreshes it (persisted LRU order).
-_TOUCH_INTERVAL = 60.0
 _HEX = frozenset("0123456789abcdef")
+_INDEX_MAGIC = b"LZCIDX1\n"
+_INDEX_HEADER = struct.Struct("<8sQ")
+_INDEX_RECORD = struct.Struct("<16sQ")
+_INDEX_TRAILER = struct.Struct("<Q")
 
 
 class CacheError(Exception):
@@ -62,10 +70,18 @@ def chunk_digest(data: bytes) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-@dataclass
-class _Entry:
-    size: int
-    last_use: float  # wall-clock time the file's mtime says it was last used
+def _read_file(path: str, expected_size: int) -> bytes:
+    """The whole file; one read(2) when it has the expected size (one more shows if it is longer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while True:
+            part = os.read(fd, expected_size + 1)
+            if not part:
+                return b"".join(parts) if len(parts) != 1 else parts[0]
+            parts.append(part)
+    finally:
+        os.close(fd)
 
 
 def _is_hex(name: str, length: int) -> bool:
@@ -79,10 +95,12 @@ class ChunkCache:
         self.root = Path(root)
         self.limit_bytes = limit_bytes
         self._chunks_dir = self.root / "chunks"
+        self._chunks_prefix = f"{self._chunks_dir}/"
         self._meta_dir = self.root / "meta"
         self._tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # oldest use first
+        self._entries: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, oldest use first
+        self._index_dirty = False
         self._pins: dict[bytes, int] = {}
         self._bytes = 0
         self._tmp_names = itertools.count()
@@ -103,22 +121,34 @@ class ChunkCache:
             for entry in it:
                 self._remove_quietly(Path(entry.path))
                 stray += 1
-        found: list[tuple[float, bytes, int]] = []
+        snapshot = self._load_index()
+        present: set[bytes] = set()
+        unlisted: list[tuple[float, bytes, int]] = []
         for fan in range(256):
             prefix = f"{fan:02x}"
             with os.scandir(self._chunks_dir / prefix) as it:
                 for entry in it:
                     name = entry.name
-                    if not (_is_hex(name, 2 * DIGEST_SIZE) and name.startswith(prefix)):
+                    if not (_is_hex(name, 2 * DIGEST_SIZE) and name.startswith(prefix)
+                            and entry.is_file(follow_symlinks=False)):
                         self._remove_quietly(Path(entry.path))
                         stray += 1
                         continue
-                    st = entry.stat(follow_symlinks=False)
-                    found.append((st.st_mtime, bytes.fromhex(name), st.st_size))
-        found.sort()
-        for mtime, digest, size in found:
-            self._entries[digest] = _Entry(size, mtime)
+                    digest = bytes.fromhex(name)
+                    if digest in snapshot:
+                        present.add(digest)
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        unlisted.append((st.st_mtime, digest, st.st_size))
+        for digest, size in snapshot.items():  # snapshot order is LRU order
+            if digest in present:
+                self._entries[digest] = size
+                self._bytes += size
+        unlisted.sort()
+        for _, digest, size in unlisted:
+            self._entries[digest] = size
             self._bytes += size
+        self._index_dirty = bool(unlisted) or len(present) != len(snapshot)
         if stray:
             log.info("cache %s: removed %d stray file(s) left by an interrupted write", self.root, stray)
         log.debug("cache %s: %d chunks, %d bytes", self.root, len(self._entries), self._bytes)
@@ -128,9 +158,13 @@ class ChunkCache:
     # ----------------------------------------------------------------- chunks
 
     def chunk_path(self, digest: bytes) -> Path:
+        return Path(self._chunk_file(digest))
+
+    def _chunk_file(self, digest: bytes) -> str:
+        # A str path, not pathlib: this is on the hot path of every hit.
         self._check_digest(digest)
         name = digest.hex()
-        return self._chunks_dir / name[:2] / name
+        return f"{self._chunks_prefix}{name[:2]}/{name}"
 
     def contains(self, digest: bytes) -> bool:
         with self._lock:
@@ -138,19 +172,18 @@ class ChunkCache:
 
     def size_of(self, digest: bytes) -> int | None:
         with self._lock:
-            entry = self._entries.get(digest)
-            return None if entry is None else entry.size
+            return self._entries.get(digest)
 
     def get(self, digest: bytes) -> bytes | None:
         """The chunk's verified bytes, or None (absent, vanished, or corrupt and now deleted)."""
-        path = self.chunk_path(digest)
+        path = self._chunk_file(digest)
         with self._lock:
-            entry = self._entries.get(digest)
-            if entry is None:
+            size = self._entries.get(digest)
+            if size is None:
                 self._misses += 1
                 return None
         try:
-            data = path.read_bytes()
+            data = _read_file(path, size)
         except FileNotFoundError:
             with self._lock:
                 self._forget_locked(digest)
@@ -160,25 +193,16 @@ class ChunkCache:
             log.warning("cache: reading chunk %s failed (%s); treating it as a miss", digest.hex(), e)
             self._drop_corrupt(digest, path)
             return None
-        if len(data) != entry.size or chunk_digest(data) != digest:
+        if len(data) != size or chunk_digest(data) != digest:
             log.warning("cache: chunk %s is corrupt (%d bytes); deleted, it will be refetched",
                         digest.hex(), len(data))
             self._drop_corrupt(digest, path)
             return None
-        now = time.time()
         with self._lock:
             self._hits += 1
-            current = self._entries.get(digest)
-            if current is not None:
+            if digest in self._entries:
                 self._entries.move_to_end(digest)
-                touch = now - current.last_use > _TOUCH_INTERVAL
-                if touch:
-                    current.last_use = now
-            else:
-                touch = False
-        if touch:
-            with contextlib.suppress(OSError):
-                os.utime(path)
+                self._index_dirty = True
         return data
 
     def put(self, digest: bytes, data: bytes) -> None:
@@ -187,16 +211,18 @@ class ChunkCache:
         The stored entry is never partial: the bytes go to a temporary file that is renamed
         into place only when complete. Storing an existing chunk only refreshes its last use.
         """
-        path = self.chunk_path(digest)
+        path = self._chunk_file(digest)
         with self._lock:
             if digest in self._entries:
                 self._entries.move_to_end(digest)
+                self._index_dirty = True
                 return
-        self._write_atomically(path, data, key=digest.hex())
+        self._write_atomically(Path(path), data, key=digest.hex())
         with self._lock:
             if digest not in self._entries:
-                self._entries[digest] = _Entry(len(data), time.time())
+                self._entries[digest] = len(data)
                 self._bytes += len(data)
+                self._index_dirty = True
             if self.limit_bytes is not None and self._bytes > self.limit_bytes:
                 self._evict_locked(self.limit_bytes, keep=digest)
 
@@ -252,13 +278,13 @@ class ChunkCache:
     def _evict_locked(self, limit: int, keep: bytes | None) -> int:
         victims = []
         excess = self._bytes - limit
-        for digest, entry in self._entries.items():
+        for digest, size in self._entries.items():
             if excess <= 0:
                 break
             if digest == keep or self._pins.get(digest):
                 continue
             victims.append(digest)
-            excess -= entry.size
+            excess -= size
         for digest in victims:
             self._remove_locked(digest)
         self._evictions += len(victims)
@@ -269,16 +295,64 @@ class ChunkCache:
         self._remove_quietly(self.chunk_path(digest))
 
     def _forget_locked(self, digest: bytes) -> None:
-        entry = self._entries.pop(digest, None)
-        if entry is not None:
-            self._bytes -= entry.size
+        size = self._entries.pop(digest, None)
+        if size is not None:
+            self._bytes -= size
+            self._index_dirty = True
 
-    def _drop_corrupt(self, digest: bytes, path: Path) -> None:
+    def _drop_corrupt(self, digest: bytes, path: str) -> None:
         with self._lock:
             self._forget_locked(digest)
             self._corrupt += 1
             self._misses += 1
-        self._remove_quietly(path)
+        self._remove_quietly(Path(path))
+
+    # ----------------------------------------------------------------- index snapshot
+
+    def save_index(self) -> bool:
+        """Write the LRU snapshot if anything changed since the last one; returns whether it did.
+
+        Safe to call from a worker thread; the listing is copied under the lock, written outside it.
+        """
+        with self._lock:
+            if not self._index_dirty:
+                return False
+            records = list(self._entries.items())
+            self._index_dirty = False
+        body = bytearray(_INDEX_HEADER.pack(_INDEX_MAGIC, len(records)))
+        for digest, size in records:
+            body += _INDEX_RECORD.pack(digest, size)
+        body += _INDEX_TRAILER.pack(xxhash.xxh3_64_intdigest(body))
+        try:
+            self._write_atomically(self.root / "index", bytes(body), key="index")
+        except CacheError:
+            with self._lock:
+                self._index_dirty = True
+            raise
+        return True
+
+    def close(self) -> None:
+        """Save the index snapshot (failure to do so only costs the next open some time)."""
+        try:
+            self.save_index()
+        except CacheError as e:
+            log.info("cache %s: index snapshot not saved: %s", self.root, e)
+
+    def _load_index(self) -> dict[bytes, int]:
+        try:
+            raw = (self.root / "index").read_bytes()
+        except FileNotFoundError:
+            return {}
+        fixed = _INDEX_HEADER.size + _INDEX_TRAILER.size
+        if len(raw) >= fixed:
+            magic, count = _INDEX_HEADER.unpack_from(raw)
+            body_end = len(raw) - _INDEX_TRAILER.size
+            (checksum,) = _INDEX_TRAILER.unpack_from(raw, body_end)
+            if (magic == _INDEX_MAGIC and len(raw) == fixed + count * _INDEX_RECORD.size
+                    and xxhash.xxh3_64_intdigest(raw[:body_end]) == checksum):
+                return dict(_INDEX_RECORD.iter_unpack(raw[_INDEX_HEADER.size:body_end]))
+        log.info("cache %s: ignoring a damaged index snapshot; listing sizes with stat", self.root)
+        return {}
 
     # ----------------------------------------------------------------- metadata images
 

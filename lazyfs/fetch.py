@@ -262,6 +262,7 @@ class ChunkFetcher:
         on_fetch: FetchObserver | None = None,
         offload_threshold: int = 256 << 10,
         cpu_threads: int = 2,
+        index_save_interval: float = 60.0,
     ):
         if per_host_concurrency < 1:
             raise ValueError("per_host_concurrency must be at least 1")
@@ -275,6 +276,7 @@ class ChunkFetcher:
         self.stats = stats if stats is not None else FetchStats()
         self.observers: list[FetchObserver] = [on_fetch] if on_fetch is not None else []
         self.offload_threshold = offload_threshold
+        self.index_save_interval = index_save_interval
         self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
         self._pending: dict[Hashable, _Pending] = {}
         self._hosts: dict[str, _Host] = {}
@@ -296,6 +298,7 @@ class ChunkFetcher:
             raise RuntimeError("this ChunkFetcher is already running or has stopped")
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._save_index_periodically)
         return self
 
     async def __aexit__(self, *exc_info) -> bool | None:
@@ -308,6 +311,7 @@ class ChunkFetcher:
             self._nursery = None
             for pending in list(self._pending.values()):
                 self._finish_failed(pending, "the fetcher stopped")
+            self.cache.close()
 
     def _require_running(self) -> trio.Nursery:
         if self._nursery is None or self._closing:
@@ -562,6 +566,14 @@ class ChunkFetcher:
                 else:
                     nursery.start_soon(self._requeue_after, delay, pendings)
             self._dispatch()
+
+    async def _save_index_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.index_save_interval)
+            try:
+                await trio.to_thread.run_sync(self.cache.save_index, limiter=self._cpu_limiter)
+            except CacheError as e:
+                log.info("cache index snapshot not saved: %s", e)
 
     async def _requeue_after(self, delay: float, pendings: list[_Pending]) -> None:
         await trio.sleep(delay)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.cache import CacheError, ChunkCache, chunk_digest
-from tests.fixtures.common import require_root, require_tool, run
+from tests.fixtures.tmpfs import tiny_tmpfs  # noqa: F401 (fixture)
 
 
 def make_chunk(seed: int, size: int = 1000) -> tuple[bytes, bytes]:
@@ -200,19 +200,6 @@ def test_kill_9_at_any_moment_leaves_only_whole_chunks(tmp_path):
     assert interrupted_writes > 0, "expected some kill to interrupt a write"
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    require_root()
-    require_tool("mount")
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=2048", "tmpfs", str(mountpoint)])
-    try:
-        yield mountpoint
-    finally:
-        run(["umount", str(mountpoint)])
-
-
 def test_enospc_raises_cache_error_and_cache_keeps_working(tiny_tmpfs):
     cache = ChunkCache(tiny_tmpfs / "cache")
     stored = []
@@ -258,3 +245,38 @@ def test_corrupt_metadata_image_is_not_served(tmp_path):
     path.write_bytes(image[:-1] + b"\0")
     assert ChunkCache(tmp_path).meta_path(sha) is None
     assert not path.exists()
+
+
+def test_index_snapshot_keeps_lru_order_and_tracks_changes(tmp_path):
+    cache = ChunkCache(tmp_path)
+    chunks = [make_chunk(i) for i in range(6)]
+    for digest, data in chunks:
+        cache.put(digest, data)
+    cache.get(chunks[0][0])  # LRU order now 1 2 3 4 5 0
+    assert cache.save_index() and not cache.save_index()  # nothing changed in between
+    cache.discard(chunks[1][0])  # listed in the snapshot, gone from the directory
+    added = make_chunk(99)
+    cache.put(*added)  # written after the snapshot: must be found by the listing
+    reopened = ChunkCache(tmp_path, limit_bytes=3000)
+    assert reopened.stats()["entries"] == 3
+    kept = {digest for digest, _ in chunks + [added] if reopened.contains(digest)}
+    assert kept == {chunks[5][0], chunks[0][0], added[0]}  # 2, 3, 4 were least recently used
+    reopened.close()
+    assert ChunkCache(tmp_path).stats()["entries"] == 3
+
+
+def test_damaged_index_snapshot_is_ignored(tmp_path):
+    cache = ChunkCache(tmp_path)
+    chunks = [make_chunk(i) for i in range(3)]
+    for digest, data in chunks:
+        cache.put(digest, data)
+    cache.close()
+    index = tmp_path / "index"
+    raw = bytearray(index.read_bytes())
+    raw[20] ^= 0xFF  # a size in the first record; the checksum no longer matches
+    index.write_bytes(bytes(raw))
+    reopened = ChunkCache(tmp_path)
+    assert reopened.stats()["bytes"] == 3000
+    assert all(reopened.get(digest) == data for digest, data in chunks)
+    index.write_bytes(b"garbage")
+    assert ChunkCache(tmp_path).stats()["entries"] == 3

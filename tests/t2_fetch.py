@@ -14,6 +14,7 @@ import xxhash
 import zstandard
 
 from lazyfs.cache import ChunkCache
+from tests.fixtures.tmpfs import tiny_tmpfs  # noqa: F401 (fixture)
 from lazyfs.fetch import (
     ChunkCorrupt, ChunkFetcher, ChunkRef, FetchError, Priority, RetryPolicy, decode_chunk,
 )
@@ -251,7 +252,7 @@ async def test_persistent_verification_failure_gives_fetch_error(cache, autojump
 
 
 def test_zstd_bomb_is_rejected_without_allocating():
-    bomb_size = 1 << 30
+    bomb_size = 256 << 20
     declared = zstandard.ZstdCompressor(level=1).compress(bytes(bomb_size))
     undeclared = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(bomb_size))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -395,3 +396,18 @@ def test_retry_policy_delays():
     assert [policy.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
     jittered = RetryPolicy(initial_delay=1.0, jitter=0.5)
     assert all(1.0 <= jittered.delay(1) <= 1.5 for _ in range(50))
+
+
+@pytest.mark.expected_log
+async def test_cache_write_failure_still_serves_verified_bytes(tiny_tmpfs):
+    cache = ChunkCache(tiny_tmpfs / "cache")
+    blob, refs, datas = build_blob([600 << 10, 600 << 10, 1000], gap=1 << 20)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache) as fetcher:
+        assert await fetcher.get(source, refs) == datas  # the second large chunk hits ENOSPC
+        assert fetcher.stats.cache_put_errors == 1
+        assert cache.contains(refs[2].digest) and cache.stats()["put_errors"] == 1
+        assert list((cache.root / "tmp").iterdir()) == []
+        cache.evict_to(0)
+        assert await fetcher.get(source, refs[1:2]) == datas[1:2]  # refetched, now cached
+        assert cache.contains(refs[1].digest)
