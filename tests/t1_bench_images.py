@@ -171,11 +171,13 @@ def test_layer_entries_pack_changes_and_white_out_removals(tmp_path):
     (new / "etc" / "changed").write_text("new!")  # same size and, below, same mtime
     (old / "etc" / "gone").write_text("bye")
     (old / "olddir" / "sub").mkdir(parents=True)
+    (new / "dev" / "added-by-a-runtime").write_text("not part of an image")
     (new / "usr" / "lib").mkdir(parents=True)
     (new / "usr" / "lib" / "added").write_text("hi")
     for root in (old, new):
         os.utime(root / "etc" / "changed", (1000, 1000))
-        os.utime(root / "etc", (1000, 1000))
+        for directory in ("etc", "dev"):
+            os.utime(root / directory, (1000, 1000))
 
     packed, removed = layer_entries(old, new)
     assert packed == ["etc", "etc/changed", "usr", "usr/lib", "usr/lib/added"]

@@ -215,7 +215,7 @@ def _free_subnet() -> tuple[str, str]:
             host, peer = f"169.254.{third}.{base + 1}", f"169.254.{third}.{base + 2}"
             if f"{host}/30" not in used and host not in used and peer not in used:
                 return host, peer
-    raise NetShapeError("no free /30 left in 169.254.200.0/22 for a shaped link")
+    raise NetShapeError("no free /30 left in 169.254.200.0-169.254.209.255 for a shaped link")
 
 
 def _http_get_status(addr: str, path: str, timeout: float = 2.0) -> int:
@@ -444,6 +444,18 @@ def time_round_trips(endpoint: str, count: int = 20) -> list[float]:
     return times
 
 
+def _curl_seconds(url: str, size: int) -> float:
+    """curl's own total time for one GET of url (its size checked)."""
+    proc = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
+                           url], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise NetShapeError(f"curl {url} failed: {proc.stderr.strip()}")
+    seconds, downloaded = proc.stdout.split()
+    if int(float(downloaded)) != size:
+        raise NetShapeError(f"curl {url}: {downloaded} bytes, expected {size}")
+    return float(seconds)
+
+
 def check_link(shape: LinkShape, blob_mib: int = 50) -> dict[str, float]:
     """Bring up a shaped registry, measure throughput and round trips, tear it down."""
     with tempfile.TemporaryDirectory(prefix="lazyfs-bench-check-") as root, \
@@ -453,9 +465,12 @@ def check_link(shape: LinkShape, blob_mib: int = 50) -> dict[str, float]:
         digest = upload_blob(registry.endpoint, "check/blob", data)
         upload_seconds = time.monotonic() - started
         size, seconds = time_blob_download(registry.endpoint, "check/blob", digest)
+        curl_seconds = _curl_seconds(f"http://{registry.endpoint}/v2/check/blob/blobs/{digest}",
+                                     size)
         shaped_rtt = sorted(time_round_trips(registry.endpoint))
         direct_rtt = sorted(time_round_trips(registry.registry_addr))
     return {
+        "curl_download_s": curl_seconds, "curl_mbit_s": size * 8 / curl_seconds / 1e6,
         "rate_mbit": shape.rate_mbit, "rtt_ms": shape.rtt_ms, "blob_mib": blob_mib,
         "upload_mbit_s": size * 8 / upload_seconds / 1e6,
         "download_s": seconds, "download_mbit_s": size * 8 / seconds / 1e6,
