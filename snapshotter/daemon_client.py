@@ -134,7 +134,11 @@ class DaemonSupervisor:
         """Adopt or start the daemon, then watch it. A daemon that cannot start is logged and
         retried with backoff; meanwhile every layer takes the ordinary (unpacking) path."""
         if self.layerfs.ready():
-            log.info("adopting the lazyfs daemon already serving %s", self.layerfs.control_socket)
+            pid = self.layerfs.request("ping", timeout=PING_TIMEOUT).get("pid")
+            if isinstance(pid, int):
+                self.pid_file.write_text(str(pid))
+            log.info("adopting the lazyfs daemon (pid %s) already serving %s", pid,
+                     self.layerfs.control_socket)
         else:
             try:
                 self._spawn()
@@ -156,9 +160,12 @@ class DaemonSupervisor:
             return None
 
     def _alive(self) -> bool:
-        if self._process is not None and self._process.poll() is not None:
-            return False  # exited (poll also reaped it)
-        return self.layerfs.ready() or self.layerfs.ready()
+        """Whether the daemon process exists. A slow answer is no reason to start a second
+        daemon on the same mountpoint, so liveness is the process, not the ping."""
+        if self._process is not None:
+            return self._process.poll() is None  # poll also reaps an exited child
+        pid = self.daemon_pid()
+        return pid is not None and _is_daemon_process(pid, self.cfg.daemon.control_socket)
 
     def _spawn(self) -> None:
         self._release_stale_mount()
@@ -209,6 +216,16 @@ class DaemonSupervisor:
             except LayerFSError as e:
                 delay = min(delay * 2, MAX_RESTART_DELAY)
                 log.error("restarting the lazyfs daemon failed (next try in %.0fs): %s", delay, e)
+
+
+def _is_daemon_process(pid: int, control_socket: Path) -> bool:
+    """``pid`` is running and is the daemon serving ``control_socket`` (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and str(control_socket).encode() in cmdline
 
 
 def stop_daemon(pid_file: Path, timeout: float = 10.0) -> None:

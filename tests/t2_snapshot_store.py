@@ -265,3 +265,32 @@ def test_reattach_after_restart(tmp_path, fake_fs):
     assert set(fresh.attached) == {"sha256-l1", "sha256-l2"}
     assert fresh.attached["sha256-l2"][CRI_IMAGE_REF_LABEL] == "127.0.0.1:5000/app:1"
     sn.close()
+
+
+# -- configuration and the daemon client's pure helpers ----------------------------------
+
+def test_config_defaults_and_overrides(tmp_path):
+    from snapshotter import config
+    cfg = config.load(None, root=tmp_path / "r")
+    assert cfg.daemon.mountpoint == tmp_path / "r" / "mnt"
+    assert cfg.daemon.control_socket == tmp_path / "r" / "daemon.sock"
+    path = tmp_path / "c.toml"
+    path.write_text('root = "/x"\nlog_level = "debug"\n[daemon]\ncache_size = "512MiB"\n'
+                    'prefetch = false\n[registry]\ninsecure_hosts = ["127.0.0.1:5000"]\n'
+                    '[registry.mirrors]\n"docker.io" = ["127.0.0.1:5000"]\n')
+    cfg = config.load(path)
+    assert cfg.root == Path("/x") and cfg.daemon.cache_size == 512 << 20
+    assert cfg.daemon.prefetch is False and cfg.registry.mirrors == {"docker.io": ["127.0.0.1:5000"]}
+    for bad in ('nope = 1\n', '[daemon]\ncache_size = "lots"\n', 'root = 3\n', 'root = "\n'):
+        path.write_text(bad)
+        with pytest.raises(config.ConfigError):
+            config.load(path)
+
+
+def test_mirrored_reference():
+    from snapshotter.daemon_client import mirrored
+    mirrors = {"docker.io": ["http://127.0.0.1:5000/"], "q.io": ["m:1"]}
+    assert mirrored("busybox:1", mirrors) == "127.0.0.1:5000/library/busybox:1"
+    assert mirrored("docker.io/org/app@sha256:ab", mirrors) == "127.0.0.1:5000/org/app@sha256:ab"
+    assert mirrored("q.io/a/b:2", mirrors) == "m:1/a/b:2"
+    assert mirrored("127.0.0.1:7/a:1", mirrors) == "127.0.0.1:7/a:1"
