@@ -96,7 +96,7 @@ class Inode:
         self.mtime = mtime
         self.mtime_nsec = mtime_nsec
         self.inode_size = 32 if compact else 64
-        self.xattr_size = F.xattr_ibody_size(xattr_icount)
+        self.xattr_size = 12 + 4 * (xattr_icount - 1) if xattr_icount else 0  # xattr_ibody_size()
 
     def __repr__(self) -> str:
         return (f"Inode(nid={self.nid}, mode={self.mode:o}, size={self.size}, "
@@ -277,7 +277,8 @@ class Image:
         if off + 32 > self._len:
             raise CorruptImage(f"nid {nid}: inode offset {off} is past the image end ({self._len})")
         mv = self._mv
-        ifmt = _U16.unpack_from(mv, off)[0]
+        compact = F.INODE_COMPACT.unpack_from(mv, off)
+        ifmt = compact[0]
         if ifmt & ~F.I_ALL:
             raise UnsupportedImage(f"nid {nid}: unsupported i_format {ifmt:#x} at offset {off}")
         layout = (ifmt >> F.I_DATALAYOUT_BIT) & F.I_DATALAYOUT_MASK
@@ -291,15 +292,14 @@ class Image:
             inode = Inode(nid, off, False, layout, icount, mode, nlink, size, raw_u, ino, uid, gid,
                           mtime, mtime_nsec)
         else:
-            (_f, icount, mode, nlink, size, _r, raw_u, ino, uid, gid, _r2
-             ) = F.INODE_COMPACT.unpack_from(mv, off)
+            (_f, icount, mode, nlink, size, _r, raw_u, ino, uid, gid, _r2) = compact
             inode = Inode(nid, off, True, layout, icount, mode, nlink, size, raw_u, ino, uid, gid,
                           self.build_time, self.build_time_nsec)
         if mode & F.S_IFMT not in _VALID_TYPES:
             raise CorruptImage(f"nid {nid}: bogus i_mode {mode:o} at offset {off}")
         if layout == F.LAYOUT_CHUNK_BASED and raw_u & 0xFFFF & ~F.CHUNK_FORMAT_ALL:
             raise UnsupportedImage(f"nid {nid}: unsupported chunk format {raw_u & 0xFFFF:#x}")
-        if inode.data_offset > self._len:
+        if off + inode.inode_size + inode.xattr_size > self._len:
             raise CorruptImage(
                 f"nid {nid}: inline xattrs ({inode.xattr_size} bytes after offset {off}) run past the image end")
         return inode
@@ -615,7 +615,7 @@ class Image:
             return
         seen = {start}
         stack: list[tuple[bytes, Iterator[tuple[bytes, int, int]]]] = [(b"/", self._iter_raw(start_inode))]
-        inode_of = self.inode
+        inode_of = self._inode_cached
         while stack:
             prefix, entries = stack[-1]
             for name, child, ftype in entries:
