@@ -1,0 +1,169 @@
+"""A lazyfs mount whose registry misbehaves, and whose daemon is killed mid-read.
+
+Every read must return the right bytes or fail with EIO -- never wrong bytes -- and the mount
+must stay up; a daemon killed with SIGKILL leaves a stale mount that the next mount cleans.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import trio
+
+from lazyfs.registry import open_store
+from tests.faultproxy import Fault, FaultProxy
+from tests.fixtures.common import require_root
+from tests.fixtures.images import build_image, directory, file, push_image
+from tests.fixtures.lazyimage import convert_image
+from tests.fixtures.lazymount import lazy_mount, lazyfs_cli
+
+CHUNK = 65536
+rng = random.Random(11)
+FILES = {
+    "data/one": rng.randbytes(1_000_003),
+    "data/two": rng.randbytes(700_000),
+    "data/three": rng.randbytes(3 * CHUNK),
+    "small/a": rng.randbytes(100),
+    "small/b": rng.randbytes(6000),
+}
+LAYERS = [
+    [directory("data"), directory("small"), file("data/one", FILES["data/one"]), file("small/a", FILES["small/a"])],
+    [directory("data"), directory("small"), file("data/two", FILES["data/two"]),
+     file("data/three", FILES["data/three"]), file("small/b", FILES["small/b"])],
+]
+BLOB_RANGES = r"/blobs/sha256:"
+
+
+@pytest.fixture(scope="module")
+def repo(registry):
+    require_root()
+    image = convert_image(build_image(LAYERS), chunk_size=CHUNK)
+
+    async def push() -> None:
+        store = open_store(f"{registry.host}/t/mount-faults:v1")
+        try:
+            await push_image(store, image, tag="v1")
+        finally:
+            await store.aclose()
+
+    trio.run(push)
+    return "t/mount-faults:v1"
+
+
+@pytest.fixture
+def proxy(registry):
+    with FaultProxy(registry.host) as running:
+        yield running
+
+
+def _read_or_eio(path) -> bytes | None:
+    """The file's bytes, or None when the read failed with EIO (any other error fails the test)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        assert e.errno == errno.EIO, f"{path}: {e}"
+        return None
+
+
+def _drop_page_cache(root) -> None:
+    """Forget cached pages of every file so the next read goes to the daemon again."""
+    for rel in FILES:
+        fd = os.open(os.path.join(root, rel), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.expected_log
+def test_faulty_registry_gives_right_bytes_or_eio_and_the_mount_survives(repo, proxy, tmp_path):
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        # Transient faults of every kind: retries must hide them, verification must catch them.
+        for fault in (Fault.reset(), Fault.reset(after_bytes=1000), Fault.status(503), Fault.status(500),
+                      Fault.truncate(777), Fault.corrupt(at=5), Fault.corrupt(at=40000), Fault.delay(0.3),
+                      Fault.ignore_range()):
+            proxy.add(fault, method="GET", path=BLOB_RANGES, ranged=True, times=1)
+        for rel, want in FILES.items():
+            got = _read_or_eio(mount.path / rel)
+            assert got is None or got == want, f"{rel}: wrong bytes"
+        assert not proxy.unused_rules()
+
+        # A registry that fails for good: uncached reads fail with EIO, nothing else breaks.
+        _drop_page_cache(mount.path)
+        proxy.clear_rules()
+        proxy.add(Fault.status(500), path=BLOB_RANGES, ranged=True, times=None)
+        stats_before = mount.stats()
+        outcomes = {rel: _read_or_eio(mount.path / rel) for rel in FILES}
+        for rel, got in outcomes.items():
+            assert got is None or got == FILES[rel], f"{rel}: wrong bytes"
+        assert sorted(os.listdir(mount.path / "data")) == ["one", "three", "two"]
+        assert mount.stats()["fetch"]["failed_chunks"] >= stats_before["fetch"]["failed_chunks"]
+
+        # The registry recovers: the same reads now succeed (failures are not cached).
+        proxy.clear_rules()
+        for rel, want in FILES.items():
+            assert (mount.path / rel).read_bytes() == want
+
+
+@pytest.mark.expected_log
+def test_corrupt_chunks_are_never_served(repo, proxy, tmp_path):
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        proxy.add(Fault.corrupt(at=100), method="GET", path=BLOB_RANGES, ranged=True, times=None)
+        for rel in ("data/one", "data/two", "data/three"):
+            assert _read_or_eio(mount.path / rel) is None
+        stats = mount.stats()
+        assert stats["fetch"]["verify_failures"] > 0 and stats["fetch"]["failed_chunks"] > 0
+        proxy.clear_rules()
+        _drop_page_cache(mount.path)
+        assert (mount.path / "data/one").read_bytes() == FILES["data/one"]
+
+
+def test_killed_daemon_leaves_a_stale_mount_that_the_next_mount_cleans(repo, proxy, tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    mnt = tmp_path / "mnt"
+    with lazy_mount(mnt, f"{proxy.host}/{repo}", run_dir=run_dir, cache_dir=cache) as mount:
+        proxy.add(Fault.delay(0.05), path=BLOB_RANGES, ranged=True, times=None)  # keep reads in flight
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def reader(seed: int) -> None:
+            local = random.Random(seed)
+            while not stop.is_set():
+                rel = local.choice(list(FILES))
+                try:
+                    with open(mnt / rel, "rb") as f:
+                        offset = local.randrange(len(FILES[rel]))
+                        f.seek(offset)
+                        data = f.read(200_000)
+                    if data != FILES[rel][offset:offset + 200_000]:
+                        errors.append(AssertionError(f"wrong bytes from {rel} at {offset}"))
+                except OSError as e:
+                    if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENOENT):
+                        errors.append(e)
+                    return
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # let the readers get going (they run until the kill breaks the mount)
+        os.kill(mount.daemon_pid(), signal.SIGKILL)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+        assert not errors, errors
+
+        # The mount point is now stale; mounting again cleans it up and serves correct content.
+        proxy.clear_rules()
+        lazyfs_cli("mount", "--run-dir", str(run_dir), "--cache-dir", str(cache), f"{proxy.host}/{repo}", str(mnt))
+        for rel, want in FILES.items():
+            assert (mnt / rel).read_bytes() == want
