@@ -220,6 +220,13 @@ def test_invalid_entries_are_refused(entry, message):
         builder.add(entry)
 
 
+def test_missing_host_file_is_a_value_error(tmp_path):
+    builder = Builder()
+    builder.add(Entry(b"", DIR))
+    with pytest.raises(ValueError, match="cannot read"):
+        builder.add(Entry(b"f", REG, data=FileData(str(tmp_path / "absent"))))
+
+
 def test_root_is_required_and_must_be_a_directory():
     with pytest.raises(ValueError, match="root"):
         Builder().write(io.BytesIO())

@@ -1,9 +1,9 @@
 """EROFS metadata images: on-disk structures, a reader and a writer (pure Python)."""
 
 from lazyfs.erofs.errors import CorruptImage, ErofsError, UnsupportedImage
-from lazyfs.erofs.writer import Builder, BuildInfo, ChunkedData, Entry, FileData
+from lazyfs.erofs.writer import Builder, BuildInfo, ChunkedData, ChunkStore, Entry, FileData
 
 __all__ = [
-    "BuildInfo", "Builder", "ChunkedData", "CorruptImage", "Entry", "ErofsError", "FileData",
-    "UnsupportedImage",
+    "BuildInfo", "Builder", "ChunkStore", "ChunkedData", "CorruptImage", "Entry", "ErofsError",
+    "FileData", "UnsupportedImage",
 ]

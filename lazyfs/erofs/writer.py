@@ -299,7 +299,10 @@ class Builder:
         if isinstance(data, ChunkedData):
             return self._check_chunks(where, data)
         if isinstance(data, FileData):
-            st = os.stat(data.path)
+            try:
+                st = os.stat(data.path)
+            except OSError as e:
+                raise ValueError(f"{where}: cannot read {data.path}: {e.strerror}") from e
             if not stat.S_ISREG(st.st_mode):
                 raise ValueError(f"{where}: {data.path} is not a regular file")
             size = st.st_size
