@@ -94,6 +94,9 @@ class DaemonLayerFS:
     def path(self, layer: str) -> str:
         return str(self.mountpoint / layer)
 
+    def attached(self) -> set[str]:
+        return {entry["name"] for entry in self.request("list").get("layers", [])}
+
 
 def mirrored(image_ref: str, mirrors: Mapping[str, list[str]]) -> str:
     """``image_ref`` with its registry host replaced by the first mirror configured for it."""

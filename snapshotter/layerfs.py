@@ -69,3 +69,6 @@ class LayerFS(Protocol):
 
     def path(self, layer: str) -> str:
         """The directory of an attached layer (the lowerdir overlayfs stacks)."""
+
+    def attached(self) -> set[str]:
+        """Names of the layers attached now."""

@@ -148,11 +148,19 @@ class Snapshotter:
 
     def reattach_lazy_layers(self) -> int:
         """Attach again every layer a committed lazy snapshot uses (after a restart of either
-        process); returns how many layers were attached."""
+        process), and detach layers no snapshot uses (left by a Prepare interrupted between
+        attach and commit); returns how many layers are in use."""
         if self.layerfs is None:
             return 0
         with self.store.transaction() as tx:
             lazy = tx.lazy_snapshots()
+        in_use = {snap.lazy_layer for snap in lazy}
+        try:
+            for layer in self.layerfs.attached() - in_use:
+                log.info("detaching layer %s: no snapshot uses it", layer)
+                self.layerfs.unmount(layer)
+        except LayerFSError as e:
+            log.error("detaching unused layers failed: %s", e)
         attached = set()
         for snap in lazy:
             if snap.lazy_layer in attached:
@@ -177,7 +185,7 @@ class Snapshotter:
             return
         try:
             if not self.layerfs.check(labels):
-                log.info("layer %s is not served lazily; unpacking it", source.layer_digest)
+                log.warning("lazyfs daemon not ready; unpacking layer %s", source.layer_digest)
                 return
             layer = layer_id(source)
             self.layerfs.mount(layer, labels)

@@ -157,7 +157,7 @@ class FakeLayerFS:
         self.base = base
         self.servable = servable
         self.fail_mount = fail_mount
-        self.attached: dict[str, dict] = {}
+        self.attached_layers: dict[str, dict] = {}
         self.attach_calls = 0
 
     def check(self, labels):
@@ -170,14 +170,17 @@ class FakeLayerFS:
         path = self.base / layer
         path.mkdir(parents=True, exist_ok=True)
         (path / "marker").write_text(layer)
-        self.attached[layer] = dict(labels)
+        self.attached_layers[layer] = dict(labels)
         return str(path)
 
     def unmount(self, layer):
-        del self.attached[layer]
+        del self.attached_layers[layer]
 
     def path(self, layer):
         return str(self.base / layer)
+
+    def attached(self):
+        return set(self.attached_layers)
 
 
 def lazy_labels(chain_id: str, digest: str) -> dict[str, str]:
@@ -232,9 +235,9 @@ def test_lazy_layer_shared_by_snapshots_is_detached_with_the_last(lazy_snapshott
     (second,) = sn.walk(['parent==B'])
     assert second.name.startswith("sha256:c1@")  # the target name was taken
     sn.remove("sha256:c1")
-    assert "sha256-same" in fake_fs.attached
+    assert "sha256-same" in fake_fs.attached_layers
     sn.remove(second.name)
-    assert fake_fs.attached == {}
+    assert fake_fs.attached_layers == {}
 
 
 @pytest.mark.expected_log
@@ -249,7 +252,7 @@ def test_lazy_falls_back_to_unpacking(tmp_path, caplog):
 
 def test_ordinary_layer_with_ref_label_is_unpacked(lazy_snapshotter, fake_fs):
     (mount,) = lazy_snapshotter.prepare("k", "", {TARGET_REF_LABEL: "sha256:c"})
-    assert mount.type == "bind" and fake_fs.attached == {}
+    assert mount.type == "bind" and fake_fs.attached_layers == {}
 
 
 def test_reattach_after_restart(tmp_path, fake_fs):
@@ -260,10 +263,11 @@ def test_reattach_after_restart(tmp_path, fake_fs):
                        lazy_labels(f"sha256:c{i}", f"sha256:l{i}"))
     sn.close()
     fresh = FakeLayerFS(fake_fs.base)
+    fresh.mount("sha256-orphan", lazy_labels("sha256:c9", "sha256:orphan"))  # attach, no commit
     sn = Snapshotter(tmp_path / "root", fresh)
     assert sn.reattach_lazy_layers() == 2
-    assert set(fresh.attached) == {"sha256-l1", "sha256-l2"}
-    assert fresh.attached["sha256-l2"][CRI_IMAGE_REF_LABEL] == "127.0.0.1:5000/app:1"
+    assert set(fresh.attached_layers) == {"sha256-l1", "sha256-l2"}
+    assert fresh.attached_layers["sha256-l2"][CRI_IMAGE_REF_LABEL] == "127.0.0.1:5000/app:1"
     sn.close()
 
 
