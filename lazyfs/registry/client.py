@@ -496,9 +496,11 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
         raise TransientFailure(f"asked for bytes {offset}-{last}, got {start}-{end} of {total}")
     wanted = end - start + 1
     buffer = bytearray()
+    # Read to the end of the body (normally exactly `wanted` bytes) so the connection goes back
+    # to the pool; stop early only if the server sends more than it promised.
     async for chunk in response.aiter_bytes():
         buffer += chunk
-        if len(buffer) >= wanted:
+        if len(buffer) > wanted:
             break
     if len(buffer) < wanted:
         raise TransientFailure(f"short body: {len(buffer)} of {wanted} bytes")
