@@ -264,3 +264,17 @@ def test_python_agrees_a_rounded_mtime_makes_the_pyc_stale(tmp_path):
             capture_output=True, text=True, check=True)
         verdicts[rule.__name__] = ("bytecode is stale" in proc.stderr, check_layers([layer]).ok)
     assert verdicts == {"int": (False, True), "round": (True, False)}
+
+
+def test_unmount_below_releases_mounts_left_by_a_killed_build(tmp_path):
+    from lazyfs.bench.rootfs import unmount_below
+    from tests.fixtures.common import require_root
+    require_root()
+    proc_dir = tmp_path / "stage" / "rootfs" / "proc"
+    proc_dir.mkdir(parents=True)
+    run(["mount", "-t", "tmpfs", "tmpfs", str(proc_dir)])
+    try:
+        unmount_below(tmp_path / "stage")
+        assert not os.path.ismount(proc_dir)
+    finally:
+        subprocess.run(["umount", "-l", str(proc_dir)], capture_output=True)

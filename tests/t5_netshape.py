@@ -19,8 +19,9 @@ import pytest
 from lazyfs.bench import netshape
 from lazyfs.bench.delayproxy import DelayProxy
 from lazyfs.bench.images import build_image, push_image
-from lazyfs.bench.netshape import (LinkShape, ShapedRegistry, cleanup_leftovers, shaped_registry,
-                                   time_blob_download, time_round_trips, upload_blob)
+from lazyfs.bench.netshape import (LinkShape, ShapedRegistry, check_link, cleanup_leftovers,
+                                   shaped_registry, time_blob_download, time_round_trips,
+                                   upload_blob)
 from lazyfs.bench.recipes import busybox_python_recipe
 from tests.fixtures.common import require_root, require_tool, run
 
@@ -221,3 +222,11 @@ def test_cleanup_removes_leftovers_of_dead_owners_only(tmp_path):
         for namespace in leftovers:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
             (netshape.STATE_DIR / f"{namespace}.json").unlink(missing_ok=True)
+
+
+def test_check_link_reports_the_shaped_figures():
+    require_root()
+    require_tool("curl")
+    report = check_link(LinkShape(100, 20), blob_mib=4)
+    assert 20 <= report["curl_mbit_s"] <= 101 and 20 <= report["download_mbit_s"] <= 101
+    assert report["rtt_min_ms"] >= 20 > report["rtt_unproxied_median_ms"]

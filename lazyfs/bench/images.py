@@ -33,7 +33,7 @@ from .errors import ImageBuildError
 from .ocilayout import LayerBlob, write_layer, write_oci_layout
 from .pyccheck import check_layers, verify_layers
 from .recipes import BUILTIN_RECIPES, Recipe, builtin_recipe, image_key, stage_keys
-from .rootfs import run_step, truncate_mtimes
+from .rootfs import run_step, truncate_mtimes, unmount_below
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def _cache_lock(cache_dir: Path) -> Iterator[None]:
 
 def _fresh_dir(path: Path) -> Path:
     if path.exists():
+        unmount_below(path)
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path

@@ -242,8 +242,9 @@ class ShapedRegistry:
                  registry_log: Path | None = None) -> None:
         self.root = Path(root)
         self.shape = shape
-        self._run_dir = Path(tempfile.mkdtemp(prefix="lazyfs-bench-registry-"))
-        self.registry_log = registry_log or self._run_dir / "registry.log"
+        self._run_dir: Path | None = None  # registry config, logs (removed at stop)
+        self._registry_log = registry_log
+        self.registry_log = registry_log
         self.namespace = ""
         self.registry_addr = ""
         self.endpoint = ""
@@ -267,6 +268,8 @@ class ShapedRegistry:
             if shutil.which(tool) is None:
                 raise NetShapeError(f"{tool} is not installed")
         cleanup_leftovers()
+        self._run_dir = Path(tempfile.mkdtemp(prefix="lazyfs-bench-registry-"))
+        self.registry_log = self._registry_log or self._run_dir / "registry.log"
         ident = secrets.token_hex(3)
         with _allocation_lock():
             host_addr, ns_addr = _free_subnet()
@@ -359,11 +362,13 @@ class ShapedRegistry:
         if self._state is not None:
             _destroy(self._state.namespace, self._state)
             self._state = None
-        shutil.rmtree(self._run_dir, ignore_errors=True)
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
 
 
 @contextlib.contextmanager
-def shaped_registry(rate_mbit: float = 100, rtt_ms: float = 20, root: Path | str = ".",
+def shaped_registry(rate_mbit: float = 100, rtt_ms: float = 20, *, root: Path | str,
                     **shape: float) -> Iterator[str]:
     """A docker-registry with storage in ``root`` behind a shaped link; yields "127.0.0.1:PORT".
 

@@ -204,14 +204,23 @@ def run_step(step: Step, root: Path) -> None:
 def truncate_mtimes(root: Path) -> int:
     """Truncate every mtime under root to whole seconds; return how many changed."""
     changed = 0
+    paths = [str(root)]
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames, ""]:
-            path = os.path.join(dirpath, name) if name else dirpath
-            if not name and dirpath != str(root):
-                continue  # each directory is visited as its parent's entry
-            st = os.lstat(path)
-            if st.st_mtime_ns % 1_000_000_000:
-                whole = st.st_mtime_ns - st.st_mtime_ns % 1_000_000_000
-                os.utime(path, ns=(whole, whole), follow_symlinks=False)
-                changed += 1
+        paths.extend(os.path.join(dirpath, name) for name in (*dirnames, *filenames))
+    for path in paths:
+        mtime_ns = os.lstat(path).st_mtime_ns
+        if mtime_ns % 1_000_000_000:
+            whole = mtime_ns - mtime_ns % 1_000_000_000
+            os.utime(path, ns=(whole, whole), follow_symlinks=False)
+            changed += 1
     return changed
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount anything mounted at or below path (a build killed mid-step leaves /proc)."""
+    prefix = str(path.resolve())
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1].replace("\\040", " ") for line in mounts]
+    for point in sorted(points, key=len, reverse=True):
+        if point == prefix or point.startswith(prefix + "/"):
+            subprocess.run(["umount", "-l", point], check=False)
