@@ -35,7 +35,7 @@ from lazyfs.control import MAX_LINE
 from lazyfs.fetch import ChunkFetcher, FetchStats
 from lazyfs.fuse import LazyOperations
 from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
-from lazyfs.mounts import stack_mount, unmount_path
+from lazyfs.mounts import is_mounted, is_stale, stack_mount, unmount_fuse, unmount_path
 from lazyfs.registry import make_http_client
 
 log = logging.getLogger(__name__)
@@ -361,6 +361,8 @@ class _suppress_missing:
 def run_daemon(options: DaemonOptions) -> int:
     """Mount, serve until unmounted or signalled, unmount. Returns an exit status."""
     daemon = Daemon(options)
+    if is_mounted(options.fuse_dir) and is_stale(options.fuse_dir):
+        unmount_fuse(options.fuse_dir)  # left by a daemon that died (ENOTCONN): take its place
     options.fuse_dir.mkdir(parents=True, exist_ok=True)
     pyfuse3.init(daemon.operations, str(options.fuse_dir), set(options.fuse_options))
     status = 0

@@ -30,7 +30,6 @@ from lazyfs.mounts import is_mounted, is_stale, unmount_fuse, unmount_path
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = Path("/run/lazyfs")
-DEFAULT_CACHE_DIR = Path("/var/cache/lazyfs")
 DAEMON_MODULE = "lazyfs.daemon"
 
 

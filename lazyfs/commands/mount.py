@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from lazyfs.mountstate import DAEMON_MODULE, DEFAULT_CACHE_DIR, DEFAULT_RUN_DIR, MountState, daemon_running
+from lazyfs.config import ConfigError, load_config, parse_size
+from lazyfs.mountstate import DAEMON_MODULE, DEFAULT_RUN_DIR, MountState, daemon_running
 from lazyfs.mounts import is_mounted
 
 NAME = "mount"
@@ -25,14 +26,11 @@ HELP = "mount an image, a layer or a plain chunk-based EROFS image read-only"
 READY_TIMEOUT = 300.0
 
 
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+def _size(text: str) -> int:
     try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500M, 20G)") from None
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta", type=Path, help="metadata image of a plain chunk-based EROFS image")
     parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="chunk cache directory")
-    parser.add_argument("--cache-size", type=parse_size, default=None, help="cache size limit, e.g. 20G")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
+    parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit, e.g. 20G (default: config)")
+    parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
     parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="reach this registry over plain HTTP (repeatable)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
@@ -54,10 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        config = load_config(args.config)
         mountpoint, startup = _startup_spec(args)
-    except _UsageError as e:
+    except (_UsageError, ConfigError) as e:
         print(f"lazyfs mount: {e}", file=sys.stderr)
         return 2
+    cache_dir = args.cache_dir or config.cache_dir
+    cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     state = MountState.for_mountpoint(mountpoint, args.run_dir)
     if state.exists() and state.daemon_alive():
         print(f"lazyfs mount: {state.mountpoint} is already mounted by daemon {state.pid()}", file=sys.stderr)
@@ -76,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"],
                                            "layers": startup["stack"]["layers"]}, indent=1))
     cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(state.fuse_dir), "--socket", str(state.socket),
-           "--cache-dir", str(args.cache_dir), "--startup", str(state.startup_file)]
-    if args.cache_size is not None:
-        cmd += ["--cache-size", str(args.cache_size)]
+           "--cache-dir", str(cache_dir), "--startup", str(state.startup_file)]
+    if cache_size is not None:
+        cmd += ["--cache-size", str(cache_size)]
     if args.metrics:
         cmd += ["--metrics", args.metrics]
     for host in args.insecure_registry:
