@@ -139,11 +139,11 @@ def test_superblock_and_devices(images, tree):
         assert img.feature_incompat & F.FEATURE_INCOMPAT_DEVICE_TABLE
         assert img.devices == [Device(1, b"", 0, 0)]
         assert img.inos == len(source_entries(tree)) - 2  # two hard links share inodes
-        assert len(img.uuid) == 16 and img.volume_name == bytes(16)
+        assert len(img.uuid) == 16 and img.volume_name == b""
         nid = img.resolve("/files/f12293")
         inode = img.inode(nid)
         assert inode.layout == F.LAYOUT_CHUNK_BASED
-        assert inode.chunk_format & F.CHUNK_FORMAT_INDEXES
+        assert inode.chunk_format & F.CHUNK_FORMAT_INDEXES and inode.chunk_size == 4096
         assert img.map(nid, 0, 1 << 40) == [Extent(0, 3 * 4096 + 5, 1, img.map(nid, 0, 1)[0].device_offset)]
         with pytest.raises(ErofsError, match="no reader"):
             img.read(nid, 0, 10)
@@ -173,7 +173,7 @@ def test_block_map_chunks(tree, tmp_path):
         inode = img.inode(nid)
         assert inode.layout == F.LAYOUT_CHUNK_BASED
         assert not inode.chunk_format & F.CHUNK_FORMAT_INDEXES
-        assert 4096 << (inode.chunk_format & F.CHUNK_FORMAT_BLKBITS_MASK) == 8192
+        assert 4096 << (inode.chunk_format & F.CHUNK_FORMAT_BLKBITS_MASK) == 8192 == inode.chunk_size
         assert all(e.device_id == 0 for e in img.map(nid, 0, inode.size))
         assert read_all(img, nid) == (tree / "files" / "f1048583").read_bytes()
         sparse = img.resolve("/sparse")

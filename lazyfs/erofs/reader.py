@@ -76,6 +76,7 @@ class Inode:
     __slots__ = (
         "nid", "offset", "compact", "layout", "xattr_icount", "mode", "nlink", "size",
         "raw_u", "ino", "uid", "gid", "mtime", "mtime_nsec", "inode_size", "xattr_size",
+        "chunk_bits",
     )
 
     def __init__(self, nid: int, offset: int, compact: bool, layout: int, xattr_icount: int,
@@ -97,6 +98,7 @@ class Inode:
         self.mtime_nsec = mtime_nsec
         self.inode_size = 32 if compact else 64
         self.xattr_size = 12 + 4 * (xattr_icount - 1) if xattr_icount else 0  # xattr_ibody_size()
+        self.chunk_bits = 0  # log2 of the chunk size, for CHUNK_BASED inodes
 
     def __repr__(self) -> str:
         return (f"Inode(nid={self.nid}, mode={self.mode:o}, size={self.size}, "
@@ -157,6 +159,10 @@ class Inode:
     @property
     def chunk_format(self) -> int:
         return self.raw_u & 0xFFFF if self.layout == F.LAYOUT_CHUNK_BASED else 0
+
+    @property
+    def chunk_size(self) -> int:
+        return 1 << self.chunk_bits if self.chunk_bits else 0
 
     @property
     def data_offset(self) -> int:
@@ -243,6 +249,7 @@ class Image:
             raise UnsupportedImage(f"unknown incompatible feature bits {unknown:#x}")
         if 128 + sb_extslots * 16 > 4096 - F.SUPER_OFFSET:
             raise CorruptImage(f"superblock extension slots {sb_extslots} exceed the first block")
+        self.volume_name = self.volume_name.split(b"\0", 1)[0]  # a C string, as the kernel reads it
         self._meta_off = self.meta_blkaddr * bs
         self._xattr_off = self.xattr_blkaddr * bs
 
@@ -257,7 +264,7 @@ class Image:
                     f"device table of {extra_devices} slots at offset {pos} runs past the image end ({self._len})")
             for i in range(extra_devices):
                 tag, blocks, mapped, _ = F.DEVICE_SLOT.unpack_from(self._mv, pos + i * F.DEVICE_SLOT_SIZE)
-                self.devices.append(Device(i + 1, tag.rstrip(b"\0"), blocks, mapped))
+                self.devices.append(Device(i + 1, tag.split(b"\0", 1)[0], blocks, mapped))
         # Device 0 addresses inside a device's [mapped_blkaddr, +blocks) belong to that device.
         self._flat_ranges = [
             (d.mapped_blkaddr * bs, (d.mapped_blkaddr + d.blocks) * bs, d.index)
@@ -297,8 +304,10 @@ class Image:
                           self.build_time, self.build_time_nsec)
         if mode & F.S_IFMT not in _VALID_TYPES:
             raise CorruptImage(f"nid {nid}: bogus i_mode {mode:o} at offset {off}")
-        if layout == F.LAYOUT_CHUNK_BASED and raw_u & 0xFFFF & ~F.CHUNK_FORMAT_ALL:
-            raise UnsupportedImage(f"nid {nid}: unsupported chunk format {raw_u & 0xFFFF:#x}")
+        if layout == F.LAYOUT_CHUNK_BASED:
+            if raw_u & 0xFFFF & ~F.CHUNK_FORMAT_ALL:
+                raise UnsupportedImage(f"nid {nid}: unsupported chunk format {raw_u & 0xFFFF:#x}")
+            inode.chunk_bits = self.blkszbits + (raw_u & F.CHUNK_FORMAT_BLKBITS_MASK)
         if off + inode.inode_size + inode.xattr_size > self._len:
             raise CorruptImage(
                 f"nid {nid}: inline xattrs ({inode.xattr_size} bytes after offset {off}) run past the image end")
@@ -348,7 +357,7 @@ class Image:
     def _map_chunks(self, inode: Inode, offset: int, end: int) -> list[Extent]:
         bs = self.block_size
         fmt = inode.raw_u & 0xFFFF
-        chunk_bits = self.blkszbits + (fmt & F.CHUNK_FORMAT_BLKBITS_MASK)
+        chunk_bits = inode.chunk_bits
         chunk_size = 1 << chunk_bits
         indexes = bool(fmt & F.CHUNK_FORMAT_INDEXES)
         unit = 8 if indexes else 4
@@ -536,6 +545,8 @@ class Image:
     def lookup(self, dir_nid: int, name: bytes) -> int | None:
         """The nid of `name` in a directory, by binary search over blocks then dirents."""
         inode = self._dir_inode(dir_nid)
+        if isinstance(name, str):
+            name = os.fsencode(name)
         if not name or len(name) > F.NAME_LEN_MAX or b"/" in name or b"\0" in name:
             return None
         self._check_dir_size(inode)
