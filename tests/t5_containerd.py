@@ -341,6 +341,15 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
     assert daemon_layers(snapshotter_proc) == set()
     assert mounts_below(snapshotter_proc.root / "snapshots") == []
 
+    # plain `ctr image pull` forwards the lazyfs annotations but no image reference: the
+    # layers (valid tar+zstd) are unpacked like any other
+    await trio.to_thread.run_sync(lambda: containerd.pull(dst, snapshotter=SNAPSHOTTER))
+    out = await trio.to_thread.run_sync(lambda: containerd.run(
+        dst, "t5-unpacked", "/bin/cat", "/hello.txt", snapshotter=SNAPSHOTTER))
+    assert out.stdout == "hello lazily\n"
+    assert [s.lazy_layer for s in snapshotter_proc.metadata() if s.kind == Kind.COMMITTED] == [None, None]
+    assert daemon_layers(snapshotter_proc) == set()
+
 
 async def layer_sizes(ref: str, host: str) -> dict[str, int]:
     store = open_store(ref, insecure_registries=[host])
