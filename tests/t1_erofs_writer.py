@@ -56,7 +56,7 @@ def test_superblock_checksum_and_fields():
     assert sb[6] == 2 and sb[7] == 7 == info.build_time  # inos, build time = common mtime
     assert sb[9] * 4096 == len(image) == info.image_size
     assert sb[12] == b"u" * 16 and sb[13].rstrip(b"\0") == b"vol"
-    assert sb[14] == 0  # no chunked files, no device table
+    assert sb[14] == 0 and info.extra_devices == 0  # no chunked files, no device table
     assert info.extended_inodes == 0
 
 
@@ -97,6 +97,7 @@ def test_chunk_indexes_and_device_table():
     assert sb[16] == 1 and sb[17] * fmt.DEVICE_SLOT_SIZE == 1152  # extra_devices, devt_slotoff
     tag, blocks, mapped, _ = fmt.DEVICE_SLOT.unpack_from(image, 1152)
     assert blocks == info.device_blocks == 10 * 256 and mapped == 0
+    assert info.extra_devices == 1
     nid = info.nids[b"c"]
     f, icount, _, _, size, i_u, *_, isize = inode_at(image, nid)
     assert (f >> 1) & 7 == fmt.LAYOUT_CHUNK_BASED and size == 2 * cs + 1

@@ -6,11 +6,15 @@ import stat
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lazyfs.erofs import format as fmt
 from lazyfs.erofs.reader import Image
 from lazyfs.erofs.writer import Builder, ChunkedData, Entry
 from tests.fixtures.erofs_images import ChunkDevice, compare_tree, fsck, mounted_erofs
+from tests.t1_erofs_roundtrip import CHUNK as ROUND_TRIP_CHUNK
+from tests.t1_erofs_roundtrip import trees
 
 DIR = fmt.S_IFDIR | 0o755
 REG = fmt.S_IFREG | 0o644
@@ -196,5 +200,27 @@ def test_kernel_mounts_small_block_sizes(tmp_path, block_size):
                               inline_threshold=block_size)
     device.finish(info.device_blocks, block_size)
     with mounted_erofs(image, device.path) as mnt:
+        compare_tree(mnt, entries, info, device)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(tree=trees(), block_size=st.sampled_from([1024, 4096]))
+def test_kernel_round_trip_of_generated_trees(tmp_path_factory, tree, block_size):
+    """The generated trees of the reader round trip, this time read by the kernel."""
+    entries, chunk_bytes = tree
+    tmp = tmp_path_factory.mktemp("gen")
+    device = ChunkDevice(str(tmp / "chunks.dev"), ROUND_TRIP_CHUNK)
+    with open(device.path, "r+b") as f:
+        for chunk, content in chunk_bytes.items():
+            f.seek(chunk * ROUND_TRIP_CHUNK)
+            f.write(content)
+    image, info = write_image(tmp, entries, block_size=block_size, chunk_size=ROUND_TRIP_CHUNK,
+                              inline_threshold=block_size, plain_data=True)
+    device.finish(info.device_blocks, block_size)
+    device_file = device.path if info.extra_devices else None
+    if block_size == 4096:
+        fsck(image, device_file)
+    with mounted_erofs(image, device_file) as mnt:
         compare_tree(mnt, entries, info, device)
 

@@ -87,6 +87,7 @@ class BuildInfo:
     image_size: int
     blocks: int  # image_size // block_size
     inodes: int
+    extra_devices: int  # 1 when the image has a chunk device (a device table), else 0
     device_blocks: int  # blocks of the chunk device in the device table (0 without one)
     root_nid: int
     build_time: int
@@ -441,7 +442,8 @@ class Builder:
         )
         return BuildInfo(
             image_size=next_blk * bs, blocks=next_blk, inodes=len(order),
-            device_blocks=device_blocks, root_nid=root.nid, build_time=build_time,
+            extra_devices=1 if with_devices else 0, device_blocks=device_blocks,
+            root_nid=root.nid, build_time=build_time,
             build_time_nsec=build_nsec, meta_blkaddr=0,
             xattr_blkaddr=xattr_blkaddr if shared_area else 0, shared_xattrs=len(shared_ids),
             extended_inodes=extended, nids={p: i.nid for p, i in self._inodes.items()},
