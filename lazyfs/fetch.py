@@ -37,6 +37,9 @@ from lazyfs.cache import DIGEST_SIZE, CacheError, ChunkCache
 log = logging.getLogger(__name__)
 
 COMPRESSIONS = ("zstd", "none")
+# More chunk files than this per request are written from a worker thread (one file creation
+# costs tens of microseconds to a millisecond, see docs), whatever their size.
+_STORE_ON_LOOP_MAX = 4
 _ZSTD_UNKNOWN_SIZE = zstandard.CONTENTSIZE_UNKNOWN
 
 
@@ -285,6 +288,7 @@ class ChunkFetcher:
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = None
         self._closing = False
+        self._idle: trio.Event | None = None
 
     # ----------------------------------------------------------------- lifetime
 
@@ -310,7 +314,10 @@ class ChunkFetcher:
         finally:
             self._nursery = None
             for pending in list(self._pending.values()):
-                self._finish_failed(pending, "the fetcher stopped")
+                if pending.done.is_set():
+                    self._retire(pending)
+                else:
+                    self._finish_failed(pending, "the fetcher stopped")
             self.cache.close()
 
     def _require_running(self) -> trio.Nursery:
@@ -335,14 +342,16 @@ class ChunkFetcher:
                     continue
                 waiting.append((i, self._want(source, ref, priority, waiter=True)))
             self._dispatch()
-            for i in cached:
-                data = await self._read_cached(chunks[i])
-                if data is None:  # vanished or corrupt since contains(): fetch it after all
-                    waiting.append((i, self._want(source, chunks[i], priority, waiter=True)))
-                    self._dispatch()
-                else:
-                    self.stats.hits += 1
-                    results[i] = data
+            if cached:
+                found = await self._read_cached([chunks[i].digest for i in cached],
+                                                sum(chunks[i].length for i in cached))
+                for i, data in zip(cached, found):
+                    if data is None:  # vanished or corrupt since contains(): fetch it after all
+                        waiting.append((i, self._want(source, chunks[i], priority, waiter=True)))
+                    else:
+                        self.stats.hits += 1
+                        results[i] = data
+                self._dispatch()
             while waiting:
                 i, pending = waiting[0]
                 await pending.done.wait()
@@ -371,6 +380,13 @@ class ChunkFetcher:
 
     def pending_count(self) -> int:
         return len(self._pending)
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued, in flight or being written to the cache."""
+        while self._pending:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     # ----------------------------------------------------------------- bookkeeping (no awaits)
 
@@ -475,10 +491,12 @@ class ChunkFetcher:
             self._dequeue_pending(pending)
         return group
 
-    def _complete(self, pending: _Pending, data: bytes) -> None:
+    def _deliver(self, pending: _Pending, data: bytes) -> None:
+        """Wake the waiters with verified bytes. The item stays registered (and pinned) until
+        ``_retire``, after the cache write, so a read arriving meanwhile joins it, not refetches."""
         pending.result = data
         self.stats.done[pending.priority] += 1
-        self._finish(pending)
+        pending.done.set()
 
     def _failed(self, pending: _Pending, cause: BaseException, reason: str) -> float | None:
         """Count a failed attempt; returns the backoff delay, or None if the chunk failed for good."""
@@ -508,11 +526,17 @@ class ChunkFetcher:
     def _finish(self, pending: _Pending) -> None:
         if pending.state is _State.QUEUED:
             self._dequeue_pending(pending)
+        self._retire(pending)
+        pending.done.set()
+
+    def _retire(self, pending: _Pending) -> None:
         if self._pending.get(pending.key) is pending:
             del self._pending[pending.key]
-        if pending.ref.digest is not None:
-            self.cache.unpin(pending.ref.digest)
-        pending.done.set()
+            if pending.ref.digest is not None:
+                self.cache.unpin(pending.ref.digest)
+            if not self._pending and self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
     # ----------------------------------------------------------------- tasks
 
@@ -521,6 +545,7 @@ class ChunkFetcher:
         start = group[0].ref.offset
         end = max(p.ref.end for p in group)
         retry_after: dict[float, list[_Pending]] = {}
+        delivered: list[_Pending] = []
         try:
             began = trio.current_time()
             try:
@@ -551,9 +576,12 @@ class ChunkFetcher:
                     if delay is not None:
                         retry_after.setdefault(delay, []).append(pending)
                     continue
-                await self._store(ref, chunk)
-                self._complete(pending, chunk)
+                self._deliver(pending, chunk)
+                delivered.append(pending)
+            await self._store(delivered)
         finally:
+            for pending in delivered:
+                self._retire(pending)
             host.active -= 1
             if background:
                 host.active_background -= 1
@@ -587,24 +615,36 @@ class ChunkFetcher:
             return await trio.to_thread.run_sync(decode_chunk, ref, stored, limiter=self._cpu_limiter)
         return decode_chunk(ref, stored)
 
-    async def _store(self, ref: ChunkRef, chunk: bytes) -> None:
-        if ref.digest is None:
+    async def _store(self, delivered: list[_Pending]) -> None:
+        """Publish verified chunks in the cache; many or large ones in one worker-thread call."""
+        items = [(p.ref.digest, p.result) for p in delivered if p.ref.digest is not None]
+        if not items:
             return
-        try:
-            if ref.length >= self.offload_threshold:
-                await trio.to_thread.run_sync(self.cache.put, ref.digest, chunk, limiter=self._cpu_limiter)
-            else:
-                self.cache.put(ref.digest, chunk)
-        except CacheError as e:
-            # The read still gets its verified bytes; only the cache copy is missing.
+        if len(items) >= _STORE_ON_LOOP_MAX or sum(len(data) for _, data in items) >= self.offload_threshold:
+            failures = await trio.to_thread.run_sync(self._put_many, items, limiter=self._cpu_limiter)
+        else:
+            failures = self._put_many(items)
+        for digest, error in failures:
+            # The reads still got their verified bytes; only the cache copy is missing.
             self.stats.cache_put_errors += 1
-            log.warning("cannot cache chunk %s: %s", ref.digest.hex(), e)
+            log.warning("cannot cache chunk %s: %s", digest.hex(), error)
 
-    async def _read_cached(self, ref: ChunkRef) -> bytes | None:
-        assert ref.digest is not None
-        if ref.length >= self.offload_threshold:
-            return await trio.to_thread.run_sync(self.cache.get, ref.digest, limiter=self._cpu_limiter)
-        return self.cache.get(ref.digest)
+    def _put_many(self, items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, CacheError]]:
+        failures = []
+        for digest, data in items:
+            try:
+                self.cache.put(digest, data)
+            except CacheError as e:
+                failures.append((digest, e))
+        return failures
+
+    async def _read_cached(self, digests: list[bytes], total: int) -> list[bytes | None]:
+        if total >= self.offload_threshold:
+            return await trio.to_thread.run_sync(self._get_many, digests, limiter=self._cpu_limiter)
+        return self._get_many(digests)
+
+    def _get_many(self, digests: list[bytes]) -> list[bytes | None]:
+        return [self.cache.get(digest) for digest in digests]
 
     def _record_request(self, source: BlobSource, group: list[_Pending], seconds: float, nbytes: int) -> None:
         self.stats.requests += 1

@@ -139,8 +139,7 @@ async def test_on_demand_promotes_queued_prefetch_and_jumps_the_queue(cache, aut
             nursery.start_soon(fetcher.get, source, [x])
         # d (promoted) and x (new on-demand) were fetched right after a, before b and c.
         assert trio.current_time() == pytest.approx(3.0)
-        while fetcher.pending_count():
-            await trio.sleep(1)
+        await fetcher.wait_idle()
     order = [offset for _, offset, _ in source.requests]
     assert order == [a.offset, d.offset, x.offset, b.offset, c.offset, e.offset]
     assert fetcher.stats.promotions == 1
@@ -166,8 +165,7 @@ async def test_priorities_order_the_queue(cache, autojump_clock):
     async with ChunkFetcher(cache, per_host_concurrency=2) as fetcher:
         fetcher.enqueue(source, [refs[0], refs[1], refs[4]], Priority.BACKGROUND)
         fetcher.enqueue(source, refs[2:4], Priority.PREFETCH)
-        while fetcher.pending_count():
-            await trio.sleep(1)
+        await fetcher.wait_idle()
     order = [offset for _, offset, _ in source.requests]
     # refs[0] started at once (a slot was free); then prefetch before background, each in
     # arrival order, one at a time (one of the two slots is kept for on-demand reads).
@@ -181,8 +179,7 @@ async def test_enqueue_skips_cached_chunks(cache, autojump_clock):
     source = MemorySource(blob)
     async with ChunkFetcher(cache) as fetcher:
         fetcher.enqueue(source, refs, Priority.PREFETCH)
-        while fetcher.pending_count():
-            await trio.sleep(1)
+        await fetcher.wait_idle()
     assert source.ranges() == [(refs[1].offset, refs[1].stored_length)]
     assert fetcher.stats.already_cached[Priority.PREFETCH] == 1
     assert cache.contains(refs[1].digest)
@@ -309,8 +306,7 @@ async def test_cancelled_waiter_does_not_cancel_the_shared_fetch(cache, autojump
         other = MemorySource(other_blob, name="other")
         with trio.move_on_after(0.1):
             await fetcher.get(other, other_refs)
-        while fetcher.pending_count():
-            await trio.sleep(0.5)
+        await fetcher.wait_idle()
         assert cache.get(other_refs[0].digest) == other_datas[0]
     assert len(source.requests) == 1 and len(other.requests) == 1
     assert cache.stats()["pinned"] == 0
@@ -387,8 +383,12 @@ async def test_large_chunks_decode_in_worker_threads(cache):
     source = MemorySource(blob)
     async with ChunkFetcher(cache, offload_threshold=512 << 10, retry=RetryPolicy(attempts=1)) as fetcher:
         assert await fetcher.get(source, refs) == datas
+        # While the chunks are still being written to the cache, a read joins them.
         assert await fetcher.get(source, refs) == datas
-    assert fetcher.stats.hits == 3
+        await fetcher.wait_idle()
+        assert await fetcher.get(source, refs) == datas
+    assert len(source.requests) == 1
+    assert fetcher.stats.hits == 3 and fetcher.stats.joined == 3
 
 
 def test_retry_policy_delays():
@@ -405,9 +405,11 @@ async def test_cache_write_failure_still_serves_verified_bytes(tiny_tmpfs):
     source = MemorySource(blob)
     async with ChunkFetcher(cache) as fetcher:
         assert await fetcher.get(source, refs) == datas  # the second large chunk hits ENOSPC
+        await fetcher.wait_idle()
         assert fetcher.stats.cache_put_errors == 1
         assert cache.contains(refs[2].digest) and cache.stats()["put_errors"] == 1
         assert list((cache.root / "tmp").iterdir()) == []
         cache.evict_to(0)
         assert await fetcher.get(source, refs[1:2]) == datas[1:2]  # refetched, now cached
+        await fetcher.wait_idle()
         assert cache.contains(refs[1].digest)

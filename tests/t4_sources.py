@@ -176,6 +176,7 @@ async def test_fetcher_over_http_and_file(http_server, client, tmp_path):
         http_source = HttpBlobSource(f"{http_server}/blob", client)
         async with ChunkFetcher(cache, max_coalesce=256 << 10) as fetcher:
             assert await fetcher.get(http_source, refs) == datas
+            await fetcher.wait_idle()
             requests = len(RangeHandler.requests_seen)
             assert refs[-1].end > 256 << 10 and 2 <= requests <= 4  # coalesced, at most 256 KiB each
             with FileBlobSource(path) as file_source:
@@ -208,6 +209,7 @@ async def test_fetcher_over_a_real_registry_and_an_oci_layout(registry, registry
         mark = registry.mark()
         async with ChunkFetcher(ChunkCache(tmp_path / "cache"), max_coalesce=64 << 10) as fetcher:
             assert await fetcher.get(source, refs[2:5]) == datas[2:5]
+            await fetcher.wait_idle()
             assert await fetcher.get(source, refs) == datas
         fetched = fetcher.stats.requests
         assert 2 <= fetched < 6  # coalesced ranges, the hits not refetched
