@@ -12,6 +12,7 @@ import pytest
 from lazyfs.erofs import format as F
 from lazyfs.erofs.errors import CorruptImage, ErofsError, UnsupportedImage
 from lazyfs.erofs.reader import READ_MAX, Device, DirEntry, Extent, Image, NotFound
+from lazyfs.erofs.writer import Builder, ChunkedData
 from tests.erofs_images import (
     SB_FIELDS, build_source_tree, fix_superblock_checksum, mkfs, patch_superblock, read_superblock,
 )
@@ -44,7 +45,42 @@ def images(tree, tmp_path_factory) -> dict[str, tuple[Path, Path | None, tuple[s
     for name, args in variants.items():
         image = mkfs(out / f"{name}.img", tree, *args)
         result[name] = (image, blob if name == "chunked-blob" else None, args)
+    # The project's own writer, read back by this independent reader.
+    builder = Builder(plain_data=True)
+    builder.add_tree(str(tree))
+    with open(out / "writer-plain.img", "wb") as f:
+        builder.write(f)
+    result["writer-plain"] = (out / "writer-plain.img", None, ())
+    chunk_device = out / "chunk-device"
+    builder = Builder(chunk_size=8192)
+    builder.add_tree(str(tree), chunk_store=AppendingChunkStore(chunk_device, 8192))
+    with open(out / "writer-chunked.img", "wb") as f:
+        builder.write(f)
+    result["writer-chunked"] = (out / "writer-chunked.img", chunk_device, ())
     return result
+
+
+class AppendingChunkStore:
+    """A chunk device file: each file's chunks appended; all-zero chunks become holes."""
+
+    def __init__(self, path: Path, chunk_size: int) -> None:
+        self.path = path
+        self.chunk_size = chunk_size
+        self.next_chunk = 0
+        path.write_bytes(b"")
+
+    def add_file(self, host_path: str, size: int) -> ChunkedData:
+        chunks: list[int | None] = []
+        with open(host_path, "rb") as src, open(self.path, "r+b") as dev:
+            while piece := src.read(self.chunk_size):
+                if piece == bytes(len(piece)):
+                    chunks.append(None)
+                    continue
+                dev.seek(self.next_chunk * self.chunk_size)
+                dev.write(piece)
+                chunks.append(self.next_chunk)
+                self.next_chunk += 1
+        return ChunkedData(size, chunks)
 
 
 def blob_devices(blob: Path | None):
@@ -78,7 +114,8 @@ def source_entries(root: Path) -> dict[bytes, os.stat_result]:
     return entries
 
 
-@pytest.mark.parametrize("variant", ["default", "chunked-blob", "extended", "fixed-time", "all-root"])
+@pytest.mark.parametrize("variant", ["default", "chunked-blob", "extended", "fixed-time", "all-root",
+                                     "writer-plain", "writer-chunked"])
 def test_image_matches_source_tree(tree, images, variant):
     image, blob, args = images[variant]
     devices = blob_devices(blob)
