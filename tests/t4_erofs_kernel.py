@@ -4,6 +4,7 @@ import os
 import random
 import stat
 import struct
+import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from lazyfs.erofs import format as fmt
 from lazyfs.erofs.reader import Image
 from lazyfs.erofs.writer import Builder, ChunkedData, Entry
+from tests.fixtures.common import run
 from tests.fixtures.erofs_images import ChunkDevice, compare_tree, fsck, mounted_erofs
 from tests.t1_erofs_roundtrip import CHUNK as ROUND_TRIP_CHUNK
 from tests.t1_erofs_roundtrip import trees
@@ -223,4 +225,30 @@ def test_kernel_round_trip_of_generated_trees(tmp_path_factory, tree, block_size
         fsck(image, device_file)
     with mounted_erofs(image, device_file) as mnt:
         compare_tree(mnt, entries, info, device)
+
+
+def test_overlayfs_honours_whiteouts_and_opaque_dirs(tmp_path):
+    """Two writer-made layers stacked by overlayfs: the upper one's whiteout hides a file and
+    its opaque directory hides the lower directory's content."""
+    lower, _ = write_image(tmp_path, [
+        Entry(b"", DIR), Entry(b"gone", REG, data=b"old"), Entry(b"kept", REG, data=b"k"),
+        Entry(b"d", DIR), Entry(b"d/old", REG, data=b"o"), Entry(b"m", DIR),
+        Entry(b"m/lower", REG, data=b"l"),
+    ], name="lower.img")
+    upper, _ = write_image(tmp_path, [
+        Entry(b"", DIR), Entry(b"gone", fmt.S_IFCHR, rdev=(0, 0)),
+        Entry(b"d", DIR, xattrs={b"trusted.overlay.opaque": b"y"}),
+        Entry(b"d/new", REG, data=b"n"), Entry(b"m", DIR), Entry(b"m/upper", REG, data=b"u"),
+    ], name="upper.img")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    with mounted_erofs(lower) as low, mounted_erofs(upper) as up:
+        run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={up}:{low}", str(merged)])
+        try:
+            assert sorted(os.listdir(merged)) == ["d", "kept", "m"]
+            assert os.listdir(merged / "d") == ["new"]
+            assert sorted(os.listdir(merged / "m")) == ["lower", "upper"]
+            assert (merged / "kept").read_bytes() == b"k"
+        finally:
+            subprocess.run(["umount", str(merged)], check=False)
 
