@@ -194,6 +194,16 @@ def test_shared_xattrs_only_when_they_save_space():
         assert image[pos + 4 + name_len:pos + 4 + name_len + value_size] == value
 
 
+def test_more_than_255_shared_xattrs_spill_inline():
+    xattrs = {b"user.k%03d" % i: b"shared value %03d" % i for i in range(300)}
+    entries = [Entry(b"", DIR)] + [Entry(b"f%d" % i, REG, xattrs=xattrs) for i in range(3)]
+    image, info = build(entries)
+    assert info.shared_xattrs == 300
+    nid = info.nids[b"f0"]
+    _, shared_count, _ = fmt.XATTR_IBODY_HEADER.unpack_from(image, nid * 32 + 32)
+    assert shared_count == 255
+
+
 @pytest.mark.parametrize("entry, message", [
     (Entry(b"/abs", REG), "bad path"),
     (Entry(b"a//b", REG), "bad path"),

@@ -503,11 +503,12 @@ class Builder:
         if kind == fmt.S_IFDIR:
             self._split_dir(inode)
         xattrs = sorted(entry.xattrs.items())
-        shared = sorted(shared_ids[p] for p in xattrs if p in shared_ids)
-        inline = b"".join(_xattr_entry(*p) for p in xattrs if p not in shared_ids)
+        # h_shared_count is one byte: pairs beyond 255 shared ones stay inline.
+        by_id = sorted((shared_ids[p], p) for p in xattrs if p in shared_ids)[:255]
+        shared = [xid for xid, _ in by_id]
+        referenced = {p for _, p in by_id}
+        inline = b"".join(_xattr_entry(*p) for p in xattrs if p not in referenced)
         if shared or inline:
-            if len(shared) > 255:
-                raise ValueError(f"entry {entry.path!r}: more than 255 shared xattrs")
             inode.xattr_body = (
                 fmt.XATTR_IBODY_HEADER.pack(0, len(shared), b"")
                 + b"".join(i.to_bytes(4, "little") for i in shared) + inline
