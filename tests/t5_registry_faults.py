@@ -214,6 +214,14 @@ async def test_redirect_target_is_remembered_until_it_fails(fault_proxy, registr
         (True, 403), (False, 307), (True, 206)]
     assert not any(r.has_authorization for r in fault_proxy.requests if r.path.startswith("/_cdn/"))
 
+    # A fresh CDN URL that fails at once: the attempt fails, the next one asks the registry again.
+    fault_proxy.clear_requests()
+    fault_proxy.add(Fault.status(503), path="^/_cdn/", times=2)
+    fault_proxy.add(Fault.redirect(), method="GET", path=rf"^/v2/.*/blobs/{digest}", times=2)
+    assert await store.read_range(digest, 900, 10) == data[900:910]
+    assert [(r.path.startswith("/_cdn/"), r.status) for r in fault_proxy.requests] == [
+        (True, 503), (False, 307), (True, 503), (False, 307), (True, 206)]
+
 
 async def test_token_refreshed_when_rejected_mid_series(tmp_path, http):
     with TokenServer(tmp_path / "tokens", users={"carol": "carol-pass-31"}) as tokens, \

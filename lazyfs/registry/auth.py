@@ -198,6 +198,7 @@ class Authenticator:
         self._scheme: dict[str, str] = {}
         self._challenge: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, frozenset[str]], _Token] = {}
+        self._locks: dict[tuple[str, frozenset[str]], anyio.Lock] = {}
         self.token_requests = 0
 
     def __repr__(self) -> str:
@@ -217,10 +218,24 @@ class Authenticator:
 
     async def respond(
         self, http: httpx.AsyncClient, registry: str, header: str | None, scopes: Iterable[str],
-        *, repository: str | None = None,
+        *, repository: str | None = None, rejected: str | None = None,
     ) -> str:
-        """Answer a 401: return the Authorization header to resend with, or raise."""
+        """Answer a 401: return the Authorization header to resend with, or raise.
+
+        `rejected` is the Authorization the refused request carried. Concurrent refusals of the
+        same token wait for one another, and all but the first reuse the token it fetched."""
         scopes = frozenset(scopes)
+        lock = self._locks.setdefault((registry, scopes), anyio.Lock())
+        async with lock:
+            current = self.authorization(registry, scopes)
+            if current is not None and current != rejected and self._scheme.get(registry) == "bearer":
+                return current
+            return await self._respond_locked(http, registry, header, scopes, repository)
+
+    async def _respond_locked(
+        self, http: httpx.AsyncClient, registry: str, header: str | None, scopes: frozenset[str],
+        repository: str | None,
+    ) -> str:
         if not header:
             raise AuthenticationError("401 without a WWW-Authenticate challenge", status=401,
                                       registry=registry, repository=repository)

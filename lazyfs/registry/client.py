@@ -29,7 +29,7 @@ from .errors import (
     AuthenticationError, BlobNotFound, DigestMismatch, ManifestNotFound, RegistryError,
 )
 from .manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, OCI_LAYER_GZIP, Descriptor, Manifest, Platform, sha256_digest
-from .reference import Reference, is_digest, validate_digest
+from .reference import Reference, is_digest, validate_digest, validate_tag_or_digest
 from .retry import Retrier, RetryPolicy, TransientFailure, parse_retry_after, run_with_retries
 from .blobio import download_blob_atomically, fetch_blob_verified, fetch_config, measure_source, read_source
 from .store import BlobSource, RangeCheck
@@ -133,7 +133,7 @@ class RegistryClient:
     # -- manifests ---------------------------------------------------------------------------
 
     async def get_manifest(self, reference: str | None = None) -> Manifest:
-        target = reference or self.reference.object
+        target = validate_tag_or_digest(reference or self.reference.object)
         by_digest = is_digest(target)
 
         async def attempt() -> Manifest:
@@ -174,7 +174,7 @@ class RegistryClient:
 
     async def push_manifest(self, data: bytes, media_type: str, tag: str | None = None) -> str:
         digest = sha256_digest(data)
-        target = tag or digest
+        target = validate_tag_or_digest(tag) if tag else digest
 
         async def attempt() -> str:
             response = await self._send("PUT", f"{self._base}/manifests/{target}", push=True,
@@ -393,7 +393,7 @@ class RegistryClient:
         challenge = response.headers.get("www-authenticate")
         await response.aclose()
         request_headers["Authorization"] = await self._auth.respond(
-            self._http, registry, challenge, scopes, repository=self.reference.repository)
+            self._http, registry, challenge, scopes, repository=self.reference.repository, rejected=authorization)
         response = await self._transmit(method, url, request_headers, content, stream)
         if response.status_code == 401:
             await response.aclose()
@@ -439,6 +439,12 @@ class RegistryClient:
             response = await self._transmit("GET", target, headers, None, stream=True)
             if response.status_code in (200, 206):
                 self._blob_locations[digest] = target
+            elif response.status_code not in _REDIRECT_STATUSES | {416}:
+                # A failing CDN URL is worth another round through the registry (a fresh URL).
+                status = response.status_code
+                await response.aclose()
+                raise TransientFailure(f"redirect target answered HTTP {status}", status,
+                                       parse_retry_after(response.headers.get("retry-after")))
         return response
 
     async def _check(

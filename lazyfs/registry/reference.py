@@ -46,6 +46,15 @@ def validate_digest(digest: str) -> str:
     return digest
 
 
+def validate_tag_or_digest(text: str) -> str:
+    """What may follow /manifests/ in a URL: a digest or a tag (nothing else reaches the URL)."""
+    if ":" in text:
+        return validate_digest(text)
+    if not _TAG_RE.fullmatch(text):
+        raise InvalidReference(f"invalid tag {text!r}")
+    return text
+
+
 def is_digest(text: str) -> bool:
     try:
         validate_digest(text)

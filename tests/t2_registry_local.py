@@ -1,4 +1,5 @@
-"""The OCI image layout store (local files, no registry) and the client's retry timing."""
+"""Registry-package behaviour that needs no registry: the OCI image layout store, and the
+client's retry timing and token sharing over httpx.MockTransport (trio MockClock)."""
 
 import hashlib
 import json
@@ -8,7 +9,7 @@ import pytest
 import trio
 
 from lazyfs.registry import (
-    BlobNotFound, DigestMismatch, ImageStore, ManifestNotFound, OCILayoutStore, Platform, RegistryClient,
+    Authenticator, BlobNotFound, DigestMismatch, ImageStore, InvalidReference, ManifestNotFound, OCILayoutStore, Platform, RegistryClient,
     RegistryError, RetryPolicy, open_store, parse_reference,
 )
 from lazyfs.registry.manifest import OCI_INDEX, OCI_MANIFEST
@@ -119,3 +120,46 @@ async def test_client_backoff_follows_the_policy_on_a_mock_clock(autojump_clock)
     assert times[2] - times[1] == 30.0            # Retry-After exceeds the 2-4 s backoff
     assert all(r == "bytes=10-19" for _, r in seen)
 
+
+
+async def test_concurrent_refusals_share_one_new_token():
+    """N readers refused with the same expired token trigger one token request, not N."""
+    token_requests = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        token_requests.append(request.url.params.get_list("scope"))
+        return httpx.Response(200, json={"token": f"tok-{len(token_requests)}", "expires_in": 300})
+
+    challenge = 'Bearer realm="http://127.0.0.1:9/token",service="svc",scope="repository:a:pull"'
+    auth = Authenticator()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        first = await auth.respond(http, "r:1", challenge, ["repository:a:pull"])
+        assert first == "Bearer tok-1"
+        results = []
+
+        async def refused():
+            results.append(await auth.respond(http, "r:1", challenge, ["repository:a:pull"], rejected=first))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(refused)
+    assert results == ["Bearer tok-2"] * 5
+    assert token_requests == [["repository:a:pull"], ["repository:a:pull"]]
+    assert auth.authorization("r:1", ["repository:a:pull"]) == "Bearer tok-2"
+
+
+async def test_only_tags_and_digests_reach_manifest_urls():
+    requests = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(404)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = RegistryClient(parse_reference("127.0.0.1:5000/x"), http)
+        for bad in ("../../v2/other/manifests/x", "a b", "sha256:zz"):
+            with pytest.raises(InvalidReference):
+                await client.get_manifest(bad)
+            with pytest.raises(InvalidReference):
+                await client.push_manifest(b"{}", "application/json", tag=bad)
+    assert requests == []
