@@ -122,16 +122,11 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         with self.store.transaction() as tx:
             snap = tx.remove(key)
-            unused_layer = (snap.lazy_layer if snap.lazy_layer
-                            and tx.lazy_layer_users(snap.lazy_layer) == 0 else None)
             live_ids = tx.ids()
         # As containerd's overlayfs: the metadata is gone, so failures below only log.
         self._remove_directories(live_ids)
-        if unused_layer is not None and self.layerfs is not None:
-            try:
-                self.layerfs.unmount(unused_layer)
-            except LayerFSError as e:
-                log.warning("detaching unused layer %s failed: %s", unused_layer, e)
+        if snap.lazy_layer is not None:
+            self._detach_if_unused(snap.lazy_layer)
 
     def walk(self, filters: list[str] = ()) -> Iterator[Snapshot]:
         wanted = matcher(list(filters))
@@ -180,6 +175,9 @@ class Snapshotter:
         with self.store.transaction() as tx:
             if tx.find_committed(TARGET_REF_LABEL, target, parent) is not None:
                 raise AlreadyExists(f"target snapshot {target!r}")
+            if tx.exists(key) or (parent and not (
+                    tx.exists(parent) and tx.get(parent).kind == Kind.COMMITTED)):
+                return  # not a valid Prepare: the ordinary path reports why
         source = layer_source(labels)
         if source is None:
             return
@@ -194,14 +192,18 @@ class Snapshotter:
                         source.layer_digest, e)
             return
         committed_labels = {**labels, LAZY_LAYER_LABEL: layer}
-        with self.store.transaction() as tx:
-            snap = tx.create(Kind.ACTIVE, key, parent, labels)
-            # Like stargz: commit under the target name; another namespace's snapshot of the
-            # same chain on a different parent already holds it, so then make it unique.
-            name = target if not tx.exists(target) else f"{target}@{snap.id}"
-            self.upper_path(snap.id).mkdir(parents=True, exist_ok=False)
-            tx.commit(key, name, 0, 0, committed_labels)
-            tx.set_lazy_layer(name, layer)
+        try:
+            with self.store.transaction() as tx:
+                snap = tx.create(Kind.ACTIVE, key, parent, labels)
+                # Like stargz: commit under the target name; another namespace's snapshot of
+                # the same chain on a different parent may hold it, so then make it unique.
+                name = target if not tx.exists(target) else f"{target}@{snap.id}"
+                self._make_directories(snap.id, Kind.COMMITTED)
+                tx.commit(key, name, 0, 0, committed_labels)
+                tx.set_lazy_layer(name, layer)
+        except Exception:
+            self._detach_if_unused(layer)
+            raise
         log.info("layer %s of %s served lazily as snapshot %s",
                  source.layer_digest, source.image_ref, name)
         raise AlreadyExists(f"target snapshot {target!r}")
@@ -212,13 +214,28 @@ class Snapshotter:
         with self.store.transaction() as tx:
             snap = tx.create(kind, key, parent, labels)
             parents = [tx.get_by_id(pid) for pid in snap.parent_ids]
-            snap_dir = self.snapshots_dir / str(snap.id)
-            if snap_dir.exists():  # left behind by a crash between mkdir and commit
-                shutil.rmtree(snap_dir)
-            self.upper_path(snap.id).mkdir(parents=True, mode=0o755)
-            if kind == Kind.ACTIVE:
-                self.work_path(snap.id).mkdir(mode=0o711)
+            self._make_directories(snap.id, kind)
         return self._mounts(snap, parents)
+
+    def _make_directories(self, snapshot_id: int, kind: Kind) -> None:
+        snap_dir = self.snapshots_dir / str(snapshot_id)
+        # A rolled-back transaction gives its id out again; its directory may still be there.
+        if snap_dir.exists():
+            shutil.rmtree(snap_dir)
+        self.upper_path(snapshot_id).mkdir(parents=True, mode=0o755)
+        if kind == Kind.ACTIVE:
+            self.work_path(snapshot_id).mkdir(mode=0o711)
+
+    def _detach_if_unused(self, layer: str) -> None:
+        if self.layerfs is None:
+            return
+        with self.store.transaction() as tx:
+            if tx.lazy_layer_users(layer):
+                return
+        try:
+            self.layerfs.unmount(layer)
+        except LayerFSError as e:
+            log.warning("detaching unused layer %s failed: %s", layer, e)
 
     def _lower_path(self, snap: Snapshot) -> str:
         if snap.lazy_layer is not None and self.layerfs is not None:

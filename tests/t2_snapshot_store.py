@@ -250,6 +250,15 @@ def test_lazy_falls_back_to_unpacking(tmp_path, caplog):
     assert any("falling back" in r.getMessage() for r in caplog.records)
 
 
+def test_lazy_prepare_with_bad_parent_attaches_nothing(lazy_snapshotter, fake_fs):
+    lazy_snapshotter.prepare("active-parent", "", {})
+    with pytest.raises(InvalidArgument):
+        lazy_snapshotter.prepare("k", "active-parent", lazy_labels("sha256:c1", "sha256:l1"))
+    with pytest.raises(NotFound):
+        lazy_snapshotter.prepare("k", "missing", lazy_labels("sha256:c1", "sha256:l1"))
+    assert fake_fs.attach_calls == 0 and fake_fs.attached_layers == {}
+
+
 def test_ordinary_layer_with_ref_label_is_unpacked(lazy_snapshotter, fake_fs):
     (mount,) = lazy_snapshotter.prepare("k", "", {TARGET_REF_LABEL: "sha256:c"})
     assert mount.type == "bind" and fake_fs.attached_layers == {}
