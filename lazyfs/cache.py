@@ -84,6 +84,24 @@ def _read_file(path: str, expected_size: int) -> bytes:
         os.close(fd)
 
 
+def _writer_alive(temp_name: str) -> bool:
+    """Whether another live process may still be writing this temporary file (named
+    ``<key>.<pid>.<thread>.<n>``): e.g. the daemon, while ``lazyfs cache gc`` opens the cache."""
+    parts = temp_name.split(".")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and set(name) <= _HEX
 
@@ -119,8 +137,9 @@ class ChunkCache:
         stray = 0
         with os.scandir(self._tmp_dir) as it:
             for entry in it:
-                self._remove_quietly(Path(entry.path))
-                stray += 1
+                if not _writer_alive(entry.name):
+                    self._remove_quietly(Path(entry.path))
+                    stray += 1
         snapshot = self._load_index()
         present: set[bytes] = set()
         unlisted: list[tuple[float, bytes, int]] = []

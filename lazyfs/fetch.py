@@ -368,11 +368,15 @@ class ChunkFetcher:
 
     def enqueue(self, source: BlobSource, chunks: Sequence[ChunkRef],
                 priority: Priority = Priority.PREFETCH) -> None:
-        """Fetch chunks into the cache in the background (trace prefetch, background fill)."""
+        """Fetch chunks into the cache in the background (trace prefetch, background fill).
+
+        Chunks already cached are skipped; chunks without a digest are ignored (not cacheable).
+        """
         self._require_running()
         for ref in chunks:
-            if (_chunk_key(source, ref) not in self._pending and ref.digest is not None
-                    and self.cache.contains(ref.digest)):
+            if ref.digest is None:
+                continue  # a plain chunk cannot be cached, so fetching it ahead gains nothing
+            if _chunk_key(source, ref) not in self._pending and self.cache.contains(ref.digest):
                 self.stats.already_cached[priority] += 1
                 continue
             self._want(source, ref, priority, waiter=False)

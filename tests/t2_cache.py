@@ -280,3 +280,20 @@ def test_damaged_index_snapshot_is_ignored(tmp_path):
     assert all(reopened.get(digest) == data for digest, data in chunks)
     index.write_bytes(b"garbage")
     assert ChunkCache(tmp_path).stats()["entries"] == 3
+
+
+def test_open_keeps_temporary_files_of_live_writers(tmp_path):
+    ChunkCache(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        live = tmp_path / "tmp" / f"{'ab' * 16}.{child.pid}.1.0"
+        dead = tmp_path / "tmp" / f"{'cd' * 16}.{os.getpid()}.1.0"  # ours: we are not writing it
+        live.write_bytes(b"being written by another process")
+        dead.write_bytes(b"left over")
+        ChunkCache(tmp_path)
+        assert live.exists() and not dead.exists()
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    ChunkCache(tmp_path)
+    assert not live.exists()
