@@ -150,6 +150,12 @@ async def test_ordinary_image_pull_run_and_remove(containerd, registry, registry
     assert tree.index(top[1]) < tree.index(top[0])
     usage = containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "usage", top[1]).stdout
     assert "MiB" in usage  # the busybox layer, measured at commit
+    S = ("snapshots", "--snapshotter", SNAPSHOTTER)
+    containerd.ctr(*S, "prepare", "scratch", top[0])
+    refused = containerd.ctr(*S, "rm", top[0], check=False)
+    assert refused.returncode != 0 and "child" in refused.stderr
+    containerd.ctr(*S, "rm", "scratch")
+    assert "scratch" not in containerd.ctr(*S, "ls").stdout
 
     containerd.ctr("image", "rm", "--sync", ref)
     assert snapshotter_proc.metadata() == []
