@@ -16,7 +16,9 @@ devices' mapped_blkaddr ranges define.
 from __future__ import annotations
 
 import functools
+import itertools
 import mmap
+import operator
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -481,7 +483,33 @@ class Image:
         return bytes(self._mv[pos:pos + length])
 
     def _dir_entries(self, inode: Inode, index: int, block: bytes) -> list[tuple[bytes, int, int]]:
-        """Decode and check every dirent of one directory block: [(name, nid, file_type)]."""
+        """Decode and check every dirent of one directory block: [(name, nid, file_type)].
+
+        The checks run over whole lists (the walk's hot path); when one fails, the block is
+        decoded again entry by entry to report exactly which dirent is bad.
+        """
+        maxsize = len(block)
+        if maxsize >= _DIRENT_SIZE:
+            nameoff0 = _U16.unpack_from(block, 8)[0]
+            if _DIRENT_SIZE <= nameoff0 < maxsize and not nameoff0 % _DIRENT_SIZE:
+                raw = list(F.DIRENT.iter_unpack(block[:nameoff0]))
+                offsets = [r[1] for r in raw]
+                last = offsets[-1]
+                if last < maxsize:
+                    end = block.find(b"\0", last, maxsize)
+                    offsets.append(maxsize if end < 0 else end)
+                    names = [block[a:b] for a, b in zip(offsets, offsets[1:])]
+                    lengths = list(map(len, names))
+                    joined = b"".join(names)
+                    if (min(lengths) > 0 and max(lengths) <= F.NAME_LEN_MAX
+                            and all(map(operator.lt, names, names[1:]))
+                            and b"/" not in joined and b"\0" not in joined
+                            and max(r[2] for r in raw) <= F.FT_SYMLINK):
+                        return list(zip(names, [r[0] for r in raw], [r[2] for r in raw]))
+        return self._dir_entries_one_by_one(inode, index, block)
+
+    def _dir_entries_one_by_one(self, inode: Inode, index: int, block: bytes) -> list[tuple[bytes, int, int]]:
+        """The entry-by-entry check behind _dir_entries(), which names the first bad dirent."""
         maxsize = len(block)
         nid = inode.nid
         where = f"nid {nid} dir block {index}"
@@ -529,6 +557,10 @@ class Image:
             raise CorruptImage(f"nid {inode.nid}: directory size {inode.size} exceeds the image ({self._len})")
 
     def _iter_raw(self, inode: Inode) -> Iterator[tuple[bytes, int, int]]:
+        return itertools.chain.from_iterable(self._iter_blocks(inode))
+
+    def _iter_blocks(self, inode: Inode) -> Iterator[list[tuple[bytes, int, int]]]:
+        """The checked entries of each directory block in turn."""
         self._check_dir_size(inode)
         bs = self.block_size
         nblocks = (inode.size + bs - 1) >> self.blkszbits
@@ -540,7 +572,7 @@ class Image:
                     f"nid {inode.nid} dir block {index}: first name {entries[0][0]!r} is not sorted "
                     f"after the previous block's {prev_last!r}")
             prev_last = entries[-1][0]
-            yield from entries
+            yield entries
 
     def lookup(self, dir_nid: int, name: bytes) -> int | None:
         """The nid of `name` in a directory, by binary search over blocks then dirents."""
