@@ -4,8 +4,9 @@ The image is laid out in three regions, all addressed in blocks of ``block_size`
 
 * the metadata area from byte 0 (``meta_blkaddr`` = 0): the superblock at 1024, the device
   table right after it, then every inode in depth-first path order (root first, so its nid
-  fits the superblock's 16-bit field). Each inode is followed by its inline xattrs and
-  either its tail-packed data (FLAT_INLINE) or its chunk indexes (CHUNK_BASED);
+  fits the superblock's 16-bit field; small records fill holes left by block alignment).
+  Each inode is followed by its inline xattrs and either its tail-packed data (FLAT_INLINE)
+  or its chunk indexes (CHUNK_BASED);
 * the shared xattr area (``xattr_blkaddr``), present when some (name, value) pair is worth
   sharing between inodes;
 * the data area: whole blocks of directories and of FLAT_PLAIN files.
@@ -38,6 +39,7 @@ _TYPES = (
 _DEVICE_SLOT_OFFSET = fmt.SUPER_OFFSET + fmt.SUPER_SIZE  # right after the superblock
 _XATTR_SIZE_MAX = 0xFFFF  # e_value_size is 16 bits
 _SYMLINK_MAX = 4095  # PATH_MAX less the terminating NUL
+_HOLES_KEPT = 32  # metadata holes offered to later inodes (bounds the placement cost)
 
 # Name prefixes by index, longest first, so "system.posix_acl_access" is matched whole.
 _PREFIX_MATCH = sorted(
@@ -581,23 +583,43 @@ class Builder:
             inode.data_blocks = -(-inode.size // self.block_size)
 
     def _place_inodes(self, order: list[_Inode], start: int) -> int:
-        """Assign nids (meta_blkaddr 0, so nid = byte offset / 32); returns the area's end."""
+        """Assign nids (meta_blkaddr 0, so nid = byte offset / 32); returns the area's end.
+
+        Records go one after the other in inode order. A record whose inode, xattrs and inline
+        data fit in one block never straddles a block boundary (the kernel reads the inline
+        tail from the inode's block): it moves to the next block instead, and the hole it
+        leaves is offered to later records that fit in it whole (first fit over the most
+        recent holes), so that tail-packing does not waste a fifth of the metadata.
+        """
         bs = self.block_size
         slot = fmt.INODE_SLOT_SIZE
-        pos = -(-start // slot) * slot
+        pos = _align(start, slot)
+        holes: list[list[int]] = []  # [start, end) inside one block each
         for inode in order:
-            head = self._header_size(inode)
-            # Inode, xattrs and inline data share one block (the kernel reads the tail from
-            # the inode's block); a header larger than a block has to cross anyway.
-            stay = head + len(inode.tail)
-            if stay <= bs and pos % bs + stay > bs:
-                pos += -pos % bs
-            inode.nid = pos // slot
-            end = pos + head + len(inode.tail)
+            within_block = self._header_size(inode) + len(inode.tail)
+            size = within_block
             if inode.layout == fmt.LAYOUT_CHUNK_BASED:
-                end = _align(end, fmt.CHUNK_INDEX.size)
-                end += fmt.CHUNK_INDEX.size * len(inode.entry.data.chunks)
-            pos = _align(end, slot)
+                size = _align(size, fmt.CHUNK_INDEX.size)
+                size += fmt.CHUNK_INDEX.size * len(inode.entry.data.chunks)
+            size = _align(size, slot)
+            place = -1
+            if size <= bs:
+                for hole in holes:
+                    if hole[1] - hole[0] >= size:
+                        place = hole[0]
+                        hole[0] += size
+                        if hole[1] - hole[0] < slot:
+                            holes.remove(hole)
+                        break
+            if place < 0:
+                if within_block <= bs and pos % bs + within_block > bs:
+                    block_end = pos + (-pos % bs)
+                    holes.append([pos, block_end])
+                    del holes[:-_HOLES_KEPT]
+                    pos = block_end
+                place = pos
+                pos += size
+            inode.nid = place // slot
         return pos
 
     def _encode_inode(self, meta: bytearray, inode: _Inode) -> None:
