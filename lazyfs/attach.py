@@ -17,7 +17,7 @@ import httpx
 import trio
 
 from lazyfs.cache import CacheError, ChunkCache
-from lazyfs.devices import ChunkGridDevice, plain_blob_device
+from lazyfs.devices import ChunkGridDevice, RecentChunks, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
 from lazyfs.fetch import ChunkFetcher
@@ -46,6 +46,7 @@ class AttachContext:
     registry_http: httpx.AsyncClient  # registries (redirects are followed by the registry client)
     insecure_registries: frozenset[str] = frozenset()
     stores: "_Stores" = field(default_factory=lambda: _Stores())
+    recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -108,7 +109,7 @@ async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, Device
     needed = image.devices[0].blocks * image.block_size
     if size < needed:
         log.info("blob %s has %d bytes, the image declares a %d-byte device", blob, size, needed)
-    device = plain_blob_device(ctx.fetcher, source, size)
+    device = plain_blob_device(ctx.fetcher, source, size, recent=ctx.recent)
     return image, device, {"kind": "plain", "meta": os.path.abspath(meta), "blob": blob}
 
 
@@ -198,7 +199,8 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     except RegistryError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     source = StoreBlobSource(store, digest, host)
-    device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref)
+    device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref,
+                             recent=ctx.recent)
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
     return layer.image, device, info

@@ -9,17 +9,56 @@ Both kinds of layer divide their device into a grid of ``chunk_size`` cells:
 
 A read of a device range asks the fetcher for every cell it touches in one call, so one
 kernel read that spans several chunks is served by one (coalesced) request.
+
+Two things keep large sequential reads fast. The kernel reads a FUSE file in pieces much
+smaller than a chunk (128 KiB), so the last few decoded chunks are kept in memory
+(:class:`RecentChunks`, shared by all devices of a daemon, bounded in bytes): the pieces of
+one chunk cost one cache read, not one each. And a read that continues where the previous
+one on the same device stopped queues the next chunks as prefetch (digest chunks only: they
+land in the chunk cache), so the fetcher can fetch ahead in coalesced requests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 from lazyfs.fetch import BlobSource, ChunkFetcher, ChunkRef, FetchError, Priority
 from lazyfs.layerfs import DeviceReadError
 
-# Plain blobs have no chunk table; this is the fetch and cache granularity for them.
+# Plain blobs have no chunk table; this is the fetch granularity for them.
 PLAIN_CELL_SIZE = 1 << 20
+RECENT_CHUNKS_BYTES = 32 << 20
+READAHEAD_BYTES = 8 << 20
+
+
+class RecentChunks:
+    """Decoded chunks most recently read, by key, up to a byte budget (LRU)."""
+
+    def __init__(self, budget: int = RECENT_CHUNKS_BYTES):
+        self.budget = budget
+        self._chunks: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+
+    def get(self, key: Hashable) -> bytes | None:
+        data = self._chunks.get(key)
+        if data is not None:
+            self._chunks.move_to_end(key)
+            self.hits += 1
+        return data
+
+    def put(self, key: Hashable, data: bytes) -> None:
+        if len(data) > self.budget:
+            return
+        old = self._chunks.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old)
+        self._chunks[key] = data
+        self._bytes += len(data)
+        while self._bytes > self.budget:
+            _, evicted = self._chunks.popitem(last=False)
+            self._bytes -= len(evicted)
 
 
 class ChunkGridDevice:
@@ -32,6 +71,8 @@ class ChunkGridDevice:
         chunk_size: int,
         device_size: int,
         chunk_ref: Callable[[int], ChunkRef],
+        recent: RecentChunks | None = None,
+        readahead_bytes: int = READAHEAD_BYTES,
         priority: Priority = Priority.ON_DEMAND,
     ):
         if chunk_size <= 0:
@@ -41,13 +82,15 @@ class ChunkGridDevice:
         self.chunk_size = chunk_size
         self.device_size = device_size
         self.chunk_ref = chunk_ref
+        self.recent = recent if recent is not None else RecentChunks()
+        self.readahead_cells = max(0, readahead_bytes // chunk_size)
         self.priority = priority
+        self.cell_count = -(-device_size // chunk_size)
+        self._next_expected = -1  # the cell a sequential reader would read next
+        self._prefetched_until = 0  # cells below this were already queued as readahead
 
-    def refs_for(self, offset: int, length: int) -> tuple[int, list[ChunkRef]]:
-        """(first cell index, refs of every cell touching [offset, offset+length))."""
-        first = offset // self.chunk_size
-        last = (offset + length - 1) // self.chunk_size
-        return first, [self.chunk_ref(n) for n in range(first, last + 1)]
+    def _key(self, n: int, ref: ChunkRef) -> Hashable:
+        return ref.digest if ref.digest is not None else (self.source.name, n)
 
     async def read(self, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -55,11 +98,28 @@ class ChunkGridDevice:
         if offset < 0 or offset + length > self.device_size:
             raise DeviceReadError(
                 f"{self.source.name}: range {offset}+{length} outside the device ({self.device_size} bytes)")
-        first, refs = self.refs_for(offset, length)
-        try:
-            chunks = await self.fetcher.get(self.source, refs, self.priority)
-        except FetchError as e:
-            raise DeviceReadError(str(e)) from e
+        first = offset // self.chunk_size
+        last = (offset + length - 1) // self.chunk_size
+        self._maybe_read_ahead(first, last)
+        chunks: list[bytes | None] = []
+        missing: list[tuple[int, int, ChunkRef]] = []  # (position, cell, ref)
+        for i, n in enumerate(range(first, last + 1)):
+            ref = self.chunk_ref(n)
+            data = self.recent.get(self._key(n, ref))
+            chunks.append(data)
+            if data is None:
+                missing.append((i, n, ref))
+        if missing:
+            try:
+                fetched = await self.fetcher.get(self.source, [ref for _, _, ref in missing], self.priority)
+            except FetchError as e:
+                raise DeviceReadError(str(e)) from e
+            for (i, n, ref), data in zip(missing, fetched):
+                chunks[i] = data
+                self.recent.put(self._key(n, ref), data)
+        return self._assemble(chunks, first, offset, length)  # type: ignore[arg-type]
+
+    def _assemble(self, chunks: list[bytes], first: int, offset: int, length: int) -> bytes:
         start = offset - first * self.chunk_size
         if len(chunks) == 1:
             data = chunks[0][start:start + length]
@@ -76,9 +136,25 @@ class ChunkGridDevice:
                 f"{self.source.name}: range {offset}+{length} extends past the end of its chunk")
         return data
 
+    def _maybe_read_ahead(self, first: int, last: int) -> None:
+        sequential = first in (self._next_expected - 1, self._next_expected)
+        self._next_expected = last + 1
+        if not sequential or not self.readahead_cells:
+            return
+        start = max(last + 1, self._prefetched_until)
+        stop = min(self.cell_count, last + 1 + self.readahead_cells)
+        # Top up only once half the window has been consumed, so requests stay large.
+        if stop - start < max(1, self.readahead_cells // 2):
+            return
+        refs = [self.chunk_ref(n) for n in range(start, stop)]
+        refs = [ref for ref in refs if ref.digest is not None]  # plain cells are not cached
+        self._prefetched_until = stop
+        if refs:
+            self.fetcher.enqueue(self.source, refs, Priority.PREFETCH)
+
 
 def plain_blob_device(fetcher: ChunkFetcher, source: BlobSource, blob_size: int,
-                      cell_size: int = PLAIN_CELL_SIZE) -> ChunkGridDevice:
+                      cell_size: int = PLAIN_CELL_SIZE, recent: RecentChunks | None = None) -> ChunkGridDevice:
     """The device of a plain ``mkfs.erofs --blobdev`` image: the blob itself, read raw."""
 
     def ref(n: int) -> ChunkRef:
@@ -86,4 +162,4 @@ def plain_blob_device(fetcher: ChunkFetcher, source: BlobSource, blob_size: int,
         length = min(cell_size, blob_size - offset)
         return ChunkRef(offset=offset, stored_length=length, length=length, digest=None, compression="none")
 
-    return ChunkGridDevice(fetcher, source, cell_size, blob_size, ref)
+    return ChunkGridDevice(fetcher, source, cell_size, blob_size, ref, recent=recent)
