@@ -139,3 +139,32 @@ def test_writer_reader_round_trip(tree, threshold, block_size):
                 assert image.readlink(nid) == src.link_target
             elif kind in (fmt.S_IFCHR, fmt.S_IFBLK):
                 assert (inode.major, inode.minor) == src.rdev
+
+
+@settings(max_examples=60, deadline=None)
+@given(trees(), st.sampled_from([512, 4096]))
+def test_inode_records_never_overlap_and_tails_stay_in_their_block(tree, block_size):
+    """Hole filling in the metadata area must not let two records share a byte."""
+    entries, _ = tree
+    builder = Builder(block_size=block_size, chunk_size=CHUNK, inline_threshold=block_size,
+                      plain_data=True)
+    for entry in entries:
+        builder.add(entry)
+    out = io.BytesIO()
+    info = builder.write(out)
+    records = []
+    with Image(out.getvalue()) as image:
+        for nid in set(info.nids.values()):
+            inode = image.inode(nid)
+            end = inode.data_offset
+            if inode.layout == fmt.LAYOUT_FLAT_INLINE:
+                tail = inode.size - (-(-inode.size // block_size) - 1) * block_size
+                assert 0 < tail and (end + tail - 1) // block_size == inode.offset // block_size
+                end += tail
+            elif inode.layout == fmt.LAYOUT_CHUNK_BASED:
+                end = -(-end // 8) * 8 + 8 * -(-inode.size // CHUNK)
+            records.append((inode.offset, end))
+    records.sort()
+    for (_, end), (start, _) in zip(records, records[1:]):
+        assert end <= start
+
