@@ -219,3 +219,61 @@ async def test_retry_gives_up_with_status_and_deadline(autojump_clock):
                                always_503, what="GET x", error_factory=factory)
     assert trio.current_time() - start <= 30.0
 
+
+
+# -- untrusted input never crashes: it parses or raises our own error ---------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=25,
+)
+_descriptorish = st.fixed_dictionaries({}, optional={
+    "mediaType": st.sampled_from([OCI_MANIFEST, "x"]) | _json_values,
+    "digest": st.just(DIGEST) | _json_values,
+    "size": st.integers(-5, 10**9) | _json_values,
+    "annotations": _json_values,
+    "platform": st.fixed_dictionaries({"os": st.just("linux"), "architecture": st.just("amd64")}) | _json_values,
+    "urls": _json_values,
+})
+_manifestish = st.fixed_dictionaries({}, optional={
+    "schemaVersion": _json_values,
+    "mediaType": st.sampled_from([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_LIST]) | _json_values,
+    "config": _descriptorish | _json_values,
+    "layers": st.lists(_descriptorish, max_size=3) | _json_values,
+    "manifests": st.lists(_descriptorish, max_size=3) | _json_values,
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_manifestish.map(lambda d: json.dumps(d).encode()), st.binary(max_size=200)),
+       st.sampled_from([None, OCI_MANIFEST, OCI_INDEX, "text/plain"]))
+def test_manifest_parsing_of_untrusted_bytes(data, media_type):
+    try:
+        manifest = Manifest.from_bytes(data, media_type)
+        manifest.layers, manifest.manifests
+        if not manifest.is_index:
+            manifest.config
+        else:
+            manifest.select_platform(Platform("linux", "amd64"))
+    except RegistryError:
+        pass
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=80) | st.from_regex(r"[a-z0-9.:/@_-]{1,40}", fullmatch=True))
+def test_reference_parsing_of_untrusted_text(text):
+    try:
+        ref = parse_any_reference(text)
+    except InvalidReference:
+        return
+    assert parse_any_reference(str(ref)) == ref
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=120))
+def test_challenge_parsing_of_untrusted_text(text):
+    challenge = parse_challenge(text)
+    assert isinstance(challenge.params, dict)

@@ -163,3 +163,19 @@ async def test_only_tags_and_digests_reach_manifest_urls():
             with pytest.raises(InvalidReference):
                 await client.push_manifest(b"{}", "application/json", tag=bad)
     assert requests == []
+
+
+@pytest.mark.parametrize("index", [
+    {"manifests": "x"}, {"manifests": [1]}, {"manifests": [{"digest": "sha256:1", "mediaType": "m", "size": 1}]},
+    {"manifests": [{"mediaType": OCI_MANIFEST, "digest": "sha256:" + "1" * 64, "size": 1, "annotations": "t"}]},
+    [], "text",
+])
+async def test_layout_rejects_a_bad_index(tmp_path, index):
+    store = OCILayoutStore(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(RegistryError):
+        await store.get_manifest("v1")
+    with pytest.raises(RegistryError):
+        store.tags()
+    with pytest.raises(RegistryError):
+        await store.push_manifest(b"{}", OCI_MANIFEST, "v1")

@@ -102,11 +102,14 @@ class Descriptor:
         if not isinstance(annotations, dict):
             raise ValueError(f"descriptor {digest} has invalid annotations")
         platform = obj.get("platform")
+        urls = obj.get("urls") or []
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ValueError(f"descriptor {digest} has invalid urls")
         return cls(
             media_type=media_type, digest=digest, size=size,
             annotations={str(k): str(v) for k, v in annotations.items()},
             platform=platform if isinstance(platform, dict) else None,
-            urls=tuple(obj.get("urls") or ()),
+            urls=tuple(urls),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -134,7 +137,7 @@ class Manifest:
         if media_type not in MANIFEST_MEDIA_TYPES:
             document = _parse_json(data)
             declared = document.get("mediaType")
-            if declared in MANIFEST_MEDIA_TYPES:
+            if isinstance(declared, str) and declared in MANIFEST_MEDIA_TYPES:
                 media_type = declared
             else:
                 # An OCI manifest may omit mediaType; tell the two OCI kinds apart by shape.

@@ -118,6 +118,7 @@ class OCILayoutStore:
         with open(self.path / ".index.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             index = self._read_index()
+            self._index_descriptors()  # refuse to rewrite an index we cannot read
             kept = [m for m in index["manifests"]
                     if not (tag is not None and (m.get("annotations") or {}).get(REF_NAME_ANNOTATION) == tag)
                     and not (tag is None and m.get("digest") == entry["digest"] and not m.get("annotations"))]
@@ -125,8 +126,8 @@ class OCILayoutStore:
             self._write_atomically(self.path / "index.json", json.dumps(index, indent=2).encode())
 
     def tags(self) -> list[str]:
-        return [m["annotations"][REF_NAME_ANNOTATION] for m in self._read_index()["manifests"]
-                if REF_NAME_ANNOTATION in (m.get("annotations") or {})]
+        return [d.annotations[REF_NAME_ANNOTATION] for d in self._index_descriptors()
+                if REF_NAME_ANNOTATION in d.annotations]
 
     # -- blobs ---------------------------------------------------------------------------------
 
