@@ -230,6 +230,8 @@ class RegistryClient:
                 headers = {"Range": f"bytes={received}-"} if received else {}
                 response = await self._open_blob(digest, headers)
                 try:
+                    if received and response.status_code == 416:
+                        break  # the failure came after the last byte: nothing left to resume
                     await self._check(response, (200, 206), f"GET blob {digest}", digest, BlobNotFound)
                     skip = received if response.status_code == 200 else 0
                     if response.status_code == 206:
