@@ -130,10 +130,8 @@ class ChunkCache:
     # ----------------------------------------------------------------- opening
 
     def _open(self) -> None:
-        for store in (self._chunks_dir, self._meta_dir):
-            for fan in range(256):
-                (store / f"{fan:02x}").mkdir(parents=True, exist_ok=True)
-        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (self._chunks_dir, self._meta_dir, self._tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)  # fan-out directories: on first use
         stray = 0
         with os.scandir(self._tmp_dir) as it:
             for entry in it:
@@ -143,9 +141,15 @@ class ChunkCache:
         snapshot = self._load_index()
         present: set[bytes] = set()
         unlisted: list[tuple[float, bytes, int]] = []
-        for fan in range(256):
-            prefix = f"{fan:02x}"
-            with os.scandir(self._chunks_dir / prefix) as it:
+        with os.scandir(self._chunks_dir) as it:
+            fans = [entry for entry in it]
+        for fan in fans:
+            prefix = fan.name
+            if not (_is_hex(prefix, 2) and fan.is_dir(follow_symlinks=False)):
+                self._remove_quietly(Path(fan.path))
+                stray += 1
+                continue
+            with os.scandir(fan.path) as it:
                 for entry in it:
                     name = entry.name
                     if not (_is_hex(name, 2 * DIGEST_SIZE) and name.startswith(prefix)
@@ -436,7 +440,11 @@ class ChunkCache:
                     view = view[written:]
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except FileNotFoundError:  # the fan-out directory's first entry
+                path.parent.mkdir(exist_ok=True)
+                os.rename(tmp, path)
         except OSError as e:
             self._remove_quietly(tmp)
             with self._lock:

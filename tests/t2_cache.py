@@ -123,11 +123,14 @@ def test_open_removes_stray_temporary_and_foreign_files(tmp_path):
     digest, data = make_chunk(3)
     cache.put(digest, data)
     (tmp_path / "tmp" / "half-written.123").write_bytes(b"partial")
+    (tmp_path / "chunks" / "ab").mkdir(exist_ok=True)
     (tmp_path / "chunks" / "ab" / "not-a-digest").write_bytes(b"x")
     (tmp_path / "chunks" / "ab" / ("cd" + "0" * 30)).write_bytes(b"x")  # wrong fan-out dir
+    (tmp_path / "chunks" / "not-a-fan").mkdir()
     reopened = ChunkCache(tmp_path)
     assert list((tmp_path / "tmp").iterdir()) == []
     assert chunk_files(tmp_path) == [cache.chunk_path(digest)]
+    assert not (tmp_path / "chunks" / "not-a-fan").exists()
     assert reopened.get(digest) == data
 
 
