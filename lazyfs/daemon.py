@@ -21,6 +21,8 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,15 @@ import trio
 from lazyfs import attach as attach_kinds
 from lazyfs.cache import ChunkCache
 from lazyfs.control import MAX_LINE
-from lazyfs.fetch import ChunkFetcher, FetchStats
+from lazyfs.fetch import BlobSource, ChunkFetcher, ChunkRef, FetchStats, Priority
 from lazyfs.fuse import LazyOperations
 from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
-from lazyfs.mounts import is_mounted, is_stale, stack_mount, unmount_fuse, unmount_path
+from lazyfs.mounts import is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
 from lazyfs.registry import make_http_client
 
 log = logging.getLogger(__name__)
+
+READ_AHEAD_KIB = 1024
 
 
 class RequestError(Exception):
@@ -74,6 +78,31 @@ class ReadStats:
         self.bytes += length
 
 
+class FetchEventLog:
+    """The last ``capacity`` range requests the fetcher completed, for fetch timelines.
+
+    One event per request: wall-clock start and end (seconds since the epoch), stored bytes,
+    chunks and the priority of the request's leader. ``fetch-log`` returns them.
+    """
+
+    def __init__(self, capacity: int = 100_000):
+        self.events: deque[dict] = deque(maxlen=capacity)
+        self.recorded = 0
+
+    def observe(self, source: BlobSource, refs: Sequence[ChunkRef], priority: Priority,
+                began: float, finished: float) -> None:
+        # The fetcher's times are trio's clock; anchor them to the wall clock at completion.
+        end = time.time()
+        self.events.append({
+            "start": end - (finished - began), "end": end,
+            "bytes": max(r.end for r in refs) - min(r.offset for r in refs),
+            "chunks": len(refs), "priority": priority.name.lower(), "source": source.name})
+        self.recorded += 1
+
+    def snapshot(self) -> dict:
+        return {"events": list(self.events), "dropped": self.recorded - len(self.events)}
+
+
 @dataclass
 class Daemon:
     options: DaemonOptions
@@ -84,7 +113,8 @@ class Daemon:
     def __post_init__(self) -> None:
         self.cache = ChunkCache(self.options.cache_dir, self.options.cache_size)
         self.fetch_stats = FetchStats()
-        self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats)
+        self.fetch_log = FetchEventLog()
+        self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
         self.operations = LazyOperations(self.fs, on_read=self.read_stats.record)
         self.ready = False
         self.stacked: list[Path] = []  # overlay/bind mounts on top of ours, unmounted first
@@ -110,6 +140,7 @@ class Daemon:
                     nursery.start_soon(self.fetcher.run)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._run_fuse, nursery)
+                    await self._tune_read_ahead()
                     await nursery.start(self._serve_control)
                     if self.options.metrics is not None:
                         await nursery.start(self._serve_metrics)
@@ -124,6 +155,15 @@ class Daemon:
     async def _run_fuse(self, nursery: trio.Nursery) -> None:
         await pyfuse3.main(max_tasks=128)
         nursery.cancel_scope.cancel()
+
+    async def _tune_read_ahead(self) -> None:
+        """Let the kernel read FUSE files in larger requests than its 128 KiB default.
+
+        The kernel applies its own value when the daemon answers FUSE INIT; a stat of the
+        mount root (from a thread: it is answered by this loop) waits for that first.
+        """
+        await trio.to_thread.run_sync(os.stat, self.options.fuse_dir)
+        set_read_ahead(self.options.fuse_dir, READ_AHEAD_KIB)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -223,6 +263,8 @@ class Daemon:
             return self.list_layers()
         if op == "stats":
             return self.stats()
+        if op == "fetch-log":
+            return self.fetch_log.snapshot()
         if op == "shutdown":
             assert self._nursery is not None
             self._nursery.start_soon(self.terminate)

@@ -45,6 +45,31 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
+def device_of_mount(path: str | os.PathLike) -> str | None:
+    """"major:minor" of the filesystem mounted at ``path`` (from mountinfo, no access to it)."""
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4].decode("utf-8", "surrogateescape")) == target:
+                return fields[2].decode()
+    return None
+
+
+def set_read_ahead(path: str | os.PathLike, kib: int) -> bool:
+    """Set the kernel readahead of the filesystem mounted at ``path``; False if not possible."""
+    device = device_of_mount(path)
+    if device is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except OSError as e:
+        log.info("cannot set readahead of %s: %s", path, e)
+        return False
+    return True
+
+
 def is_mounted(path: str | os.PathLike) -> bool:
     return os.path.abspath(path) in mounted_paths()
 
