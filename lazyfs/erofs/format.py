@@ -164,14 +164,18 @@ FT_FROM_MODE = {
 }
 
 
-def crc32c_superblock(block0: bytes | memoryview, block_size: int) -> int:
+def crc32c_superblock(image: bytes | memoryview, block_size: int) -> int:
     """The superblock checksum as the kernel computes it.
 
     crc32c seeded with ~0 and without the final inversion, over the bytes from SUPER_OFFSET
-    to the end of block 0 with the checksum field zeroed. google_crc32c computes the standard
-    (inverted-in, inverted-out) CRC, so undo the final inversion.
+    to the end of the superblock's block, or over one whole block from SUPER_OFFSET when
+    blocks are no larger than that offset, with the checksum field zeroed. google_crc32c
+    computes the standard (inverted-in, inverted-out) CRC, so undo the final inversion.
     """
-    area = bytearray(block0[SUPER_OFFSET:block_size])
+    length = block_size - SUPER_OFFSET if block_size > SUPER_OFFSET else block_size
+    area = bytearray(image[SUPER_OFFSET : SUPER_OFFSET + length])
+    if len(area) != length:
+        raise ValueError(f"superblock checksum needs {length} bytes from offset {SUPER_OFFSET}")
     area[SUPER_CHECKSUM_OFFSET : SUPER_CHECKSUM_OFFSET + 4] = b"\0\0\0\0"
     return google_crc32c.value(bytes(area)) ^ 0xFFFFFFFF
 

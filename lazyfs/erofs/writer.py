@@ -425,10 +425,7 @@ class Builder:
             _DEVICE_SLOT_OFFSET // fmt.DEVICE_SLOT_SIZE if with_devices else 0,
             0, 0, 0, 0, 0, b"",
         )
-        # The checksum covers the block holding the superblock from its start, or one whole
-        # block (from the superblock on) when blocks are no larger than the 1024-byte offset.
-        checked = bs if bs > fmt.SUPER_OFFSET else fmt.SUPER_OFFSET + bs
-        crc = fmt.crc32c_superblock(meta[:checked], checked)
+        crc = fmt.crc32c_superblock(meta, bs)
         meta[fmt.SUPER_OFFSET + 4:fmt.SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
 
         out.write(meta)
