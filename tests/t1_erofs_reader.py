@@ -271,7 +271,7 @@ def test_walk_is_iterative_and_ordered(images):
 def test_open_from_bytes_and_memoryview(images):
     image, _, _ = images["fixed-time"]
     data = image.read_bytes()
-    for buf in (data, bytearray(data), memoryview(data)):
+    for buf in (data, bytearray(data), memoryview(data), memoryview(data).cast("I")):
         img = Image(buf)
         assert img.build_time == FIXED_TIME and img.build_time_nsec == 0
         assert img.inode(img.root_nid).compact
@@ -316,6 +316,10 @@ def test_superblock_errors(images):
         Image(patch_superblock(bytearray(good), root_nid=files_nid))
     with pytest.raises(CorruptImage, match="past the image end"):
         Image(good).inode(1 << 40)
+    corrupt_file = image.parent / "corrupt.img"
+    corrupt_file.write_bytes(patch_superblock(bytearray(good), magic=1))
+    with pytest.raises(CorruptImage, match="magic"):
+        Image.open(corrupt_file)
     with pytest.raises(CorruptImage, match="empty"):
         empty = image.parent / "empty.img"
         empty.write_bytes(b"")

@@ -178,16 +178,22 @@ class Image:
     def __init__(self, buf) -> None:
         mv = memoryview(buf)
         if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")
+            flat = mv.cast("B")
+            mv.release()
+            mv = flat
         self._mv = mv
         self._len = len(mv)
         self._mmap: mmap.mmap | None = None
         self._prefixes: list[tuple[bytes, bytes]] | None = None
-        self._parse_superblock()
         self._inode_cached = functools.lru_cache(maxsize=INODE_CACHE_SIZE)(self._load_inode)
-        root = self.inode(self.root_nid)
-        if not root.is_dir:
-            raise CorruptImage(f"root nid {self.root_nid} is not a directory (mode {root.mode:o})")
+        try:
+            self._parse_superblock()
+            root = self.inode(self.root_nid)
+            if not root.is_dir:
+                raise CorruptImage(f"root nid {self.root_nid} is not a directory (mode {root.mode:o})")
+        except BaseException:
+            mv.release()  # so that Image.open() can close its mmap
+            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Image:
