@@ -362,8 +362,10 @@ class ChunkFetcher:
                     raise FetchError(err.source_name, err.ref, err.attempts, err.reason) from pending.cause
                 results[i] = pending.result
         finally:
-            for _, pending in waiting:
+            for _, pending in waiting:  # left early: cancelled, or another chunk failed
                 pending.waiters -= 1
+                if pending.waiters == 0:
+                    self._demote_abandoned(pending)
         return results  # type: ignore[return-value]
 
     def enqueue(self, source: BlobSource, chunks: Sequence[ChunkRef],
@@ -426,6 +428,19 @@ class ChunkFetcher:
             host.queue.add(pending)
         else:  # in backoff: requeued at the new priority; fetching: nothing left to speed up
             pending.priority = priority
+
+    def _demote_abandoned(self, pending: _Pending) -> None:
+        """A queued on-demand chunk whose readers all gave up is still worth caching, but no
+        longer ahead of reads that are waiting: it continues as a prefetch."""
+        if pending.priority is not Priority.ON_DEMAND or pending.done.is_set():
+            return
+        if pending.state is _State.QUEUED:
+            host = self._hosts[pending.source.host]
+            host.queue.remove(pending)
+            pending.priority = Priority.PREFETCH
+            host.queue.add(pending)
+        elif pending.state is _State.BACKOFF:
+            pending.priority = Priority.PREFETCH
 
     def _enqueue_pending(self, pending: _Pending) -> None:
         pending.state = _State.QUEUED

@@ -413,3 +413,19 @@ async def test_cache_write_failure_still_serves_verified_bytes(tiny_tmpfs):
         assert await fetcher.get(source, refs[1:2]) == datas[1:2]  # refetched, now cached
         await fetcher.wait_idle()
         assert cache.contains(refs[1].digest)
+
+
+async def test_abandoned_on_demand_chunk_continues_as_prefetch(cache, autojump_clock):
+    blob, refs, datas = build_blob([1000] * 3, gap=1 << 20, compress=False)
+    source = MemorySource(blob)
+    a, b, c = refs
+    async with ChunkFetcher(cache, per_host_concurrency=1) as fetcher:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.get, source, [a])
+            await trio.sleep(0.1)  # a in flight
+            with trio.move_on_after(0.1):
+                await fetcher.get(source, [b])  # queued, then abandoned
+            nursery.start_soon(fetcher.get, source, [c])
+        await fetcher.wait_idle()
+    assert [offset for _, offset, _ in source.requests] == [a.offset, c.offset, b.offset]
+    assert cache.get(b.digest) == datas[1]
