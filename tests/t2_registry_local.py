@@ -2,18 +2,24 @@
 client's retry timing and token sharing over httpx.MockTransport (trio MockClock)."""
 
 import hashlib
+import io
 import json
+import os
+import tarfile
 
 import httpx
 import pytest
 import trio
 
 from lazyfs.registry import (
-    Authenticator, BlobNotFound, DigestMismatch, ImageStore, InvalidReference, ManifestNotFound, OCILayoutStore, Platform, RegistryClient,
-    RegistryError, RetryPolicy, open_store, parse_reference,
+    Authenticator, BlobNotFound, DigestMismatch, ImageStore, InvalidReference, ManifestNotFound, OCILayoutStore,
+    Platform, RegistryClient, RegistryError, RetryPolicy, open_store, parse_reference,
 )
 from lazyfs.registry.manifest import OCI_INDEX, OCI_MANIFEST
-from tests.fixtures.images import build_image, build_index, file, push_image, push_index
+from tests.fixtures.images import (
+    build_image, build_index, directory, entries_from_tree, file, hardlink, layer_tar, opaque, push_image, push_index,
+    symlink, whiteout,
+)
 
 
 def test_both_stores_implement_the_protocol(tmp_path):
@@ -179,3 +185,31 @@ async def test_layout_rejects_a_bad_index(tmp_path, index):
         store.tags()
     with pytest.raises(RegistryError):
         await store.push_manifest(b"{}", OCI_MANIFEST, "v1")
+
+
+def test_image_builder_writes_whiteouts_links_and_pax_xattrs(tmp_path):
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "conf").write_bytes(b"conf")
+    os_link = root / "etc" / "conf.link"
+    os_link.hardlink_to(root / "etc" / "conf")
+    (root / "bin").symlink_to("usr/bin")
+    os.setxattr(root / "etc" / "conf", "user.origin", b"\xff\x00bin")
+    entries = entries_from_tree(root)
+    assert [(e.name, e.kind) for e in entries] == [
+        ("bin", "symlink"), ("etc", "dir"), ("etc/conf", "file"), ("etc/conf.link", "hardlink")]
+    assert entries[2].xattrs == {"user.origin": b"\xff\x00bin"}
+
+    tar = layer_tar(entries + [whiteout("etc/old"), opaque("var"), directory("d"), symlink("s", "t"),
+                               hardlink("h", "etc/conf")])
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+    assert members["etc/conf"].pax_headers["SCHILY.xattr.user.origin"].encode("utf-8", "surrogateescape") \
+        == b"\xff\x00bin"
+    assert members["etc/conf.link"].islnk() and members["etc/conf.link"].linkname == "etc/conf"
+    assert members["etc/.wh.old"].isfile() and members["var/.wh..wh..opq"].isfile()
+    assert members["s"].issym() and members["d"].isdir()
+
+    image = build_image([root])
+    assert image.layers[0].tar == layer_tar(entries)
+    assert json.loads(image.config)["rootfs"]["diff_ids"] == [image.layers[0].diff_id]
