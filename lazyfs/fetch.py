@@ -239,6 +239,15 @@ class FetchStats:
 FetchObserver = Callable[[BlobSource, Sequence[ChunkRef], Priority, float, float], None]
 
 
+# HTTP statuses that another attempt will not change (the blob or the range is not there, or
+# we may not read it); sources report them as an exception attribute ``status``.
+_PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 416})
+
+
+def _is_permanent(error: BaseException) -> bool:
+    return getattr(error, "status", None) in _PERMANENT_STATUSES
+
+
 def _chunk_key(source: BlobSource, ref: ChunkRef) -> Hashable:
     if ref.digest is not None:
         return ref.digest
@@ -520,7 +529,7 @@ class ChunkFetcher:
     def _failed(self, pending: _Pending, cause: BaseException, reason: str) -> float | None:
         """Count a failed attempt; returns the backoff delay, or None if the chunk failed for good."""
         pending.failures += 1
-        if pending.failures >= self.retry.attempts or self._closing:
+        if pending.failures >= self.retry.attempts or self._closing or _is_permanent(cause):
             log.warning("giving up on chunk at %d+%d of %s after %d attempt(s): %s",
                         pending.ref.offset, pending.ref.stored_length, pending.source.name,
                         pending.failures, reason)

@@ -14,10 +14,11 @@ import xxhash
 import zstandard
 
 from lazyfs.cache import ChunkCache
-from tests.fixtures.tmpfs import tiny_tmpfs  # noqa: F401 (fixture)
 from lazyfs.fetch import (
     ChunkCorrupt, ChunkFetcher, ChunkRef, FetchError, Priority, RetryPolicy, decode_chunk,
 )
+from lazyfs.sources import SourceError
+from tests.fixtures.tmpfs import tiny_tmpfs  # noqa: F401 (fixture)
 
 REQUEST_TIME = 1.0  # seconds each in-memory request takes on the mock clock
 
@@ -429,3 +430,15 @@ async def test_abandoned_on_demand_chunk_continues_as_prefetch(cache, autojump_c
         await fetcher.wait_idle()
     assert [offset for _, offset, _ in source.requests] == [a.offset, c.offset, b.offset]
     assert cache.get(b.digest) == datas[1]
+
+
+@pytest.mark.expected_log
+async def test_permanent_source_errors_are_not_retried(cache, autojump_clock):
+    blob, refs, _ = build_blob([1000])
+    source = MemorySource(blob)
+    source.faults = [SourceError(source.name, 0, 1000, "HTTP 404", status=404)]
+    async with ChunkFetcher(cache, retry=RetryPolicy(attempts=5)) as fetcher:
+        with pytest.raises(FetchError, match="404") as excinfo:
+            await fetcher.get(source, refs)
+    assert excinfo.value.attempts == 1 and len(source.requests) == 1
+    assert trio.current_time() == REQUEST_TIME
