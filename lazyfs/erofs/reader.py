@@ -24,7 +24,6 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
-import google_crc32c
 
 from . import format as F
 from .errors import CorruptImage, ErofsError, UnsupportedImage
@@ -243,13 +242,10 @@ class Image:
         if dirblkbits:
             raise UnsupportedImage(f"dirblkbits {dirblkbits} is not supported (the kernel refuses it too)")
         if self.feature_compat & F.FEATURE_COMPAT_SB_CHKSUM:
-            # The checksum covers block 0 from the superblock on (a whole block if smaller).
             length = bs - F.SUPER_OFFSET if bs > F.SUPER_OFFSET else bs
             if F.SUPER_OFFSET + length > self._len:
                 raise CorruptImage(f"image of {self._len} bytes is too short for the checksummed superblock area")
-            area = bytearray(self._mv[F.SUPER_OFFSET:F.SUPER_OFFSET + length])
-            area[F.SUPER_CHECKSUM_OFFSET:F.SUPER_CHECKSUM_OFFSET + 4] = bytes(4)
-            crc = google_crc32c.value(bytes(area)) ^ 0xFFFFFFFF
+            crc = F.crc32c_superblock(self._mv, bs)
             if crc != checksum:
                 raise CorruptImage(f"superblock checksum {checksum:#010x} != computed {crc:#010x}")
         unknown = self.feature_incompat & ~F.SUPPORTED_INCOMPAT
