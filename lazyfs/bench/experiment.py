@@ -1,0 +1,287 @@
+"""Experiment files: a TOML description of a cold-start matrix, parsed and checked.
+
+```toml
+name = "coldstart"
+repetitions = 3
+modes = ["overlayfs", "lazy", "warm"]   # see lazyfs.bench.modes.MODES
+timeout_s = 300                          # per container run
+registry_root = ""                       # registry storage ("" = <image cache>/registry)
+chunk_size = "1M"                        # lazyfs convert --chunk-size
+
+[[images]]
+name = "debian-python"
+recipe = "debian-python"                 # a built-in recipe, built offline (cached)
+# ref = "oci:DIR:TAG"                    # or an existing OCI layout instead of a recipe
+
+[[workloads]]                            # optional: default = each recipe's own workload
+name = "import-json"
+images = ["debian-python"]               # optional: default = every image
+command = ["python3", "-c", "import json; print('ready')"]
+ready = "^ready$"                        # regex on a stdout line, or "exit" (exit status 0)
+
+[[profiles]]
+name = "100mbit-20ms"
+rate_mbit = 100
+rtt_ms = 20
+# name = "loopback" without rate/rtt: the registry on 127.0.0.1, no shaping
+```
+
+The matrix is images x workloads x modes x profiles x repetitions; ``runs()`` lists it in
+execution order (modes interleaved within a repetition, so slow drifts of the machine hit
+every mode alike).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import BenchError
+
+READY_ON_EXIT = "exit"
+LOOPBACK = "loopback"
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ExperimentError(BenchError):
+    """The experiment file is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    recipe: str | None = None  # built-in recipe name (lazyfs.bench.recipes)
+    ref: str | None = None     # an existing image: "oci:DIR[:TAG]"
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    command: tuple[str, ...] | None  # None: the image recipe's own workload
+    ready: str | None                # regex, READY_ON_EXIT, or None: the recipe's ready line
+    images: tuple[str, ...] | None = None
+
+    def applies_to(self, image: str) -> bool:
+        return self.images is None or image in self.images
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rate_mbit: float | None = None  # None with rtt_ms None: loopback, no shaping
+    rtt_ms: float | None = None
+
+    @property
+    def shaped(self) -> bool:
+        return self.rate_mbit is not None
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One cell of the matrix, one repetition."""
+    image: str
+    workload: str
+    mode: str
+    profile: str
+    repetition: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.image}.{self.workload}.{self.mode}.{self.profile}.{self.repetition}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    images: tuple[ImageSpec, ...]
+    workloads: tuple[WorkloadSpec, ...]
+    modes: tuple[str, ...]
+    profiles: tuple[Profile, ...]
+    repetitions: int = 3
+    timeout_s: float = 300.0
+    registry_root: str = ""
+    chunk_size: int = 1 << 20
+    source: str = field(default="", compare=False)  # the TOML text it was read from
+
+    def workloads_for(self, image: str) -> list[WorkloadSpec]:
+        return [w for w in self.workloads if w.applies_to(image)]
+
+    def runs(self) -> list[RunKey]:
+        keys = []
+        for profile in self.profiles:
+            for image in self.images:
+                for workload in self.workloads_for(image.name):
+                    for rep in range(self.repetitions):
+                        for mode in self.modes:
+                            keys.append(RunKey(image.name, workload.name, mode, profile.name, rep))
+        return keys
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+    def fingerprint(self) -> str:
+        """Identifies the matrix and its settings: a resumed experiment must have the same."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ExperimentError(f"not a size: {value!r} (examples: 1048576, 64K, 1M)")
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+
+
+def _name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ExperimentError(f"{what}: {value!r} is not a valid name (letters, digits, . _ -)")
+    return value
+
+
+def _table_list(raw: dict, key: str) -> list[dict]:
+    value = raw.pop(key, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ExperimentError(f"{key}: expected an array of tables ([[{key}]])")
+    return value
+
+
+def _no_extra(table: dict, where: str) -> None:
+    if table:
+        raise ExperimentError(f"{where}: unknown keys {', '.join(sorted(table))}")
+
+
+def _parse_image(t: dict) -> ImageSpec:
+    t = dict(t)
+    name = _name(t.pop("name", None), "images.name")
+    recipe, ref = t.pop("recipe", None), t.pop("ref", None)
+    _no_extra(t, f"image {name}")
+    if (recipe is None) == (ref is None):
+        raise ExperimentError(f"image {name}: give exactly one of recipe = NAME or ref = \"oci:DIR:TAG\"")
+    if ref is not None and not str(ref).startswith("oci:"):
+        raise ExperimentError(f"image {name}: ref must be an OCI layout, oci:DIR[:TAG]")
+    return ImageSpec(name, recipe, ref)
+
+
+def _parse_workload(t: dict, image_names: set[str]) -> WorkloadSpec:
+    t = dict(t)
+    name = _name(t.pop("name", None), "workloads.name")
+    command = t.pop("command", None)
+    ready = t.pop("ready", None)
+    images = t.pop("images", None)
+    _no_extra(t, f"workload {name}")
+    if command is not None and (not isinstance(command, list) or not command
+                                or not all(isinstance(a, str) for a in command)):
+        raise ExperimentError(f"workload {name}: command must be a non-empty array of strings")
+    if command is not None and ready is None:
+        raise ExperimentError(f"workload {name}: a command needs ready = REGEX or ready = \"exit\"")
+    if ready is not None and ready != READY_ON_EXIT:
+        try:
+            re.compile(ready)
+        except re.error as e:
+            raise ExperimentError(f"workload {name}: ready is not a regex: {e}") from None
+    if images is not None:
+        unknown = set(images) - image_names
+        if unknown:
+            raise ExperimentError(f"workload {name}: unknown images {', '.join(sorted(unknown))}")
+    return WorkloadSpec(name, tuple(command) if command else None, ready,
+                        tuple(images) if images is not None else None)
+
+
+def _parse_profile(t: dict) -> Profile:
+    t = dict(t)
+    name = _name(t.pop("name", None), "profiles.name")
+    rate, rtt = t.pop("rate_mbit", None), t.pop("rtt_ms", None)
+    _no_extra(t, f"profile {name}")
+    if rate is None and rtt is None:
+        return Profile(name)
+    if not isinstance(rate, (int, float)) or rate <= 0:
+        raise ExperimentError(f"profile {name}: rate_mbit must be a positive number")
+    rtt = 0.0 if rtt is None else rtt
+    if not isinstance(rtt, (int, float)) or rtt < 0:
+        raise ExperimentError(f"profile {name}: rtt_ms must be a number >= 0")
+    return Profile(name, float(rate), float(rtt))
+
+
+def parse_experiment(text: str, known_modes: set[str] | None = None) -> Experiment:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ExperimentError(f"not valid TOML: {e}") from None
+    name = _name(raw.pop("name", "experiment"), "name")
+    images = tuple(_parse_image(t) for t in _table_list(raw, "images"))
+    if not images:
+        raise ExperimentError("no [[images]]")
+    image_names = {i.name for i in images}
+    if len(image_names) != len(images):
+        raise ExperimentError("image names must be unique")
+    workloads = tuple(_parse_workload(t, image_names) for t in _table_list(raw, "workloads"))
+    if not workloads:
+        if any(i.recipe is None for i in images):
+            raise ExperimentError("images given by ref need [[workloads]] (no recipe workload)")
+        workloads = (WorkloadSpec("default", None, None),)
+    if len({w.name for w in workloads}) != len(workloads):
+        raise ExperimentError("workload names must be unique")
+    for w in workloads:
+        if w.command is None:
+            for image in images:
+                if w.applies_to(image.name) and image.recipe is None:
+                    raise ExperimentError(f"workload {w.name} has no command, and image {image.name} "
+                                          "has no recipe workload")
+    profiles = tuple(_parse_profile(t) for t in _table_list(raw, "profiles")) or (Profile(LOOPBACK),)
+    if len({p.name for p in profiles}) != len(profiles):
+        raise ExperimentError("profile names must be unique")
+    modes = raw.pop("modes", ["overlayfs", "lazy"])
+    if not isinstance(modes, list) or not modes or len(set(modes)) != len(modes):
+        raise ExperimentError("modes must be a non-empty array of distinct names")
+    if known_modes is not None:
+        unknown = [m for m in modes if m not in known_modes]
+        if unknown:
+            raise ExperimentError(f"unknown modes {', '.join(unknown)} (known: {', '.join(sorted(known_modes))})")
+    repetitions = raw.pop("repetitions", 3)
+    if not isinstance(repetitions, int) or not 1 <= repetitions <= 1000:
+        raise ExperimentError("repetitions must be an integer from 1 to 1000")
+    timeout = raw.pop("timeout_s", 300)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ExperimentError("timeout_s must be a positive number")
+    registry_root = raw.pop("registry_root", "")
+    if not isinstance(registry_root, str):
+        raise ExperimentError("registry_root must be a string")
+    chunk_size = parse_size(raw.pop("chunk_size", 1 << 20))
+    _no_extra(raw, "experiment")
+    return Experiment(name=name, images=images, workloads=workloads, modes=tuple(modes),
+                      profiles=profiles, repetitions=repetitions, timeout_s=float(timeout),
+                      registry_root=registry_root, chunk_size=chunk_size, source=text)
+
+
+def load_experiment(path: Path, known_modes: set[str] | None = None) -> Experiment:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ExperimentError(f"{path}: {e}") from None
+    try:
+        return parse_experiment(text, known_modes)
+    except ExperimentError as e:
+        raise ExperimentError(f"{path}: {e}") from None
+
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "experiments"
+
+
+def resolve_experiment_path(name_or_path: str) -> Path:
+    """A path, or the name of a built-in experiment ("ci-small", "coldstart")."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    builtin = BUILTIN_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if builtin.exists():
+        return builtin
+    known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.toml")))
+    raise ExperimentError(f"{name_or_path}: no such file or built-in experiment (built-in: {known})")
