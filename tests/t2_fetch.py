@@ -6,12 +6,15 @@ file and HTTP sources are tested in t4_sources.py.
 
 import errno
 import resource
+import tempfile
 
 import pytest
 import trio
 import trio.testing
 import xxhash
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lazyfs.cache import ChunkCache
 from lazyfs.fetch import (
@@ -442,3 +445,77 @@ async def test_permanent_source_errors_are_not_retried(cache, autojump_clock):
             await fetcher.get(source, refs)
     assert excinfo.value.attempts == 1 and len(source.requests) == 1
     assert trio.current_time() == REQUEST_TIME
+
+
+chunk_sizes = st.lists(st.integers(1, 3000), min_size=1, max_size=10)
+requests = st.lists(
+    st.tuples(st.sampled_from(["get", "enqueue"]), st.lists(st.integers(0, 9), min_size=1, max_size=6),
+              st.sampled_from(list(Priority)), st.sampled_from([0.0, 0.5, 1.0, 2.5]),
+              st.sampled_from([None, 0.3, 1.5])),
+    min_size=1, max_size=8)
+faults = st.lists(st.sampled_from([None, "error", "corrupt", "short"]), max_size=6)
+
+
+@pytest.mark.expected_log
+@settings(max_examples=40, deadline=None)
+@given(sizes=chunk_sizes, gap=st.sampled_from([0, 50, 300]), plan=requests, fault_plan=faults,
+       concurrency=st.integers(1, 3), max_coalesce=st.sampled_from([1, 2500, 8000]),
+       attempts=st.integers(1, 3))
+def test_scheduler_invariants(sizes, gap, plan, fault_plan, concurrency, max_coalesce, attempts):
+    """Whatever the mix of reads, prefetches, cancellations and faults: a read returns exactly
+    the right bytes or raises FetchError; requests stay within bounds; without faults no
+    chunk is fetched twice; at the end nothing is pending or pinned and the cache verifies."""
+    blob, refs, datas = build_blob(sizes, gap=gap)
+    source = MemorySource(blob)
+    mangle = {
+        "error": OSError(errno.ECONNRESET, "reset"),
+        "corrupt": lambda data: bytes([data[0] ^ 1]) + data[1:],
+        "short": lambda data: data[:-1],
+    }
+    source.faults = [mangle[f] if f else None for f in fault_plan]
+    outcomes = []
+
+    async def main():
+        cache = ChunkCache(root)
+        fetcher = ChunkFetcher(cache, per_host_concurrency=concurrency, max_coalesce=max_coalesce,
+                               max_gap=100, retry=RetryPolicy(attempts=attempts, initial_delay=0.5))
+        async with fetcher:
+            async with trio.open_nursery() as nursery:
+                for kind, indices, priority, delay, cancel_after in plan:
+                    chosen = [i % len(refs) for i in indices]
+
+                    async def one(kind=kind, chosen=chosen, priority=priority, delay=delay,
+                                  cancel_after=cancel_after):
+                        await trio.sleep(delay)
+                        wanted = [refs[i] for i in chosen]
+                        if kind == "enqueue":
+                            fetcher.enqueue(source, wanted, priority)
+                            return
+                        with trio.move_on_after(cancel_after if cancel_after else float("inf")):
+                            try:
+                                got = await fetcher.get(source, wanted, priority)
+                            except FetchError:
+                                outcomes.append("error")
+                                return
+                            assert got == [datas[i] for i in chosen]
+                            outcomes.append("ok")
+                    nursery.start_soon(one)
+            await fetcher.wait_idle()
+            assert fetcher.pending_count() == 0
+        assert cache.stats()["pinned"] == 0
+        for ref, data in zip(refs, datas):
+            assert cache.get(ref.digest) in (None, data)
+
+    with tempfile.TemporaryDirectory() as root:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    if not any(fault_plan):
+        assert "error" not in outcomes
+        fetched = [0] * len(refs)
+        for _, offset, length in source.requests:
+            for i, ref in enumerate(refs):
+                if offset <= ref.offset and ref.end <= offset + length:
+                    fetched[i] += 1
+        assert max(fetched) <= 1
+    for _, offset, length in source.requests:
+        assert offset + length <= len(blob)
+        assert length <= max_coalesce or any(r.offset == offset and r.stored_length == length for r in refs)
