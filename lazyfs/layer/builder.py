@@ -129,11 +129,11 @@ class _Counting(io.RawIOBase):
 
 
 class _Hashing(io.RawIOBase):
-    """Passes reads through, hashing them: the input's diff_id."""
+    """Passes reads through, handing each piece to ``digest`` (the input's diff_id)."""
 
-    def __init__(self, inner: BinaryIO):
+    def __init__(self, inner: BinaryIO, digest: Callable[[bytes], None]):
         self._inner = inner
-        self.sha256 = hashlib.sha256()
+        self._digest = digest
 
     def readable(self) -> bool:
         return True
@@ -142,7 +142,8 @@ class _Hashing(io.RawIOBase):
         data = self._inner.read(len(buf))
         n = len(data)
         buf[:n] = data
-        self.sha256.update(data)
+        if n:
+            self._digest(data)
         return n
 
 
@@ -161,16 +162,26 @@ def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None
 
 
 class _FrameWriter:
-    """Writes zstd frames to the blob in order while compression runs ahead on a thread pool."""
+    """Writes zstd frames to the blob in order while compression runs ahead on a thread pool.
 
-    def __init__(self, out: BinaryIO, pool: concurrent.futures.Executor, level: int, max_pending: int):
+    Compression runs on ``pool``; everything order-dependent (writing the blob, the blob's and
+    the tar's sha256, the input's sha256) runs on ``serial``, a one-thread executor whose FIFO
+    keeps the order. The main thread only parses the tar and submits work, and it waits when
+    more than ``max_pending`` tasks are queued, which bounds memory.
+    """
+
+    def __init__(self, out: BinaryIO, pool: concurrent.futures.Executor, serial: concurrent.futures.Executor,
+                 level: int, max_pending: int):
         self._out = out
         self._pool = pool
+        self._serial = serial
         self._level = level
         self._local = threading.local()
         self._pending: collections.deque = collections.deque()
         self._max_pending = max_pending
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256()  # of the blob
+        self.tar_sha256 = hashlib.sha256()  # of the uncompressed tar
+        self.source_sha256 = hashlib.sha256()  # of the input's uncompressed tar
         self.position = 0
 
     def _compress(self, data: bytes) -> bytes:
@@ -180,12 +191,38 @@ class _FrameWriter:
         return compressor.compress(data)
 
     def frame(self, data: bytes, written: Callable[[int, int], None] | None = None) -> None:
-        self._pending.append((self._pool.submit(self._compress, data), written))
-        self._drain(self._max_pending)
+        """Compress data into one frame; written(offset, stored length) once it is in the blob."""
+        compressed = self._pool.submit(self._compress, data)
+        self._queue(self._write_frame, compressed, data, written)
+
+    def hash_source(self, data: bytes) -> None:
+        self._queue(self.source_sha256.update, data)
+
+    def _queue(self, fn, *args) -> None:
+        self._pending.append(self._serial.submit(fn, *args))
+        while len(self._pending) > self._max_pending:
+            self._pending.popleft().result()
+
+    def _write_frame(self, compressed: concurrent.futures.Future, data: bytes,
+                     written: Callable[[int, int], None] | None) -> None:
+        stored = compressed.result()
+        if written is not None:
+            written(self.position, len(stored))
+        self._write(stored)
+        self.tar_sha256.update(data)
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def cancel(self) -> None:
+        """Drop queued work (after an error) so the executors shut down promptly."""
+        while self._pending:
+            self._pending.popleft().cancel()
 
     def raw(self, data: bytes) -> int:
-        """Write bytes as they are (skippable frames); returns their offset."""
-        self._drain(0)
+        """Write bytes as they are (skippable frames) after every queued frame; their offset."""
+        self.drain()
         offset = self.position
         self._write(data)
         return offset
@@ -194,14 +231,6 @@ class _FrameWriter:
         self._out.write(data)
         self.sha256.update(data)
         self.position += len(data)
-
-    def _drain(self, keep: int) -> None:
-        while len(self._pending) > keep:
-            future, written = self._pending.popleft()
-            stored = future.result()
-            if written is not None:
-                written(self.position, len(stored))
-            self._write(stored)
 
 
 class LayerBuilder:
@@ -226,7 +255,6 @@ class LayerBuilder:
         self.threads = threads or os.cpu_count() or 1
         self.tree = Tree()
         self.stats = LayerStats()
-        self._tar_sha = hashlib.sha256()
         self._tar_size = 0
         self._stream = bytearray()
         self._entries: list[fmt.ChunkEntry | None] = []
@@ -238,7 +266,6 @@ class LayerBuilder:
     # -- tar bytes ---------------------------------------------------------------------
 
     def _emit_stream(self, data: bytes) -> None:
-        self._tar_sha.update(data)
         self._tar_size += len(data)
         self._stream += data
         if len(self._stream) >= STREAM_FRAME_TARGET:
@@ -256,7 +283,6 @@ class LayerBuilder:
             self._emit_stream(data)
             return None
         self._flush_stream()
-        self._tar_sha.update(data)
         self._tar_size += len(data)
         digest = xxhash.xxh3_128(data).digest()
         n = len(self._entries)
@@ -280,25 +306,29 @@ class LayerBuilder:
     def build(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> BuildResult:
         """Read the whole layer from src and write the blob. Closes nothing."""
         decompressed, kind = open_tar_stream(src, progress)
-        stream = _Hashing(decompressed)
-        max_pending = max(2, min(2 * self.threads + 2, (64 << 20) // self.chunk_size))
-        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-zstd") as pool:
-            self._frames = _FrameWriter(self.out, pool, self.level, max_pending)
+        max_pending = max(4, min(4 * self.threads + 4, (64 << 20) // self.chunk_size))
+        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-zstd") as pool, \
+                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lazyfs-write") as serial:
+            self._frames = frames = _FrameWriter(self.out, pool, serial, self.level, max_pending)
+            stream = _Hashing(decompressed, frames.hash_source)
             try:
-                tar = tarfile.open(
-                    fileobj=stream, mode="r|", bufsize=1 << 20, encoding="utf-8", errors="surrogateescape"
-                )
-                for member in tar:
-                    self.stats.entries += 1
-                    self._member(tar, member)
-                while stream.read(1 << 20):
-                    pass
-            except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
-                raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
-            self._emit_stream(_EOF_BLOCKS)
-            self._flush_stream()
-            self._frames.raw(b"")
-            return self._finish(kind, "sha256:" + stream.sha256.hexdigest())
+                try:
+                    tar = tarfile.open(
+                        fileobj=stream, mode="r|", bufsize=64 << 10, encoding="utf-8", errors="surrogateescape"
+                    )
+                    for member in tar:
+                        self.stats.entries += 1
+                        self._member(tar, member)
+                    while stream.read(1 << 20):
+                        pass
+                except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
+                    raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
+                self._emit_stream(_EOF_BLOCKS)
+                self._flush_stream()
+                frames.drain()
+                return self._finish(kind, "sha256:" + frames.source_sha256.hexdigest())
+            finally:
+                frames.cancel()
 
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = m.name.encode("utf-8", "surrogateescape")
@@ -426,7 +456,7 @@ class LayerBuilder:
         result = BuildResult(
             digest="sha256:" + frames.sha256.hexdigest(),
             size=frames.position,
-            diff_id="sha256:" + self._tar_sha.hexdigest(),
+            diff_id="sha256:" + frames.tar_sha256.hexdigest(),
             tar_size=self._tar_size,
             source_diff_id=source_diff_id,
             input_format=kind,
