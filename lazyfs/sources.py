@@ -78,7 +78,8 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 class HttpBlobSource:
     """A blob at a plain HTTP(S) URL that answers Range requests, over an injected client.
 
-    A 206 must carry the requested Content-Range. A server that ignores Range and answers
+    Redirects are followed (a plain URL may point at object storage). A 206 must carry
+    the requested Content-Range. A server that ignores Range and answers
     200 with the whole blob is tolerated: the body is streamed, the bytes before ``offset``
     are discarded and the connection is closed once the range has been read.
     """
@@ -94,7 +95,7 @@ class HttpBlobSource:
             return b""
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         try:
-            async with self.client.stream("GET", self.url, headers=headers) as response:
+            async with self.client.stream("GET", self.url, headers=headers, follow_redirects=True) as response:
                 if response.status_code == 206:
                     self._check_content_range(response, offset, length)
                     body = await self._read_body(response, 0, length, offset)

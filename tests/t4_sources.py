@@ -34,6 +34,9 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         range_header = self.headers.get("Range")
         self.requests_seen.append((self.path, range_header))
+        if self.path == "/redirect":
+            self._send(302, b"", {"Location": "/blob"})
+            return
         if self.path == "/error":
             self._send(500, b"internal error")
             return
@@ -105,6 +108,12 @@ async def test_http_range_read(http_server, client):
     assert await source.read_range(len(BLOB) - 10, 10) == BLOB[-10:]
     assert await source.read_range(0, 0) == b""
     assert RangeHandler.requests_seen[0] == ("/blob", "bytes=1000-5999")
+
+
+async def test_http_redirect_is_followed(http_server, client):
+    source = HttpBlobSource(f"{http_server}/redirect", client)
+    assert await source.read_range(100, 900) == BLOB[100:1000]
+    assert [path for path, _ in RangeHandler.requests_seen] == ["/redirect", "/blob"]
 
 
 async def test_http_server_ignoring_range_is_handled(http_server, client):
