@@ -65,12 +65,15 @@ def read_index(
 class Layer:
     """A verified layer: its EROFS image and chunk table."""
 
-    def __init__(self, image: Image, table: fmt.ChunkTable, *, trusted_footer: bool = False):
+    def __init__(self, image: Image, table: fmt.ChunkTable, *, trusted_footer: bool = False,
+                 table_sha256: bytes | None = None):
         self.image = image
         self.table = table
         self.chunk_size = table.chunk_size
         self.trusted_footer = trusted_footer
-        tag = table_device_tag(hashlib.sha256(table.encode()).digest())
+        if table_sha256 is None:
+            table_sha256 = hashlib.sha256(table.encode()).digest()
+        tag = table_device_tag(table_sha256)
         devices = image.devices
         if len(devices) != 1 or devices[0].tag != tag:
             raise LayerFormatError("the metadata's chunk device tag does not match the chunk table")
@@ -102,7 +105,7 @@ class Layer:
         except ErofsError as e:
             raise LayerFormatError(f"layer metadata is not a valid EROFS image: {e}") from None
         table = fmt.ChunkTable.decode(table_bytes, chunk_size)
-        return cls(image, table, trusted_footer=trusted_footer)
+        return cls(image, table, trusted_footer=trusted_footer, table_sha256=hashlib.sha256(table_bytes).digest())
 
     @property
     def chunk_count(self) -> int:
