@@ -425,6 +425,19 @@ def test_reader_verifies_sections(tmp_path):
         locate(lambda o, n: bytes(n), 4096)
 
 
+def test_embedded_trace_section(tmp_path):
+    trace = b"lazyfs-trace 1\n" + b"record\n" * 1000
+    blob, result = convert(make_tar([(dict(name="f"), b"x")]), trace=trace)
+    index = locate(lambda o, n: blob[o:o + n], len(blob))
+    assert index == result.index and index.trace is not None
+    assert index.trace.open("trace", blob[index.trace.offset:index.trace.offset + index.trace.stored_size]) == trace
+    assert from_annotations(result.annotations, len(blob)) == index
+    assert "containerd.io/snapshot/lazyfs.trace.digest" in result.annotations
+    # Still a plain tar+zstd stream.
+    tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+    assert members_of(tar)[0][0] == "f"
+
+
 def test_materialise_chunk_device(tmp_path):
     data = os.urandom(2 * CHUNK + 100)
     blob, _ = convert(make_tar([(dict(name="f"), data)]), chunk_size=CHUNK)

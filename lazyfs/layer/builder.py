@@ -244,6 +244,7 @@ class LayerBuilder:
         inline_threshold: int = fmt.DEFAULT_INLINE_THRESHOLD,
         level: int = DEFAULT_LEVEL,
         threads: int | None = None,
+        trace: bytes | None = None,
     ):
         fmt.check_chunk_size(chunk_size)
         if not 0 <= inline_threshold <= BLOCK_SIZE:
@@ -253,6 +254,7 @@ class LayerBuilder:
         self.inline_threshold = inline_threshold
         self.level = level
         self.threads = threads or os.cpu_count() or 1
+        self.trace = trace
         self.tree = Tree()
         self.stats = LayerStats()
         self._tar_size = 0
@@ -260,7 +262,7 @@ class LayerBuilder:
         self._entries: list[fmt.ChunkEntry | None] = []
         self._dup_of: dict[int, int] = {}
         self._first_chunk: dict[bytes, int] = {}
-        self._zero = bytes(chunk_size)
+        self._zero_view = memoryview(bytes(chunk_size))
         self._frames: _FrameWriter | None = None
 
     # -- tar bytes ---------------------------------------------------------------------
@@ -278,7 +280,7 @@ class LayerBuilder:
 
     def _emit_chunk(self, data: bytes) -> int | None:
         """Write one chunk of file content; its chunk number, or None for a hole."""
-        if data == self._zero[: len(data)]:
+        if data == self._zero_view[: len(data)]:
             self.stats.hole_bytes += len(data)
             self._emit_stream(data)
             return None
@@ -444,11 +446,17 @@ class LayerBuilder:
 
         meta_offset = frames.raw(fmt.skippable_frame(meta_stored)) + fmt.SKIPPABLE_HEADER.size
         table_offset = frames.raw(fmt.skippable_frame(table)) + fmt.SKIPPABLE_HEADER.size
+        trace = None
+        if self.trace:
+            trace_stored = zstandard.ZstdCompressor(level=META_LEVEL).compress(self.trace)
+            trace_offset = frames.raw(fmt.skippable_frame(trace_stored)) + fmt.SKIPPABLE_HEADER.size
+            trace = fmt.make_section(trace_offset, trace_stored, fmt.COMPRESSION_ZSTD, len(self.trace))
         index = fmt.LayerIndex(
             version=fmt.FORMAT_VERSION,
             chunk_size=self.chunk_size,
             meta=fmt.make_section(meta_offset, meta_stored, fmt.COMPRESSION_ZSTD, len(meta)),
             table=fmt.make_section(table_offset, table, fmt.COMPRESSION_NONE, len(table)),
+            trace=trace,
         )
         frames.raw(fmt.encode_footer(index))
         self.stats.chunks = len(entries)
@@ -485,10 +493,15 @@ def build_layer(
     level: int = DEFAULT_LEVEL,
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    trace: bytes | None = None,
 ) -> BuildResult:
-    """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out."""
+    """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out.
+
+    trace, if given, is embedded as the trace section (its format is the trace module's).
+    """
     builder = LayerBuilder(
-        out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads
+        out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads,
+        trace=trace,
     )
     return builder.build(src, progress)
 
