@@ -54,6 +54,7 @@ class BenchEnv:
                                        self.work_dir)
         self.endpoint = ""
         self.registry_log: Path | None = None
+        self.daemon_log = self.work_dir / "daemon.log"
 
     def start(self) -> None:
         self.containerd.base.mkdir(parents=True, exist_ok=True)
@@ -70,6 +71,7 @@ class BenchEnv:
             self.snapshotter.stop()
         finally:
             self.containerd.stop()
+        self._clear_snapshotter_state(keep_cache=False)
 
     # ------------------------------------------------------------------ state
 
@@ -82,6 +84,7 @@ class BenchEnv:
                                  f"{mount_points_below(self.snapshotter.root)}")
         self._clear_snapshotter_state(keep_cache)
         self.snapshotter.start([self.endpoint])
+        self.containerd.wait_snapshotter("lazyfs")
         before, after = drop_page_cache()
         report = ResetReport(self.snapshotter.daemon_pid() or 0, cached_files(self.snapshotter.cache_dir),
                              before, after)
@@ -92,6 +95,10 @@ class BenchEnv:
         root = self.snapshotter.root
         if not root.exists():
             return
+        daemon_log = root / "daemon.log"
+        if daemon_log.exists():  # kept for diagnosis: all daemons' logs in one file
+            with open(self.daemon_log, "ab") as out:
+                out.write(daemon_log.read_bytes())
         for entry in root.iterdir():
             if keep_cache and entry == self.snapshotter.cache_dir:
                 continue

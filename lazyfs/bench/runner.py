@@ -139,8 +139,18 @@ class Runner:
         finally:
             self.reporter.phase("stopping containerd and lazyfs")
             env.stop()
+            self._keep_logs(env)
             shutil.rmtree(work_dir, ignore_errors=True)
         return self.store.runs()
+
+    def _keep_logs(self, env: BenchEnv) -> None:
+        """containerd's, the snapshotter's and the daemon's logs go to RESULTS/logs (appended)."""
+        logs = self.store.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for path in (env.containerd.log_path, env.snapshotter.log_path, env.daemon_log):
+            if path.exists():
+                with open(path, "rb") as src, open(logs / path.name, "ab") as dst:
+                    shutil.copyfileobj(src, dst)
 
     def _open_results(self) -> None:
         fingerprint = self.experiment.fingerprint()

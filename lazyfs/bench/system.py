@@ -281,11 +281,28 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 
     def listing(self, *args: str) -> list[str]:
         """Names from a ``ctr ... ls -q`` style listing."""
-        return self.ctr(*args, "ls", "-q", check=False).stdout.split()
+        return self.ctr(*args, "ls", "-q").stdout.split()
 
     def snapshots(self, snapshotter: str) -> list[str]:
-        out = self.ctr("snapshots", "--snapshotter", snapshotter, "ls", check=False).stdout
+        out = self.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout
         return [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+
+    def wait_snapshotter(self, snapshotter: str, timeout: float = START_TIMEOUT) -> None:
+        """Return once containerd reaches the snapshotter's backend. containerd redials a
+        restarted proxy snapshotter with backoff; ``snapshots ls`` does not tell (containerd
+        answers it from its own metadata), so a probe snapshot is prepared and removed."""
+        probe = f"lazyfs-bench-probe-{os.getpid()}"
+        deadline = time.monotonic() + timeout
+        while True:
+            prepared = self.ctr("snapshots", "--snapshotter", snapshotter, "prepare", probe,
+                                check=False, timeout=60)
+            if prepared.returncode == 0:
+                self.ctr("snapshots", "--snapshotter", snapshotter, "rm", probe, timeout=60)
+                return
+            if time.monotonic() > deadline:
+                raise SystemError_(f"containerd cannot reach the {snapshotter} snapshotter: "
+                                   f"{prepared.stderr.strip()}")
+            time.sleep(0.1)
 
     def remove_everything(self, snapshotters: tuple[str, ...]) -> None:
         """Tasks, containers, images (synchronous GC), leftover content and snapshots."""
@@ -313,7 +330,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             return
         if self.process.poll() is None:
             with contextlib.suppress(subprocess.SubprocessError, SystemError_):
-                for task in self.listing("task"):
+                for task in self.ctr("task", "ls", "-q", check=False, timeout=30).stdout.split():
                     self.ctr("task", "kill", "-s", "SIGKILL", task, check=False, timeout=30)
                     self.ctr("task", "delete", "-f", task, check=False, timeout=30)
             _stop_process(self.process)

@@ -127,7 +127,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"summary": report.summary, "plots": [str(p) for p in report.plots]}, indent=1))
         return 0
-    console = Console()
+    # Piped output (docs, CI logs) gets the full table instead of one squeezed to 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=170)
     console.print(report.table())
     for path in report.plots:
         console.print(f"plot: {path}")

@@ -1,0 +1,268 @@
+"""`lazyfs bench report`: a summary table (medians and spread) and plots of a results directory.
+
+Plots (PNG and SVG, matplotlib's Agg backend) go to RESULTS/report unless told otherwise:
+
+* ``readiness``: time to readiness per mode, one panel per image, bars per profile: the
+  median, the pull's share of it darker, whiskers from min to max, each run a dot;
+* ``bytes``: per image and mode, bytes the registry sent against bytes the workload read
+  from lazyfs (FUSE reads), beside the image's compressed layer size;
+* ``timeline``: one run's range requests over time (cumulative MB, on-demand vs prefetch
+  vs background), with the end of the pull and the readiness line marked.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BenchError
+from .results import OK, UNAVAILABLE, load_results
+
+MODE_ORDER = ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered", "warm")
+MODE_COLOURS = {"overlayfs": "#7f7f7f", "lazy": "#1f77b4", "lazy-prefetch": "#2ca02c",
+                "lazy-ordered": "#9467bd", "warm": "#ff7f0e"}
+PRIORITY_COLOURS = {"on_demand": "#d62728", "prefetch": "#2ca02c", "background": "#1f77b4"}
+MB = 1e6
+
+
+class ReportError(BenchError):
+    """The results cannot be reported (no runs, unknown run id)."""
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _median(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _mode_rank(mode: str) -> tuple[int, str]:
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+
+
+@dataclass
+class Report:
+    config: dict
+    summary: list[dict]
+    plots: list[Path] = field(default_factory=list)
+
+    def table(self):
+        from rich.table import Table
+
+        experiment = self.config.get("experiment", {}).get("name", "")
+        table = Table(title=f"lazyfs bench: {experiment} (medians; IQR and min-max of time to ready)")
+        for name, justify in (("image", "left"), ("workload", "left"), ("profile", "left"),
+                              ("mode", "left"), ("runs", "right"), ("ready s", "right"),
+                              ("IQR s", "right"), ("min-max s", "right"), ("pull s", "right"),
+                              ("registry MB", "right"), ("read MB", "right"),
+                              ("daemon CPU s", "right"), ("vs overlayfs", "right")):
+            table.add_column(name, justify=justify)
+        for row in self.summary:
+            if row["ok"] == 0:
+                table.add_row(row["image"], row["workload"], row["profile"], row["mode"],
+                              f"0/{row['runs']}", row["status"], "", "", "", "", "", "", "")
+                continue
+            table.add_row(
+                row["image"], row["workload"], row["profile"], row["mode"], f"{row['ok']}/{row['runs']}",
+                f"{row['ready_s']:.2f}", f"{row['ready_q1']:.2f}-{row['ready_q3']:.2f}",
+                f"{row['ready_min']:.2f}-{row['ready_max']:.2f}", f"{row['pull_s']:.2f}",
+                f"{row['registry_bytes'] / MB:.1f}",
+                "" if row["workload_read_bytes"] is None else f"{row['workload_read_bytes'] / MB:.1f}",
+                "" if row["daemon_cpu_s"] is None else f"{row['daemon_cpu_s']:.2f}",
+                "" if row["speedup"] is None else f"{row['speedup']:.1f}x")
+        return table
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["image"], r["workload"], r["profile"], r["mode"]), []).append(r)
+    rows = []
+    for (image, workload, profile, mode), records in groups.items():
+        ok = [r for r in records if r["status"] == OK]
+        row = {"image": image, "workload": workload, "profile": profile, "mode": mode,
+               "runs": len(records), "ok": len(ok),
+               "status": UNAVAILABLE if any(r["status"] == UNAVAILABLE for r in records) else "failed"}
+        if ok:
+            ready = [r["ready_s"] for r in ok]
+            row.update({
+                "status": OK, "ready_s": statistics.median(ready),
+                "ready_q1": _quantile(ready, 0.25), "ready_q3": _quantile(ready, 0.75),
+                "ready_min": min(ready), "ready_max": max(ready),
+                **{key: _median(ok, key) for key in (
+                    "pull_s", "start_to_ready_s", "total_s", "registry_bytes", "registry_requests",
+                    "workload_read_bytes", "lazyfs_fetched_bytes", "lazyfs_fetch_requests",
+                    "daemon_cpu_s", "containerd_cpu_s", "image_layer_bytes")},
+            })
+        rows.append(row)
+    for row in rows:
+        base = next((r for r in rows if r["mode"] == "overlayfs" and r["status"] == OK and
+                     (r["image"], r["workload"], r["profile"]) == (row["image"], row["workload"], row["profile"])),
+                    None)
+        row["speedup"] = (base["ready_s"] / row["ready_s"]
+                          if base is not None and row["status"] == OK and row["ready_s"] else None)
+    rows.sort(key=lambda r: (r["image"], r["workload"], r["profile"], _mode_rank(r["mode"])))
+    return rows
+
+
+def build_report(results_dir: Path, out_dir: Path | None = None, *, timeline_run: str | None = None) -> Report:
+    config, runs, store = load_results(Path(results_dir))
+    if not runs:
+        raise ReportError(f"{results_dir}: no finished runs yet")
+    report = Report(config, summarise(runs))
+    out = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in runs if r["status"] == OK]
+    if not ok:
+        return report
+    import matplotlib
+    matplotlib.use("Agg")
+    report.plots += _plot_readiness(ok, config, out)
+    report.plots += _plot_bytes(ok, config, out)
+    chosen = _timeline_run(ok, timeline_run)
+    if chosen is not None:
+        report.plots += _plot_timeline(chosen, store.events(chosen["run_id"]), out)
+    return report
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return paths
+
+
+def _layout(images: list[str]):
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(images), figsize=(4.8 * len(images) + 0.8, 4.4), squeeze=False)
+    return fig, axes[0]
+
+
+def _plot_readiness(runs: list[dict], config: dict, out: Path) -> list[Path]:
+    images = sorted({r["image"] for r in runs})
+    profiles = [p["name"] for p in config["experiment"]["profiles"] if any(r["profile"] == p["name"] for r in runs)]
+    modes = sorted({r["mode"] for r in runs}, key=_mode_rank)
+    fig, axes = _layout(images)
+    width = 0.8 / len(modes)
+    for ax, image in zip(axes, images):
+        for m, mode in enumerate(modes):
+            for p, profile in enumerate(profiles):
+                cell = [r for r in runs if (r["image"], r["mode"], r["profile"]) == (image, mode, profile)]
+                if not cell:
+                    continue
+                ready = [r["ready_s"] for r in cell]
+                med, pull = statistics.median(ready), statistics.median(r["pull_s"] for r in cell)
+                x = p + (m - (len(modes) - 1) / 2) * width
+                colour = MODE_COLOURS.get(mode, "#17becf")
+                ax.bar(x, med, width * 0.92, color=colour, alpha=0.55,
+                       label=mode if p == 0 else None)
+                ax.bar(x, min(pull, med), width * 0.92, color=colour, alpha=0.95)
+                ax.errorbar(x, med, yerr=[[med - min(ready)], [max(ready) - med]], fmt="none",
+                            ecolor="black", capsize=3, linewidth=1)
+                ax.scatter([x] * len(ready), ready, s=9, color="black", zorder=3)
+                ax.annotate(f"{med:.1f}", (x, max(ready)), textcoords="offset points", xytext=(0, 3),
+                            ha="center", fontsize=8)
+        ax.set_xticks(range(len(profiles)), profiles)
+        ax.set_title(image)
+        ax.set_ylabel("time to readiness (s)")
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(title="mode (dark: pull)", fontsize=8, title_fontsize=8, loc="upper right")
+    fig.suptitle("Cold start: pull start to readiness line (median, min-max, runs)")
+    return _save(fig, out, "readiness")
+
+
+def _plot_bytes(runs: list[dict], config: dict, out: Path) -> list[Path]:
+    images = sorted({r["image"] for r in runs})
+    fig, axes = _layout(images)
+    series = (("registry_bytes", "sent by the registry", "#1f77b4"),
+              ("workload_read_bytes", "read by the workload (FUSE)", "#ff7f0e"))
+    for ax, image in zip(axes, images):
+        cell_runs = [r for r in runs if r["image"] == image]
+        modes = sorted({r["mode"] for r in cell_runs}, key=_mode_rank)
+        for s, (key, label, colour) in enumerate(series):
+            for m, mode in enumerate(modes):
+                value = _median([r for r in cell_runs if r["mode"] == mode], key)
+                if value is None:
+                    continue
+                x = m + (s - 0.5) * 0.38
+                ax.bar(x, value / MB, 0.36, color=colour, label=label if m == 0 or
+                       label not in ax.get_legend_handles_labels()[1] else None)
+                ax.annotate(f"{value / MB:.1f}", (x, value / MB), textcoords="offset points",
+                            xytext=(0, 2), ha="center", fontsize=7)
+        size = _median(cell_runs, "image_layer_bytes")
+        original = config.get("images", {}).get(image, {}).get("original", {}).get("layer_bytes")
+        if original:
+            ax.axhline(original / MB, color="grey", linestyle="--", linewidth=1,
+                       label=f"image layers, gzip ({original / MB:.0f} MB)")
+        elif size:
+            ax.axhline(size / MB, color="grey", linestyle="--", linewidth=1, label="image layers")
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_title(image)
+        ax.set_ylabel("MB (median per run)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Bytes fetched from the registry vs bytes the workload read")
+    return _save(fig, out, "bytes")
+
+
+def _timeline_run(runs: list[dict], run_id: str | None) -> dict | None:
+    if run_id is not None:
+        for r in runs:
+            if r["run_id"] == run_id:
+                return r
+        raise ReportError(f"no finished run {run_id!r}")
+    preference = ("lazy-ordered", "lazy-prefetch", "lazy")
+    candidates = [r for r in runs if r["mode"] in preference and r.get("fetch_events")]
+    if not candidates:
+        return None
+    candidates.sort(key=lambda r: (preference.index(r["mode"]), -(r["lazyfs_fetched_bytes"] or 0),
+                                   r["repetition"]))
+    return candidates[0]
+
+
+def _plot_timeline(run: dict, events: list[dict], out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 5.6), sharex=True,
+                                  gridspec_kw={"height_ratios": [2.2, 1]})
+    ordered = sorted(events, key=lambda e: e["end"])
+    total = 0.0
+    xs, ys = [0.0], [0.0]
+    for e in ordered:
+        total += e["bytes"] / MB
+        xs.append(e["end"])
+        ys.append(total)
+    ax.step(xs, ys, where="post", color="black", linewidth=1.2, label="cumulative MB fetched")
+    for e in ordered:
+        colour = PRIORITY_COLOURS.get(e["priority"], "grey")
+        ax2.plot([e["start"], e["end"]], [e["bytes"] / MB] * 2, color=colour, linewidth=2.5,
+                 solid_capstyle="butt")
+    for priority, colour in PRIORITY_COLOURS.items():
+        if any(e["priority"] == priority for e in ordered):
+            ax2.plot([], [], color=colour, linewidth=2.5, label=priority.replace("_", "-"))
+    for axis in (ax, ax2):
+        axis.axvline(run["pull_s"], color="#7f7f7f", linestyle=":", linewidth=1)
+        axis.axvline(run["ready_s"], color="#d62728", linestyle="--", linewidth=1)
+        axis.grid(alpha=0.3)
+    ax.text(run["pull_s"], ax.get_ylim()[1] * 0.95, " pull done", fontsize=8, va="top")
+    ax.text(run["ready_s"], ax.get_ylim()[1] * 0.80, " ready", fontsize=8, va="top", color="#d62728")
+    ax.set_ylabel("MB fetched (cumulative)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax2.set_ylabel("MB per request")
+    ax2.set_ylim(bottom=0, top=max([e["bytes"] / MB for e in ordered] + [0.1]) * 1.25)
+    ax2.set_xlabel("seconds since the start of the pull")
+    ax2.set_xlim(left=0, right=max([run["ready_s"]] + [e["end"] for e in ordered]) * 1.05)
+    ax2.legend(fontsize=8, loc="upper left", title="range requests", title_fontsize=8)
+    fig.suptitle(f"Fetch timeline: {run['run_id']}\n{len(ordered)} range requests, "
+                 f"{total:.1f} MB", fontsize=10)
+    return _save(fig, out, "timeline")
