@@ -29,7 +29,7 @@ from lazyfs.layerfs import DeviceReadError
 # Plain blobs have no chunk table; this is the fetch granularity for them.
 PLAIN_CELL_SIZE = 1 << 20
 RECENT_CHUNKS_BYTES = 32 << 20
-READAHEAD_BYTES = 8 << 20
+READAHEAD_BYTES = 32 << 20
 
 
 class RecentChunks:
