@@ -89,6 +89,7 @@ class ImageOutcome:
     config: bytes
     layers: list[LayerOutcome]
     platform: dict | None = None
+    media_type: str = OCI_MANIFEST
 
 
 @dataclasses.dataclass
@@ -136,9 +137,11 @@ class _Converter:
     async def image(self, manifest: Manifest, platform: dict | None = None) -> ImageOutcome:
         doc = manifest.json
         config_desc = manifest.config
+        layers = manifest.layers
+        if not any(d.media_type in CONVERTIBLE_LAYER_TYPES and not is_lazyfs(d.annotations) for d in layers):
+            return await self._copy_unchanged(manifest, platform)
         config = await self.src.get_config(manifest)
         diff_ids = (config.get("rootfs") or {}).get("diff_ids")
-        layers = manifest.layers
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
             raise ConvertError(f"{manifest.digest}: config has {diff_ids!r} diff_ids for {len(layers)} layers")
         outcomes: list[LayerOutcome | None] = [None] * len(layers)
@@ -171,11 +174,20 @@ class _Converter:
                 new_doc[key] = doc[key]
         data = json.dumps(new_doc, indent=2).encode()
         digest = sha256_digest(data)
-        self.staging.add_bytes(digest, data, OCI_MANIFEST)
         log.info("converted manifest %s -> %s", manifest.digest, digest)
         return ImageOutcome(manifest.digest, data, digest, config_bytes, list(outcomes), platform)
 
-    async def layer(self, desc: Descriptor, diff_id: str) -> LayerOutcome:
+    async def _copy_unchanged(self, manifest: Manifest, platform: dict | None) -> ImageOutcome:
+        """An image with nothing to convert (already lazyfs, or an attestation) is copied as is."""
+        config_desc = manifest.config
+        config = await self.src.get_blob(config_desc.digest)
+        self.staging.add_bytes(config_desc.digest, config, config_desc.media_type)
+        outcomes = [await self.layer(desc, None) for desc in manifest.layers]
+        log.info("manifest %s has no layer to convert: copied unchanged", manifest.digest)
+        return ImageOutcome(manifest.digest, manifest.data, manifest.digest, config, outcomes, platform,
+                            media_type=manifest.media_type)
+
+    async def layer(self, desc: Descriptor, diff_id: str | None) -> LayerOutcome:
         cached = self.layer_cache.get(desc.digest)
         if cached is not None:
             return cached
@@ -264,7 +276,7 @@ async def convert_image(
                 raise ConvertError(f"unsupported manifest media type {top.media_type}")
             image = await converter.image(top)
             images.append(image)
-            result_bytes, result_type = image.manifest, OCI_MANIFEST
+            result_bytes, result_type = image.manifest, image.media_type
         else:
             entries = []
             for entry in top.manifests:
@@ -273,7 +285,7 @@ async def convert_image(
                     raise ConvertError(f"nested index {entry.digest} is not supported")
                 image = await converter.image(child, entry.platform)
                 images.append(image)
-                new_entry = Descriptor(OCI_MANIFEST, image.manifest_digest, len(image.manifest),
+                new_entry = Descriptor(image.media_type, image.manifest_digest, len(image.manifest),
                                        annotations=dict(entry.annotations), platform=entry.platform)
                 entries.append(new_entry.to_json())
             doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
@@ -293,5 +305,5 @@ async def _push(dst, staging: _Staging, images: list[ImageOutcome], top: bytes, 
         await dst.push_blob(image.config, digest=config_digest, media_type=staging.media_types[config_digest])
     if is_index:
         for image in images:
-            await dst.push_manifest(image.manifest, OCI_MANIFEST)
+            await dst.push_manifest(image.manifest, image.media_type)
     return await dst.push_manifest(top, top_type, tag)

@@ -25,6 +25,7 @@ import trio
 from lazyfs import cli
 from lazyfs.convert import ConvertError, ConvertOptions, convert_image
 from lazyfs.fetch import decode_chunk
+from lazyfs.imageinfo import inspect_image
 from lazyfs.layer.annotations import is_lazyfs
 from lazyfs.layer.reader import Layer, materialise_chunk_device, open_blob_file
 from lazyfs.registry import Platform, RegistryError, open_store
@@ -336,6 +337,42 @@ async def test_convert_index_and_docker_media_types(registry, registry_repo, tmp
         await dst.aclose()
 
 
+async def test_index_with_attestation_manifest(registry, registry_repo, tmp_path):
+    """A buildx-style attestation (not a tar layer, config without rootfs) is copied unchanged."""
+    image = build_image([[file("a", b"amd64\n")]])
+    src = open_store(f"{registry.host}/{registry_repo}:att")
+    dst = open_store(f"oci:{tmp_path / 'out'}:x")
+    try:
+        await push_image(src, image)
+        statement, config = b'{"_type": "https://in-toto.io/Statement/v0.1"}', b"{}"
+        for blob in (statement, config):
+            await src.push_blob(blob, media_type="application/octet-stream")
+        attestation = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.in-toto+json",
+                        "digest": "sha256:" + hashlib.sha256(statement).hexdigest(), "size": len(statement)}],
+        }).encode()
+        att_digest = await src.push_manifest(attestation, OCI_MANIFEST)
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            image.descriptor.to_json(),
+            {"mediaType": OCI_MANIFEST, "digest": att_digest, "size": len(attestation),
+             "platform": {"os": "unknown", "architecture": "unknown"},
+             "annotations": {"vnd.docker.reference.type": "attestation-manifest"}},
+        ]}).encode()
+        await src.push_manifest(index, OCI_INDEX, "att")
+        result = await convert_image(src, dst, tag="x")
+        top = await dst.get_manifest()
+        assert top.digest == result.digest and [m.digest for m in top.manifests][1] == att_digest
+        converted = await dst.get_manifest(top.manifests[0].digest)
+        assert is_lazyfs(converted.layers[0].annotations)
+        assert (await dst.get_manifest(att_digest)).data == attestation
+    finally:
+        await src.aclose()
+        await dst.aclose()
+
+
 async def test_convert_is_deterministic_and_checks_diff_ids(registry, registry_repo, tmp_path):
     image = build_image([[file("f", b"content\n" * 1000)]])
     store = open_store(f"{registry.host}/{registry_repo}:v1")
@@ -401,6 +438,27 @@ async def test_convert_through_fault_proxy(registry, registry_repo, tmp_path):
         assert (await direct.get_manifest()).digest == source_digest
     finally:
         await direct.aclose()
+
+
+async def test_hostile_layer_refused_and_inspect_plain_image(registry, registry_repo, tmp_path):
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("../../etc/cron.d/evil")
+        info.size = 4
+        t.addfile(info, io.BytesIO(b"evil"))
+    image = build_image([[file("ok", b"fine\n")], evil.getvalue()])
+    src = open_store(f"{registry.host}/{registry_repo}:evil")
+    out = open_store(f"oci:{tmp_path / 'out'}:x")
+    try:
+        await push_image(src, image, tag="evil")
+        with pytest.raises(ConvertError, match=r"\.\./\.\./etc/cron\.d/evil.*'\.\.'"):
+            await convert_image(src, out, tag="x")
+        assert not list((tmp_path / "out").rglob("sha256/*"))
+        report = await inspect_image(src)
+        assert [layer["lazyfs"] for layer in report["images"][0]["layers"]] == [False, False]
+    finally:
+        await src.aclose()
+        await out.aclose()
 
 
 def test_convert_cli_errors(registry, registry_repo, tmp_path, capsys):
