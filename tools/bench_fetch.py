@@ -7,13 +7,17 @@
    worker thread -- throughput and the longest stall another task on the loop sees;
 2. ChunkCache put/get throughput (get includes the xxh3 re-verification);
 3. layout: one file per chunk vs append-only pack files, on many small chunks:
-   write, index rebuild on open, random reads, disk usage.
+   write, index rebuild on open, random reads, disk usage;
+4. end to end: ChunkFetcher reading a blob of zstd chunks from a local HTTP server that
+   answers ranges, cold and then warm cache, with and without range coalescing.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import os
+import re
 import random
 import shutil
 import struct
@@ -22,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+import threading
 import trio
 import xxhash
 import zstandard
@@ -29,7 +35,8 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lazyfs.cache import ChunkCache, chunk_digest  # noqa: E402
-from lazyfs.fetch import ChunkRef, decode_chunk  # noqa: E402
+from lazyfs.fetch import ChunkFetcher, ChunkRef, decode_chunk  # noqa: E402
+from lazyfs.sources import HttpBlobSource  # noqa: E402
 
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
 REPEAT = 3
@@ -275,11 +282,79 @@ def bench_layout(workdir: Path, count: int) -> None:
     print("open: file per chunk = with the index snapshot / listing + stat(2) of every chunk")
 
 
+class _RangeServer(http.server.BaseHTTPRequestHandler):
+    blob = b""
+    delay = 0.0  # seconds before each answer: a stand-in for the round trip to a registry
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
+        body = self.blob[first:last + 1]
+        time.sleep(self.delay)
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Range", f"bytes {first}-{first + len(body) - 1}/{len(self.blob)}")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Listener(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 drops concurrent connects (1 s SYN retry)
+
+
+async def fetch_all(cache_root: Path, url: str, refs: list[ChunkRef], max_coalesce: int) -> tuple[float, int]:
+    async with httpx.AsyncClient() as client:
+        source = HttpBlobSource(url, client)
+        async with ChunkFetcher(ChunkCache(cache_root), max_coalesce=max_coalesce) as fetcher:
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for i in range(0, len(refs), 4):  # 4-chunk reads, all at once, like a busy start
+                    nursery.start_soon(fetcher.get, source, refs[i:i + 4])
+            await fetcher.wait_idle()
+            return time.perf_counter() - start, fetcher.stats.requests
+
+
+def bench_end_to_end(workdir: Path) -> None:
+    chunk = 1 << 20
+    data = sample_data(64 * chunk)
+    compressor = zstandard.ZstdCompressor(level=3)
+    blob = bytearray()
+    refs = []
+    for i in range(64):
+        piece = data[i * chunk:(i + 1) * chunk]
+        frame = compressor.compress(piece)
+        refs.append(ChunkRef(len(blob), len(frame), len(piece), chunk_digest(piece), "zstd"))
+        blob += frame
+    _RangeServer.blob = bytes(blob)
+    server = _Listener(("127.0.0.1", 0), _RangeServer)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/blob"
+    print(f"\n## end to end: 64 x 1 MiB chunks ({len(blob) / 1e6:.0f} MB stored) from a local HTTP server")
+    print(f"{'delay':>6} {'coalescing':>11} {'cold':>8} {'requests':>9} {'MB/s (data)':>12} {'warm':>7}")
+    try:
+        for delay in (0.0, 0.05):
+            _RangeServer.delay = delay
+            for label, bound in (("off", 1), ("8 MiB", 8 << 20)):
+                root = workdir / f"e2e-{bound}"
+                cold, requests = trio.run(fetch_all, root, url, refs, bound)
+                warm, _ = trio.run(fetch_all, root, url, refs, bound)
+                print(f"{delay * 1e3:>4.0f}ms {label:>11} {cold:>7.2f}s {requests:>9} "
+                      f"{len(data) / cold / 1e6:>12.0f} {warm:>6.2f}s")
+                shutil.rmtree(root)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="scratch directory (default: a new temporary directory)")
     parser.add_argument("--small-chunks", type=int, default=100_000)
-    parser.add_argument("--only", choices=["decode", "cache", "layout"])
+    parser.add_argument("--only", choices=["decode", "cache", "layout", "e2e"])
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-fetch-", dir=args.dir))
     print(f"scratch directory {workdir} on {os.statvfs(workdir).f_bsize}-byte blocks")
@@ -290,6 +365,8 @@ def main() -> int:
             bench_cache(workdir)
         if args.only in (None, "layout"):
             bench_layout(workdir, args.small_chunks)
+        if args.only in (None, "e2e"):
+            bench_end_to_end(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
