@@ -519,3 +519,18 @@ def test_scheduler_invariants(sizes, gap, plan, fault_plan, concurrency, max_coa
     for _, offset, length in source.requests:
         assert offset + length <= len(blob)
         assert length <= max_coalesce or any(r.offset == offset and r.stored_length == length for r in refs)
+
+
+async def test_fetcher_saves_the_cache_index_periodically_and_on_exit(cache, autojump_clock):
+    blob, refs, _ = build_blob([1000, 2000])
+    source = MemorySource(blob)
+    index = cache.root / "index"
+    async with ChunkFetcher(cache, index_save_interval=30.0) as fetcher:
+        await fetcher.get(source, refs[:1])
+        assert not index.exists()
+        await trio.sleep(31)
+        assert index.exists()
+        saved = index.read_bytes()
+        await fetcher.get(source, refs[1:])
+    assert index.read_bytes() != saved  # saved again when the fetcher stopped
+    assert ChunkCache(cache.root).stats()["entries"] == 2
