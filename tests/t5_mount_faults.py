@@ -16,6 +16,7 @@ import time
 import pytest
 import trio
 
+from lazyfs.mounts import is_mounted
 from lazyfs.registry import open_store
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root
@@ -167,3 +168,22 @@ def test_killed_daemon_leaves_a_stale_mount_that_the_next_mount_cleans(repo, pro
         lazyfs_cli("mount", "--run-dir", str(run_dir), "--cache-dir", str(cache), f"{proxy.host}/{repo}", str(mnt))
         for rel, want in FILES.items():
             assert (mnt / rel).read_bytes() == want
+
+        # `lazyfs umount` also cleans up after a dead daemon.
+        pid = mount.daemon_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        lazyfs_cli("umount", "--run-dir", str(run_dir), str(mnt))
+        assert not is_mounted(mnt)
+        assert not any(run_dir.iterdir())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

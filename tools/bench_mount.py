@@ -128,6 +128,11 @@ class LazyMount:
                 return int((state / "daemon.pid").read_text())
         raise RuntimeError("no daemon for this mount")
 
+    def read_requests(self) -> int:
+        out = subprocess.run([sys.executable, "-m", "lazyfs.cli", "stats", "--json", "--run-dir", str(self.run_dir),
+                              str(self.path)], check=True, capture_output=True, text=True).stdout
+        return json.loads(out)["reads"]["requests"]
+
     def close(self) -> None:
         lazyfs("umount", "--run-dir", str(self.run_dir), str(self.path))
 
@@ -178,11 +183,14 @@ def timed_walk(root: Path) -> float:
     return time.perf_counter() - start
 
 
-def rss_mib(pid: int) -> float:
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and its parts: RssAnon (heap), RssFile (mapped files, e.g. the metadata image)."""
+    found = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            found[key] = int(value.split()[0]) / 1024
+    return found
 
 
 def main() -> int:
@@ -219,21 +227,26 @@ def main() -> int:
             try:
                 cold_s, n = timed_read(mount.path / "big.bin")
                 assert n == size_mib * MiB
-                rows.append(("cold read of a big file (registry)", f"{size_mib / cold_s:.0f} MiB/s",
-                             f"curl of the blob: {big.size / MiB / curl_s:.0f} MiB/s ({curl_s:.1f}s)",
-                             f"{curl_s / cold_s:.2f}x (target >= 0.5x)"))
-                # 2. cached data: first read after dropping the page cache, then a second read
+                rows.append((f"cold read of a {size_mib} MiB file (registry)",
+                             f"{size_mib / cold_s:.0f} MiB/s ({cold_s:.1f}s)",
+                             f"curl of its {big.size / MiB:.0f} MiB blob: {curl_s:.1f}s",
+                             f"{curl_s / cold_s:.2f}x in time (target >= 0.5x)"))
+                # 2. cached data: first read after dropping the file's pages, then a second read
+                # (straight after, so that nothing else on the machine drops the page cache between)
                 drop_file_cache(mount.path / "big.bin", kernel.path / "big.bin", kernel.device, kernel.meta)
                 first_s, _ = timed_read(mount.path / "big.bin")
+                before = mount.read_requests()
+                second_s, _ = timed_read(mount.path / "big.bin")
+                reached = mount.read_requests() - before
                 k_first_s, _ = timed_read(kernel.path / "big.bin")
+                k_second_s, _ = timed_read(kernel.path / "big.bin")
                 rows.append(("first read, chunk cache warm", f"{size_mib / first_s:.0f} MiB/s",
                              f"kernel EROFS: {size_mib / k_first_s:.0f} MiB/s",
                              f"{k_first_s / first_s:.2f}x (target >= 0.5x)"))
-                second_s, _ = timed_read(mount.path / "big.bin")
-                k_second_s, _ = timed_read(kernel.path / "big.bin")
                 rows.append(("second read (page cache)", f"{size_mib / second_s:.0f} MiB/s",
                              f"kernel EROFS: {size_mib / k_second_s:.0f} MiB/s",
-                             f"{k_second_s / second_s:.2f}x (target >= 0.9x)"))
+                             f"{k_second_s / second_s:.2f}x (target >= 0.9x); "
+                             f"{reached} reads reached the daemon"))
             finally:
                 mount.close()
                 kernel.close()
@@ -246,8 +259,10 @@ def main() -> int:
                 k_walk_s = timed_walk(kernel.path)
                 rows.append((f"find | xargs stat, {args.files} files", f"{walk_s:.2f}s",
                              f"kernel EROFS: {k_walk_s:.2f}s", f"{walk_s / k_walk_s:.2f}x (target <= 3x)"))
-                rss = rss_mib(mount.pid())
-                rows.append((f"daemon RSS, {args.files}-file layer", f"{rss:.0f} MiB", "", "target <= 150 MiB"))
+                memory = memory_mib(mount.pid())
+                rows.append((f"daemon RSS, {args.files}-file layer", f"{memory['VmRSS']:.0f} MiB",
+                             f"anon {memory['RssAnon']:.0f} MiB, file {memory['RssFile']:.0f} MiB, "
+                             f"shmem {memory.get('RssShmem', 0):.0f} MiB", "target <= 150 MiB"))
             finally:
                 mount.close()
                 kernel.close()
