@@ -32,6 +32,7 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import stat
 import tarfile
 import threading
@@ -128,24 +129,68 @@ class _Counting(io.RawIOBase):
         return n
 
 
-class _Hashing(io.RawIOBase):
-    """Passes reads through, handing each piece to ``digest`` (the input's diff_id)."""
+class _ReadAhead(io.RawIOBase):
+    """Decompresses the input on its own thread, hashing it in order (the input's diff_id).
 
-    def __init__(self, inner: BinaryIO, digest: Callable[[bytes], None]):
+    zlib and zstd release the GIL, so inflating runs beside the tar parsing of the main thread;
+    a bounded queue of PIECE-sized pieces keeps memory bounded.
+    """
+
+    PIECE = 1 << 20
+    DEPTH = 8
+
+    def __init__(self, inner: BinaryIO):
         self._inner = inner
-        self._digest = digest
+        self.sha256 = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._piece = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="lazyfs-inflate", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._inner.read(self.PIECE)
+                self.sha256.update(data)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as e:  # handed to the reader, which raises it
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf) -> int:
-        data = self._inner.read(len(buf))
-        n = len(data)
-        buf[:n] = data
-        if n:
-            self._digest(data)
+        if not self._piece:
+            if self._eof:
+                return 0
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                self._eof = True
+                return 0
+            self._piece = memoryview(item)
+        n = min(len(buf), len(self._piece))
+        buf[:n] = self._piece[:n]
+        self._piece = self._piece[n:]
         return n
 
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        super().close()
 
 
 def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[BinaryIO, str]:
@@ -165,23 +210,23 @@ class _FrameWriter:
     """Writes zstd frames to the blob in order while compression runs ahead on a thread pool.
 
     Compression runs on ``pool``; everything order-dependent (writing the blob, the blob's and
-    the tar's sha256, the input's sha256) runs on ``serial``, a one-thread executor whose FIFO
+    the tar's sha256) runs on ``serial``, a one-thread executor whose FIFO
     keeps the order. The main thread only parses the tar and submits work, and it waits when
-    more than ``max_pending`` tasks are queued, which bounds memory.
+    the queued tasks hold more than ``max_pending_bytes`` of data, which bounds memory.
     """
 
     def __init__(self, out: BinaryIO, pool: concurrent.futures.Executor, serial: concurrent.futures.Executor,
-                 level: int, max_pending: int):
+                 level: int, max_pending_bytes: int):
         self._out = out
         self._pool = pool
         self._serial = serial
         self._level = level
         self._local = threading.local()
-        self._pending: collections.deque = collections.deque()
-        self._max_pending = max_pending
+        self._pending: collections.deque = collections.deque()  # (future, bytes it holds)
+        self._pending_bytes = 0
+        self._max_pending_bytes = max_pending_bytes
         self.sha256 = hashlib.sha256()  # of the blob
         self.tar_sha256 = hashlib.sha256()  # of the uncompressed tar
-        self.source_sha256 = hashlib.sha256()  # of the input's uncompressed tar
         self.position = 0
 
     def _compress(self, data: bytes) -> bytes:
@@ -193,15 +238,18 @@ class _FrameWriter:
     def frame(self, data: bytes, written: Callable[[int, int], None] | None = None) -> None:
         """Compress data into one frame; written(offset, stored length) once it is in the blob."""
         compressed = self._pool.submit(self._compress, data)
-        self._queue(self._write_frame, compressed, data, written)
+        self._queue(len(data), self._write_frame, compressed, data, written)
 
-    def hash_source(self, data: bytes) -> None:
-        self._queue(self.source_sha256.update, data)
+    def _queue(self, nbytes: int, fn, *args) -> None:
+        self._pending.append((self._serial.submit(fn, *args), nbytes))
+        self._pending_bytes += nbytes
+        while self._pending_bytes > self._max_pending_bytes:
+            self._wait_oldest()
 
-    def _queue(self, fn, *args) -> None:
-        self._pending.append(self._serial.submit(fn, *args))
-        while len(self._pending) > self._max_pending:
-            self._pending.popleft().result()
+    def _wait_oldest(self) -> None:
+        future, nbytes = self._pending.popleft()
+        self._pending_bytes -= nbytes
+        future.result()
 
     def _write_frame(self, compressed: concurrent.futures.Future, data: bytes,
                      written: Callable[[int, int], None] | None) -> None:
@@ -213,12 +261,13 @@ class _FrameWriter:
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
 
     def cancel(self) -> None:
         """Drop queued work (after an error) so the executors shut down promptly."""
         while self._pending:
-            self._pending.popleft().cancel()
+            self._pending.popleft()[0].cancel()
+        self._pending_bytes = 0
 
     def raw(self, data: bytes) -> int:
         """Write bytes as they are (skippable frames) after every queued frame; their offset."""
@@ -308,11 +357,11 @@ class LayerBuilder:
     def build(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> BuildResult:
         """Read the whole layer from src and write the blob. Closes nothing."""
         decompressed, kind = open_tar_stream(src, progress)
-        max_pending = max(4, min(4 * self.threads + 4, (64 << 20) // self.chunk_size))
+        max_pending_bytes = max(16 << 20, (self.threads + 1) * self.chunk_size)
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-zstd") as pool, \
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lazyfs-write") as serial:
-            self._frames = frames = _FrameWriter(self.out, pool, serial, self.level, max_pending)
-            stream = _Hashing(decompressed, frames.hash_source)
+            self._frames = frames = _FrameWriter(self.out, pool, serial, self.level, max_pending_bytes)
+            stream = _ReadAhead(decompressed)
             try:
                 try:
                     tar = tarfile.open(
@@ -328,9 +377,10 @@ class LayerBuilder:
                 self._emit_stream(_EOF_BLOCKS)
                 self._flush_stream()
                 frames.drain()
-                return self._finish(kind, "sha256:" + frames.source_sha256.hexdigest())
+                return self._finish(kind, "sha256:" + stream.sha256.hexdigest())
             finally:
                 frames.cancel()
+                stream.close()
 
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = m.name.encode("utf-8", "surrogateescape")
