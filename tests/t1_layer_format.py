@@ -447,3 +447,72 @@ def test_materialise_chunk_device(tmp_path):
     raw = (tmp_path / "dev").read_bytes()
     assert size == len(raw) == 3 * CHUNK
     assert raw[: len(data)] == data and raw[len(data):] == bytes(len(raw) - len(data))
+
+
+# -- property: any well-formed tree converts to an equal tar and an equal EROFS tree -------------
+
+_SIZES = st.sampled_from([0, 1, 100, 4095, 4096, 4097, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 7])
+
+
+@st.composite
+def layer_trees(draw):
+    dirs = draw(st.lists(st.sampled_from(["a", "b", "a/c", "b/d", "a/c/e"]), unique=True, max_size=5))
+    members, files = [], []
+    for d in sorted(dirs):
+        members.append((dict(name=d, type=tarfile.DIRTYPE, mode=draw(st.sampled_from([0o755, 0o700, 0o1777]))),
+                        None))
+    parents = [""] + sorted(d for d in dirs if all(p in dirs for p in _prefixes(d)))
+    for i in range(draw(st.integers(0, 8))):
+        parent = draw(st.sampled_from(parents))
+        name = (parent + "/" if parent else "") + f"f{i}"
+        size = draw(_SIZES)
+        seed = draw(st.integers(0, 3))
+        data = (bytes([seed]) * 7 + os.urandom(1))[:1] * size if seed == 0 else os.urandom(size)
+        ns = draw(st.integers(0, 999_999_999))
+        members.append((dict(name=name, mode=draw(st.sampled_from([0o644, 0o600, 0o4755])),
+                             uid=draw(st.integers(0, 70000)), pax={"mtime": f"1600000000.{ns:09d}"}), data))
+        files.append(name)
+    for j, target in enumerate(files[: draw(st.integers(0, len(files)))]):
+        members.append((dict(name=f"hl{j}", type=tarfile.LNKTYPE, linkname=target), None))
+    if files and draw(st.booleans()):
+        members.append((dict(name="sym", type=tarfile.SYMTYPE, linkname=files[0]), None))
+    return members
+
+
+def _prefixes(path):
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(layer_trees())
+def test_builder_property(members):
+    src = make_tar([(dict(kw), data) for kw, data in members])
+    blob, result = convert(src, chunk_size=CHUNK)
+    tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+    assert members_of(tar) == members_of(src)
+    assert result.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    index = locate(lambda o, n: blob[o:o + n], len(blob))
+    layer = Layer.load(index, blob[index.meta.offset:index.meta.offset + index.meta.stored_size],
+                       blob[index.table.offset:index.table.offset + index.table.stored_size])
+
+    def chunk(n):
+        ref = layer.chunk_ref(n)
+        from lazyfs.fetch import decode_chunk
+
+        return decode_chunk(ref, blob[ref.offset:ref.offset + ref.stored_length])
+
+    img = layer.image
+    nids = {}
+    for kw, data in members:
+        nid = img.resolve(kw["name"].encode())
+        inode = img.inode(nid)
+        if data is not None:
+            assert layer.read(nid, 0, len(data) + 1, chunk) == data
+            assert stat.S_IMODE(inode.mode) == kw["mode"] and inode.uid == kw["uid"]
+            assert inode.mtime_nsec == int(kw["pax"]["mtime"].split(".")[1])
+            nids[kw["name"]] = nid
+        elif kw.get("type") == tarfile.LNKTYPE:
+            assert nid == nids[kw["linkname"]]
+        elif kw.get("type") == tarfile.DIRTYPE:
+            assert stat.S_ISDIR(inode.mode) and stat.S_IMODE(inode.mode) == kw["mode"]
