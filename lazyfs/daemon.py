@@ -33,6 +33,7 @@ import trio
 
 from lazyfs import attach as attach_kinds
 from lazyfs.cache import ChunkCache
+from lazyfs.config import ConfigError, parse_size
 from lazyfs.control import MAX_LINE
 from lazyfs.fetch import BlobSource, ChunkFetcher, ChunkRef, FetchStats, Priority
 from lazyfs.fuse import LazyOperations
@@ -440,11 +441,18 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse-dir", required=True, type=Path, help="where the FUSE mount goes")
     parser.add_argument("--socket", required=True, type=Path, help="control socket path")
     parser.add_argument("--cache-dir", required=True, type=Path, help="chunk cache directory")
-    parser.add_argument("--cache-size", type=int, default=None, help="cache size limit in bytes")
+    parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit: bytes, or 500M, 20G")
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (attach list, stacked mount)")
