@@ -336,11 +336,14 @@ class LayerBuilder:
         self._flush_stream()
         self._tar_size += len(data)
         digest = xxhash.xxh3_128(data).digest()
+        # Dedup is keyed by sha256: xxh3 is not collision-resistant, and a crafted collision
+        # must not make two different chunks share one frame.
+        key = hashlib.sha256(data).digest()
         n = len(self._entries)
         self._entries.append(None)
-        first = self._first_chunk.get(digest)
+        first = self._first_chunk.get(key)
         if first is None:
-            self._first_chunk[digest] = n
+            self._first_chunk[key] = n
 
             def written(offset: int, stored: int, n=n, length=len(data), digest=digest) -> None:
                 self._entries[n] = fmt.ChunkEntry(offset, stored, length, digest)
