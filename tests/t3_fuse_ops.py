@@ -94,6 +94,9 @@ async def test_root_lists_attached_layers(fs_and_ops):
     base = fs.lookup(ROOT_INODE, b"base")
     assert fs.lookup(base, b"..") == ROOT_INODE
     assert fs.lookup(ROOT_INODE, b"..") == ROOT_INODE
+    nested = fs.lookup(fs.lookup(base, b"dir"), b"nested")
+    assert fs.lookup(nested, b"..") == fs.lookup(base, b"dir")
+    assert fs.lookup(nested, b".") == nested
     assert stat.S_ISDIR(fs.getattr(ROOT_INODE).mode)
     with pytest.raises(NoSuchEntry):
         fs.lookup(ROOT_INODE, b"other")
