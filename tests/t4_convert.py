@@ -382,6 +382,17 @@ async def test_convert_is_deterministic_and_checks_diff_ids(registry, registry_r
         first = await convert_image(store, layout, tag="x")
         second = await convert_image(store, layout, tag="y")
         assert first.digest == second.digest
+        # Without its annotations a lazyfs layer is still recognised, by its footer.
+        doc = json.loads(first.images[0].manifest)
+        for layer in doc["layers"]:
+            del layer["annotations"]
+        await layout.push_manifest(json.dumps(doc).encode(), OCI_MANIFEST, "bare")
+        bare = open_store(f"oci:{tmp_path / 'out'}:bare")
+        try:
+            info = (await inspect_image(bare))["images"][0]["layers"][0]
+        finally:
+            await bare.aclose()
+        assert info["lazyfs"] and info["index_from"] == "footer (trusted)" and info["files"] == 1
         # A config whose diff_id does not match the layer is refused before anything is pushed.
         bad = build_image([[file("f", b"content\n")]], config_extra={"rootfs": {"type": "layers",
                                                                                "diff_ids": ["sha256:" + "0" * 64]}})

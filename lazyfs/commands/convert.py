@@ -64,11 +64,13 @@ class RichProgress:
     def __init__(self, progress: Progress):
         self._progress = progress
         self._tasks: dict[str, int] = {}
+        self._totals: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def layer_started(self, digest: str, size: int) -> None:
         with self._lock:
             self._tasks[digest] = self._progress.add_task(f"layer {digest[7:19]}", total=size)
+            self._totals[digest] = size
 
     def layer_advanced(self, digest: str, nbytes: int) -> None:
         task = self._tasks.get(digest)
@@ -78,8 +80,7 @@ class RichProgress:
     def layer_finished(self, digest: str) -> None:
         task = self._tasks.get(digest)
         if task is not None:
-            total = self._progress.tasks[task].total if task < len(self._progress.tasks) else None
-            self._progress.update(task, completed=total)
+            self._progress.update(task, completed=self._totals[digest])
 
 
 def run(args: argparse.Namespace) -> int:

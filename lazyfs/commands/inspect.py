@@ -34,14 +34,15 @@ def _bytes(n: int) -> str:
 
 
 def render(report: dict, console: Console) -> None:
+    """One table per image. data: file bytes in chunks (uncompressed); meta: the EROFS image;
+    chunks: distinct frames / table entries; dedup: bytes served by another chunk's frame."""
     for image in report["images"]:
         plat = image["platform"]
         title = f"{report['reference']} {image['digest'][:19]}"
         if plat:
             title += f" ({plat.get('os')}/{plat.get('architecture')})"
         table = Table(title=title)
-        for col in ("layer", "type", "blob", "chunk data", "metadata", "files", "chunks", "chunk size",
-                    "dedup", "trace"):
+        for col in ("layer", "type", "blob", "data", "meta", "files", "chunks", "chunk", "dedup", "trace"):
             table.add_column(col, justify="left" if col in ("layer", "type") else "right")
         for layer in image["layers"]:
             if not layer["lazyfs"]:
@@ -50,9 +51,8 @@ def render(report: dict, console: Console) -> None:
                 continue
             table.add_row(
                 layer["digest"][7:19], "lazyfs v%d" % layer["format_version"], _bytes(layer["size"]),
-                _bytes(layer["chunk_bytes"]),
-                f"{_bytes(layer['metadata_size'])} ({_bytes(layer['metadata_stored'])} stored)",
-                str(layer["files"]), f"{layer['chunks']} ({layer['unique_chunks']} unique)",
+                _bytes(layer["chunk_bytes"]), _bytes(layer["metadata_size"]),
+                str(layer["files"]), f"{layer['unique_chunks']}/{layer['chunks']}",
                 _bytes(layer["chunk_size"]), _bytes(layer["dedup_savings"]), "yes" if layer["trace"] else "no",
             )
         console.print(table)
