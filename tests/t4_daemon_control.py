@@ -85,6 +85,8 @@ def test_control_protocol(daemon):
         stats = client.request("stats")
         assert stats["layers"] == 1 and stats["reads"]["bytes"] >= 13
         assert set(stats) >= {"fetch", "cache", "prefetch", "uptime", "pid"}
+        events = client.request("fetch-log")["events"]
+        assert events and all(e["end"] >= e["start"] and e["bytes"] > 0 for e in events)
     # Invalid JSON gets an answer, and the connection stays usable.
     with socket.socket(socket.AF_UNIX) as raw:
         raw.connect(str(sock))
