@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -477,4 +476,3 @@ def test_convert_cli_errors(registry, registry_repo, tmp_path, capsys):
     assert "lazyfs convert:" in capsys.readouterr().err
     assert convert_cli("UPPER/bad::ref", f"oci:{tmp_path / 'o'}:x") == 2
     assert not (tmp_path / "o").exists()
-    shutil.rmtree(tmp_path, ignore_errors=True)
