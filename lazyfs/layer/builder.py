@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import copy
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -206,6 +207,9 @@ def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None
     return raw, kind
 
 
+FrameWritten = Callable[[int, int, bytes, bytes], None]
+
+
 class _FrameWriter:
     """Writes zstd frames to the blob in order while compression runs ahead on a thread pool.
 
@@ -229,15 +233,19 @@ class _FrameWriter:
         self.tar_sha256 = hashlib.sha256()  # of the uncompressed tar
         self.position = 0
 
-    def _compress(self, data: bytes) -> bytes:
+    def _compress(self, data: bytes, digests: bool) -> tuple[bytes, bytes | None, bytes | None]:
         compressor = getattr(self._local, "compressor", None)
         if compressor is None:
             compressor = self._local.compressor = zstandard.ZstdCompressor(level=self._level)
-        return compressor.compress(data)
+        if not digests:
+            return compressor.compress(data), None, None
+        return compressor.compress(data), xxhash.xxh3_128(data).digest(), hashlib.sha256(data).digest()
 
-    def frame(self, data: bytes, written: Callable[[int, int], None] | None = None) -> None:
-        """Compress data into one frame; written(offset, stored length) once it is in the blob."""
-        compressed = self._pool.submit(self._compress, data)
+    def frame(self, data: bytes, written: FrameWritten | None = None) -> None:
+        """Compress data into one frame. With written (a chunk), the worker also computes the
+        chunk's xxh3-128 and sha256, and written(offset, stored length, xxh3, sha256) runs on
+        the writer thread once the frame is in the blob."""
+        compressed = self._pool.submit(self._compress, data, written is not None)
         self._queue(len(data), self._write_frame, compressed, data, written)
 
     def _queue(self, nbytes: int, fn, *args) -> None:
@@ -251,11 +259,10 @@ class _FrameWriter:
         self._pending_bytes -= nbytes
         future.result()
 
-    def _write_frame(self, compressed: concurrent.futures.Future, data: bytes,
-                     written: Callable[[int, int], None] | None) -> None:
-        stored = compressed.result()
+    def _write_frame(self, compressed: concurrent.futures.Future, data: bytes, written: FrameWritten | None) -> None:
+        stored, digest, key = compressed.result()
         if written is not None:
-            written(self.position, len(stored))
+            written(self.position, len(stored), digest, key)
         self._write(stored)
         self.tar_sha256.update(data)
 
@@ -309,9 +316,8 @@ class LayerBuilder:
         self._tar_size = 0
         self._stream = bytearray()
         self._entries: list[fmt.ChunkEntry | None] = []
-        self._dup_of: dict[int, int] = {}
         self._first_chunk: dict[bytes, int] = {}
-        self._zero_view = memoryview(bytes(chunk_size))
+        self._zero = bytes(chunk_size)
         self._frames: _FrameWriter | None = None
 
     # -- tar bytes ---------------------------------------------------------------------
@@ -329,31 +335,31 @@ class LayerBuilder:
 
     def _emit_chunk(self, data: bytes) -> int | None:
         """Write one chunk of file content; its chunk number, or None for a hole."""
-        if data == self._zero_view[: len(data)]:
+        zero = self._zero if len(data) == self.chunk_size else bytes(len(data))
+        if data == zero:
             self.stats.hole_bytes += len(data)
             self._emit_stream(data)
             return None
         self._flush_stream()
         self._tar_size += len(data)
-        digest = xxhash.xxh3_128(data).digest()
-        # Dedup is keyed by sha256: xxh3 is not collision-resistant, and a crafted collision
-        # must not make two different chunks share one frame.
-        key = hashlib.sha256(data).digest()
         n = len(self._entries)
         self._entries.append(None)
+        self._frames.frame(data, functools.partial(self._chunk_written, n, len(data)))
+        return n
+
+    def _chunk_written(self, n: int, length: int, offset: int, stored: int, digest: bytes, key: bytes) -> None:
+        """On the writer thread, in blob order: table entry n, sharing an earlier copy's frame.
+
+        Dedup is keyed by sha256: xxh3 is not collision-resistant, and a crafted collision must
+        not make two different chunks share one frame.
+        """
         first = self._first_chunk.get(key)
         if first is None:
             self._first_chunk[key] = n
-
-            def written(offset: int, stored: int, n=n, length=len(data), digest=digest) -> None:
-                self._entries[n] = fmt.ChunkEntry(offset, stored, length, digest)
-
-            self._frames.frame(data, written)
+            self._entries[n] = fmt.ChunkEntry(offset, stored, length, digest)
         else:
-            self._dup_of[n] = first
-            self.stats.dedup_bytes += len(data)
-            self._frames.frame(data)
-        return n
+            self._entries[n] = self._entries[first]
+            self.stats.dedup_bytes += length
 
     # -- members -----------------------------------------------------------------------
 
@@ -472,8 +478,6 @@ class LayerBuilder:
     def _finish(self, kind: str, source_diff_id: str) -> BuildResult:
         frames = self._frames
         data_end = frames.position
-        for n, first in self._dup_of.items():
-            self._entries[n] = self._entries[first]
         entries = [e for e in self._entries if e is not None]
         if len(entries) != len(self._entries):
             raise RuntimeError("a chunk frame was never written")
