@@ -21,7 +21,7 @@ from lazyfs.cache import CacheError, ChunkCache
 from lazyfs.devices import ChunkGridDevice, RecentChunks, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
-from lazyfs.fetch import ChunkFetcher
+from lazyfs.fetch import ChunkFetcher, Priority
 from lazyfs.layer.annotations import from_annotations, is_lazyfs
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.format import FOOTER_FRAME_SIZE, Section
@@ -31,6 +31,7 @@ from lazyfs.registry import (
     ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store, parse_any_reference,
 )
 from lazyfs.sources import FileBlobSource, HttpBlobSource
+from lazyfs.trace import Trace, TraceError
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,68 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
                              recent=ctx.recent)
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
+    found = await _prefetch_trace(ctx, store, digest, index, request)
+    if found is not None:
+        trace, embedded = found
+        chunks = await trio.to_thread.run_sync(_trace_chunks, layer, digest, trace, embedded)
+        if chunks:
+            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        info["prefetch_chunks"] = len(chunks)
     return layer.image, device, info
+
+
+async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, index,
+                          request: dict) -> tuple[Trace, bool] | None:
+    """(trace, embedded): a file named by ``trace``, else (with ``prefetch``) the layer's own."""
+    path = request.get("trace")
+    try:
+        if path is not None:
+            if not isinstance(path, str):
+                raise AttachError("'trace' must be the path of a trace file")
+            try:
+                return Trace.decode(await trio.to_thread.run_sync(Path(path).read_bytes)), False
+            except OSError as e:
+                raise AttachError(f"cannot read trace {path}: {e.strerror}") from e
+        if request.get("prefetch") and index.trace is not None:
+            stored = await _section_bytes(ctx, store, digest, index.trace)
+            return Trace.decode(index.trace.open("trace", stored)), True
+    except (TraceError, LayerFormatError) as e:
+        raise AttachError(f"layer {digest}: trace: {e}") from e
+    return None
+
+
+def _trace_chunks(layer: Layer, digest: str, trace: Trace, embedded: bool) -> list[int]:
+    """The layer's chunks to prefetch, in first-access order.
+
+    A trace recorded on this very layer names its chunks by number. An embedded trace was
+    recorded before conversion (another digest, other chunk numbers: convert may reorder
+    files), so its records are followed by path: every chunk of each traced file, in order.
+    """
+    if not embedded:
+        return [n for n in trace.chunks_of(digest) if n < layer.chunk_count]
+    chunks: list[int] = []
+    seen_paths: set[str] = set()
+    seen_chunks: set[int] = set()
+    image, cell = layer.image, layer.chunk_size
+    for access in trace.accesses:
+        if access.path in seen_paths or access.path == "?":
+            continue
+        seen_paths.add(access.path)
+        try:
+            nid = image.resolve(access.path)
+            inode = image.inode(nid)
+            if not inode.is_reg:
+                continue
+            extents = image.map(nid, 0, inode.size)
+        except ErofsError:
+            continue  # the file is in another layer of the image
+        for ext in extents:
+            if ext.device_id == 1 and ext.length:
+                for n in range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1):
+                    if n not in seen_chunks and n < layer.chunk_count:
+                        seen_chunks.add(n)
+                        chunks.append(n)
+    return chunks
 
 
 KINDS: dict[str, Attacher] = {

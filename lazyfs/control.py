@@ -56,7 +56,7 @@ class ControlClient:
             self._sock = sock
         return self._sock
 
-    def request(self, op: str, **args: Any) -> dict:
+    def request(self, op: str, /, **args: Any) -> dict:
         """Send one request; return the answer's fields, or raise ControlError."""
         sock = self._connect()
         line = json.dumps({"op": op, **args}).encode() + b"\n"
@@ -89,7 +89,7 @@ class ControlClient:
         return line
 
 
-def request(path: str, op: str, timeout: float | None = 120.0, **args: Any) -> dict:
+def request(socket_path: str, op: str, /, timeout: float | None = 120.0, **args: Any) -> dict:
     """One request on a fresh connection."""
-    with ControlClient(path, timeout=timeout) as client:
+    with ControlClient(socket_path, timeout=timeout) as client:
         return client.request(op, **args)

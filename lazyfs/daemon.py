@@ -40,6 +40,7 @@ from lazyfs.fuse import LazyOperations
 from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
 from lazyfs.mounts import is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
 from lazyfs.registry import make_http_client
+from lazyfs.trace import Trace, TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class Daemon:
         self.fetch_stats = FetchStats()
         self.fetch_log = FetchEventLog()
         self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
-        self.operations = LazyOperations(self.fs, on_read=self.read_stats.record)
+        self.operations = LazyOperations(self.fs, on_read=self._on_read)
+        self.recorder: TraceRecorder | None = None
         self.ready = False
         self.stacked: list[Path] = []  # overlay/bind mounts on top of ours, unmounted first
         self._nursery: trio.Nursery | None = None
@@ -194,6 +196,56 @@ class Daemon:
             await trio.to_thread.run_sync(stack_mount, lower, target)
             self.stacked.append(target)
 
+    # ------------------------------------------------------------------ tracing
+
+    def _on_read(self, ino: int, offset: int, length: int) -> None:
+        self.read_stats.record(ino, offset, length)
+        if self.recorder is None:
+            return
+        try:
+            span = self.fs.device_cells(ino, offset, length)
+        except Exception:  # a trace must never fail a read that already succeeded
+            log.debug("no trace record for inode %#x", ino, exc_info=True)
+            return
+        if span is not None and span[2]:
+            layer, nid, cells = span
+            self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
+
+    def trace_start(self) -> dict:
+        self.recorder = TraceRecorder()
+        return {}
+
+    async def trace_stop(self, request: dict) -> dict:
+        if self.recorder is None:
+            raise RequestError("no trace is being recorded (send trace-start first)", "not-found")
+        trace, self.recorder = self.recorder.trace, None
+        await trio.to_thread.run_sync(self._fill_paths, trace)
+        data = trace.encode()
+        path = request.get("path")
+        if path is not None:
+            if not isinstance(path, str) or not path:
+                raise RequestError("'path' must be a non-empty string")
+            await trio.to_thread.run_sync(_write_atomically, Path(path), data)
+        return {"records": len(trace.accesses), "layers": list(trace.layers), "bytes": len(data)}
+
+    def _fill_paths(self, trace: Trace) -> None:
+        """Names for the recorded nids: one walk of each traced layer's metadata."""
+        by_key = {_trace_key(layer): layer for layer in self.fs.layers()}
+        for key in trace.layers:
+            layer = by_key.get(key)
+            wanted = {a.nid for a in trace.accesses if a.layer == key}
+            if layer is None or not wanted:
+                continue
+            names: dict[int, str] = {}
+            for path, inode in layer.image.walk():
+                if inode.nid in wanted and inode.nid not in names:
+                    names[inode.nid] = path.decode("utf-8", "surrogateescape")
+                    if len(names) == len(wanted):
+                        break
+            for access in trace.accesses:
+                if access.layer == key:
+                    access.path = names.get(access.nid, "?")
+
     # ------------------------------------------------------------------ operations
 
     async def attach(self, request: dict) -> dict:
@@ -264,6 +316,10 @@ class Daemon:
             return self.list_layers()
         if op == "stats":
             return self.stats()
+        if op == "trace-start":
+            return self.trace_start()
+        if op == "trace-stop":
+            return await self.trace_stop(request)
         if op == "fetch-log":
             return self.fetch_log.snapshot()
         if op == "shutdown":
@@ -377,6 +433,17 @@ def prometheus_text(stats: dict) -> str:
     for q, value in fetch.get("latency", {}).items():
         lines.append(f'lazyfs_fetch_latency_seconds{{quantile="{q}"}} {value}')
     return "\n".join(lines) + "\n"
+
+
+def _trace_key(layer) -> str:
+    """How a trace names a layer: its blob digest, or for a plain image ``plain:<name>``."""
+    return layer.info.get("digest") or f"plain:{layer.name}"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 async def _send(stream: trio.SocketStream, reply: dict) -> None:

@@ -37,7 +37,8 @@ async def _resolve(reference: str, platform: str | None, insecure_registries: li
 
 
 def image_attach_requests(reference: str, *, layer: str | None = None, platform: str | None = None,
-                          insecure_registries: list[str] | None = None) -> list[dict]:
+                          insecure_registries: list[str] | None = None, trace: str | None = None,
+                          prefetch: bool = True) -> list[dict]:
     layers = trio.run(_resolve, reference, platform, list(insecure_registries or []))
     requests = []
     for index, descriptor in enumerate(layers):
@@ -46,6 +47,7 @@ def image_attach_requests(reference: str, *, layer: str | None = None, platform:
         requests.append({
             "name": layer_name(index, descriptor.digest), "kind": "lazyfs", "ref": reference,
             "digest": descriptor.digest, "size": descriptor.size, "annotations": dict(descriptor.annotations),
+            "prefetch": prefetch, **({"trace": trace} if trace else {}),
         })
     if layer is not None and len(requests) != 1:
         raise ImageSpecError(f"{len(requests)} layers of {reference} match {layer!r}")

@@ -257,6 +257,20 @@ class LayerFS:
             files += layer.image.inos
         return {"bsize": 4096, "blocks": blocks, "files": files, "namemax": ef.NAME_LEN_MAX}
 
+    def device_cells(self, ino: int, offset: int, length: int) -> tuple[AttachedLayer, int, list[int]] | None:
+        """(layer, nid, chunk-device cells) that bytes [offset, offset+length) of a file use."""
+        if ino == ROOT_INODE or length <= 0:
+            return None
+        layer, nid = self._resolve(ino)
+        cell = getattr(layer.device, "chunk_size", None)
+        if not cell:
+            return None
+        cells: list[int] = []
+        for ext in layer.image.map(nid, offset, length):
+            if ext.device_id == CHUNK_DEVICE and ext.length:
+                cells.extend(range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1))
+        return layer, nid, cells
+
     # ------------------------------------------------------------------ data
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
     parser.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="prefetch the chunks this trace file lists (instead of the layers' embedded traces)")
+    parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +123,9 @@ def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
 
     try:
         attach = image_attach_requests(args.target[0], layer=args.layer, platform=args.platform,
-                                       insecure_registries=args.insecure_registry)
+                                       insecure_registries=args.insecure_registry,
+                                       trace=os.path.abspath(args.trace) if args.trace else None,
+                                       prefetch=not args.no_prefetch)
     except ImageSpecError as e:
         raise _UsageError(str(e)) from e
     # overlayfs lists the topmost lower directory first; the manifest lists the base first.
