@@ -233,6 +233,8 @@ def test_stream_decompresses_to_equal_tar(tmp_path):
     assert result.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     assert result.digest == "sha256:" + hashlib.sha256(blob).hexdigest() and result.size == len(blob)
     assert result.source_diff_id == "sha256:" + hashlib.sha256(src).hexdigest()
+    # The tar is carried byte for byte, so the layer keeps its diff_id.
+    assert tar == src and result.diff_id == result.source_diff_id
     assert members_of(tar) == members_of(src)
     # The stock tools agree.
     (tmp_path / "l.tar.zst").write_bytes(blob)
@@ -319,7 +321,8 @@ def test_duplicates_later_wins(tmp_path):
         assert img.read(img.resolve(b"e"), 0, 20) == b"now a file"
 
 
-def test_sparse_file_expanded(tmp_path):
+@pytest.mark.parametrize("tar_format", ["gnu", "pax"])
+def test_sparse_file_expanded(tmp_path, tar_format):
     require_tool("tar")
     data_dir = tmp_path / "src"
     data_dir.mkdir()
@@ -327,19 +330,30 @@ def test_sparse_file_expanded(tmp_path):
         f.write(b"head")
         f.seek(5 * CHUNK)
         f.write(b"tail")
+    after = os.urandom(2 * CHUNK + 3)
+    (data_dir / "after").write_bytes(after)
+    (data_dir / "small").write_bytes(b"small\n")
     tar_path = tmp_path / "sparse.tar"
-    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(tar_path), "-C", str(data_dir), "sparse"], check=True)
+    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", str(tar_path), "-C", str(data_dir),
+                    "small", "sparse", "after"], check=True)
     blob, result = convert(tar_path.read_bytes(), chunk_size=CHUNK)
     layer, f = open_layer(blob, tmp_path)
+    expect = b"head" + bytes(5 * CHUNK - 4) + b"tail"
     with f:
-        nid = layer.image.resolve(b"sparse")
-        expect = b"head" + bytes(5 * CHUNK - 4) + b"tail"
+        img = layer.image
+        nid = img.resolve(b"sparse")
         assert layer.read(nid, 0, len(expect), lambda n: read_chunk(f, layer, n)) == expect
-        assert layer.chunk_count == 2
+        assert layer.read(img.resolve(b"after"), 0, len(after), lambda n: read_chunk(f, layer, n)) == after
+        assert img.read(img.resolve(b"small"), 0, 100) == b"small\n"
+        assert layer.chunk_count == 2 + 3
     tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         m = t.getmember("sparse")
         assert m.type == tarfile.REGTYPE and t.extractfile(m).read() == expect
+        assert t.extractfile("after").read() == after and t.extractfile("small").read() == b"small\n"
+    assert result.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest() != result.source_diff_id
+    listing = subprocess.run(["tar", "-tvf", "-"], input=tar, capture_output=True, check=True).stdout
+    assert listing.count(b"\n") == 3
 
 
 @pytest.mark.parametrize(
@@ -490,7 +504,7 @@ def test_builder_property(members):
     src = make_tar([(dict(kw), data) for kw, data in members])
     blob, result = convert(src, chunk_size=CHUNK)
     tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
-    assert members_of(tar) == members_of(src)
+    assert tar == src
     assert result.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     index = locate(lambda o, n: blob[o:o + n], len(blob))
     layer = Layer.load(index, blob[index.meta.offset:index.meta.offset + index.meta.stored_size],

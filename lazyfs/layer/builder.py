@@ -58,7 +58,6 @@ STREAM_FRAME_TARGET = 1 << 20
 DEFAULT_LEVEL = 3
 META_LEVEL = 9
 _TAR_BLOCK = 512
-_EOF_BLOCKS = bytes(2 * _TAR_BLOCK)
 _XATTR_NAME_PREFIXES = (b"user.", b"trusted.", b"security.")
 _XATTR_WHOLE_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 _XATTR_VALUE_MAX = 0xFFFF
@@ -192,6 +191,55 @@ class _ReadAhead(io.RawIOBase):
         self._stop.set()
         self._thread.join()
         super().close()
+
+
+class _Tap(io.RawIOBase):
+    """What the tar reader reads, kept until the builder routes it into the blob.
+
+    The output tar is the input tar byte for byte: header blocks, padding and the content of
+    small files are taken from here into stream frames; the content of chunked files is
+    skipped here because it goes out as chunk frames. Positions are absolute input offsets.
+    """
+
+    def __init__(self, inner: io.RawIOBase):
+        self._inner = inner
+        self._buf = bytearray()
+        self._start = 0  # input offset of _buf[0]
+        self._read = 0  # input bytes read so far
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self._inner.readinto(buf)
+        if n:
+            keep_from = max(0, self._start - self._read)  # bytes below a skip are dropped
+            if keep_from < n:
+                self._buf += memoryview(buf)[keep_from:n]
+            self._read += n
+        return n
+
+    def take(self, upto: int) -> bytes:
+        """The kept bytes below input offset upto."""
+        cut = upto - self._start
+        if cut <= 0:
+            return b""
+        if cut > len(self._buf):
+            raise LayerFormatError(f"tar stream ended before offset {upto}")
+        data = bytes(self._buf[:cut])
+        del self._buf[:cut]
+        self._start = upto
+        return data
+
+    def take_all(self) -> bytes:
+        return self.take(self._start + len(self._buf))
+
+    def skip(self, upto: int) -> None:
+        """Drop bytes below input offset upto, including ones not read yet."""
+        cut = upto - self._start
+        if cut > 0:
+            del self._buf[:cut]
+            self._start = upto
 
 
 def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[BinaryIO, str]:
@@ -371,19 +419,20 @@ class LayerBuilder:
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lazyfs-write") as serial:
             self._frames = frames = _FrameWriter(self.out, pool, serial, self.level, max_pending_bytes)
             stream = _ReadAhead(decompressed)
+            self._tap = tap = _Tap(stream)
             try:
                 try:
                     tar = tarfile.open(
-                        fileobj=stream, mode="r|", bufsize=64 << 10, encoding="utf-8", errors="surrogateescape"
+                        fileobj=tap, mode="r|", bufsize=64 << 10, encoding="utf-8", errors="surrogateescape"
                     )
                     for member in tar:
                         self.stats.entries += 1
                         self._member(tar, member)
-                    while stream.read(1 << 20):
+                    while tap.read(1 << 20):  # the end-of-archive blocks and any padding after them
                         pass
                 except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
                     raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
-                self._emit_stream(_EOF_BLOCKS)
+                self._emit_stream(tap.take_all())
                 self._flush_stream()
                 frames.drain()
                 return self._finish(kind, "sha256:" + stream.sha256.hexdigest())
@@ -394,16 +443,12 @@ class LayerBuilder:
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = m.name.encode("utf-8", "surrogateescape")
         where = m.name
+        # Everything before this member's header blocks goes out as it came in.
+        self._emit_stream(self._tap.take(m.offset))
         node = Node(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, xattrs=_xattrs(m, where))
         node.mtime, node.mtime_nsec = _mtime(m)
-        pax = dict(m.pax_headers)
-        out_type = m.type
         if m.isreg():
             node.mode |= stat.S_IFREG
-            if m.issparse():
-                # Written out expanded: all-zero chunks become holes of the EROFS file.
-                out_type = tarfile.REGTYPE
-                pax = {k: v for k, v in pax.items() if not k.startswith("GNU.sparse.") and k != "size"}
         elif m.isdir():
             node.mode |= stat.S_IFDIR
         elif m.issym():
@@ -414,7 +459,6 @@ class LayerBuilder:
         elif m.islnk():
             target = self.tree.lookup_link_target(m.linkname.encode("utf-8", "surrogateescape"), where)
             self.tree.add(name, target, where)
-            self._header(m, m.type, pax, size=0)
             return
         elif m.ischr() or m.isblk():
             node.mode |= stat.S_IFCHR if m.ischr() else stat.S_IFBLK
@@ -425,17 +469,31 @@ class LayerBuilder:
             node.mode |= stat.S_IFIFO
         else:
             raise UnsafeTarEntry(where, f"unsupported tar entry type {m.type!r}")
-        # Validate the placement before emitting anything for this member.
         self.tree.add(name, node, where)
         if not m.isreg():
-            self._header(m, out_type, pax, size=0)
             return
         self.stats.files += 1
-        self._header(m, out_type, pax, size=m.size)
-        node.data = self._content(tar, m, where)
+        if m.issparse():
+            node.data = self._sparse(tar, m, where)
+        elif m.size <= self.inline_threshold:
+            node.data = self._small(tar, m, where)
+        else:
+            self._emit_stream(self._tap.take(m.offset_data))
+            node.data = self._chunked(tar, m, where)
+
+    def _sparse(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes | ChunkedData:
+        """A sparse member is written expanded, as a regular file with a new PAX header; all-zero
+        chunks become holes of the EROFS file. (The only case where the output tar differs.)"""
+        next_header = tar.offset
+        self._tap.skip(next_header)
+        pax = {k: v for k, v in m.pax_headers.items() if not k.startswith("GNU.sparse.") and k != "size"}
+        self._header(m, tarfile.REGTYPE, pax, size=m.size)
+        data = self._small(tar, m, where) if m.size <= self.inline_threshold else self._chunked(tar, m, where)
+        self._tap.skip(next_header)
         pad = -m.size % _TAR_BLOCK
         if pad:
             self._emit_stream(bytes(pad))
+        return data
 
     def _header(self, m: tarfile.TarInfo, out_type: bytes, pax: dict[str, str], size: int) -> None:
         h = copy.copy(m)
@@ -444,8 +502,6 @@ class LayerBuilder:
         if "mtime" in pax:
             # Keep the PAX record (nanoseconds) verbatim: tarfile would rewrite a float mtime.
             h.mtime = int(m.mtime) if m.mtime >= 0 else 0
-        if size < 8**11:
-            pax.pop("size", None)
         h.pax_headers = pax
         try:
             header = h.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -453,24 +509,30 @@ class LayerBuilder:
             raise UnsafeTarEntry(m.name, f"cannot be re-encoded as a PAX header: {e}") from None
         self._emit_stream(header)
 
-    def _content(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes | ChunkedData:
-        f = tar.extractfile(m)
-        if m.size <= self.inline_threshold:
-            data = f.read(m.size)
-            if len(data) != m.size:
-                raise LayerFormatError(f"tar entry {where!r} is truncated")
-            self.stats.inline_bytes += len(data)
+    def _small(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes:
+        """Content kept in the metadata; its tar bytes stay in the tap (stream frames)."""
+        data = tar.extractfile(m).read(m.size)
+        if len(data) != m.size:
+            raise LayerFormatError(f"tar entry {where!r} is truncated")
+        self.stats.inline_bytes += len(data)
+        if m.issparse():
             self._emit_stream(data)
-            return data
+        return data
+
+    def _chunked(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> ChunkedData:
+        """Content cut into chunk frames (read chunk by chunk, never whole)."""
+        f = tar.extractfile(m)
         chunks: list[int | None] = []
-        remaining = m.size
-        while remaining:
-            want = min(self.chunk_size, remaining)
+        done = 0
+        while done < m.size:
+            want = min(self.chunk_size, m.size - done)
             data = f.read(want)
             if len(data) != want:
                 raise LayerFormatError(f"tar entry {where!r} is truncated")
+            done += want
+            if not m.issparse():
+                self._tap.skip(m.offset_data + done)
             chunks.append(self._emit_chunk(data))
-            remaining -= want
         return ChunkedData(size=m.size, chunks=chunks)
 
     # -- sections ------------------------------------------------------------------------
