@@ -186,16 +186,18 @@ def _plot_bytes(runs: list[dict], config: dict, out: Path) -> list[Path]:
     images = sorted({r["image"] for r in runs})
     fig, axes = _layout(images)
     series = (("registry_bytes", "sent by the registry", "#1f77b4"),
-              ("workload_read_bytes", "read by the workload (FUSE)", "#ff7f0e"))
+              ("workload_read_bytes", "read by the workload (FUSE, uncompressed)", "#ff7f0e"))
     for ax, image in zip(axes, images):
         cell_runs = [r for r in runs if r["image"] == image]
         modes = sorted({r["mode"] for r in cell_runs}, key=_mode_rank)
         for s, (key, label, colour) in enumerate(series):
             for m, mode in enumerate(modes):
                 value = _median([r for r in cell_runs if r["mode"] == mode], key)
-                if value is None:
-                    continue
                 x = m + (s - 0.5) * 0.38
+                if value is None:  # no FUSE layer to count reads on (overlayfs)
+                    ax.annotate("n/a", (x, 0), textcoords="offset points", xytext=(0, 2),
+                                ha="center", fontsize=7, color="grey")
+                    continue
                 ax.bar(x, value / MB, 0.36, color=colour, label=label if m == 0 or
                        label not in ax.get_legend_handles_labels()[1] else None)
                 ax.annotate(f"{value / MB:.1f}", (x, value / MB), textcoords="offset points",
@@ -257,12 +259,12 @@ def _plot_timeline(run: dict, events: list[dict], out: Path) -> list[Path]:
     ax.text(run["pull_s"], ax.get_ylim()[1] * 0.95, " pull done", fontsize=8, va="top")
     ax.text(run["ready_s"], ax.get_ylim()[1] * 0.80, " ready", fontsize=8, va="top", color="#d62728")
     ax.set_ylabel("MB fetched (cumulative)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     ax2.set_ylabel("MB per request")
     ax2.set_ylim(bottom=0, top=max([e["bytes"] / MB for e in ordered] + [0.1]) * 1.25)
     ax2.set_xlabel("seconds since the start of the pull")
     ax2.set_xlim(left=0, right=max([run["ready_s"]] + [e["end"] for e in ordered]) * 1.05)
-    ax2.legend(fontsize=8, loc="upper left", title="range requests", title_fontsize=8)
+    ax2.legend(fontsize=8, loc="upper right", title="range requests (priority)", title_fontsize=8)
     fig.suptitle(f"Fetch timeline: {run['run_id']}\n{len(ordered)} range requests, "
                  f"{total:.1f} MB", fontsize=10)
     return _save(fig, out, "timeline")

@@ -128,7 +128,7 @@ def _report(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": report.summary, "plots": [str(p) for p in report.plots]}, indent=1))
         return 0
     # Piped output (docs, CI logs) gets the full table instead of one squeezed to 80 columns.
-    console = Console() if sys.stdout.isatty() else Console(width=170)
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(report.table())
     for path in report.plots:
         console.print(f"plot: {path}")
