@@ -75,8 +75,10 @@ def boundary(handler: Callable) -> Callable:
     return wrapper
 
 
-def _read_only(*_args: Any, **_kwargs: Any):
-    async def refuse(*_a: Any, **_k: Any) -> Any:
+def _read_only() -> Callable:
+    """A handler for a request that would modify the filesystem."""
+
+    async def refuse(*_args: Any, **_kwargs: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     return refuse
@@ -114,7 +116,6 @@ class LazyOperations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self._dir_handles: dict[int, list[DirEntry]] = {}
-        self._dir_inodes: dict[int, int] = {}
         self._next_dir_handle = itertools.count(1)
         self._on_read = on_read
 
@@ -141,7 +142,6 @@ class LazyOperations(pyfuse3.Operations):
         entries = self.fs.listdir(inode)
         fh = next(self._next_dir_handle)
         self._dir_handles[fh] = entries
-        self._dir_inodes[fh] = inode
         return fh
 
     @boundary
@@ -158,7 +158,6 @@ class LazyOperations(pyfuse3.Operations):
     @boundary
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
-        self._dir_inodes.pop(fh, None)
 
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:

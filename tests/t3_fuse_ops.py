@@ -8,7 +8,6 @@ import stat
 
 import pyfuse3
 import pytest
-import trio
 
 from lazyfs.cache import ChunkCache
 from lazyfs.devices import plain_blob_device
