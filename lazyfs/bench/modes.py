@@ -18,6 +18,7 @@ measuring something else under the mode's name.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar
@@ -88,18 +89,29 @@ class WarmMode(Mode):
         return env.reset(keep_cache=True)
 
 
-TRACE_MODULE = "lazyfs.trace"
+def trace_embedding_missing() -> str | None:
+    """What the trace modes lack in this build, or None when everything they use exists:
+    trace recording (lazyfs.trace, the daemon's trace-start/trace-stop) and embedding a
+    trace in a converted image (``lazyfs convert --trace``, ConvertOptions.trace)."""
+    if importlib.util.find_spec("lazyfs.trace") is None:
+        return "trace recording (lazyfs.trace)"
+    from lazyfs.convert import ConvertOptions
+    if "trace" not in {f.name for f in dataclasses.fields(ConvertOptions)}:
+        return "`lazyfs convert --trace` (a trace embedded in the converted image)"
+    return None
 
 
 class _TraceMode(Mode):
-    """Needs trace record/replay and ``lazyfs convert --trace`` (module lazyfs.trace)."""
+    """Under containerd a trace reaches the daemon only embedded in the layer (the
+    snapshotter asks for prefetch of the embedded trace), so these modes need a converted
+    image with the trace of the workload embedded."""
 
     def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec(TRACE_MODULE) is None:
-            return (f"mode {self.name} is not available: it needs trace recording and "
-                    f"prefetch ({TRACE_MODULE}, `lazyfs convert --trace`), which this build lacks")
-        return (f"mode {self.name} is not available: {TRACE_MODULE} exists, but "
-                f"`lazyfs bench` does not drive trace recording yet")
+        missing = trace_embedding_missing()
+        if missing is not None:
+            return f"mode {self.name} is not available: it needs {missing}, which this build lacks"
+        return (f"mode {self.name} is not available: `lazyfs bench` does not record and embed "
+                f"traces yet")
 
     def setup(self, env: BenchEnv, target: RunTarget) -> ResetReport:
         raise ModeUnavailable(self.unavailable_reason())
