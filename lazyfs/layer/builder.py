@@ -1,7 +1,8 @@
 """Stream an OCI layer tar (gzip, zstd or plain) into a lazyfs layer blob with bounded memory.
 
-The input is read once, sequentially. Every member is re-emitted as a PAX tar entry; the tar
-bytes go out as zstd frames of two kinds:
+The input is read once, sequentially (lazyfs.layer.tarstream). The output tar is the input
+tar byte for byte, except that sparse members are written expanded; its bytes go out as zstd
+frames (lazyfs.layer.frames) of two kinds:
 
 * *stream frames*: tar headers, padding, the end-of-archive blocks, and the content of files
   stored in the metadata (at or below the inline threshold) and of all-zero chunks, grouped up
@@ -11,8 +12,8 @@ bytes go out as zstd frames of two kinds:
   chunk is one Range request and one independent decompression.
 
 Chunk compression runs on a thread pool (zstandard releases the GIL); frames are written in
-order through a bounded queue of pending futures, so memory stays at a few chunks whatever the
-layer size. After the tar come the metadata (EROFS, zstd-compressed), the chunk table and the
+order by one writer thread behind a bounded queue, so memory stays at a few chunks whatever
+the layer size. After the tar come the metadata (EROFS, zstd-compressed), the chunk table and the
 footer as skippable frames (lazyfs.layer.format).
 
 Dedup inside a layer: the tar stream must still decompress to every byte of every file, so a
@@ -23,25 +24,20 @@ is fetched and cached once and its own frame is never read.
 from __future__ import annotations
 
 import base64
-import collections
 import concurrent.futures
 import copy
 import dataclasses
 import functools
-import gzip
 import hashlib
 import io
 import logging
 import os
-import queue
 import stat
 import tarfile
-import threading
 import urllib.parse
 from collections.abc import Callable
 from typing import BinaryIO
 
-import xxhash
 import zstandard
 
 from lazyfs.erofs.writer import Builder as ErofsBuilder
@@ -49,6 +45,8 @@ from lazyfs.erofs.writer import ChunkedData
 from lazyfs.layer import format as fmt
 from lazyfs.layer.annotations import to_annotations
 from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
+from lazyfs.layer.frames import FrameWriter
+from lazyfs.layer.tarstream import ReadAhead, Tap, open_tar_stream
 from lazyfs.layer.tree import OVERLAY_XATTR_PREFIX, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -90,253 +88,6 @@ class BuildResult:
         return to_annotations(self.index)
 
 
-def detect_compression(head: bytes) -> str:
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
-    if head.startswith(fmt.ZSTD_FRAME_MAGIC):
-        return "zstd"
-    if len(head) >= 4:
-        magic = int.from_bytes(head[:4], "little")
-        if fmt.SKIPPABLE_MAGIC_MIN <= magic <= fmt.SKIPPABLE_MAGIC_MAX:
-            return "zstd"
-    return "tar"
-
-
-class _Counting(io.RawIOBase):
-    """The source, re-prefixed with the sniffed head bytes, counting what has been consumed."""
-
-    def __init__(self, head: bytes, src: BinaryIO, progress: Callable[[int], None] | None):
-        self._head = head
-        self._src = src
-        self._progress = progress
-        self.consumed = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        if self._head:
-            n = min(len(buf), len(self._head))
-            buf[:n] = self._head[:n]
-            self._head = self._head[n:]
-        else:
-            data = self._src.read(len(buf))
-            n = len(data)
-            buf[:n] = data
-        self.consumed += n
-        if self._progress is not None and n:
-            self._progress(n)
-        return n
-
-
-class _ReadAhead(io.RawIOBase):
-    """Decompresses the input on its own thread, hashing it in order (the input's diff_id).
-
-    zlib and zstd release the GIL, so inflating runs beside the tar parsing of the main thread;
-    a bounded queue of PIECE-sized pieces keeps memory bounded.
-    """
-
-    PIECE = 1 << 20
-    DEPTH = 8
-
-    def __init__(self, inner: BinaryIO):
-        self._inner = inner
-        self.sha256 = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(self.DEPTH)
-        self._stop = threading.Event()
-        self._piece = memoryview(b"")
-        self._eof = False
-        self._thread = threading.Thread(target=self._run, name="lazyfs-inflate", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                data = self._inner.read(self.PIECE)
-                self.sha256.update(data)
-                self._put(data)
-                if not data:
-                    return
-        except BaseException as e:  # handed to the reader, which raises it
-            self._put(e)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        if not self._piece:
-            if self._eof:
-                return 0
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if not item:
-                self._eof = True
-                return 0
-            self._piece = memoryview(item)
-        n = min(len(buf), len(self._piece))
-        buf[:n] = self._piece[:n]
-        self._piece = self._piece[n:]
-        return n
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        super().close()
-
-
-class _Tap(io.RawIOBase):
-    """What the tar reader reads, kept until the builder routes it into the blob.
-
-    The output tar is the input tar byte for byte: header blocks, padding and the content of
-    small files are taken from here into stream frames; the content of chunked files is
-    skipped here because it goes out as chunk frames. Positions are absolute input offsets.
-    """
-
-    def __init__(self, inner: io.RawIOBase):
-        self._inner = inner
-        self._buf = bytearray()
-        self._start = 0  # input offset of _buf[0]
-        self._read = 0  # input bytes read so far
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        n = self._inner.readinto(buf)
-        if n:
-            keep_from = max(0, self._start - self._read)  # bytes below a skip are dropped
-            if keep_from < n:
-                self._buf += memoryview(buf)[keep_from:n]
-            self._read += n
-        return n
-
-    def take(self, upto: int) -> bytes:
-        """The kept bytes below input offset upto."""
-        cut = upto - self._start
-        if cut <= 0:
-            return b""
-        if cut > len(self._buf):
-            raise LayerFormatError(f"tar stream ended before offset {upto}")
-        data = bytes(self._buf[:cut])
-        del self._buf[:cut]
-        self._start = upto
-        return data
-
-    def take_all(self) -> bytes:
-        return self.take(self._start + len(self._buf))
-
-    def skip(self, upto: int) -> None:
-        """Drop bytes below input offset upto, including ones not read yet."""
-        cut = upto - self._start
-        if cut > 0:
-            del self._buf[:cut]
-            self._start = upto
-
-
-def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[BinaryIO, str]:
-    """An uncompressed tar stream over src, sniffing the compression from the magic bytes."""
-    head = src.read(8)
-    kind = detect_compression(head)
-    raw = io.BufferedReader(_Counting(head, src, progress), buffer_size=1 << 20)
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb"), kind
-    if kind == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20), kind
-    return raw, kind
-
-
-FrameWritten = Callable[[int, int, bytes, bytes], None]
-
-
-class _FrameWriter:
-    """Writes zstd frames to the blob in order while compression runs ahead on a thread pool.
-
-    Compression runs on ``pool``; everything order-dependent (writing the blob, the blob's and
-    the tar's sha256) runs on ``serial``, a one-thread executor whose FIFO
-    keeps the order. The main thread only parses the tar and submits work, and it waits when
-    the queued tasks hold more than ``max_pending_bytes`` of data, which bounds memory.
-    """
-
-    def __init__(self, out: BinaryIO, pool: concurrent.futures.Executor, serial: concurrent.futures.Executor,
-                 level: int, max_pending_bytes: int):
-        self._out = out
-        self._pool = pool
-        self._serial = serial
-        self._level = level
-        self._local = threading.local()
-        self._pending: collections.deque = collections.deque()  # (future, bytes it holds)
-        self._pending_bytes = 0
-        self._max_pending_bytes = max_pending_bytes
-        self.sha256 = hashlib.sha256()  # of the blob
-        self.tar_sha256 = hashlib.sha256()  # of the uncompressed tar
-        self.position = 0
-
-    def _compress(self, data: bytes, digests: bool) -> tuple[bytes, bytes | None, bytes | None]:
-        compressor = getattr(self._local, "compressor", None)
-        if compressor is None:
-            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self._level)
-        if not digests:
-            return compressor.compress(data), None, None
-        return compressor.compress(data), xxhash.xxh3_128(data).digest(), hashlib.sha256(data).digest()
-
-    def frame(self, data: bytes, written: FrameWritten | None = None) -> None:
-        """Compress data into one frame. With written (a chunk), the worker also computes the
-        chunk's xxh3-128 and sha256, and written(offset, stored length, xxh3, sha256) runs on
-        the writer thread once the frame is in the blob."""
-        compressed = self._pool.submit(self._compress, data, written is not None)
-        self._queue(len(data), self._write_frame, compressed, data, written)
-
-    def _queue(self, nbytes: int, fn, *args) -> None:
-        self._pending.append((self._serial.submit(fn, *args), nbytes))
-        self._pending_bytes += nbytes
-        while self._pending_bytes > self._max_pending_bytes:
-            self._wait_oldest()
-
-    def _wait_oldest(self) -> None:
-        future, nbytes = self._pending.popleft()
-        self._pending_bytes -= nbytes
-        future.result()
-
-    def _write_frame(self, compressed: concurrent.futures.Future, data: bytes, written: FrameWritten | None) -> None:
-        stored, digest, key = compressed.result()
-        if written is not None:
-            written(self.position, len(stored), digest, key)
-        self._write(stored)
-        self.tar_sha256.update(data)
-
-    def drain(self) -> None:
-        while self._pending:
-            self._wait_oldest()
-
-    def cancel(self) -> None:
-        """Drop queued work (after an error) so the executors shut down promptly."""
-        while self._pending:
-            self._pending.popleft()[0].cancel()
-        self._pending_bytes = 0
-
-    def raw(self, data: bytes) -> int:
-        """Write bytes as they are (skippable frames) after every queued frame; their offset."""
-        self.drain()
-        offset = self.position
-        self._write(data)
-        return offset
-
-    def _write(self, data: bytes) -> None:
-        self._out.write(data)
-        self.sha256.update(data)
-        self.position += len(data)
-
-
 class LayerBuilder:
     """One conversion: feed it a tar stream with build(), get the blob written to out."""
 
@@ -366,7 +117,7 @@ class LayerBuilder:
         self._entries: list[fmt.ChunkEntry | None] = []
         self._first_chunk: dict[bytes, int] = {}
         self._zero = bytes(chunk_size)
-        self._frames: _FrameWriter | None = None
+        self._frames: FrameWriter | None = None
 
     # -- tar bytes ---------------------------------------------------------------------
 
@@ -417,9 +168,9 @@ class LayerBuilder:
         max_pending_bytes = max(16 << 20, (self.threads + 1) * self.chunk_size)
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-zstd") as pool, \
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lazyfs-write") as serial:
-            self._frames = frames = _FrameWriter(self.out, pool, serial, self.level, max_pending_bytes)
-            stream = _ReadAhead(decompressed)
-            self._tap = tap = _Tap(stream)
+            self._frames = frames = FrameWriter(self.out, pool, serial, self.level, max_pending_bytes)
+            stream = ReadAhead(decompressed)
+            self._tap = tap = Tap(stream)
             try:
                 try:
                     tar = tarfile.open(
@@ -551,7 +302,7 @@ class LayerBuilder:
             raise LayerFormatError("layer too large: chunk device exceeds 2**32 blocks")
         erofs = ErofsBuilder(
             block_size=BLOCK_SIZE, chunk_size=self.chunk_size, inline_threshold=self.inline_threshold,
-            device_blocks=device_blocks, device_tag=table_device_tag(table_sha),
+            device_blocks=device_blocks, device_tag=fmt.table_device_tag(table_sha),
         )
         try:
             for entry in self.tree.entries():
@@ -596,11 +347,6 @@ class LayerBuilder:
             self._tar_size, result.size,
         )
         return result
-
-
-def table_device_tag(table_sha256: bytes) -> bytes:
-    """The chunk device's tag in the EROFS device table: binds the metadata to its chunk table."""
-    return b"sha256=" + base64.urlsafe_b64encode(table_sha256).rstrip(b"=")
 
 
 def build_layer(

@@ -15,6 +15,7 @@ This module only encodes and decodes; it performs no I/O. Every decoder raises L
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import struct
@@ -84,6 +85,13 @@ def max_frame_size(chunk_size: int) -> int:
     Generous above zstd's compress bound (size + size/256 + a little), which every frame meets.
     """
     return chunk_size + (chunk_size >> 7) + 4096
+
+
+def table_device_tag(table_sha256: bytes) -> bytes:
+    """The chunk device's tag in the metadata's EROFS device table, binding the metadata to its
+    chunk table: ``sha256=`` + unpadded base64url of the table payload's sha256 (50 bytes; the
+    tag field holds 63)."""
+    return b"sha256=" + base64.urlsafe_b64encode(table_sha256).rstrip(b"=")
 
 
 def skippable_frame(payload: bytes, magic: int = SECTION_FRAME_MAGIC) -> bytes:

@@ -19,7 +19,6 @@ from lazyfs.erofs.reader import Image
 from lazyfs.fetch import ChunkCorrupt, ChunkRef, decode_chunk
 from lazyfs.layer import format as fmt
 from lazyfs.layer.annotations import from_annotations
-from lazyfs.layer.builder import table_device_tag
 from lazyfs.layer.errors import LayerFormatError
 
 CHUNK_DEVICE_ID = 1
@@ -73,7 +72,7 @@ class Layer:
         self.trusted_footer = trusted_footer
         if table_sha256 is None:
             table_sha256 = hashlib.sha256(table.encode()).digest()
-        tag = table_device_tag(table_sha256)
+        tag = fmt.table_device_tag(table_sha256)
         devices = image.devices
         if len(devices) != 1 or devices[0].tag != tag:
             raise LayerFormatError("the metadata's chunk device tag does not match the chunk table")
