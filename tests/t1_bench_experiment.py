@@ -12,7 +12,7 @@ from lazyfs.bench.experiment import (
 )
 from lazyfs.bench.modes import MODES, make_mode
 from lazyfs.bench.registrylog import traffic_since
-from lazyfs.bench.report import _quantile, summarise
+from lazyfs.bench.report import _quantile, ideal_times, summarise
 from lazyfs.bench.results import FIELDS, ResultStore
 from lazyfs.bench.runner import ExperimentRefused, Runner
 
@@ -142,3 +142,16 @@ def test_trace_modes_say_they_are_not_available(tmp_path):
     with pytest.raises(ExperimentRefused, match="lazy-ordered is not available.*--skip-unavailable"):
         Runner(e, tmp_path / "results").run()
     assert not (tmp_path / "results").exists()  # refused before anything was written
+
+
+def test_ideal_time_is_warm_plus_fetched_bytes_at_link_rate():
+    base = {"image": "i", "workload": "w", "profile": "p", "status": "ok", "pull_s": 0.1,
+            "registry_bytes": 1}
+    runs = [{**base, "mode": "warm", "ready_s": 1.0, "lazyfs_fetched_bytes": 0},
+            {**base, "mode": "lazy", "ready_s": 9.0, "lazyfs_fetched_bytes": 25_000_000}]
+    config = {"experiment": {"profiles": [{"name": "p", "rate_mbit": 100.0, "rtt_ms": 20.0}]}}
+    (ideal,) = ideal_times(summarise(runs), config)
+    assert ideal["transfer_s"] == pytest.approx(2.0) and ideal["ideal_s"] == pytest.approx(3.0)
+    unshaped = {"experiment": {"profiles": [{"name": "p", "rate_mbit": None, "rtt_ms": None}]}}
+    assert ideal_times(summarise(runs), unshaped) == []
+    assert ideal_times(summarise(runs[:1]), config) == []  # no lazy run to take the bytes from

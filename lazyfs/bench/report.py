@@ -52,6 +52,7 @@ def _mode_rank(mode: str) -> tuple[int, str]:
 class Report:
     config: dict
     summary: list[dict]
+    ideal: list[dict] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
 
     def table(self):
@@ -78,7 +79,29 @@ class Report:
                 "" if row["workload_read_bytes"] is None else f"{row['workload_read_bytes'] / MB:.1f}",
                 "" if row["daemon_cpu_s"] is None else f"{row['daemon_cpu_s']:.2f}",
                 "" if row["speedup"] is None else f"{row['speedup']:.1f}x")
+        if self.ideal:
+            table.caption = "ideal = warm + lazy fetched bytes / link rate: " + "; ".join(
+                f"{i['image']} {i['profile']} {i['ideal_s']:.2f} s" for i in self.ideal)
         return table
+
+
+def ideal_times(summary: list[dict], config: dict) -> list[dict]:
+    """The ideal start per cell: the warm start plus the bytes a cold lazy start fetched
+    (chunk granularity, compressed) at the link's rate -- a start whose data all arrives in
+    a few large requests, as trace prefetch and the trace-ordered layout aim for."""
+    rates = {p["name"]: p.get("rate_mbit") for p in config.get("experiment", {}).get("profiles", [])}
+    ok = {(r["image"], r["workload"], r["profile"], r["mode"]): r for r in summary if r["status"] == OK}
+    ideal = []
+    for (image, workload, profile, mode), warm in ok.items():
+        lazy = ok.get((image, workload, profile, "lazy"))
+        rate = rates.get(profile)
+        if mode != "warm" or lazy is None or not rate or lazy.get("lazyfs_fetched_bytes") is None:
+            continue
+        transfer = lazy["lazyfs_fetched_bytes"] * 8 / (rate * 1e6)
+        ideal.append({"image": image, "workload": workload, "profile": profile,
+                      "warm_s": warm["ready_s"], "transfer_s": transfer,
+                      "ideal_s": warm["ready_s"] + transfer})
+    return sorted(ideal, key=lambda i: (i["image"], i["workload"], i["profile"]))
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -117,7 +140,8 @@ def build_report(results_dir: Path, out_dir: Path | None = None, *, timeline_run
     config, runs, store = load_results(Path(results_dir))
     if not runs:
         raise ReportError(f"{results_dir}: no finished runs yet")
-    report = Report(config, summarise(runs))
+    summary = summarise(runs)
+    report = Report(config, summary, ideal_times(summary, config))
     out = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in runs if r["status"] == OK]

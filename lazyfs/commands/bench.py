@@ -125,7 +125,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"lazyfs bench report: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"summary": report.summary, "plots": [str(p) for p in report.plots]}, indent=1))
+        print(json.dumps({"summary": report.summary, "ideal": report.ideal, "plots": [str(p) for p in report.plots]}, indent=1))
         return 0
     # Piped output (docs, CI logs) gets the full table instead of one squeezed to 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=200)
