@@ -82,17 +82,23 @@ def run_container(containerd: Containerd, ref: str, snapshotter: str, name: str,
     lines: deque[str] = deque(maxlen=40)
     ready_event = threading.Event()
 
+    def kill() -> None:
+        killed.set()
+        _kill_task(containerd, name)
+        try:  # ctr itself must go too, or the reader below would wait for ever
+            proc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
     def watchdog() -> None:
         # Not ready in time: kill. Ready but still running after the grace: kill (a server).
         if not ready_event.wait(max(0.0, timeout - (time.monotonic() - t0))):
-            killed.set()
-            _kill_task(containerd, name)
+            kill()
             return
         try:
             proc.wait(STOP_GRACE)
         except subprocess.TimeoutExpired:
-            killed.set()
-            _kill_task(containerd, name)
+            kill()
 
     guard = threading.Thread(target=watchdog, daemon=True)
     guard.start()
