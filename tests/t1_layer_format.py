@@ -381,6 +381,38 @@ def test_hostile_entries_rejected(members, entry, reason):
     assert info.value.entry == entry and entry in str(info.value)
 
 
+def test_unknown_entry_type_refused():
+    src = make_tar([(dict(name="before", mode=0o644), b"x" * 5000),
+                    (dict(name="odd", type=b"Z"), os.urandom(6 << 20)),
+                    (dict(name="after", mode=0o644), b"y")])
+    with pytest.raises(UnsafeTarEntry, match="unsupported tar entry type") as info:
+        convert(src)
+    assert info.value.entry == "odd"
+
+
+def test_tap_routes_everything_once_and_stays_bounded():
+    from lazyfs.layer.tarstream import Tap
+
+    data = os.urandom(12 << 20)
+    emitted = []
+    tap = Tap(io.BytesIO(data), emitted.append)
+    out = []
+    sizes = []
+    while piece := tap.read(64 << 10):
+        out.append(piece)
+        sizes.append(len(tap._buf))
+    assert max(sizes) <= Tap.OVERFLOW + (64 << 10)
+    assert b"".join(emitted) + tap.take_all() == data and b"".join(out) == data
+    # While held (inside a chunked file's content) nothing overflows; skipped bytes are dropped.
+    tap = Tap(io.BytesIO(data), emitted.append)
+    emitted.clear()
+    tap.hold = True
+    tap.skip(1 << 20)
+    while tap.read(1 << 20):
+        pass
+    assert emitted == [] and tap.take_all() == data[1 << 20:]
+
+
 def test_overlay_xattrs_from_the_tar_are_dropped(tmp_path):
     src = make_tar([(dict(name="d", type=tarfile.DIRTYPE, pax={"SCHILY.xattr.trusted.overlay.redirect": "/x",
                                                                "SCHILY.xattr.user.ok": "1"}), None)])

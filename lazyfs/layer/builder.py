@@ -170,7 +170,7 @@ class LayerBuilder:
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lazyfs-write") as serial:
             self._frames = frames = FrameWriter(self.out, pool, serial, self.level, max_pending_bytes)
             stream = ReadAhead(decompressed)
-            self._tap = tap = Tap(stream)
+            self._tap = tap = Tap(stream, self._emit_stream)
             try:
                 try:
                     tar = tarfile.open(
@@ -275,15 +275,19 @@ class LayerBuilder:
         f = tar.extractfile(m)
         chunks: list[int | None] = []
         done = 0
-        while done < m.size:
-            want = min(self.chunk_size, m.size - done)
-            data = f.read(want)
-            if len(data) != want:
-                raise LayerFormatError(f"tar entry {where!r} is truncated")
-            done += want
-            if not m.issparse():
-                self._tap.skip(m.offset_data + done)
-            chunks.append(self._emit_chunk(data))
+        self._tap.hold = True
+        try:
+            while done < m.size:
+                want = min(self.chunk_size, m.size - done)
+                data = f.read(want)
+                if len(data) != want:
+                    raise LayerFormatError(f"tar entry {where!r} is truncated")
+                done += want
+                if not m.issparse():
+                    self._tap.skip(m.offset_data + done)
+                chunks.append(self._emit_chunk(data))
+        finally:
+            self._tap.hold = False
         return ChunkedData(size=m.size, chunks=chunks)
 
     # -- sections ------------------------------------------------------------------------

@@ -126,13 +126,25 @@ class Tap(io.RawIOBase):
     The output tar is the input tar byte for byte: header blocks, padding and the content of
     small files are taken from here into stream frames; the content of chunked files is
     skipped here because it goes out as chunk frames. Positions are absolute input offsets.
+
+    Bytes the tar reader skips without the builder seeing them (the data of a hard link or a
+    directory that claims a size, say) are stream bytes too; so that a hostile size cannot grow
+    the buffer without bound, when it holds more than OVERFLOW bytes everything but the last
+    KEEP bytes is handed to ``overflow`` (stream frames), unless the builder is inside a
+    member's content (``hold``), which it reads and skips piece by piece itself. KEEP exceeds
+    how far the tar reader reads ahead of a member's data (its 64 KiB buffer).
     """
 
-    def __init__(self, inner: io.RawIOBase):
+    OVERFLOW = 4 << 20
+    KEEP = 1 << 20
+
+    def __init__(self, inner: io.RawIOBase, overflow: Callable[[bytes], None]):
         self._inner = inner
+        self._overflow = overflow
         self._buf = bytearray()
         self._start = 0  # input offset of _buf[0]
         self._read = 0  # input bytes read so far
+        self.hold = False
 
     def readable(self) -> bool:
         return True
@@ -144,6 +156,8 @@ class Tap(io.RawIOBase):
             if keep_from < n:
                 self._buf += memoryview(buf)[keep_from:n]
             self._read += n
+            if len(self._buf) > self.OVERFLOW and not self.hold:
+                self._overflow(self.take(self._start + len(self._buf) - self.KEEP))
         return n
 
     def take(self, upto: int) -> bytes:
