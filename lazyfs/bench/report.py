@@ -64,7 +64,7 @@ class Report:
                               ("mode", "left"), ("runs", "right"), ("ready s", "right"),
                               ("IQR s", "right"), ("min-max s", "right"), ("pull s", "right"),
                               ("registry MB", "right"), ("read MB", "right"),
-                              ("daemon CPU s", "right"), ("vs overlayfs", "right")):
+                              ("CPU s lazyfs/containerd", "right"), ("vs overlayfs", "right")):
             table.add_column(name, justify=justify)
         for row in self.summary:
             if row["ok"] == 0:
@@ -77,7 +77,7 @@ class Report:
                 f"{row['ready_min']:.2f}-{row['ready_max']:.2f}", f"{row['pull_s']:.2f}",
                 f"{row['registry_bytes'] / MB:.1f}",
                 "" if row["workload_read_bytes"] is None else f"{row['workload_read_bytes'] / MB:.1f}",
-                "" if row["daemon_cpu_s"] is None else f"{row['daemon_cpu_s']:.2f}",
+                f"{_fmt(row['daemon_cpu_s'])}/{_fmt(row['containerd_cpu_s'])}",
                 "" if row["speedup"] is None else f"{row['speedup']:.1f}x")
         if self.ideal:
             table.caption = "ideal = warm + lazy fetched bytes / link rate: " + "; ".join(
@@ -102,6 +102,10 @@ def ideal_times(summary: list[dict], config: dict) -> list[dict]:
                       "warm_s": warm["ready_s"], "transfer_s": transfer,
                       "ideal_s": warm["ready_s"] + transfer})
     return sorted(ideal, key=lambda i: (i["image"], i["workload"], i["profile"]))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def summarise(runs: list[dict]) -> list[dict]:
