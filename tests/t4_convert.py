@@ -471,6 +471,29 @@ async def test_hostile_layer_refused_and_inspect_plain_image(registry, registry_
         await out.aclose()
 
 
+def test_convert_cli_embeds_a_trace(tmp_path, capsys):
+    from lazyfs.trace import Trace
+
+    trace = b"lazyfs-trace\t1\nlayer\tsha256:" + b"0" * 64 + b"\t65536\naccess\t5\tsha256:" + b"0" * 64 + \
+        b"\t40\t0\t0\tf\n"
+    (tmp_path / "trace").write_bytes(trace)
+    (tmp_path / "bad-trace").write_bytes(b"not a trace\n")
+    image = build_image([[file("f", b"traced\n" * 10000)]])
+    trio.run(push, f"oci:{tmp_path / 'src'}:v1", image)
+    dst = f"oci:{tmp_path / 'dst'}:v1"
+    assert convert_cli(f"oci:{tmp_path / 'src'}:v1", dst, "--trace", str(tmp_path / "bad-trace")) == 2
+    assert "--trace" in capsys.readouterr().err and not (tmp_path / "dst").exists()
+    assert convert_cli(f"oci:{tmp_path / 'src'}:v1", dst, "--trace", str(tmp_path / "trace")) == 0
+    layer_desc = manifest_of(dst).layers[0]
+    blob = (tmp_path / "dst" / "blobs" / "sha256" / layer_desc.digest[7:]).read_bytes()
+    from lazyfs.layer.annotations import from_annotations
+
+    index = from_annotations(layer_desc.annotations, len(blob))
+    embedded = index.trace.open("trace", blob[index.trace.offset:index.trace.offset + index.trace.stored_size])
+    assert embedded == trace and Trace.decode(embedded).accesses[0].path == "f"
+    assert inspect_json(dst)["images"][0]["layers"][0]["trace"] is True
+
+
 def test_convert_cli_errors(registry, registry_repo, tmp_path, capsys):
     assert convert_cli(f"{registry.host}/{registry_repo}:missing", f"oci:{tmp_path / 'o'}:x") == 1
     assert "lazyfs convert:" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from pathlib import Path
 
 import trio
 from rich.console import Console
@@ -14,6 +15,7 @@ from lazyfs.convert import ConvertError, ConvertOptions, convert_image
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.format import DEFAULT_CHUNK_SIZE, DEFAULT_INLINE_THRESHOLD, check_chunk_size
 from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store, parse_any_reference
+from lazyfs.trace import Trace, TraceError
 
 NAME = "convert"
 HELP = "convert an image (registry reference or oci:DIR[:TAG]) to lazyfs layers and push it to DST"
@@ -55,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--platform", type=_platform, default=None,
                         help="convert only this os/arch[/variant] of an index (default: every platform)")
     parser.add_argument("--threads", type=int, default=None, help="compression threads (default: CPU count)")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="embed this access trace (`lazyfs trace` output) in every converted layer")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -97,8 +101,16 @@ def run(args: argparse.Namespace) -> int:
     if getattr(dst_ref, "digest", None) is not None:
         console.print("lazyfs convert: DST cannot be a digest (the converted image has a new one)")
         return 2
+    trace = None
+    if args.trace is not None:
+        try:
+            trace = args.trace.read_bytes()
+            Trace.decode(trace)
+        except (OSError, TraceError) as e:
+            console.print(f"lazyfs convert: --trace {args.trace}: {e}")
+            return 2
     options = ConvertOptions(chunk_size=args.chunk_size, inline_threshold=args.inline_threshold,
-                             platform=args.platform, threads=args.threads)
+                             platform=args.platform, threads=args.threads, trace=trace)
 
     async def main() -> str:
         src, dst = open_store(args.src), open_store(args.dst)
