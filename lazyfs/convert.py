@@ -134,6 +134,7 @@ class _Converter:
         self.staging = staging
         self.progress = progress
         self.layer_cache: dict[str, LayerOutcome] = {}
+        self._in_progress: dict[str, trio.Event] = {}  # a layer used twice is converted once
         self.download_limiter = trio.CapacityLimiter(_DOWNLOADS_IN_PARALLEL)
         self.convert_lock = trio.Lock()  # one conversion at a time: each uses every core
 
@@ -191,9 +192,24 @@ class _Converter:
                             media_type=manifest.media_type)
 
     async def layer(self, desc: Descriptor, diff_id: str | None) -> LayerOutcome:
+        while desc.digest in self._in_progress:
+            await self._in_progress[desc.digest].wait()
         cached = self.layer_cache.get(desc.digest)
         if cached is not None:
+            if cached.converted and cached.build.source_diff_id != diff_id:
+                raise ConvertError(f"layer {desc.digest}: the config says {diff_id}, "
+                                   f"its uncompressed tar is {cached.build.source_diff_id}")
             return cached
+        done = self._in_progress[desc.digest] = trio.Event()
+        try:
+            outcome = await self._layer(desc, diff_id)
+        finally:
+            del self._in_progress[desc.digest]
+            done.set()
+        self.layer_cache[desc.digest] = outcome
+        return outcome
+
+    async def _layer(self, desc: Descriptor, diff_id: str | None) -> LayerOutcome:
         workdir = self.staging.directory
         source_path = workdir / ("src-" + desc.digest.replace(":", "-"))
         async with self.download_limiter:
@@ -203,9 +219,7 @@ class _Converter:
         )
         if passthrough:
             self.staging.add_file(desc.digest, source_path, desc.media_type)
-            outcome = LayerOutcome(desc, desc, converted=False)
-            self.layer_cache[desc.digest] = outcome
-            return outcome
+            return LayerOutcome(desc, desc, converted=False)
         out_path = workdir / ("new-" + desc.digest.replace(":", "-"))
         async with self.convert_lock:
             result = await trio.to_thread.run_sync(self._build, desc, source_path, out_path)
@@ -218,9 +232,7 @@ class _Converter:
         annotations.update(result.annotations)
         target = Descriptor(OCI_LAYER_ZSTD, result.digest, result.size, annotations=annotations)
         self.staging.add_file(result.digest, out_path, OCI_LAYER_ZSTD)
-        outcome = LayerOutcome(desc, target, converted=True, build=result)
-        self.layer_cache[desc.digest] = outcome
-        return outcome
+        return LayerOutcome(desc, target, converted=True, build=result)
 
     def _build(self, desc: Descriptor, source_path: Path, out_path: Path) -> BuildResult:
         o = self.options

@@ -302,6 +302,23 @@ def run_in_containerd(registry, ref: str, tmp_path) -> None:
         instance.stop()
 
 
+async def test_layer_used_twice_is_converted_once(tmp_path):
+    same = [file("shared", b"same bytes\n" * 1000)]
+    image = build_image([same, [file("x", b"x")], same])
+    src = open_store(f"oci:{tmp_path / 'src'}:v1")
+    dst = open_store(f"oci:{tmp_path / 'dst'}:v1")
+    try:
+        await push_image(src, image, tag="v1")
+        result = await convert_image(src, dst, tag="v1")
+        layers = result.images[0].layers
+        assert layers[0].target == layers[2].target and layers[0].build is layers[2].build
+        converted = await dst.get_manifest()
+        assert [d.digest for d in converted.layers][0] == [d.digest for d in converted.layers][2]
+    finally:
+        await src.aclose()
+        await dst.aclose()
+
+
 async def test_convert_index_and_docker_media_types(registry, registry_repo, tmp_path):
     amd = build_image([[file("a", b"amd64\n")], [file("b", b"x" * 10000)]], media_types="docker",
                       platform=Platform("linux", "amd64"))
