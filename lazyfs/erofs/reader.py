@@ -24,7 +24,6 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
-
 from . import format as F
 from .errors import CorruptImage, ErofsError, UnsupportedImage
 
@@ -191,6 +190,7 @@ class Image:
             if not root.is_dir:
                 raise CorruptImage(f"root nid {self.root_nid} is not a directory (mode {root.mode:o})")
         except BaseException:
+            self._inode_cached.cache_clear()
             mv.release()  # so that Image.open() can close its mmap
             raise
 
@@ -204,7 +204,10 @@ class Image:
         try:
             img = cls(m)
         except BaseException:
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view held by the traceback still exports the map; it closes when freed
             raise
         img._mmap = m
         return img
