@@ -133,10 +133,11 @@ def test_summary_statistics():
     assert rows["lazy-ordered"]["ok"] == 0 and rows["lazy-ordered"]["status"] == "unavailable"
 
 
-def test_trace_modes_say_they_are_not_available(tmp_path):
-    for name in ("lazy-prefetch", "lazy-ordered"):
-        assert "not available" in make_mode(name).unavailable_reason()
+def test_modes_this_build_cannot_run_say_so(tmp_path):
+    assert "not available" in make_mode("lazy-ordered").unavailable_reason()
+    assert "trace-ordered layout" in make_mode("lazy-ordered").unavailable_reason()
     assert make_mode("lazy").unavailable_reason() is None
+    assert make_mode("lazy-prefetch").unavailable_reason() is None  # convert --trace exists
     e = parse_experiment(MINIMAL.replace('modes = ["overlayfs", "lazy"]', 'modes = ["lazy", "lazy-ordered"]'),
                          set(MODES))
     with pytest.raises(ExperimentRefused, match="lazy-ordered is not available.*--skip-unavailable"):

@@ -12,20 +12,27 @@ measuring something else under the mode's name.
 | overlayfs | containerd's overlayfs | original (gzip) | cold: full pull + unpack |
 | lazy | lazyfs | converted | cold cache, no trace |
 | warm | lazyfs | converted | chunk cache filled by one earlier start of the same workload |
-| lazy-prefetch | lazyfs | converted, trace embedded | cold; the trace is prefetched |
-| lazy-ordered | lazyfs | converted in trace order, trace embedded | cold; prefetched |
+| lazy-prefetch | lazyfs | converted with the workload's trace embedded | cold; the trace is prefetched |
+| lazy-ordered | lazyfs | converted in trace order, trace embedded | not available: no trace-ordered layout yet |
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import json
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from .env import BenchEnv, ResetReport
 from .measure import Timings, Workload, measure
-from .prepare import LAZY, ORIGINAL, OciImage
+from .prepare import (
+    LAZY, ORIGINAL, OciImage, PrepareError, SourceImage, convert_cached, push, registry_names,
+)
 
 
 @dataclass
@@ -51,6 +58,11 @@ class Mode:
 
     def unavailable_reason(self) -> str | None:
         return None
+
+    def image_for(self, ctx: PrepareContext, env: BenchEnv, source: SourceImage,
+                  workload: Workload) -> OciImage:
+        """The image variant this mode pulls (prepared before the runs, or here on demand)."""
+        return source.variants[self.variant]
 
     def setup(self, env: BenchEnv, target: RunTarget) -> ResetReport:
         return env.reset(keep_cache=False)
@@ -90,9 +102,11 @@ class WarmMode(Mode):
 
 
 def trace_embedding_missing() -> str | None:
-    """What the trace modes lack in this build, or None when everything they use exists:
-    trace recording (lazyfs.trace, the daemon's trace-start/trace-stop) and embedding a
-    trace in a converted image (``lazyfs convert --trace``, ConvertOptions.trace)."""
+    """What trace prefetch under containerd lacks in this build, or None: trace recording
+    (lazyfs.trace, the daemon's trace-start/trace-stop) and embedding a trace in a converted
+    image (``lazyfs convert --trace``, ConvertOptions.trace). Under containerd a trace reaches
+    the daemon only embedded in the layer: the snapshotter asks for prefetch of the embedded
+    trace and has no way to pass a trace file."""
     if importlib.util.find_spec("lazyfs.trace") is None:
         return "trace recording (lazyfs.trace)"
     from lazyfs.convert import ConvertOptions
@@ -101,30 +115,80 @@ def trace_embedding_missing() -> str | None:
     return None
 
 
-class _TraceMode(Mode):
-    """Under containerd a trace reaches the daemon only embedded in the layer (the
-    snapshotter asks for prefetch of the embedded trace), so these modes need a converted
-    image with the trace of the workload embedded."""
+@dataclass
+class PrepareContext:
+    """What a mode needs to prepare an image variant during the runs."""
+    cache_dir: Path
+    chunk_size: int
+    timeout: float
+
+
+def _workload_key(workload: Workload) -> str:
+    return hashlib.sha256(json.dumps([workload.command, workload.ready]).encode()).hexdigest()[:12]
+
+
+def record_trace(ctx: PrepareContext, env: BenchEnv, source: SourceImage, workload: Workload) -> Path:
+    """The access trace of one cold lazy start of the workload (recorded once, cached).
+
+    From a cold state: ``trace-start`` on the daemon, pull and run the converted image as the
+    ``lazy`` mode does, ``trace-stop`` writing the trace. Its records name files by path, so
+    it applies to any conversion of the same image.
+    """
+    digest = source.manifest_digest.split(":", 1)[1][:16]
+    path = ctx.cache_dir / "traces" / f"{source.name}-{digest}-c{ctx.chunk_size}-{_workload_key(workload)}.trace"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env.reset(keep_cache=False)
+    lazy = source.variants[LAZY]
+    env.snapshotter.daemon_request("trace-start")
+    measure(env.containerd, lazy.registry_ref(env.endpoint), "lazyfs", True,
+            f"bench-trace-{secrets.token_hex(4)}", workload, ctx.timeout)
+    tmp = path.with_name(f".{path.name}.tmp")
+    reply = env.snapshotter.daemon_request("trace-stop", timeout=60, path=str(tmp))
+    if not reply.get("records"):
+        raise PrepareError(f"the trace of {source.name} / {workload.name} is empty")
+    os.rename(tmp, path)
+    return path
+
+
+class LazyPrefetchMode(Mode):
+    """The image converted with the workload's trace embedded (``lazyfs convert --trace``,
+    layout unchanged); on attach the daemon prefetches the traced files' chunks in
+    first-access order while the workload reads on demand."""
+    name = "lazy-prefetch"
 
     def unavailable_reason(self) -> str | None:
         missing = trace_embedding_missing()
         if missing is not None:
             return f"mode {self.name} is not available: it needs {missing}, which this build lacks"
-        return (f"mode {self.name} is not available: `lazyfs bench` does not record and embed "
-                f"traces yet")
+        return None
+
+    def image_for(self, ctx: PrepareContext, env: BenchEnv, source: SourceImage,
+                  workload: Workload) -> OciImage:
+        key = f"lazy-trace/{workload.name}"
+        if key not in source.variants:
+            trace = record_trace(ctx, env, source, workload)
+            image = convert_cached(source, ctx.chunk_size, ctx.cache_dir, trace=trace)
+            tag_variant = f"trace-{_workload_key(workload)}"
+            push(image, env.endpoint, *registry_names(source, tag_variant, ctx.chunk_size))
+            source.variants[key] = image
+        return source.variants[key]
+
+
+class LazyOrderedMode(Mode):
+    """Needs ``lazyfs convert`` to write the traced files first (trace-ordered layout),
+    which does not exist yet; then it is LazyPrefetchMode with that conversion."""
+    name = "lazy-ordered"
+
+    def unavailable_reason(self) -> str | None:
+        missing = trace_embedding_missing()
+        return (f"mode {self.name} is not available: it needs "
+                f"{missing or 'the trace-ordered layout (`lazyfs convert` writing traced files first)'}, "
+                f"which this build lacks")
 
     def setup(self, env: BenchEnv, target: RunTarget) -> ResetReport:
         raise ModeUnavailable(self.unavailable_reason())
-
-
-class LazyPrefetchMode(_TraceMode):
-    name = "lazy-prefetch"
-    variant = "lazy-trace"
-
-
-class LazyOrderedMode(_TraceMode):
-    name = "lazy-ordered"
-    variant = "lazy-ordered"
 
 
 MODES: dict[str, type[Mode]] = {m.name: m for m in

@@ -9,6 +9,7 @@ registries of the profiles then serve that same storage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -108,10 +109,16 @@ def resolve_image(spec: ImageSpec, cache_dir: Path | None = None) -> SourceImage
     return source
 
 
-def convert_cached(source: SourceImage, chunk_size: int, cache_dir: Path | None = None) -> OciImage:
-    """``lazyfs convert`` of the source into a cached OCI layout (converted once)."""
+def convert_cached(source: SourceImage, chunk_size: int, cache_dir: Path | None = None,
+                   trace: Path | None = None) -> OciImage:
+    """``lazyfs convert`` of the source into a cached OCI layout (converted once), with
+    ``--trace`` when a trace file is given (keyed by the trace's content)."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = f"{source.name}-{source.manifest_digest.split(':', 1)[1][:16]}-c{chunk_size}"
+    extra: list[str] = []
+    if trace is not None:
+        key += f"-trace-{hashlib.sha256(trace.read_bytes()).hexdigest()[:12]}"
+        extra = ["--trace", str(trace)]
     final = cache_dir / "converted" / key
     if (final / "done").exists():
         return read_layout(final / "oci", "latest")
@@ -121,7 +128,7 @@ def convert_cached(source: SourceImage, chunk_size: int, cache_dir: Path | None 
     work.mkdir(parents=True)
     log.info("converting %s (chunk size %d)", source.name, chunk_size)
     proc = subprocess.run([venv_script("lazyfs"), "convert", "-q", "--chunk-size", str(chunk_size),
-                           source.ref, f"oci:{work / 'oci'}:latest"],
+                           *extra, source.ref, f"oci:{work / 'oci'}:latest"],
                           capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise PrepareError(f"lazyfs convert {source.name} failed: {(proc.stderr or proc.stdout).strip()}")

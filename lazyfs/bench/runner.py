@@ -23,7 +23,7 @@ from .errors import BenchError
 from .experiment import Experiment, Profile, RunKey
 from .images import default_cache_dir
 from .measure import Workload
-from .modes import Mode, ModeUnavailable, RunTarget, make_mode
+from .modes import Mode, ModeUnavailable, PrepareContext, RunTarget, make_mode
 from .netshape import LinkShape, ShapedRegistry
 from .prepare import LAZY, ORIGINAL, SourceImage, convert_cached, push, registry_names, resolve_image
 from .registrylog import log_position, traffic_since
@@ -112,7 +112,8 @@ class Runner:
                                     " (remove the mode, or pass --skip-unavailable to record "
                                     "its runs as unavailable)")
         self._open_results()
-        finished = {r["run_id"] for r in self.store.runs() if r["status"] in (OK, UNAVAILABLE)}
+        # Runs recorded as unavailable are looked at again: the build may have gained the mode.
+        finished = {r["run_id"] for r in self.store.runs() if r["status"] == OK}
         keys = self.experiment.runs()
         todo = [k for k in keys if k.run_id not in finished]
         self.reporter.begin(len(keys), len(keys) - len(todo))
@@ -193,11 +194,16 @@ class Runner:
                     self.reporter.phase(f"pushing {spec.name} ({variant})")
                     push(image, registry.endpoint, *registry_names(source, variant, self.experiment.chunk_size))
                 self.sources[spec.name] = source
-                config["images"][spec.name] = {
-                    variant: {"manifest_digest": i.manifest_digest, "layer_bytes": i.layer_bytes,
-                              "layers": i.layers, "repository": i.repository, "tag": i.registry_tag}
-                    for variant, i in source.variants.items()}
+                config["images"][spec.name] = _variants_json(source)
         self.store.update_config(config)
+
+    def _record_variants(self, source: SourceImage) -> None:
+        config = self.store.config()
+        config["images"][source.name] = _variants_json(source)
+        self.store.update_config(config)
+
+    def _prepare_context(self) -> PrepareContext:
+        return PrepareContext(self.cache_dir, self.experiment.chunk_size, self.experiment.timeout_s)
 
     # ------------------------------------------------------------------ one run
 
@@ -216,12 +222,18 @@ class Runner:
     def _run_one(self, env: BenchEnv, key: RunKey, profile: Profile) -> tuple[dict, list[dict] | None]:
         mode = self.modes[key.mode]
         source = self.sources[key.image]
-        self.reporter.run_started(key)
-        target = RunTarget(key.image, source.variants.get(mode.variant),  # type: ignore[arg-type]
-                           resolve_workload(self.experiment, key.workload, source),
-                           f"bench-{secrets.token_hex(4)}", self.experiment.timeout_s)
+        workload = resolve_workload(self.experiment, key.workload, source)
         record = self._base_record(key, FAILED, None)
+        target: RunTarget | None = None
         try:
+            known = set(source.variants)
+            self.reporter.phase(f"preparing {key.image} for {key.mode}")
+            image = mode.image_for(self._prepare_context(), env, source, workload)
+            if set(source.variants) != known:
+                self._record_variants(source)
+            self.reporter.run_started(key)
+            target = RunTarget(key.image, image, workload, f"bench-{secrets.token_hex(4)}",
+                               self.experiment.timeout_s)
             reset = mode.setup(env, target)
             assert env.registry_log is not None
             position = log_position(env.registry_log)
@@ -238,8 +250,9 @@ class Runner:
             record["error"] = str(e)[-4000:]
             return self._complete(record), None
         finally:
-            with contextlib.suppress(BenchError, subprocess.SubprocessError, OSError):
-                mode.teardown(env, target)
+            if target is not None:
+                with contextlib.suppress(BenchError, subprocess.SubprocessError, OSError):
+                    mode.teardown(env, target)
         events = [{**e, "start": e["start"] - timings.started_wall, "end": e["end"] - timings.started_wall}
                   for e in fetch_log.get("events", []) if e["end"] >= timings.started_wall]
         fetch = stats["fetch"]
@@ -279,6 +292,12 @@ class Runner:
     def _record(self, key: RunKey, record: dict, events: list[dict] | None = None) -> None:
         self.store.append(self._complete(record), events)
         self.reporter.run_finished(key, record)
+
+
+def _variants_json(source: SourceImage) -> dict:
+    return {variant: {"manifest_digest": i.manifest_digest, "layer_bytes": i.layer_bytes,
+                      "layers": i.layers, "repository": i.repository, "tag": i.registry_tag}
+            for variant, i in source.variants.items()}
 
 
 def _delta(before: float | None, after: float | None) -> float | None:

@@ -368,10 +368,10 @@ class Snapshotter:
             return None
         return pid if pid_alive(pid) else None
 
-    def daemon_request(self, op: str, timeout: float = 10.0) -> dict:
+    def daemon_request(self, op: str, timeout: float = 10.0, **args) -> dict:
         try:
             with ControlClient(str(self.control_socket), timeout=timeout) as client:
-                return client.request(op)
+                return client.request(op, **args)
         except ControlError as e:
             raise SystemError_(f"lazyfs daemon: {op}: {e}") from e
 
