@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from lazyfs.background import BackgroundFill
 from lazyfs.cache import CacheError, ChunkCache
 from lazyfs.devices import ChunkGridDevice, RecentChunks, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
@@ -49,6 +50,7 @@ class AttachContext:
     insecure_registries: frozenset[str] = frozenset()
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
+    background: BackgroundFill | None = None  # fills layers attached with background_fetch
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -207,6 +209,7 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
         raise AttachError("'annotations' must be an object of strings")
     size = request.get("size")
+    background_rate = _background_rate(request)
     store, host = ctx.stores.get(ctx, ref)
     try:
         if size is None:
@@ -239,7 +242,22 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if chunks:
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
+    if request.get("background_fetch"):
+        if ctx.background is None:
+            raise AttachError("this daemon does not fetch in the background")
+        # Queued now, started by the fill once the fetcher is idle: after the prefetch above.
+        ctx.background.add(_string(request, "name"), source,
+                           [layer.chunk_ref(n) for n in range(layer.chunk_count)], background_rate)
+        info["background_fetch"] = {"rate": background_rate}
     return layer.image, device, info
+
+
+def _background_rate(request: dict) -> int | None:
+    """``background_rate``: stored bytes per second of the background fill, or absent/None."""
+    rate = request.get("background_rate")
+    if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0):
+        raise AttachError("'background_rate' must be a positive number of bytes per second")
+    return rate
 
 
 async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, index,

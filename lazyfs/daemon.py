@@ -32,6 +32,7 @@ import pyfuse3
 import trio
 
 from lazyfs import attach as attach_kinds
+from lazyfs.background import BackgroundFill
 from lazyfs.cache import ChunkCache
 from lazyfs.config import ConfigError, parse_size
 from lazyfs.control import MAX_LINE
@@ -117,8 +118,10 @@ class Daemon:
         self.fetch_stats = FetchStats()
         self.fetch_log = FetchEventLog()
         self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
-        self.operations = LazyOperations(self.fs, on_read=self._on_read)
+        self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
+        self.background = BackgroundFill(self.fetcher)
         self.recorder: TraceRecorder | None = None
+        self.record_to: Path | None = None  # --record-trace: written when the daemon stops
         self.ready = False
         self.stacked: list[Path] = []  # overlay/bind mounts on top of ours, unmounted first
         self._nursery: trio.Nursery | None = None
@@ -136,11 +139,12 @@ class Daemon:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                insecure_registries=self.options.insecure_registries)
+                insecure_registries=self.options.insecure_registries, background=self.background)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self.fetcher.run)
+                    nursery.start_soon(self.background.run)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._run_fuse, nursery)
                     await self._tune_read_ahead()
@@ -153,6 +157,7 @@ class Daemon:
                     log.info("daemon ready: FUSE at %s, control at %s", self.options.fuse_dir, self.options.socket_path)
             finally:
                 self._nursery = None
+                self._write_recorded_trace()
                 await self._unstack()
 
     async def _run_fuse(self, nursery: trio.Nursery) -> None:
@@ -187,6 +192,9 @@ class Daemon:
             await trio.to_thread.run_sync(unmount_path, path, True)
 
     async def _run_startup(self, spec: dict) -> None:
+        if spec.get("record_trace"):
+            self.record_to = Path(spec["record_trace"])
+            self.recorder = TraceRecorder()
         for request in spec.get("attach", []):
             await self.attach(request)
         stack = spec.get("stack")
@@ -211,14 +219,36 @@ class Daemon:
             layer, nid, cells = span
             self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
 
+    def _on_use(self, kind: str, ino: int) -> None:
+        if self.recorder is None:
+            return
+        found = self.fs.locate(ino)
+        if found is not None:
+            layer, nid = found
+            self.recorder.record_file(kind, _trace_key(layer), getattr(layer.device, "chunk_size", 0), nid)
+
     def trace_start(self) -> dict:
         self.recorder = TraceRecorder()
+        self.record_to = None
         return {}
+
+    def _write_recorded_trace(self) -> None:
+        """--record-trace: the trace recorded since the mount, written as the daemon stops."""
+        if self.recorder is None or self.record_to is None:
+            return
+        trace, self.recorder = self.recorder.trace, None
+        try:
+            self._fill_paths(trace)
+            _write_atomically(self.record_to, trace.encode())
+            log.info("trace of %d records written to %s", len(trace.accesses) + len(trace.files), self.record_to)
+        except OSError as e:
+            log.error("cannot write the trace to %s: %s", self.record_to, e)
 
     async def trace_stop(self, request: dict) -> dict:
         if self.recorder is None:
             raise RequestError("no trace is being recorded (send trace-start first)", "not-found")
         trace, self.recorder = self.recorder.trace, None
+        self.record_to = None
         await trio.to_thread.run_sync(self._fill_paths, trace)
         data = trace.encode()
         path = request.get("path")
@@ -226,14 +256,15 @@ class Daemon:
             if not isinstance(path, str) or not path:
                 raise RequestError("'path' must be a non-empty string")
             await trio.to_thread.run_sync(_write_atomically, Path(path), data)
-        return {"records": len(trace.accesses), "layers": list(trace.layers), "bytes": len(data)}
+        return {"records": len(trace.accesses), "files": len(trace.files), "layers": list(trace.layers),
+                "bytes": len(data)}
 
     def _fill_paths(self, trace: Trace) -> None:
         """Names for the recorded nids: one walk of each traced layer's metadata."""
         by_key = {_trace_key(layer): layer for layer in self.fs.layers()}
-        for key in trace.layers:
+        for key in set(trace.layers) | {f.layer for f in trace.files}:
             layer = by_key.get(key)
-            wanted = {a.nid for a in trace.accesses if a.layer == key}
+            wanted = {r.nid for r in [*trace.accesses, *trace.files] if r.layer == key}
             if layer is None or not wanted:
                 continue
             names: dict[int, str] = {}
@@ -242,9 +273,9 @@ class Daemon:
                     names[inode.nid] = path.decode("utf-8", "surrogateescape")
                     if len(names) == len(wanted):
                         break
-            for access in trace.accesses:
-                if access.layer == key:
-                    access.path = names.get(access.nid, "?")
+            for record in [*trace.accesses, *trace.files]:
+                if record.layer == key:
+                    record.path = names.get(record.nid, "?")
 
     # ------------------------------------------------------------------ operations
 
@@ -299,7 +330,9 @@ class Daemon:
             "reads": {"requests": self.read_stats.requests, "bytes": self.read_stats.bytes},
             "fetch": fetch,
             "cache": self.cache.stats(),
-            "prefetch": {"queued": prefetch_queued, "done": prefetch_done},
+            "prefetch": {"queued": prefetch_queued, "done": prefetch_done,
+                         "skipped_cached": fetch["already_cached"].get("prefetch", 0)},
+            "background": self.background.progress(),
         }
 
     async def handle(self, request: Any) -> dict:

@@ -112,18 +112,24 @@ class LazyOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: LayerFS, on_read: Callable[[int, int, int], None] | None = None):
+    def __init__(self, fs: LayerFS, on_read: Callable[[int, int, int], None] | None = None,
+                 on_use: Callable[[str, int], None] | None = None):
         super().__init__()
         self.fs = fs
         self._dir_handles: dict[int, list[DirEntry]] = {}
         self._next_dir_handle = itertools.count(1)
         self._on_read = on_read
+        self._on_use = on_use  # ("lookup" | "open", inode) after success, for access traces
 
     # -------------------------------------------------------------- namespace
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return entry_attributes(self.fs.getattr(self.fs.lookup(parent_inode, name)))
+        inode = self.fs.lookup(parent_inode, name)
+        attributes = entry_attributes(self.fs.getattr(inode))
+        if self._on_use is not None:
+            self._on_use("lookup", inode)
+        return attributes
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are derived from (slot, nid): there is no per-inode state to drop.
@@ -196,6 +202,8 @@ class LazyOperations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         self.fs.getattr(inode)
+        if self._on_use is not None:
+            self._on_use("open", inode)
         # The file handle is the inode: reads need nothing else. keep_cache keeps pages
         # across opens, which is correct because the content never changes.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)

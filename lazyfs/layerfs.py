@@ -167,6 +167,13 @@ class LayerFS:
         layer = self.layer(name)
         return layer.ino(layer.image.root_nid)
 
+    def locate(self, ino: int) -> tuple[AttachedLayer, int] | None:
+        """(layer, nid) of an inode; None for the root and for inodes of detached layers."""
+        if ino == ROOT_INODE:
+            return None
+        layer = self._by_slot.get(ino >> SLOT_SHIFT)
+        return (layer, ino & NID_MASK) if layer is not None else None
+
     def _resolve(self, ino: int) -> tuple[AttachedLayer, int]:
         layer = self._by_slot.get(ino >> SLOT_SHIFT)
         if layer is None:

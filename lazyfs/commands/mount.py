@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", type=Path, default=None,
                         help="prefetch the chunks this trace file lists (instead of the layers' embedded traces)")
     parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
+    parser.add_argument("--record-trace", type=Path, default=None, metavar="FILE",
+                        help="record an access trace from the mount on; written to FILE when unmounted")
+    parser.add_argument("--background-fetch", action="store_true",
+                        help="after the prefetch, fetch the rest of the image at the lowest priority")
+    parser.add_argument("--background-rate", type=_size, default=None, metavar="BYTES",
+                        help="limit the background fetch to this many bytes per second (e.g. 10M)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"lazyfs mount: {state.mountpoint} is not a directory", file=sys.stderr)
         return 1
     startup["stack"]["mountpoint"] = str(state.mountpoint)
+    if args.record_trace is not None:
+        startup["record_trace"] = os.path.abspath(args.record_trace)
+    if args.background_fetch:
+        for attach in startup["attach"]:
+            attach["background_fetch"] = True
+            attach["background_rate"] = args.background_rate
     state.root.mkdir(parents=True, exist_ok=True)
     os.chmod(state.root, 0o700)
     state.startup_file.write_text(json.dumps(startup, indent=1))

@@ -1,28 +1,108 @@
-"""`lazyfs trace`: record which chunks a workload reads first, on a running mount."""
+"""`lazyfs trace`: record, view and combine access traces (format: lazyfs.trace).
+
+    lazyfs trace start MOUNTPOINT              record on a running mount, from now on
+    lazyfs trace stop -o FILE MOUNTPOINT       stop recording and write the trace
+    lazyfs trace record IMAGE -o FILE [--ready-line REGEX] [--timeout S] -- CMD ...
+                                               mount IMAGE, run CMD in a sandbox over it
+                                               (lazyfs.sandbox), write the trace of its start
+    lazyfs trace show [--raw] FILE             one row per record
+    lazyfs trace stats FILE ...                files, chunks, bytes and time span
+    lazyfs trace merge -o FILE TRACE ...       union of several runs, earliest first use first
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from lazyfs.control import ControlError, request
 from lazyfs.mountstate import DEFAULT_RUN_DIR, MountState
+from lazyfs.trace import Trace, TraceError, merge
 
 NAME = "trace"
-HELP = "start or stop recording an access trace on a lazyfs mount"
+HELP = "record, show, merge and summarise access traces"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("start", "stop"))
-    parser.add_argument("mountpoint", help="the directory given to `lazyfs mount`")
-    parser.add_argument("-o", "--output", type=Path, help="stop: write the trace here")
-    parser.add_argument("--socket", type=Path, default=None, help="talk to this control socket instead")
-    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
+    actions = parser.add_subparsers(dest="action", required=True)
+    for name, help_ in (("start", "start recording on a running mount"),
+                        ("stop", "stop recording on a running mount and write the trace")):
+        sub = actions.add_parser(name, help=help_)
+        sub.add_argument("mountpoint", help="the directory given to `lazyfs mount`")
+        sub.add_argument("-o", "--output", type=Path, help="stop: write the trace here")
+        sub.add_argument("--socket", type=Path, default=None, help="talk to this control socket instead")
+        sub.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
+
+    record = actions.add_parser("record", help="run a workload on a fresh mount of an image and trace its start")
+    record.add_argument("image", help="registry reference or oci:DIR[:TAG] of a converted image")
+    record.add_argument("-o", "--output", type=Path, required=True, help="write the trace here")
+    record.add_argument("--ready-line", default=None, metavar="REGEX",
+                        help="stop when a line of the workload's output matches this")
+    record.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop after this long (with --ready-line: a failure)")
+    record.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="workload environment")
+    record.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory of the mount")
+    record.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                        help="reach this registry over plain HTTP (repeatable)")
+    record.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
+    record.add_argument("--quiet", "-q", action="store_true", help="do not echo the workload's output")
+    record.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    show = actions.add_parser("show", help="print a trace as a table (or its raw text)")
+    show.add_argument("trace", type=Path)
+    show.add_argument("--raw", action="store_true", help="print the file's records as they are")
+
+    stats = actions.add_parser("stats", help="files, chunks, bytes and time span of traces")
+    stats.add_argument("traces", type=Path, nargs="+")
+
+    merged = actions.add_parser("merge", help="merge the traces of several runs into one")
+    merged.add_argument("traces", type=Path, nargs="+")
+    merged.add_argument("-o", "--output", type=Path, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        if args.action in ("start", "stop"):
+            return _control(args)
+        if args.action == "record":
+            return _record(args)
+        if args.action == "show":
+            return _show(args)
+        if args.action == "stats":
+            return _stats(args)
+        return _merge(args)
+    except TraceError as e:
+        print(f"lazyfs trace: {e}", file=sys.stderr)
+        return 1
+
+
+def _read(path: Path) -> Trace:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TraceError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return Trace.decode(data)
+    except TraceError as e:
+        raise TraceError(f"{path}: {e}") from None
+
+
+def _write(path: Path, trace: Trace) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(trace.encode())
+    os.replace(tmp, path)
+
+
+def _control(args: argparse.Namespace) -> int:
     socket = args.socket or MountState.for_mountpoint(args.mountpoint, args.run_dir).socket
     try:
         if args.action == "start":
@@ -36,4 +116,106 @@ def run(args: argparse.Namespace) -> int:
         print(f"lazyfs trace: {e}", file=sys.stderr)
         return 1
     print(f"{reply['records']} records over {len(reply['layers'])} layer(s) written to {args.output}")
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    from lazyfs.sandbox import run_workload
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("lazyfs trace record: give the workload after --", file=sys.stderr)
+        return 2
+    try:
+        ready = re.compile(args.ready_line) if args.ready_line is not None else None
+    except re.error as e:
+        print(f"lazyfs trace record: bad --ready-line: {e}", file=sys.stderr)
+        return 2
+    output = Path(os.path.abspath(args.output))
+    work = Path(tempfile.mkdtemp(prefix="lazyfs-trace-record-"))
+    mountpoint, run_dir = work / "root", work / "run"
+    mountpoint.mkdir()
+    mount = [sys.executable, "-m", "lazyfs.cli", "mount", "--no-prefetch", "--run-dir", str(run_dir)]
+    if args.cache_dir is not None:
+        mount += ["--cache-dir", str(args.cache_dir)]
+    if args.platform is not None:
+        mount += ["--platform", args.platform]
+    for host in args.insecure_registry:
+        mount += ["--insecure-registry", host]
+    mounted = False
+    try:
+        result = subprocess.run([*mount, args.image, str(mountpoint)], capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"lazyfs trace record: mounting {args.image} failed:\n{result.stderr}", file=sys.stderr)
+            return 1
+        mounted = True
+        socket = str(MountState.for_mountpoint(mountpoint, run_dir).socket)
+        request(socket, "trace-start")
+        written: dict = {}
+
+        def stop_trace(_reason: str) -> None:
+            written.update(request(socket, "trace-stop", path=str(output), timeout=120.0))
+
+        echo = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+        outcome = run_workload(mountpoint, command, ready=ready, timeout=args.timeout, at_end=stop_trace,
+                               echo=echo, env=args.env)
+    except ControlError as e:
+        print(f"lazyfs trace record: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if mounted:
+            subprocess.run([sys.executable, "-m", "lazyfs.cli", "umount", "--lazy", "--run-dir", str(run_dir),
+                            str(mountpoint)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    how = {"ready": "the ready line appeared", "exited": f"the workload exited with status {outcome.status}",
+           "timeout": "the timeout passed"}[outcome.reason]
+    print(f"{how} after {outcome.seconds:.2f}s; {written.get('records', 0)} chunk records and "
+          f"{written.get('files', 0)} file records over {len(written.get('layers', []))} layer(s) "
+          f"written to {args.output}")
+    if outcome.reason == "timeout" and ready is not None:
+        return 1
+    if outcome.reason == "exited":
+        return outcome.status or 0
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    trace = _read(args.trace)
+    if args.raw:
+        sys.stdout.write(trace.encode().decode())
+        return 0
+    table = Table(title=f"{args.trace}: {len(trace.accesses)} chunk records, {len(trace.files)} file records")
+    for column in ("ms", "record", "layer", "nid", "chunks", "path"):
+        table.add_column(column, justify="right" if column in ("ms", "nid") else "left")
+    rows = [(a.ms, 1, "read", a.layer, a.nid, f"{a.first}" if a.first == a.last else f"{a.first}-{a.last}", a.path)
+            for a in trace.accesses]
+    rows += [(f.ms, 0, f.kind, f.layer, f.nid, "", f.path) for f in trace.files]
+    for ms, _, kind, layer, nid, chunks, path in sorted(rows, key=lambda row: (row[0], row[1])):
+        table.add_row(str(ms), kind, _short(layer), str(nid), chunks, path)
+    Console().print(table)
+    return 0
+
+
+def _short(digest: str) -> str:
+    algorithm, _, hex_ = digest.partition(":")
+    return f"{algorithm}:{hex_[:12]}" if hex_ else digest
+
+
+def _stats(args: argparse.Namespace) -> int:
+    table = Table()
+    for column in ("trace", "layers", "files", "files read", "chunks", "bytes", "span"):
+        table.add_column(column, justify="left" if column == "trace" else "right")
+    for path in args.traces:
+        s = _read(path).stats()
+        table.add_row(str(path), str(s.layers), str(s.files), str(s.files_read), str(s.chunks),
+                      f"{s.bytes / (1 << 20):.1f} MiB", f"{s.span_ms / 1000:.3f} s")
+    Console().print(table)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    merged = merge([_read(path) for path in args.traces])
+    _write(args.output, merged)
+    s = merged.stats()
+    print(f"{len(args.traces)} traces merged: {s.files} files, {s.chunks} chunks written to {args.output}")
     return 0
