@@ -50,8 +50,9 @@ class ConvertOptions:
     platform: Platform | None = None  # convert only this platform of an index
     threads: int | None = None
     level: int = 3
-    # A trace (lazyfs.trace format) embedded in every converted layer. Its records name files
-    # by path, so the daemon can follow them in a layer whose chunk numbers it never saw.
+    # A trace (lazyfs.trace format) embedded in every converted layer, whose tar is then written
+    # in the trace-ordered layout (traced files first; a new diff_id). Its records name files by
+    # path, so the daemon can follow them in a layer whose chunk numbers it never saw.
     trace: bytes | None = None
 
 
@@ -242,7 +243,7 @@ class _Converter:
                 return build_layer(
                     src, out, chunk_size=o.chunk_size, inline_threshold=o.inline_threshold, level=o.level,
                     threads=o.threads, progress=lambda n: self.progress.layer_advanced(desc.digest, n),
-                    trace=o.trace,
+                    trace=o.trace, spool_dir=self.staging.directory,
                 )
         except LayerFormatError as e:
             raise ConvertError(f"layer {desc.digest}: {e}") from e

@@ -22,6 +22,7 @@ from lazyfs.layer.annotations import from_annotations, to_annotations
 from lazyfs.layer.builder import build_layer
 from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
 from lazyfs.layer.reader import Layer, locate, materialise_chunk_device, open_blob_file, read_chunk
+from lazyfs.trace import Access, Trace
 from tests.fixtures.common import require_tool
 
 CHUNK = 64 << 10  # small chunks keep multi-chunk files small
@@ -472,7 +473,8 @@ def test_reader_verifies_sections(tmp_path):
 
 
 def test_embedded_trace_section(tmp_path):
-    trace = b"lazyfs-trace 1\n" + b"record\n" * 1000
+    trace = Trace({"sha256:" + "0" * 64: CHUNK},
+                  [Access(i, "sha256:" + "0" * 64, 40 + i, 0, 0, f"/some/file{i}") for i in range(300)]).encode()
     blob, result = convert(make_tar([(dict(name="f"), b"x")]), trace=trace)
     index = locate(lambda o, n: blob[o:o + n], len(blob))
     assert index == result.index and index.trace is not None

@@ -14,6 +14,8 @@ snapshotter find the metadata and the chunk table without reading the footer.
     containerd.io/snapshot/lazyfs.table.offset / .size / .digest     the chunk table (uncompressed)
     containerd.io/snapshot/lazyfs.trace.offset / .size / .uncompressed-size / .compression / .digest
                                                           only when a trace is embedded
+    containerd.io/snapshot/lazyfs.layout                  "trace-ordered" (absent: the input's order)
+    containerd.io/snapshot/lazyfs.ordered-chunks          chunks written first (with the layout key)
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from lazyfs.layer.format import COMPRESSION_NAMES, COMPRESSION_NONE, LayerIndex,
 
 PREFIX = "containerd.io/snapshot/lazyfs."
 VERSION_KEY = PREFIX + "version"
+LAYOUT_KEY = PREFIX + "layout"
+ORDERED_CHUNKS_KEY = PREFIX + "ordered-chunks"
+TRACE_ORDERED = "trace-ordered"
 _COMPRESSION_BY_NAME = {v: k for k, v in COMPRESSION_NAMES.items()}
 
 
@@ -44,6 +49,9 @@ def to_annotations(index: LayerIndex) -> dict[str, str]:
         if name != "table":
             out[key + "uncompressed-size"] = str(section.size)
             out[key + "compression"] = COMPRESSION_NAMES[section.compression]
+    if index.trace_ordered:
+        out[LAYOUT_KEY] = TRACE_ORDERED
+        out[ORDERED_CHUNKS_KEY] = str(index.ordered_chunks)
     return out
 
 
@@ -82,12 +90,18 @@ def from_annotations(annotations: Mapping[str, str], blob_size: int | None = Non
     if VERSION_KEY not in annotations:
         raise LayerFormatError("not a lazyfs layer: no " + VERSION_KEY + " annotation")
     trace = _section(annotations, "trace") if PREFIX + "trace.digest" in annotations else None
+    layout = annotations.get(LAYOUT_KEY)
+    if layout not in (None, TRACE_ORDERED):
+        raise LayerFormatError(f"annotation {LAYOUT_KEY}={layout!r} is unknown")
+    ordered = layout == TRACE_ORDERED
     index = LayerIndex(
         version=_int(annotations, VERSION_KEY),
         chunk_size=_int(annotations, PREFIX + "chunk-size"),
         meta=_section(annotations, "meta"),
         table=_section(annotations, "table"),
         trace=trace,
+        trace_ordered=ordered,
+        ordered_chunks=_int(annotations, ORDERED_CHUNKS_KEY) if ordered else 0,
     )
     index.check(blob_size)
     return index

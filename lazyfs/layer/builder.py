@@ -16,6 +16,12 @@ order by one writer thread behind a bounded queue, so memory stays at a few chun
 the layer size. After the tar come the metadata (EROFS, zstd-compressed), the chunk table and the
 footer as skippable frames (lazyfs.layer.format).
 
+With a trace (``trace=``), the layer is written in the trace-ordered layout instead
+(lazyfs.layer.layout): the decompressed input is spooled to a temporary file, listed, and its
+members are copied out by offset with the traced files first, so their chunks are contiguous
+at the start of the blob. That tar has a new diff_id; without a trace nothing is spooled and
+the tar is kept byte for byte.
+
 Dedup inside a layer: the tar stream must still decompress to every byte of every file, so a
 repeated chunk is written again; its chunk-table entry points at the first copy's frame, so it
 is fetched and cached once and its own frame is never read.
@@ -34,6 +40,7 @@ import logging
 import os
 import stat
 import tarfile
+import tempfile
 import urllib.parse
 from collections.abc import Callable
 from typing import BinaryIO
@@ -43,16 +50,19 @@ import zstandard
 from lazyfs.erofs.writer import Builder as ErofsBuilder
 from lazyfs.erofs.writer import ChunkedData
 from lazyfs.layer import format as fmt
+from lazyfs.layer import layout
 from lazyfs.layer.annotations import to_annotations
 from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
 from lazyfs.layer.frames import FrameWriter
 from lazyfs.layer.tarstream import ReadAhead, Tap, open_tar_stream
 from lazyfs.layer.tree import OVERLAY_XATTR_PREFIX, Node, Tree
+from lazyfs.trace import Trace, TraceError
 
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 4096
 STREAM_FRAME_TARGET = 1 << 20
+SPOOL_PIECE = 1 << 20
 DEFAULT_LEVEL = 3
 META_LEVEL = 9
 _TAR_BLOCK = 512
@@ -70,6 +80,7 @@ class LayerStats:
     dedup_bytes: int = 0  # uncompressed bytes served by another chunk's frame
     hole_bytes: int = 0  # all-zero chunks stored as holes
     inline_bytes: int = 0  # file content held in the metadata
+    ordered_files: int = 0  # files moved to the front by the trace-ordered layout
 
 
 @dataclasses.dataclass
@@ -100,6 +111,7 @@ class LayerBuilder:
         level: int = DEFAULT_LEVEL,
         threads: int | None = None,
         trace: bytes | None = None,
+        spool_dir: str | os.PathLike | None = None,
     ):
         fmt.check_chunk_size(chunk_size)
         if not 0 <= inline_threshold <= BLOCK_SIZE:
@@ -110,6 +122,11 @@ class LayerBuilder:
         self.level = level
         self.threads = threads or os.cpu_count() or 1
         self.trace = trace
+        # With a trace, the layer is written in the trace-ordered layout (traced files first),
+        # which needs the input spooled to a temporary file in spool_dir.
+        self._traced = None if trace is None else layout.traced_paths(_trace_paths(trace))
+        self.spool_dir = spool_dir
+        self.ordered_chunks = 0
         self.tree = Tree()
         self.stats = LayerStats()
         self._tar_size = 0
@@ -170,20 +187,11 @@ class LayerBuilder:
                 concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lazyfs-write") as serial:
             self._frames = frames = FrameWriter(self.out, pool, serial, self.level, max_pending_bytes)
             stream = ReadAhead(decompressed)
-            self._tap = tap = Tap(stream, self._emit_stream)
             try:
-                try:
-                    tar = tarfile.open(
-                        fileobj=tap, mode="r|", bufsize=64 << 10, encoding="utf-8", errors="surrogateescape"
-                    )
-                    for member in tar:
-                        self.stats.entries += 1
-                        self._member(tar, member)
-                    while tap.read(1 << 20):  # the end-of-archive blocks and any padding after them
-                        pass
-                except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
-                    raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
-                self._emit_stream(tap.take_all())
+                if self._traced is None:
+                    self._stream_members(stream, kind)
+                else:
+                    self._ordered_members(stream, kind)
                 self._flush_stream()
                 frames.drain()
                 return self._finish(kind, "sha256:" + stream.sha256.hexdigest())
@@ -191,11 +199,39 @@ class LayerBuilder:
                 frames.cancel()
                 stream.close()
 
+    def _stream_members(self, stream: BinaryIO, kind: str) -> None:
+        """The input tar byte for byte, read once, sequentially."""
+        self._tap = tap = Tap(stream, self._emit_stream)
+        try:
+            tar = tarfile.open(fileobj=tap, mode="r|", bufsize=64 << 10, encoding="utf-8", errors="surrogateescape")
+            for member in tar:
+                self.stats.entries += 1
+                self._member(tar, member)
+            while tap.read(1 << 20):  # the end-of-archive blocks and any padding after them
+                pass
+        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
+            raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
+        self._emit_stream(tap.take_all())
+
     def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
-        name = m.name.encode("utf-8", "surrogateescape")
-        where = m.name
         # Everything before this member's header blocks goes out as it came in.
         self._emit_stream(self._tap.take(m.offset))
+        node = self._add_node(m)
+        if node is None:
+            return
+        where = m.name
+        if m.issparse():
+            node.data = self._sparse(tar, m, where)
+        elif m.size <= self.inline_threshold:
+            node.data = self._small(tar, m, where)
+        else:
+            self._emit_stream(self._tap.take(m.offset_data))
+            node.data = self._chunked(tar, m, where)
+
+    def _add_node(self, m: tarfile.TarInfo) -> Node | None:
+        """Add the member to the tree; the node whose content the caller must read, if any."""
+        name = m.name.encode("utf-8", "surrogateescape")
+        where = m.name
         node = Node(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, xattrs=_xattrs(m, where))
         node.mtime, node.mtime_nsec = _mtime(m)
         if m.isreg():
@@ -210,7 +246,7 @@ class LayerBuilder:
         elif m.islnk():
             target = self.tree.lookup_link_target(m.linkname.encode("utf-8", "surrogateescape"), where)
             self.tree.add(name, target, where)
-            return
+            return None
         elif m.ischr() or m.isblk():
             node.mode |= stat.S_IFCHR if m.ischr() else stat.S_IFBLK
             if not (0 <= m.devmajor < 1 << 12 and 0 <= m.devminor < 1 << 20):
@@ -222,29 +258,26 @@ class LayerBuilder:
             raise UnsafeTarEntry(where, f"unsupported tar entry type {m.type!r}")
         self.tree.add(name, node, where)
         if not m.isreg():
-            return
+            return None
         self.stats.files += 1
-        if m.issparse():
-            node.data = self._sparse(tar, m, where)
-        elif m.size <= self.inline_threshold:
-            node.data = self._small(tar, m, where)
-        else:
-            self._emit_stream(self._tap.take(m.offset_data))
-            node.data = self._chunked(tar, m, where)
+        return node
 
     def _sparse(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes | ChunkedData:
         """A sparse member is written expanded, as a regular file with a new PAX header; all-zero
         chunks become holes of the EROFS file. (The only case where the output tar differs.)"""
         next_header = tar.offset
         self._tap.skip(next_header)
-        pax = {k: v for k, v in m.pax_headers.items() if not k.startswith("GNU.sparse.") and k != "size"}
-        self._header(m, tarfile.REGTYPE, pax, size=m.size)
+        self._sparse_header(m)
         data = self._small(tar, m, where) if m.size <= self.inline_threshold else self._chunked(tar, m, where)
         self._tap.skip(next_header)
         pad = -m.size % _TAR_BLOCK
         if pad:
             self._emit_stream(bytes(pad))
         return data
+
+    def _sparse_header(self, m: tarfile.TarInfo) -> None:
+        pax = {k: v for k, v in m.pax_headers.items() if not k.startswith("GNU.sparse.") and k != "size"}
+        self._header(m, tarfile.REGTYPE, pax, size=m.size)
 
     def _header(self, m: tarfile.TarInfo, out_type: bytes, pax: dict[str, str], size: int) -> None:
         h = copy.copy(m)
@@ -272,23 +305,117 @@ class LayerBuilder:
 
     def _chunked(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> ChunkedData:
         """Content cut into chunk frames (read chunk by chunk, never whole)."""
-        f = tar.extractfile(m)
-        chunks: list[int | None] = []
-        done = 0
+        after = None if m.issparse() else (lambda done: self._tap.skip(m.offset_data + done))
         self._tap.hold = True
         try:
-            while done < m.size:
-                want = min(self.chunk_size, m.size - done)
-                data = f.read(want)
-                if len(data) != want:
-                    raise LayerFormatError(f"tar entry {where!r} is truncated")
-                done += want
-                if not m.issparse():
-                    self._tap.skip(m.offset_data + done)
-                chunks.append(self._emit_chunk(data))
+            return self._cut(tar.extractfile(m).read, m.size, where, after)
         finally:
             self._tap.hold = False
-        return ChunkedData(size=m.size, chunks=chunks)
+
+    def _cut(self, read: Callable[[int], bytes], size: int, where: str,
+             after: Callable[[int], None] | None = None) -> ChunkedData:
+        """Cut size bytes from read() into chunks; after(bytes done) runs before each is emitted."""
+        chunks: list[int | None] = []
+        done = 0
+        while done < size:
+            want = min(self.chunk_size, size - done)
+            data = read(want)
+            if len(data) != want:
+                raise LayerFormatError(f"tar entry {where!r} is truncated")
+            done += want
+            if after is not None:
+                after(done)
+            chunks.append(self._emit_chunk(data))
+        return ChunkedData(size=size, chunks=chunks)
+
+    # -- the trace-ordered path: spool, plan, write members by offset ---------------------
+
+    def _ordered_members(self, stream: BinaryIO, kind: str) -> None:
+        """Write the members in the trace-ordered layout (lazyfs.layer.layout).
+
+        The input is spooled (decompressed) to a temporary file, listed by a random-access tar
+        reader, and its members are copied out by offset in the planned order, so memory stays
+        bounded whatever the layer size.
+        """
+        with tempfile.TemporaryFile(prefix="lazyfs-spool-", dir=self.spool_dir) as spool:
+            self._spool(stream, spool, kind)
+            spool.seek(0)
+            fd = spool.fileno()
+            size = os.fstat(fd).st_size
+            try:
+                tar = tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape")
+                members = [layout.Member(info, info.offset, tar.offset) for info in tar]
+            except (tarfile.TarError, EOFError) as e:
+                raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
+            trailer = tar.offset
+            tar.members = []  # the plan holds them; the reader need not
+            plan = layout.plan(members, self._traced, self.inline_threshold)
+            moved = set(plan.moved)
+            self._emit_span(fd, 0, members[0].start if members else trailer)
+            for step in plan.steps:
+                member = members[step.member]
+                self.stats.entries += 1
+                if step.copy:
+                    self._emit_span(fd, member.start, member.end)
+                    self._add_node(member.info)
+                    continue
+                try:
+                    self._spooled_member(tar, fd, member)
+                except (tarfile.TarError, EOFError) as e:
+                    raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
+                if step.member in moved:
+                    self.ordered_chunks = len(self._entries)
+            self._emit_span(fd, trailer, size)
+            self.stats.ordered_files = len(plan.moved)
+
+    def _spool(self, stream: BinaryIO, spool: BinaryIO, kind: str) -> None:
+        while True:
+            try:
+                piece = stream.read(SPOOL_PIECE)
+            except (EOFError, OSError, zstandard.ZstdError) as e:
+                raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
+            if not piece:
+                break
+            spool.write(piece)
+        spool.flush()
+
+    def _emit_span(self, fd: int, start: int, end: int) -> None:
+        """Input bytes [start, end) of the spool, as stream bytes, piece by piece."""
+        while start < end:
+            data = os.pread(fd, min(SPOOL_PIECE, end - start), start)
+            if not data:
+                raise LayerFormatError(f"tar stream ended before offset {end}")
+            self._emit_stream(data)
+            start += len(data)
+
+    def _spooled_member(self, tar: tarfile.TarFile, fd: int, member: layout.Member) -> None:
+        m = member.info
+        node = self._add_node(m)
+        where = m.name
+        if node is None:
+            self._emit_span(fd, member.start, member.end)
+        elif m.issparse():
+            self._sparse_header(m)
+            if m.size <= self.inline_threshold:
+                node.data = self._small(tar, m, where)
+            else:
+                node.data = self._cut(tar.extractfile(m).read, m.size, where)
+            self._emit_stream(bytes(-m.size % _TAR_BLOCK))
+        elif m.size <= self.inline_threshold:
+            node.data = self._small(tar, m, where)
+            self._emit_span(fd, member.start, member.end)
+        else:
+            self._emit_span(fd, member.start, m.offset_data)
+            position = m.offset_data
+
+            def read(n: int) -> bytes:
+                nonlocal position
+                data = os.pread(fd, n, position)
+                position += len(data)
+                return data
+
+            node.data = self._cut(read, m.size, where)
+            self._emit_span(fd, m.offset_data + m.size, member.end)
 
     # -- sections ------------------------------------------------------------------------
 
@@ -331,6 +458,8 @@ class LayerBuilder:
             meta=fmt.make_section(meta_offset, meta_stored, fmt.COMPRESSION_ZSTD, len(meta)),
             table=fmt.make_section(table_offset, table, fmt.COMPRESSION_NONE, len(table)),
             trace=trace,
+            trace_ordered=self.stats.ordered_files > 0,
+            ordered_chunks=self.ordered_chunks,
         )
         frames.raw(fmt.encode_footer(index))
         self.stats.chunks = len(entries)
@@ -363,14 +492,18 @@ def build_layer(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     trace: bytes | None = None,
+    spool_dir: str | os.PathLike | None = None,
 ) -> BuildResult:
     """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out.
 
-    trace, if given, is embedded as the trace section (its format is the trace module's).
+    trace, if given (lazyfs.trace format, checked by the caller), is embedded as the trace
+    section and the tar is written in the trace-ordered layout, spooling the decompressed
+    input to a temporary file in spool_dir (default: the system's temporary directory).
+    Without a trace the output tar is the input byte for byte.
     """
     builder = LayerBuilder(
         out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads,
-        trace=trace,
+        trace=trace, spool_dir=spool_dir,
     )
     return builder.build(src, progress)
 
@@ -417,3 +550,11 @@ def _xattrs(m: tarfile.TarInfo, where: str) -> dict[bytes, bytes]:
             continue
         out[name] = raw
     return out
+
+
+def _trace_paths(trace: bytes) -> list[str]:
+    """The paths a trace names, in first-access order (a malformed trace is a format error)."""
+    try:
+        return [access.path for access in Trace.decode(trace).accesses]
+    except TraceError as e:
+        raise LayerFormatError(f"embedded trace: {e}") from None

@@ -50,8 +50,10 @@ MAX_SECTION_SIZE = 4 << 30
 
 # --- footer -------------------------------------------------------------------------------
 FOOTER_MAGIC = b"LZFSFOOT"
-# magic 8s, version u16, payload size u16, flags u32, chunk_size u32, reserved u32
-FOOTER_HEAD = struct.Struct("<8sHHII4x")
+# magic 8s, version u16, payload size u16, flags u32, chunk_size u32, ordered_chunks u32
+# (ordered_chunks: chunks at the start of the chunk device that belong to the trace-ordered
+# files; 0 unless FOOTER_FLAG_TRACE_ORDERED)
+FOOTER_HEAD = struct.Struct("<8sHHIII")
 # offset u64, stored_size u64, size u64, compression u8, reserved 7 bytes, sha256 32s
 SECTION_ENTRY = struct.Struct("<QQQB7x32s")
 FOOTER_SECTIONS = ("meta", "table", "trace")
@@ -59,6 +61,10 @@ FOOTER_CRC_OFFSET = FOOTER_HEAD.size + len(FOOTER_SECTIONS) * SECTION_ENTRY.size
 FOOTER_PAYLOAD_SIZE = FOOTER_CRC_OFFSET + 8  # crc32c u32 + reserved u32
 FOOTER_FRAME_SIZE = SKIPPABLE_HEADER.size + FOOTER_PAYLOAD_SIZE
 FOOTER_FLAG_TRACE = 0x1
+# The tar is in the trace-ordered layout (traced files first). Informational: reading the blob
+# needs nothing from it (the chunk table says where every chunk is). Only with FOOTER_FLAG_TRACE.
+FOOTER_FLAG_TRACE_ORDERED = 0x2
+FOOTER_FLAGS_KNOWN = FOOTER_FLAG_TRACE | FOOTER_FLAG_TRACE_ORDERED
 assert FOOTER_HEAD.size == 24 and SECTION_ENTRY.size == 64
 assert FOOTER_PAYLOAD_SIZE == 224 and FOOTER_FRAME_SIZE == 232
 
@@ -162,10 +168,16 @@ class LayerIndex:
     meta: Section
     table: Section
     trace: Section | None = None
+    trace_ordered: bool = False  # the tar is in the trace-ordered layout
+    ordered_chunks: int = 0  # chunks 0..ordered_chunks-1 belong to the files written first
 
     def check(self, blob_size: int | None = None) -> None:
         if self.version != FORMAT_VERSION:
             raise LayerFormatError(f"unsupported lazyfs layer format version {self.version}")
+        if self.trace_ordered and self.trace is None:
+            raise LayerFormatError("a trace-ordered layout without an embedded trace")
+        if not 0 <= self.ordered_chunks < 1 << 32 or (self.ordered_chunks and not self.trace_ordered):
+            raise LayerFormatError(f"ordered chunk count {self.ordered_chunks} without a trace-ordered layout")
         check_chunk_size(self.chunk_size)
         self.meta.check("meta", blob_size)
         self.table.check("table", blob_size)
@@ -181,8 +193,12 @@ _ABSENT = SECTION_ENTRY.pack(0, 0, 0, 0, b"\0" * 32)
 def encode_footer(index: LayerIndex) -> bytes:
     """The footer frame (FOOTER_FRAME_SIZE bytes) for index."""
     flags = FOOTER_FLAG_TRACE if index.trace is not None else 0
+    if index.trace_ordered:
+        flags |= FOOTER_FLAG_TRACE_ORDERED
     payload = bytearray(
-        FOOTER_HEAD.pack(FOOTER_MAGIC, index.version, FOOTER_PAYLOAD_SIZE, flags, index.chunk_size)
+        FOOTER_HEAD.pack(
+            FOOTER_MAGIC, index.version, FOOTER_PAYLOAD_SIZE, flags, index.chunk_size, index.ordered_chunks
+        )
     )
     for section in (index.meta, index.table, index.trace):
         if section is None:
@@ -203,7 +219,7 @@ def decode_footer(frame: bytes, blob_size: int | None = None) -> LayerIndex:
     if magic != SECTION_FRAME_MAGIC or length != FOOTER_PAYLOAD_SIZE:
         raise LayerFormatError("no lazyfs footer at the end of the blob (not a lazyfs layer)")
     payload = frame[SKIPPABLE_HEADER.size :]
-    fmagic, version, size, flags, chunk_size = FOOTER_HEAD.unpack_from(payload)
+    fmagic, version, size, flags, chunk_size, ordered_chunks = FOOTER_HEAD.unpack_from(payload)
     if fmagic != FOOTER_MAGIC:
         raise LayerFormatError("footer magic mismatch (not a lazyfs layer)")
     crc, reserved = struct.unpack_from("<II", payload, FOOTER_CRC_OFFSET)
@@ -211,8 +227,11 @@ def decode_footer(frame: bytes, blob_size: int | None = None) -> LayerIndex:
         raise LayerFormatError("footer checksum mismatch")
     if version != FORMAT_VERSION:
         raise LayerFormatError(f"unsupported lazyfs layer format version {version}")
-    if size != FOOTER_PAYLOAD_SIZE or reserved or flags & ~FOOTER_FLAG_TRACE:
+    if size != FOOTER_PAYLOAD_SIZE or reserved or flags & ~FOOTER_FLAGS_KNOWN:
         raise LayerFormatError("footer has unknown flags or sizes")
+    ordered = bool(flags & FOOTER_FLAG_TRACE_ORDERED)
+    if ordered and not flags & FOOTER_FLAG_TRACE:
+        raise LayerFormatError("footer says trace-ordered but has no trace section")
     sections = []
     for i, name in enumerate(FOOTER_SECTIONS):
         raw = payload[FOOTER_HEAD.size + i * SECTION_ENTRY.size :][: SECTION_ENTRY.size]
@@ -224,7 +243,7 @@ def decode_footer(frame: bytes, blob_size: int | None = None) -> LayerIndex:
         raise LayerFormatError("footer describes a trace section without the trace flag")
     else:
         trace = None
-    index = LayerIndex(version, chunk_size, meta, table, trace)
+    index = LayerIndex(version, chunk_size, meta, table, trace, ordered, ordered_chunks)
     index.check(None if blob_size is None else blob_size - FOOTER_FRAME_SIZE)
     return index
 
