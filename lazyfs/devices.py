@@ -16,6 +16,13 @@ smaller than a chunk (128 KiB), so the last few decoded chunks are kept in memor
 one chunk cost one cache read, not one each. And a read that continues where the previous
 one on the same device stopped queues the next chunks as prefetch (digest chunks only: they
 land in the chunk cache), so the fetcher can fetch ahead in coalesced requests.
+
+The readahead window adapts like the kernel's page-cache readahead: a first read, or a read
+that jumps, fetches only what it asks for; each read that continues into the next cell while
+less than half of the window is still queued ahead doubles the window (1, 2, 4, ... cells) up
+to ``readahead_bytes``. A lazy start that reads the head of a large file thus fetches that
+head, not the next 32 MiB, while a long sequential read still reaches the full window after
+a few chunks.
 """
 
 from __future__ import annotations
@@ -86,7 +93,8 @@ class ChunkGridDevice:
         self.readahead_cells = max(0, readahead_bytes // chunk_size)
         self.priority = priority
         self.cell_count = -(-device_size // chunk_size)
-        self._next_expected = -1  # the cell a sequential reader would read next
+        self._last_cell = -2  # last cell of the previous read; -2: none yet (cell 0 is a jump)
+        self._window = 0  # current readahead window in cells (0: not sequential)
         self._prefetched_until = 0  # cells below this were already queued as readahead
 
     def _key(self, n: int, ref: ChunkRef) -> Hashable:
@@ -137,18 +145,27 @@ class ChunkGridDevice:
         return data
 
     def _maybe_read_ahead(self, first: int, last: int) -> None:
-        sequential = first in (self._next_expected - 1, self._next_expected)
-        self._next_expected = last + 1
-        if not sequential or not self.readahead_cells:
+        previous = self._last_cell
+        if first == last == previous:
+            return  # another piece of the cell the previous read ended in: nothing new
+        self._last_cell = last
+        if first not in (previous, previous + 1):  # a first read or a jump: no stream (yet)
+            self._window = 0
+            self._prefetched_until = 0
             return
+        if not self.readahead_cells:
+            return
+        queued_ahead = self._prefetched_until - (last + 1)
+        if queued_ahead > self._window // 2:
+            return  # the reader is still well behind the queued readahead
+        self._window = min(self.readahead_cells, max(1, 2 * self._window))
         start = max(last + 1, self._prefetched_until)
-        stop = min(self.cell_count, last + 1 + self.readahead_cells)
-        # Top up only once half the window has been consumed, so requests stay large.
-        if stop - start < max(1, self.readahead_cells // 2):
+        stop = min(self.cell_count, last + 1 + self._window)
+        if start >= stop:
             return
+        self._prefetched_until = stop
         refs = [self.chunk_ref(n) for n in range(start, stop)]
         refs = [ref for ref in refs if ref.digest is not None]  # plain cells are not cached
-        self._prefetched_until = stop
         if refs:
             self.fetcher.enqueue(self.source, refs, Priority.PREFETCH)
 
