@@ -50,6 +50,8 @@ async def layer_info(store, desc) -> dict:
             files=files,
             inodes=layer.image.inos,
             trace=index.trace is not None,
+            layout="trace-ordered" if index.trace_ordered else "input",
+            ordered_chunks=index.ordered_chunks,
         )
     finally:
         layer.close()

@@ -33,9 +33,19 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _trace_column(layer: dict) -> str:
+    """no / yes (embedded) / ordered N (embedded, and the layout puts N chunks of traced files first)."""
+    if not layer["trace"]:
+        return "no"
+    if layer.get("layout") == "trace-ordered":
+        return f"ordered {layer['ordered_chunks']}"
+    return "yes"
+
+
 def render(report: dict, console: Console) -> None:
     """One table per image. data: file bytes in chunks (uncompressed); meta: the EROFS image;
-    chunks: distinct frames / table entries; dedup: bytes served by another chunk's frame."""
+    chunks: distinct frames / table entries; dedup: bytes served by another chunk's frame;
+    trace: embedded trace, and whether the tar is trace-ordered (chunks written first)."""
     for image in report["images"]:
         plat = image["platform"]
         title = f"{report['reference']} {image['digest'][:19]}"
@@ -53,7 +63,7 @@ def render(report: dict, console: Console) -> None:
                 layer["digest"][7:19], "lazyfs v%d" % layer["format_version"], _bytes(layer["size"]),
                 _bytes(layer["chunk_bytes"]), _bytes(layer["metadata_size"]),
                 str(layer["files"]), f"{layer['unique_chunks']}/{layer['chunks']}",
-                _bytes(layer["chunk_size"]), _bytes(layer["dedup_savings"]), "yes" if layer["trace"] else "no",
+                _bytes(layer["chunk_size"]), _bytes(layer["dedup_savings"]), _trace_column(layer),
             )
         console.print(table)
 
