@@ -266,6 +266,8 @@ def test_background_fetch_makes_the_image_local_within_the_rate(registry, tmp_pa
             # Lenient rate bound: what was requested fits the rate over the fill's time, plus one batch.
             assert job["bytes_requested"] <= rate * job["seconds"] * 1.1 + max(256 << 10, rate // 4)
             assert job["seconds"] >= (job["bytes_requested"] - max(256 << 10, rate // 4)) / rate * 0.9
+            shown = mount.lazyfs("stats", "--run-dir", str(mount.run_dir), str(mount.path)).stdout
+            assert f"{background['chunks']} / {background['chunks']} chunks" in shown
             proxy.clear_requests()
             for path in sorted((mount.path / "spread").iterdir()):
                 expected = {**SPREAD, **GAPS, "spread/late": LATE}[f"spread/{path.name}"]

@@ -61,6 +61,14 @@ def render(stats: dict, layers: list[dict], console: Console) -> None:
         ("requests in flight", str(fetch["inflight"])),
         ("retries / failed chunks", f"{fetch['retries']} / {fetch['failed_chunks']}"),
         ("prefetch done / queued", f"{stats['prefetch']['done']} / {stats['prefetch']['queued']}"),
+        ("prefetch skipped (cached)", str(stats["prefetch"].get("skipped_cached", 0))),
+    ]
+    background = stats.get("background")
+    if background and background["layers"]:
+        state = "done" if background["done"] else "running"
+        rows.append(("background fetch", f"{background['chunks_done']} / {background['chunks']} chunks, "
+                                         f"{_bytes(background['bytes_requested'])} requested ({state})"))
+    rows += [
         ("cache", f"{_bytes(cache['bytes'])} in {cache['entries']} chunks"),
     ]
     for q, seconds in fetch.get("latency", {}).items():

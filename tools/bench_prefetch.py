@@ -1,0 +1,169 @@
+"""Time from `lazyfs mount` to a workload's readiness line, with and without trace prefetch.
+
+    .venv/bin/python tools/bench_prefetch.py [--image debian-python] [--runs 3]
+
+The image is built from its recipe (lazyfs.bench.images, cached) and converted (1 MiB chunks);
+the registry sits behind a shaped link (lazyfs.bench.netshape: 100 Mbit/s tbf + 20 ms RTT
+delay proxy). The workload runs chrooted in a private overlay of the mount (lazyfs.sandbox),
+as `lazyfs trace record` runs it. Cells, each started from a cold state (empty lazyfs cache,
+page cache dropped) unless said otherwise:
+
+    (a) lazy        no prefetch
+    (b) prefetch    the trace recorded by `lazyfs trace record`, given with --trace
+    (c) ordered     the image converted with --trace (trace embedded; traced files first when
+                    the converter lays layers out in trace order), embedded trace prefetched
+    (d) warm        the chunk cache from an earlier start kept, page cache dropped
+    ideal           (d) + the stored bytes of the chunks the trace names / link rate
+
+Prints one table: median and all runs of each cell, ratios to the ideal and to (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lazyfs.bench.images import build_image  # noqa: E402
+from lazyfs.bench.netshape import LinkShape, ShapedRegistry  # noqa: E402
+from lazyfs.bench.prepare import SourceImage, convert_cached, push  # noqa: E402
+from lazyfs.layer.reader import open_blob_file  # noqa: E402
+from lazyfs.sandbox import run_workload  # noqa: E402
+from lazyfs.trace import Trace  # noqa: E402
+
+CHUNK = 1 << 20
+LAZYFS = [sys.executable, "-m", "lazyfs.cli"]
+
+
+def drop_page_cache() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def lazyfs(*args: str) -> None:
+    proc = subprocess.run([*LAZYFS, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"lazyfs {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+
+
+def start_once(image: str, work: Path, cache: Path, ready: re.Pattern, workload: list[str],
+               mount_args: list[str], timeout: float) -> tuple[float, float]:
+    """Seconds from the start of `lazyfs mount` to the ready line, and of those the mount."""
+    mnt, run = work / "mnt", work / "run"
+    mnt.mkdir(exist_ok=True)
+    drop_page_cache()
+    began = time.monotonic()
+    lazyfs("mount", "--run-dir", str(run), "--cache-dir", str(cache), *mount_args, image, str(mnt))
+    mounted = time.monotonic() - began
+    try:
+        outcome = run_workload(mnt, workload, ready=ready, timeout=timeout)
+        if outcome.reason != "ready":
+            raise SystemExit(f"workload did not get ready ({outcome.reason}): {outcome.output[-5:]}")
+        return time.monotonic() - began, mounted
+    finally:
+        lazyfs("umount", "--lazy", "--run-dir", str(run), str(mnt))
+
+
+def needed_stored_bytes(oci_dir: Path, trace: Trace) -> int:
+    """Stored (compressed) bytes of every chunk the trace names, from the layers' chunk tables."""
+    total = 0
+    for digest in trace.layers:
+        blob = oci_dir / "blobs" / "sha256" / digest.partition(":")[2]
+        with open(blob, "rb") as f:
+            layer = open_blob_file(f)
+        refs = {layer.chunk_ref(n) for n in trace.chunks_of(digest)}
+        total += sum(ref.stored_length for ref in {(r.offset, r.stored_length): r for r in refs}.values())
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", default="debian-python")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--rate-mbit", type=float, default=100)
+    parser.add_argument("--rtt-ms", type=float, default=20)
+    args = parser.parse_args()
+
+    built = build_image(args.image)
+    source = SourceImage(args.image, built.oci_dir, built.tag, built.manifest_digest, built.workload,
+                         built.ready_line)
+    workload = list(built.workload)
+    ready = re.compile(built.ready_line or "^ready$")
+    lazy = convert_cached(source, CHUNK)
+    shape = LinkShape(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms)
+    work = Path(tempfile.mkdtemp(prefix="bench-prefetch-"))
+    times: dict[str, list[tuple[float, float]]] = {}
+    try:
+        with ShapedRegistry(work / "registry", shape) as registry:
+            push(lazy, registry.endpoint, "bench/prefetch", "lazy")
+            image = lazy.registry_ref(registry.endpoint)
+            trace_file = work / "start.trace"
+            proc = subprocess.run([*LAZYFS, "trace", "record", "-q", "--cache-dir", str(work / "cache-record"),
+                                   "--ready-line", ready.pattern, "--timeout", str(args.timeout),
+                                   "-o", str(trace_file), image, "--", *workload],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"lazyfs trace record failed:\n{proc.stderr}{proc.stdout}")
+            shutil.rmtree(work / "cache-record", ignore_errors=True)
+            trace = Trace.decode(trace_file.read_bytes())
+            ordered = convert_cached(source, CHUNK, trace=trace_file)
+            push(ordered, registry.endpoint, "bench/prefetch", "ordered")
+            ordered_ref = ordered.registry_ref(registry.endpoint)
+
+            cells = {"(a) lazy": (image, ["--no-prefetch"]),
+                     "(b) prefetch": (image, ["--trace", str(trace_file)]),
+                     "(c) ordered": (ordered_ref, [])}
+            warm_cache = work / "cache-warm"
+            start_once(image, work, warm_cache, ready, workload, ["--no-prefetch"], args.timeout)  # fills it
+            for _ in range(args.runs):
+                for name, (ref, mount_args) in cells.items():
+                    cache = work / "cache"
+                    shutil.rmtree(cache, ignore_errors=True)
+                    times.setdefault(name, []).append(
+                        start_once(ref, work, cache, ready, workload, mount_args, args.timeout))
+                # (d): the chunk cache of an earlier start stays; only the page cache is dropped.
+                times.setdefault("(d) warm", []).append(
+                    start_once(image, work, warm_cache, ready, workload, ["--no-prefetch"], args.timeout))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    needed = needed_stored_bytes(lazy.oci_dir, trace)
+    stats = trace.stats()
+    rate = args.rate_mbit * 1e6 / 8
+    totals = {name: [total for total, _ in values] for name, values in times.items()}
+    warm = statistics.median(totals["(d) warm"])
+    ideal = warm + needed / rate
+    cold = statistics.median(totals["(a) lazy"])
+    print(f"image {args.image}, workload {' '.join(workload)!r}, link {args.rate_mbit:g} Mbit/s + "
+          f"{args.rtt_ms:g} ms RTT, {args.runs} run(s) per cell")
+    print(f"trace: {stats.files_read} files read, {stats.chunks} chunks ({stats.bytes / 2**20:.1f} MiB "
+          f"uncompressed, {needed / 2**20:.1f} MiB stored); ordered layout: {'yes' if ordered_layout() else 'no'}")
+    print(f"{'cell':<14} {'median s':>9} {'x ideal':>8} {'(a)/cell':>9} {'mount s':>8} {'workload s':>11}  runs")
+    for name, values in times.items():
+        median = statistics.median(totals[name])
+        mount = statistics.median(m for _, m in values)
+        after = statistics.median(t - m for t, m in values)
+        print(f"{name:<14} {median:9.2f} {median / ideal:8.2f} {cold / median:9.2f} {mount:8.2f} {after:11.2f}  "
+              + " ".join(f"{t:.2f}" for t, _ in values))
+    print(f"{'ideal':<14} {ideal:9.2f} {1:8.2f} {cold / ideal:9.2f}  (d) + {needed / 2**20:.1f} MiB / "
+          f"{args.rate_mbit:g} Mbit/s")
+    return 0
+
+
+def ordered_layout() -> bool:
+    """Whether this build's converter writes traced files first (lazyfs.layer.layout exists)."""
+    import importlib.util
+    return importlib.util.find_spec("lazyfs.layer.layout") is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
