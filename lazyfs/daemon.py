@@ -41,6 +41,7 @@ from lazyfs.fuse import LazyOperations
 from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
 from lazyfs.mounts import is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
 from lazyfs.registry import make_http_client
+from lazyfs.residency import MetadataTrimmer
 from lazyfs.trace import Trace, TraceRecorder
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Daemon:
                     self._nursery = nursery
                     nursery.start_soon(self.fetcher.run)
                     nursery.start_soon(self.background.run)
+                    nursery.start_soon(MetadataTrimmer(self.fs.layers).run)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._run_fuse, nursery)
                     await self._tune_read_ahead()
