@@ -54,6 +54,8 @@ class ConvertOptions:
     # in the trace-ordered layout (traced files first; a new diff_id). Its records name files by
     # path, so the daemon can follow them in a layer whose chunk numbers it never saw.
     trace: bytes | None = None
+    # False: embed the trace but keep each layer's tar as it is (byte for byte, same diff_id).
+    trace_order: bool = True
 
 
 class Progress(Protocol):
@@ -243,7 +245,7 @@ class _Converter:
                 return build_layer(
                     src, out, chunk_size=o.chunk_size, inline_threshold=o.inline_threshold, level=o.level,
                     threads=o.threads, progress=lambda n: self.progress.layer_advanced(desc.digest, n),
-                    trace=o.trace, spool_dir=self.staging.directory,
+                    trace=o.trace, order=o.trace_order, spool_dir=self.staging.directory,
                 )
         except LayerFormatError as e:
             raise ConvertError(f"layer {desc.digest}: {e}") from e

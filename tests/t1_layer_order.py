@@ -302,6 +302,13 @@ def test_nothing_to_move_keeps_the_tar_byte_for_byte(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the spool is gone
 
 
+def test_trace_embedded_without_reordering():
+    original = _tar(layer_members())
+    blob, result = convert(original, trace=trace_bytes(), order=False)
+    assert untar(blob) == original and result.diff_id == result.source_diff_id
+    assert result.index.trace is not None and not result.index.trace_ordered
+
+
 def test_global_header_after_the_first_member_keeps_the_order():
     head = _tar([reg("a", BIG["app/unused"])])[:-1024]  # without its end-of-archive blocks
     glob = tarfile.TarInfo._create_pax_generic_header({"comment": "x"}, tarfile.XGLTYPE, "utf-8")

@@ -1,8 +1,9 @@
 """The trace-ordered layout end to end: a start recorded on a converted image, the image
 converted again with `lazyfs convert --trace`, then (a) stock containerd (overlayfs snapshotter)
 unpacks and runs it, (b) it mounts lazily with the same tree as the unordered image, and (c) the
-prefetch of its embedded trace needs a request per layer where the unordered image, prefetching
-the same trace, needs one per traced file (counted at the proxy in front of the registry)."""
+prefetch of its embedded trace needs a request per layer where the image converted with
+`--trace --keep-order` (trace embedded, input order), prefetching the same trace, needs one per
+traced file (counted at the proxy in front of the registry)."""
 
 from __future__ import annotations
 
@@ -130,13 +131,20 @@ def test_trace_ordered_image_runs_mounts_and_prefetches_in_few_requests(registry
     report = _inspect(ordered)
     assert [layer["layout"] for layer in report] == ["trace-ordered", "trace-ordered"]
     assert report[0]["ordered_chunks"] == TRACED_COUNT * 3 and report[1]["ordered_chunks"] == 4
+    embedded = f"{registry.host}/{registry_repo}:embedded"
+    _convert(src, embedded, "--trace", str(trace_file), "--keep-order")
+    report = _inspect(embedded)
+    assert [(layer["layout"], layer["trace"]) for layer in report] == [("input", True)] * 2
+    assert manifest_of(embedded).layers[0].annotations["containerd.io/snapshot/lazyfs.meta.offset"] == \
+        manifest_of(plain).layers[0].annotations["containerd.io/snapshot/lazyfs.meta.offset"]
 
-    # (c) the same start prefetched: by chunk number on the unordered image, by the embedded
-    # trace on the ordered one.
+    # (c) the same start prefetched from the embedded trace, in the input order and ordered.
     unordered_requests, plain_run = _prefetch_requests(
-        proxy, proxied_plain, tmp_path / "mnt", tmp_path / "run", tmp_path / "c1", "--trace", str(trace_file))
+        proxy, f"{proxy.host}/{registry_repo}:embedded", tmp_path / "mnt", tmp_path / "run", tmp_path / "c1")
     ordered_requests, ordered_run = _prefetch_requests(
         proxy, f"{proxy.host}/{registry_repo}:ordered", tmp_path / "mnt", tmp_path / "run", tmp_path / "c2")
+    print(f"prefetch of {ordered_run['fetch']['queued']['prefetch']} chunks: {unordered_requests} range requests "
+          f"in the input order, {ordered_requests} trace-ordered")
     assert ordered_run["fetch"]["queued"]["prefetch"] == plain_run["fetch"]["queued"]["prefetch"]
     assert ordered_requests <= 2, ordered_requests  # one per layer
     assert unordered_requests >= TRACED_COUNT, unordered_requests

@@ -58,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="convert only this os/arch[/variant] of an index (default: every platform)")
     parser.add_argument("--threads", type=int, default=None, help="compression threads (default: CPU count)")
     parser.add_argument("--trace", type=Path, default=None,
-                        help="embed this access trace (`lazyfs trace` output) in every converted layer")
+                        help="embed this access trace (`lazyfs trace` output) in every converted layer "
+                             "and write the traced files first (trace-ordered layout)")
+    parser.add_argument("--keep-order", action="store_true",
+                        help="with --trace: embed the trace only, keeping each layer's tar order (and diff_id)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -101,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(dst_ref, "digest", None) is not None:
         console.print("lazyfs convert: DST cannot be a digest (the converted image has a new one)")
         return 2
+    if args.keep_order and args.trace is None:
+        console.print("lazyfs convert: --keep-order needs --trace")
+        return 2
     trace = None
     if args.trace is not None:
         try:
@@ -110,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"lazyfs convert: --trace {args.trace}: {e}")
             return 2
     options = ConvertOptions(chunk_size=args.chunk_size, inline_threshold=args.inline_threshold,
-                             platform=args.platform, threads=args.threads, trace=trace)
+                             platform=args.platform, threads=args.threads, trace=trace,
+                             trace_order=not args.keep_order)
 
     async def main() -> str:
         src, dst = open_store(args.src), open_store(args.dst)

@@ -111,6 +111,7 @@ class LayerBuilder:
         level: int = DEFAULT_LEVEL,
         threads: int | None = None,
         trace: bytes | None = None,
+        order: bool = True,
         spool_dir: str | os.PathLike | None = None,
     ):
         fmt.check_chunk_size(chunk_size)
@@ -122,9 +123,9 @@ class LayerBuilder:
         self.level = level
         self.threads = threads or os.cpu_count() or 1
         self.trace = trace
-        # With a trace, the layer is written in the trace-ordered layout (traced files first),
-        # which needs the input spooled to a temporary file in spool_dir.
-        self._traced = None if trace is None else layout.traced_paths(_trace_paths(trace))
+        # With a trace (and order), the layer is written in the trace-ordered layout (traced
+        # files first), which needs the input spooled to a temporary file in spool_dir.
+        self._traced = None if trace is None or not order else layout.traced_paths(_trace_paths(trace))
         self.spool_dir = spool_dir
         self.ordered_chunks = 0
         self.tree = Tree()
@@ -492,6 +493,7 @@ def build_layer(
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
     trace: bytes | None = None,
+    order: bool = True,
     spool_dir: str | os.PathLike | None = None,
 ) -> BuildResult:
     """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out.
@@ -499,11 +501,12 @@ def build_layer(
     trace, if given (lazyfs.trace format, checked by the caller), is embedded as the trace
     section and the tar is written in the trace-ordered layout, spooling the decompressed
     input to a temporary file in spool_dir (default: the system's temporary directory).
-    Without a trace the output tar is the input byte for byte.
+    Without a trace, or with order=False (the trace is only embedded), the output tar is the
+    input byte for byte.
     """
     builder = LayerBuilder(
         out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads,
-        trace=trace, spool_dir=spool_dir,
+        trace=trace, order=order, spool_dir=spool_dir,
     )
     return builder.build(src, progress)
 
