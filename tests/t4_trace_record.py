@@ -228,12 +228,12 @@ def test_on_demand_read_overtakes_the_prefetch_queue(registry, tmp_path):
     late = {layer.chunk_ref(n).offset for n in _file_chunks(layer, "/spread/late")}
 
     with FaultProxy(registry.host) as proxy:
+        # Every range request of the blob takes a while, so most of the prefetch is still
+        # queued when the on-demand read comes.
+        proxy.add(Fault.delay(0.3), path=r"/blobs/", ranged=True, times=None)
         with lazy_mount(tmp_path / "mnt", "--trace", str(tmp_path / "spread.trace"),
                         f"{proxy.host}/t/trace-priority:v1", run_dir=tmp_path / "run",
                         cache_dir=tmp_path / "cache") as mount:
-            # Only now slow the blob down: every prefetch request takes a while, so most of
-            # the prefetch is still queued when the on-demand read comes.
-            proxy.add(Fault.delay(0.3), path=r"/blobs/", ranged=True, times=None)
             deadline = time.monotonic() + 10
             while mount.stats()["fetch"]["done"]["prefetch"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -245,7 +245,7 @@ def test_on_demand_read_overtakes_the_prefetch_queue(registry, tmp_path):
     first = on_demand[0]
     prefetch_after = [r for r in requests[first + 1:] if _range_start(r.range) not in late]
     assert stats["fetch"]["queued"]["prefetch"] == 24
-    # The prefetch still had requests to make, and they all came after the on-demand one.
+    # The prefetch still had requests queued behind the on-demand one: they went out after it.
     assert len(prefetch_after) >= 5, [r.range for r in requests]
 
 
