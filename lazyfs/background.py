@@ -9,7 +9,8 @@ batch starts only when the bytes sent so far fit the rate since the layer's fill
 at any time t the layer's fill has requested at most ``rate * t + batch`` bytes.
 
 Chunks already in the cache (another image, an earlier mount, the prefetch) are skipped
-and counted as such.
+and counted as such. A layer whose chunks do not fit in the cache's size limit is not
+filled at all (state ``too-large``): it would only evict its own first chunks.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class FillJob:
     source: BlobSource
     refs: list[ChunkRef]  # each stored chunk once, in blob order
     rate: int | None  # stored bytes per second; None: as fast as the fetcher goes
-    state: str = "queued"  # queued, running, done, failed
+    state: str = "queued"  # queued, running, done, failed, too-large (than the cache)
     chunks_requested: int = 0
     chunks_cached: int = 0  # were already in the cache
     bytes_requested: int = 0
@@ -89,7 +90,7 @@ class BackgroundFill:
             "chunks_cached": sum(j["chunks_cached"] for j in jobs),
             "bytes": sum(j["bytes"] for j in jobs),
             "bytes_requested": sum(j["bytes_requested"] for j in jobs),
-            "done": all(job.state in ("done", "failed") for job in self.jobs),
+            "done": all(job.state in ("done", "failed", "too-large") for job in self.jobs),
         }
 
     async def run(self) -> None:
@@ -103,12 +104,19 @@ class BackgroundFill:
 
     async def _fill(self, job: FillJob) -> None:
         await self.fetcher.wait_idle()
-        job.state = "running"
+        cache = self.fetcher.cache
         job.started = trio.current_time()
+        limit = cache.limit_bytes
+        if limit is not None and sum(ref.length for ref in job.refs) > limit:
+            # It would evict its own first chunks (and everything else) to make room.
+            job.state = "too-large"
+            job.finished = job.started
+            log.info("no background fetch of %s: it is larger than the cache (%d bytes)", job.layer, limit)
+            return
+        job.state = "running"
         log.info("background fetch of %s: %d chunks, %d bytes, rate %s", job.layer, len(job.refs),
                  job.stored_bytes, job.rate or "unlimited")
         batch_limit = UNLIMITED_BATCH if job.rate is None else max(MIN_BATCH, int(job.rate * BATCH_SECONDS))
-        cache = self.fetcher.cache
         index = 0
         while index < len(job.refs):
             batch: list[ChunkRef] = []
