@@ -2,7 +2,8 @@
 lazyfs daemon and docker-registry behind a shaped link; its results, resume and report.
 
 The image is made here: a busybox layer and a layer with a 24 MiB file the workload barely
-touches, so a lazy start must fetch far less than a full pull.
+touches, so a lazy start must fetch far less than a full pull. Modes: overlayfs (full pull),
+lazy, and lazy-prefetch (trace recorded, embedded by `lazyfs convert --trace`, prefetched).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def make_image(oci_dir: Path) -> str:
 EXPERIMENT = """\
 name = "t5-small"
 repetitions = 2
-modes = ["overlayfs", "lazy"]
+modes = ["overlayfs", "lazy", "lazy-prefetch"]
 timeout_s = 60
 registry_root = "{registry}"
 
@@ -94,7 +95,7 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
 
     records = Runner(experiment, results, cache_dir=tmp_path / "cache").run()
 
-    assert len(records) == 4
+    assert len(records) == 6
     for r in records:
         assert r["status"] == "ok", r["error"]
         assert set(FIELDS) <= set(r)
@@ -103,27 +104,39 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
         assert r["cache_files_at_start"] == 0  # cold: the check ran and found the cache empty
         assert r["page_cache_after_kib"] <= r["page_cache_before_kib"]
         assert r["output_tail"].endswith("ready")
-    assert len({r["daemon_pid"] for r in records}) == 4  # a new daemon for every run
-    by_mode = {m: [r for r in records if r["mode"] == m] for m in ("overlayfs", "lazy")}
+    assert len({r["daemon_pid"] for r in records}) == 6  # a new daemon for every run
+    by_mode = {m: [r for r in records if r["mode"] == m] for m in ("overlayfs", "lazy", "lazy-prefetch")}
     full = max(r["registry_blob_bytes"] for r in by_mode["overlayfs"])
     assert full >= BIG  # random data does not compress: a full pull moves all of it
     for r in by_mode["lazy"]:
         assert r["registry_blob_bytes"] < full / 3, (r["registry_blob_bytes"], full)
+    for r in by_mode["lazy"] + by_mode["lazy-prefetch"]:
         assert r["lazyfs_fetched_bytes"] > 0 and r["workload_read_bytes"] > 0
         assert r["fetch_events"] >= 1 and r["daemon_cpu_s"] is not None
         assert r["lazyfs_stats"]["fetch"]["failed_chunks"] == 0
+    # the trace of the workload was recorded once, embedded, and prefetched on attach
+    traces = list((tmp_path / "cache" / "traces").glob("tiny-*.trace"))
+    assert len(traces) == 1 and "data/big.bin" in traces[0].read_text()
+    for r in by_mode["lazy-prefetch"]:
+        # an embedded trace is followed by path: all of big.bin is prefetched, not just 4 KiB
+        assert r["lazyfs_stats"]["prefetch"]["queued"] >= BIG >> 20
+        assert any(e["priority"] == "prefetch" for e in json.loads(
+            (results / "events" / f"{r['run_id']}.json").read_text()))
     for r in by_mode["overlayfs"]:
         assert r["workload_read_bytes"] is None  # no FUSE layer to count reads on
         assert r["lazyfs_fetched_bytes"] == 0
 
     # CSV and JSON agree with the run records; configuration and versions are recorded
     csv_lines = (results / "runs.csv").read_text().splitlines()
-    assert csv_lines[0].split(",") == list(FIELDS) and len(csv_lines) == 5
+    assert csv_lines[0].split(",") == list(FIELDS) and len(csv_lines) == 7
     saved = json.loads((results / "results.json").read_text())
-    assert len(saved["runs"]) == 4 and saved["config"]["fingerprint"] == experiment.fingerprint()
+    assert len(saved["runs"]) == 6 and saved["config"]["fingerprint"] == experiment.fingerprint()
     env = saved["config"]["environments"][0]
     assert env["tools"]["containerd"] and env["kernel"] and env["packages"]["trio"]
-    assert saved["config"]["images"]["tiny"]["lazy"]["manifest_digest"].startswith("sha256:")
+    variants = saved["config"]["images"]["tiny"]
+    assert variants["lazy"]["manifest_digest"].startswith("sha256:")
+    assert variants["lazy-trace/head"]["manifest_digest"] not in (variants["lazy"]["manifest_digest"],
+                                                                  variants["original"]["manifest_digest"])
 
     # an interrupted experiment resumes without repeating finished runs; results are never
     # overwritten by accident
@@ -139,7 +152,7 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
     # the report: summary and valid plots
     report = build_report(results, tmp_path / "report")
     rows = {row["mode"]: row for row in report.summary}
-    assert rows["overlayfs"]["ok"] == rows["lazy"]["ok"] == 2
+    assert rows["overlayfs"]["ok"] == rows["lazy"]["ok"] == rows["lazy-prefetch"]["ok"] == 2
     assert rows["lazy"]["registry_bytes"] < rows["overlayfs"]["registry_bytes"]
     assert rows["lazy"]["ready_min"] <= rows["lazy"]["ready_s"] <= rows["lazy"]["ready_max"]
     names = {p.name for p in report.plots}
