@@ -503,16 +503,21 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     if end < last and (total is None or end != total - 1):
         raise TransientFailure(f"asked for bytes {offset}-{last}, got {start}-{end} of {total}")
     wanted = end - start + 1
-    buffer = bytearray()
+    parts: list[bytes] = []
+    received = 0
     # Read to the end of the body (normally exactly `wanted` bytes) so the connection goes back
     # to the pool; stop early only if the server sends more than it promised.
     async for chunk in response.aiter_bytes():
-        buffer += chunk
-        if len(buffer) > wanted:
+        parts.append(chunk)
+        received += len(chunk)
+        if received > wanted:
             break
-    if len(buffer) < wanted:
-        raise TransientFailure(f"short body: {len(buffer)} of {wanted} bytes")
-    return bytes(buffer[:wanted])
+    if received < wanted:
+        raise TransientFailure(f"short body: {received} of {wanted} bytes")
+    # One copy of the body (ranges are megabytes: a growing buffer, then a slice, then bytes()
+    # were three).
+    body = b"".join(parts)
+    return body if received == wanted else body[:wanted]
 
 
 async def _slice_full_body(response: httpx.Response, offset: int, length: int) -> bytes:
