@@ -12,8 +12,8 @@ measuring something else under the mode's name.
 | overlayfs | containerd's overlayfs | original (gzip) | cold: full pull + unpack |
 | lazy | lazyfs | converted | cold cache, no trace |
 | warm | lazyfs | converted | chunk cache filled by one earlier start of the same workload |
-| lazy-prefetch | lazyfs | converted with the workload's trace embedded | cold; the trace is prefetched |
-| lazy-ordered | lazyfs | converted in trace order, trace embedded | not available: no trace-ordered layout yet |
+| lazy-prefetch | lazyfs | converted with the workload's trace embedded (--keep-order) | cold; the trace is prefetched |
+| lazy-ordered | lazyfs | converted in trace order, trace embedded | cold; the trace is prefetched |
 """
 
 from __future__ import annotations
@@ -101,17 +101,22 @@ class WarmMode(Mode):
         return env.reset(keep_cache=True)
 
 
-def trace_embedding_missing() -> str | None:
+def trace_embedding_missing(ordered: bool = False) -> str | None:
     """What trace prefetch under containerd lacks in this build, or None: trace recording
-    (lazyfs.trace, the daemon's trace-start/trace-stop) and embedding a trace in a converted
-    image (``lazyfs convert --trace``, ConvertOptions.trace). Under containerd a trace reaches
-    the daemon only embedded in the layer: the snapshotter asks for prefetch of the embedded
-    trace and has no way to pass a trace file."""
+    (lazyfs.trace, the daemon's trace-start/trace-stop), embedding a trace in a converted
+    image (``lazyfs convert --trace``, ConvertOptions.trace) and, for the trace-ordered
+    layout or for keeping the order, ConvertOptions.trace_order (``--keep-order``). Under
+    containerd a trace reaches the daemon only embedded in the layer: the snapshotter asks
+    for prefetch of the embedded trace and has no way to pass a trace file."""
     if importlib.util.find_spec("lazyfs.trace") is None:
         return "trace recording (lazyfs.trace)"
     from lazyfs.convert import ConvertOptions
-    if "trace" not in {f.name for f in dataclasses.fields(ConvertOptions)}:
+    fields = {f.name for f in dataclasses.fields(ConvertOptions)}
+    if "trace" not in fields:
         return "`lazyfs convert --trace` (a trace embedded in the converted image)"
+    if "trace_order" not in fields:
+        return ("the trace-ordered layout (`lazyfs convert` writing traced files first)" if ordered
+                else "`lazyfs convert --trace --keep-order` (a trace embedded without reordering)")
     return None
 
 
@@ -152,43 +157,43 @@ def record_trace(ctx: PrepareContext, env: BenchEnv, source: SourceImage, worklo
     return path
 
 
-class LazyPrefetchMode(Mode):
-    """The image converted with the workload's trace embedded (``lazyfs convert --trace``,
-    layout unchanged); on attach the daemon prefetches the traced files' chunks in
-    first-access order while the workload reads on demand."""
-    name = "lazy-prefetch"
+class _TraceMode(Mode):
+    """The image converted with the workload's trace embedded; on attach the daemon
+    prefetches the traced files' chunks in first-access order while the workload reads on
+    demand. ``ordered``: the conversion also writes the traced files first (trace-ordered
+    layout), so their chunks are contiguous and arrive in a few large requests."""
+    ordered: ClassVar[bool]
 
     def unavailable_reason(self) -> str | None:
-        missing = trace_embedding_missing()
+        missing = trace_embedding_missing(self.ordered)
         if missing is not None:
             return f"mode {self.name} is not available: it needs {missing}, which this build lacks"
         return None
 
     def image_for(self, ctx: PrepareContext, env: BenchEnv, source: SourceImage,
                   workload: Workload) -> OciImage:
-        key = f"lazy-trace/{workload.name}"
+        layout = "ordered" if self.ordered else "trace"
+        key = f"lazy-{layout}/{workload.name}"
         if key not in source.variants:
             trace = record_trace(ctx, env, source, workload)
-            image = convert_cached(source, ctx.chunk_size, ctx.cache_dir, trace=trace)
-            tag_variant = f"trace-{_workload_key(workload)}"
+            image = convert_cached(source, ctx.chunk_size, ctx.cache_dir, trace=trace,
+                                   keep_order=not self.ordered)
+            tag_variant = f"{layout}-{_workload_key(workload)}"
             push(image, env.endpoint, *registry_names(source, tag_variant, ctx.chunk_size))
             source.variants[key] = image
         return source.variants[key]
 
 
-class LazyOrderedMode(Mode):
-    """Needs ``lazyfs convert`` to write the traced files first (trace-ordered layout),
-    which does not exist yet; then it is LazyPrefetchMode with that conversion."""
+class LazyPrefetchMode(_TraceMode):
+    """``lazyfs convert --trace T --keep-order``: the trace only, each layer's tar as it was."""
+    name = "lazy-prefetch"
+    ordered = False
+
+
+class LazyOrderedMode(_TraceMode):
+    """``lazyfs convert --trace T``: the trace, and the trace-ordered layout."""
     name = "lazy-ordered"
-
-    def unavailable_reason(self) -> str | None:
-        missing = trace_embedding_missing()
-        return (f"mode {self.name} is not available: it needs "
-                f"{missing or 'the trace-ordered layout (`lazyfs convert` writing traced files first)'}, "
-                f"which this build lacks")
-
-    def setup(self, env: BenchEnv, target: RunTarget) -> ResetReport:
-        raise ModeUnavailable(self.unavailable_reason())
+    ordered = True
 
 
 MODES: dict[str, type[Mode]] = {m.name: m for m in

@@ -110,15 +110,17 @@ def resolve_image(spec: ImageSpec, cache_dir: Path | None = None) -> SourceImage
 
 
 def convert_cached(source: SourceImage, chunk_size: int, cache_dir: Path | None = None,
-                   trace: Path | None = None) -> OciImage:
+                   trace: Path | None = None, keep_order: bool = False) -> OciImage:
     """``lazyfs convert`` of the source into a cached OCI layout (converted once), with
-    ``--trace`` when a trace file is given (keyed by the trace's content)."""
+    ``--trace`` when a trace file is given (keyed by the trace's content): the trace-ordered
+    layout, or with ``keep_order`` the trace embedded in layers of unchanged order."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = f"{source.name}-{source.manifest_digest.split(':', 1)[1][:16]}-c{chunk_size}"
     extra: list[str] = []
     if trace is not None:
-        key += f"-trace-{hashlib.sha256(trace.read_bytes()).hexdigest()[:12]}"
-        extra = ["--trace", str(trace)]
+        layout = "keep" if keep_order else "ordered"
+        key += f"-trace-{hashlib.sha256(trace.read_bytes()).hexdigest()[:12]}-{layout}"
+        extra = ["--trace", str(trace), *(["--keep-order"] if keep_order else [])]
     final = cache_dir / "converted" / key
     if (final / "done").exists():
         return read_layout(final / "oci", "latest")
