@@ -209,11 +209,13 @@ class WorkloadResult:
 
 def run_workload(root: Path, command: Sequence[str], *, ready: re.Pattern[str] | None = None,
                  timeout: float | None = None, at_end: Callable[[str], None] | None = None,
-                 echo: Callable[[str], None] | None = None, env: Sequence[str] = ()) -> WorkloadResult:
+                 echo: Callable[[str], None] | None = None, env: Sequence[str] = (),
+                 wrapper: Sequence[str] = ()) -> WorkloadResult:
     """Run ``command`` in a sandbox over ``root`` until it exits, prints a line matching
     ``ready`` or ``timeout`` seconds pass; ``at_end(reason)`` runs before the workload is
-    stopped. The sandbox and everything in it is gone when this returns."""
-    argv = [sys.executable, "-m", "lazyfs.sandbox", "--root", str(root)]
+    stopped. The sandbox and everything in it is gone when this returns. ``wrapper`` is put
+    in front of the sandbox's command line (e.g. ``strace -f -o LOG``)."""
+    argv = [*wrapper, sys.executable, "-m", "lazyfs.sandbox", "--root", str(root)]
     for item in env:
         argv += ["--env", item]
     started = time.monotonic()

@@ -4,7 +4,9 @@ recorded start: real FUSE mounts of a converted image in a real registry, a real
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +31,8 @@ rng = random.Random(55)
 DATA = {"data/a": rng.randbytes(200_000), "data/b": rng.randbytes(130_000), "data/small": b"tiny\n",
         "data/unused": rng.randbytes(300_000)}
 READS = ("data/a", "data/b", "data/small")
-WORKLOAD = ["/bin/busybox", "cat", *(f"/{p}" for p in READS)]
+WORKLOAD = ["/bin/sh", "-c", "/bin/busybox cat /data/a >/dev/null; /bin/busybox head -c 10 /data/b; "
+                             "/bin/busybox cat /data/small"]
 
 
 def _busybox() -> bytes:
@@ -59,6 +62,22 @@ def _push(registry, repo: str, layers: list[list]):
 def _regular_files(trace: Trace) -> set[str]:
     known = {f"/{p}" for p in DATA} | {"/bin/busybox", "/etc/hostname"}
     return trace.paths() & known
+
+
+def _strace_regular_files(log: Path, root: Path) -> set[str]:
+    """Regular files of the image that the workload opened or executed, from ``strace -f``:
+    every successful open/execve from the workload's first execve on, symlinks resolved."""
+    lines = log.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if 'execve("/bin/sh"' in line and line.endswith("= 0"))
+    found: set[str] = set()
+    for line in lines[start:]:
+        match = re.search(r'(?:openat|open|execve)\((?:AT_FDCWD, )?"(/[^"]*)".* = (\d+)', line)
+        if match is None:
+            continue
+        inside = os.path.realpath(root / match.group(1).lstrip("/"))
+        if inside.startswith(f"{root}/") and os.path.isfile(inside):
+            found.add(inside[len(str(root)):])
+    return found
 
 
 def _wait(mount, done, what: str, seconds: float = 30) -> dict:
@@ -116,8 +135,12 @@ def test_record_names_exactly_the_files_read_and_prefetch_leaves_no_on_demand_fe
                     cache_dir=tmp_path / "cache-replay") as mount:
         stats = _wait(mount, _prefetch_done, "prefetch")
         assert stats["fetch"]["done"]["prefetch"] > 0
-        outcome = run_workload(mount.path, WORKLOAD, timeout=60)
+        strace_log = tmp_path / "strace.log"
+        outcome = run_workload(mount.path, WORKLOAD, timeout=60, wrapper=[
+            require_tool("strace"), "-f", "-qq", "-e", "trace=openat,open,execve", "-o", str(strace_log)])
         assert outcome.reason == "exited" and outcome.status == 0, outcome.output
+        # The same command under strace opens exactly the regular files the trace names.
+        assert _strace_regular_files(strace_log, mount.path) == _regular_files(trace)
         stats = mount.stats()
         assert stats["fetch"]["queued"]["on_demand"] == 0, stats["fetch"]
         assert stats["fetch"]["misses"] == 0, stats["fetch"]
