@@ -20,7 +20,8 @@ A traced path is moved only when that cannot change what any extractor makes of 
 * no other member lies below it, and every ancestor path has no entry (created implicitly
   either way) or only plain directory entries of size 0 (a directory over a directory merges
   in every extractor; any other kind would replace it);
-* neither it nor an ancestor is whited out (``.wh.NAME``) in this layer: containerd applies a
+* no component of its path is a whiteout name (``.wh.*``: markers never move), and
+  neither it nor an ancestor is whited out (``.wh.NAME``) in this layer: containerd applies a
   whiteout when it meets it, so its position relative to the path it removes matters. Opaque
   markers (``.wh..wh..opq``) are not moved and need no rule: containerd's overlay applier sets
   the directory's ``trusted.overlay.opaque`` xattr and its naive applier removes only entries
@@ -103,15 +104,20 @@ def _whited_out(key: Key) -> Key | None:
     return None
 
 
+def _whiteout_name(key: Key) -> bool:
+    """A whiteout marker, or anything below a name an applier would take for one."""
+    return any(part.startswith(WHITEOUT_PREFIX) for part in key)
+
+
 def _plain_dir(m: tarfile.TarInfo) -> bool:
     return m.type == tarfile.DIRTYPE and m.size == 0
 
 
-def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int, prologue_ok: bool = True) -> Plan:
+def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int) -> Plan:
     """The emission order for members (in input order) given the traced paths in first-access
     order; files of at most min_size bytes are never moved."""
     count = len(members)
-    if not traced or not prologue_ok:
+    if not traced:
         return identity(count)
     for previous, member in zip(members, members[1:]):
         if member.start != previous.end:  # a global header between members applies from there on
@@ -143,7 +149,7 @@ def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int, prolog
                 except UnsafeTarEntry:
                     return None
                 continue
-            if not m.isreg() or m.size <= min_size or key in below:
+            if not m.isreg() or m.size <= min_size or key in below or _whiteout_name(key):
                 return None
             return found[0]
         return None
