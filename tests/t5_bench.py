@@ -3,7 +3,8 @@ lazyfs daemon and docker-registry behind a shaped link; its results, resume and 
 
 The image is made here: a busybox layer and a layer with a 24 MiB file the workload barely
 touches, so a lazy start must fetch far less than a full pull. Modes: overlayfs (full pull),
-lazy, and lazy-prefetch (trace recorded, embedded by `lazyfs convert --trace`, prefetched).
+lazy, lazy-prefetch (trace recorded, embedded by `lazyfs convert --trace --keep-order`,
+prefetched) and lazy-ordered (the same with the trace-ordered layout).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def make_image(oci_dir: Path) -> str:
 EXPERIMENT = """\
 name = "t5-small"
 repetitions = 2
-modes = ["overlayfs", "lazy", "lazy-prefetch"]
+modes = ["overlayfs", "lazy", "lazy-prefetch", "lazy-ordered"]
 timeout_s = 60
 registry_root = "{registry}"
 
@@ -95,7 +96,7 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
 
     records = Runner(experiment, results, cache_dir=tmp_path / "cache").run()
 
-    assert len(records) == 6
+    assert len(records) == 8
     for r in records:
         assert r["status"] == "ok", r["error"]
         assert set(FIELDS) <= set(r)
@@ -104,20 +105,21 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
         assert r["cache_files_at_start"] == 0  # cold: the check ran and found the cache empty
         assert r["page_cache_after_kib"] <= r["page_cache_before_kib"]
         assert r["output_tail"].endswith("ready")
-    assert len({r["daemon_pid"] for r in records}) == 6  # a new daemon for every run
-    by_mode = {m: [r for r in records if r["mode"] == m] for m in ("overlayfs", "lazy", "lazy-prefetch")}
+    assert len({r["daemon_pid"] for r in records}) == 8  # a new daemon for every run
+    by_mode = {m: [r for r in records if r["mode"] == m]
+               for m in ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered")}
     full = max(r["registry_blob_bytes"] for r in by_mode["overlayfs"])
     assert full >= BIG  # random data does not compress: a full pull moves all of it
     for r in by_mode["lazy"]:
         assert r["registry_blob_bytes"] < full / 3, (r["registry_blob_bytes"], full)
-    for r in by_mode["lazy"] + by_mode["lazy-prefetch"]:
+    for r in by_mode["lazy"] + by_mode["lazy-prefetch"] + by_mode["lazy-ordered"]:
         assert r["lazyfs_fetched_bytes"] > 0 and r["workload_read_bytes"] > 0
         assert r["fetch_events"] >= 1 and r["daemon_cpu_s"] is not None
         assert r["lazyfs_stats"]["fetch"]["failed_chunks"] == 0
     # the trace of the workload was recorded once, embedded, and prefetched on attach
     traces = list((tmp_path / "cache" / "traces").glob("tiny-*.trace"))
     assert len(traces) == 1 and "data/big.bin" in traces[0].read_text()
-    for r in by_mode["lazy-prefetch"]:
+    for r in by_mode["lazy-prefetch"] + by_mode["lazy-ordered"]:
         # an embedded trace is followed by path: all of big.bin is prefetched, not just 4 KiB
         assert r["lazyfs_stats"]["prefetch"]["queued"] >= BIG >> 20
         assert any(e["priority"] == "prefetch" for e in json.loads(
@@ -128,15 +130,16 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
 
     # CSV and JSON agree with the run records; configuration and versions are recorded
     csv_lines = (results / "runs.csv").read_text().splitlines()
-    assert csv_lines[0].split(",") == list(FIELDS) and len(csv_lines) == 7
+    assert csv_lines[0].split(",") == list(FIELDS) and len(csv_lines) == 9
     saved = json.loads((results / "results.json").read_text())
-    assert len(saved["runs"]) == 6 and saved["config"]["fingerprint"] == experiment.fingerprint()
+    assert len(saved["runs"]) == 8 and saved["config"]["fingerprint"] == experiment.fingerprint()
     env = saved["config"]["environments"][0]
     assert env["tools"]["containerd"] and env["kernel"] and env["packages"]["trio"]
     variants = saved["config"]["images"]["tiny"]
     assert variants["lazy"]["manifest_digest"].startswith("sha256:")
-    assert variants["lazy-trace/head"]["manifest_digest"] not in (variants["lazy"]["manifest_digest"],
-                                                                  variants["original"]["manifest_digest"])
+    digests = {v: variants[v]["manifest_digest"] for v in ("original", "lazy", "lazy-trace/head",
+                                                            "lazy-ordered/head")}
+    assert len(set(digests.values())) == 4  # trace embedded; trace-ordered layout: new images
 
     # an interrupted experiment resumes without repeating finished runs; results are never
     # overwritten by accident
@@ -152,7 +155,7 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
     # the report: summary and valid plots
     report = build_report(results, tmp_path / "report")
     rows = {row["mode"]: row for row in report.summary}
-    assert rows["overlayfs"]["ok"] == rows["lazy"]["ok"] == rows["lazy-prefetch"]["ok"] == 2
+    assert all(rows[m]["ok"] == 2 for m in ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered"))
     assert rows["lazy"]["registry_bytes"] < rows["overlayfs"]["registry_bytes"]
     assert rows["lazy"]["ready_min"] <= rows["lazy"]["ready_s"] <= rows["lazy"]["ready_max"]
     names = {p.name for p in report.plots}

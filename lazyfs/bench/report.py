@@ -273,10 +273,18 @@ def _plot_timeline(run: dict, events: list[dict], out: Path) -> list[Path]:
         xs.append(e["end"])
         ys.append(total)
     ax.step(xs, ys, where="post", color="black", linewidth=1.2, label="cumulative MB fetched")
-    for e in ordered:
+    # Requests in flight at the same time get lanes, drawn slightly apart, so that equal-sized
+    # concurrent requests do not hide each other.
+    lane_ends: list[float] = []
+    top = max([e["bytes"] / MB for e in ordered] + [0.1])
+    for e in sorted(ordered, key=lambda e: e["start"]):
+        lane = next((i for i, end in enumerate(lane_ends) if end <= e["start"]), len(lane_ends))
+        if lane == len(lane_ends):
+            lane_ends.append(e["end"])
+        lane_ends[lane] = e["end"]
         colour = PRIORITY_COLOURS.get(e["priority"], "grey")
-        ax2.plot([e["start"], e["end"]], [e["bytes"] / MB] * 2, color=colour, linewidth=2.5,
-                 solid_capstyle="butt")
+        ax2.plot([e["start"], e["end"]], [e["bytes"] / MB + lane * top * 0.04] * 2, color=colour,
+                 linewidth=2.5, solid_capstyle="butt")
     for priority, colour in PRIORITY_COLOURS.items():
         if any(e["priority"] == priority for e in ordered):
             ax2.plot([], [], color=colour, linewidth=2.5, label=priority.replace("_", "-"))
@@ -288,8 +296,8 @@ def _plot_timeline(run: dict, events: list[dict], out: Path) -> list[Path]:
     ax.text(run["ready_s"], ax.get_ylim()[1] * 0.80, " ready", fontsize=8, va="top", color="#d62728")
     ax.set_ylabel("MB fetched (cumulative)")
     ax.legend(fontsize=8, loc="lower right")
-    ax2.set_ylabel("MB per request")
-    ax2.set_ylim(bottom=0, top=max([e["bytes"] / MB for e in ordered] + [0.1]) * 1.25)
+    ax2.set_ylabel("MB per request\n(concurrent: offset)")
+    ax2.set_ylim(bottom=0, top=top * (1.25 + 0.04 * len(lane_ends)))
     ax2.set_xlabel("seconds since the start of the pull")
     ax2.set_xlim(left=0, right=max([run["ready_s"]] + [e["end"] for e in ordered]) * 1.05)
     ax2.legend(fontsize=8, loc="upper right", title="range requests (priority)", title_fontsize=8)
