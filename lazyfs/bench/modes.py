@@ -1,7 +1,8 @@
 """Modes: how an image gets from the registry into a running container.
 
-A mode is a small class: ``variant`` names the image variant it pulls (prepared before any
-measurement, see lazyfs.bench.prepare), ``setup`` brings the system to the state the run
+A mode is a small class: ``image_for`` gives the image variant it pulls (by default
+``variant``, prepared before any measurement by lazyfs.bench.prepare; the trace modes record
+a trace and convert with it on first use), ``setup`` brings the system to the state the run
 starts from (cold by default; ``warm`` primes the cache first), ``run`` measures one start,
 ``teardown`` undoes anything mode-specific. ``unavailable_reason`` says why a mode cannot
 run in this build; the runner refuses (or, when asked, records) such runs instead of
