@@ -25,7 +25,7 @@ import pyfuse3
 
 from lazyfs.cache import CacheError
 from lazyfs.erofs.errors import CorruptImage, ErofsError, UnsupportedImage
-from lazyfs.layerfs import ROOT_INODE, Attributes, DirEntry, LayerFS, LayerFSError
+from lazyfs.layerfs import ROOT_INODE, Attributes, DirEntry, LayerFS, LayerFSError, NoSuchEntry
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,14 @@ def entry_attributes(attr: Attributes) -> pyfuse3.EntryAttributes:
     return entry
 
 
+def negative_entry() -> pyfuse3.EntryAttributes:
+    """A lookup answer meaning "no such entry", which the kernel caches for entry_timeout."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    entry.entry_timeout = LAYER_TIMEOUT
+    return entry
+
+
 class LazyOperations(pyfuse3.Operations):
     """Read-only pyfuse3 operations over a LayerFS."""
 
@@ -125,7 +133,15 @@ class LazyOperations(pyfuse3.Operations):
 
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        inode = self.fs.lookup(parent_inode, name)
+        try:
+            inode = self.fs.lookup(parent_inode, name)
+        except NoSuchEntry:
+            if parent_inode == ROOT_INODE:
+                raise  # layers come and go at the root: never cache a miss there
+            # A layer never changes, so the kernel may remember the miss. Interpreters probe
+            # many absent paths (Python's import searches every sys.path entry); without this
+            # each probe is a round trip to the daemon.
+            return negative_entry()
         attributes = entry_attributes(self.fs.getattr(inode))
         if self._on_use is not None:
             self._on_use("lookup", inode)

@@ -136,8 +136,11 @@ async def test_operations_translate_and_refuse_writes(fs_and_ops, plain_image):
         with pytest.raises(pyfuse3.FUSEError) as e:
             await call
         assert e.value.errno == errno.EROFS
+    # Inside a layer a miss is a cacheable negative entry; at the root (layers come and go) ENOENT.
+    missing = await ops.lookup(base.st_ino, b"missing")
+    assert missing.st_ino == 0 and missing.entry_timeout > 3600
     with pytest.raises(pyfuse3.FUSEError) as e:
-        await ops.lookup(base.st_ino, b"missing")
+        await ops.lookup(ROOT_INODE, b"no-such-layer")
     assert e.value.errno == errno.ENOENT
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.getxattr(entry.st_ino, b"user.missing")
