@@ -303,17 +303,20 @@ class Daemon:
             raise RequestError(str(e)) from e
         return {"path": str(self.options.fuse_dir / name)}
 
-    def detach(self, request: dict) -> dict:
+    async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")
         try:
             self.fs.detach(name)
         except NoSuchEntry as e:
             raise RequestError(str(e), "not-found") from e
+        # Answer only once the kernel has forgotten the entry (its timeout is a day), so that
+        # the name is gone for whoever asked for the detach. invalidate_entry blocks until
+        # related requests complete, which this loop answers: hence a worker thread.
         try:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode("utf-8", "surrogateescape"),
-                                           ignore_enoent=True)
-        except Exception:  # the entry may simply not be in the kernel's cache
-            log.debug("invalidating the entry of %s failed", name, exc_info=True)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE,
+                                          name.encode("utf-8", "surrogateescape"))
+        except OSError as e:  # ENOENT: the entry is not in the kernel's cache
+            log.debug("invalidating the entry of %s: %s", name, e)
         return {}
 
     def list_layers(self) -> dict:
@@ -347,7 +350,7 @@ class Daemon:
         if op == "attach":
             return await self.attach(request)
         if op == "detach":
-            return self.detach(request)
+            return await self.detach(request)
         if op == "list":
             return self.list_layers()
         if op == "stats":
