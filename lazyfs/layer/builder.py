@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -39,6 +40,7 @@ import io
 import logging
 import os
 import stat
+import sys
 import tarfile
 import tempfile
 import urllib.parse
@@ -508,7 +510,25 @@ def build_layer(
         out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads,
         trace=trace, order=order, spool_dir=spool_dir,
     )
-    return builder.build(src, progress)
+    with _short_gil_switch_interval():
+        return builder.build(src, progress)
+
+
+@contextlib.contextmanager
+def _short_gil_switch_interval(seconds: float = 0.0005):
+    """Hand the GIL over sooner while converting.
+
+    The main thread parses the tar in Python while worker threads inflate, compress and hash
+    in C with the GIL released; with the default 5 ms interval a worker coming back from C
+    waits for the parser to give the GIL up, and the stages run one after another instead of
+    side by side (measured: 46.5 -> 57 MiB/s from a gzip layer, tools/bench_convert.py).
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _mtime(m: tarfile.TarInfo) -> tuple[int, int]:

@@ -24,6 +24,8 @@ class FrameWriter:
     the queued tasks hold more than ``max_pending_bytes`` of data, which bounds memory.
     """
 
+    INLINE_BELOW = 64 << 10
+
     def __init__(self, out: BinaryIO, pool: concurrent.futures.Executor, serial: concurrent.futures.Executor,
                  level: int, max_pending_bytes: int):
         self._out = out
@@ -50,8 +52,19 @@ class FrameWriter:
         """Compress data into one frame. With written (a chunk), the worker also computes the
         chunk's xxh3-128 and sha256, and written(offset, stored length, xxh3, sha256) runs on
         the writer thread once the frame is in the blob."""
+        if len(data) < self.INLINE_BELOW:
+            # Tar headers and small files: a trip through the pool costs more than the work.
+            self._queue(len(data), self._write_small_frame, data, written)
+            return
         compressed = self._pool.submit(self._compress, data, written is not None)
         self._queue(len(data), self._write_frame, compressed, data, written)
+
+    def _write_small_frame(self, data: bytes, written: FrameWritten | None) -> None:
+        stored, digest, key = self._compress(data, written is not None)
+        if written is not None:
+            written(self.position, len(stored), digest, key)
+        self._write(stored)
+        self.tar_sha256.update(data)
 
     def _queue(self, nbytes: int, fn, *args) -> None:
         self._pending.append((self._serial.submit(fn, *args), nbytes))
