@@ -91,9 +91,11 @@ def _wait(mount, done, what: str, seconds: float = 30) -> dict:
 
 
 def _prefetch_done(stats: dict) -> bool:
+    # Totals over priorities: a queued prefetch chunk that an on-demand read promotes is
+    # counted done at on-demand priority.
     fetch = stats["fetch"]
-    queued = fetch["queued"]["prefetch"]
-    return fetch["done"]["prefetch"] + fetch["failed_chunks"] >= queued and fetch["inflight"] == 0
+    queued = sum(fetch["queued"].values())
+    return sum(fetch["done"].values()) + fetch["failed_chunks"] >= queued and fetch["inflight"] == 0
 
 
 def _fetch_log(mount) -> list[dict]:
