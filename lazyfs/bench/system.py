@@ -192,8 +192,9 @@ class PlainRegistry:
 class Containerd:
     """A private containerd (root, state, sockets below ``base``) with the lazyfs proxy plugin."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, namespace: str = NAMESPACE):
         self.base = Path(base)
+        self.namespace = namespace
         self.root = self.base / "root"
         self.state = self.base / "state"
         self.address = str(self.base / "containerd.sock")
@@ -260,12 +261,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         except OSError:
             return ""
 
-    def command(self, *args: str, tool_name: str = "ctr") -> list[str]:
-        return [tool(tool_name), "-a", self.address, "-n", NAMESPACE, *args]
+    def command(self, *args: str, tool_name: str = "ctr", namespace: str | None = None) -> list[str]:
+        return [tool(tool_name), "-a", self.address, "-n", namespace or self.namespace, *args]
 
     def ctr(self, *args: str, check: bool = True, timeout: float = CTR_TIMEOUT,
-            tool_name: str = "ctr") -> subprocess.CompletedProcess:
-        cmd = self.command(*args, tool_name=tool_name)
+            tool_name: str = "ctr", namespace: str | None = None) -> subprocess.CompletedProcess:
+        cmd = self.command(*args, tool_name=tool_name, namespace=namespace)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise SystemError_(f"{' '.join(cmd[3:])} failed ({proc.returncode}): "
