@@ -32,11 +32,7 @@ TRIM_INTERVAL = 2.0
 
 def metadata_mapping(layer: AttachedLayer) -> mmap.mmap | None:
     """The file mapping a layer's metadata image reads from, if it is one."""
-    view = getattr(layer.image, "_mv", None)  # the reader's view of the buffer it was given
-    try:
-        owner = getattr(view, "obj", None)
-    except ValueError:  # the image was closed: its view released
-        return None
+    owner = layer.image.buffer
     return owner if isinstance(owner, mmap.mmap) and not owner.closed else None
 
 

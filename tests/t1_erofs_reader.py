@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import struct
@@ -187,6 +188,17 @@ def test_superblock_and_devices(images, tree):
         # A device that returns short reads is reported, not padded.
         with pytest.raises(ErofsError, match="returned"):
             img.read(nid, 0, 10, {1: lambda off, n: b"x"})
+
+
+def test_buffer_is_what_the_image_reads_until_closed(images):
+    image, _, _ = images["chunked-blob"]
+    data = Path(image).read_bytes()
+    img = Image(data)
+    assert img.buffer is data
+    img.close()
+    assert img.buffer is None
+    with Image.open(image) as mapped:
+        assert isinstance(mapped.buffer, mmap.mmap)
 
 
 def test_flat_layouts_and_inline_tail(images):

@@ -212,6 +212,14 @@ class Image:
         img._mmap = m
         return img
 
+    @property
+    def buffer(self) -> object | None:
+        """The object the image reads from (bytes, mmap, ...), or None once closed."""
+        try:
+            return self._mv.obj
+        except ValueError:  # released by close()
+            return None
+
     def close(self) -> None:
         self._inode_cached.cache_clear()
         self._mv.release()
