@@ -6,14 +6,12 @@ import random
 import time
 
 import pytest
-import trio
 
-from lazyfs.registry import open_store
 from lazyfs.trace import Access, Trace
 from tests.faultproxy import FaultProxy
 from tests.fixtures.common import require_root
-from tests.fixtures.images import build_image, directory, file, push_image
-from tests.fixtures.lazyimage import convert_image
+from tests.fixtures.images import build_image, directory, file
+from tests.fixtures.lazyimage import convert_image, push_to_registry
 from tests.fixtures.lazymount import lazy_mount, lazyfs_cli
 
 CHUNK = 65536
@@ -29,15 +27,7 @@ STARTUP = ("app/main", "app/lib")
 
 def _push(registry, repo: str, trace: bytes | None = None) -> str:
     image = convert_image(build_image(LAYERS), chunk_size=CHUNK, trace=trace)
-
-    async def push() -> None:
-        store = open_store(f"{registry.host}/{repo}")
-        try:
-            await push_image(store, image, tag="v1")
-        finally:
-            await store.aclose()
-
-    trio.run(push)
+    push_to_registry(registry, repo, image)
     return repo
 
 

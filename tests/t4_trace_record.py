@@ -11,19 +11,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-import trio
 
 from lazyfs.control import request
 from lazyfs.layer.reader import open_blob_file
 from lazyfs.mountstate import MountState
-from lazyfs.registry import open_store
 from lazyfs.sandbox import run_workload
 from lazyfs.trace import Access, FileEvent, Trace
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root, require_tool
-from tests.fixtures.images import build_image, directory, file, push_image, symlink
-from tests.fixtures.lazyimage import convert_image
+from tests.fixtures.images import build_image, directory, file, symlink
+from tests.fixtures.lazyimage import convert_image, push_to_registry
 from tests.fixtures.lazymount import lazy_mount, lazyfs_cli
 
 CHUNK = 65536
@@ -47,15 +44,7 @@ def _layers() -> list[list]:
 
 def _push(registry, repo: str, layers: list[list]):
     image = convert_image(build_image(layers), chunk_size=CHUNK)
-
-    async def push() -> None:
-        store = open_store(f"{registry.host}/{repo}")
-        try:
-            await push_image(store, image, tag="v1")
-        finally:
-            await store.aclose()
-
-    trio.run(push)
+    push_to_registry(registry, repo, image)
     return image
 
 

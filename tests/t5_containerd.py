@@ -174,6 +174,17 @@ def wait_reconnected(containerd, timeout: float = 15.0) -> None:
     containerd.wait_snapshotter(SNAPSHOTTER, timeout=timeout)
 
 
+def remove_container(containerd, name: str) -> None:
+    """Kill a detached container's task (bounded wait for it to stop) and remove both."""
+    containerd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+    for _ in range(100):
+        if task_status(containerd, name) != "RUNNING":
+            break
+        time.sleep(0.05)
+    containerd.ctr("task", "delete", name, check=False)
+    containerd.ctr("containers", "rm", name, check=False)
+
+
 def task_status(containerd, name: str) -> str:
     for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
         fields = line.split()
@@ -202,13 +213,7 @@ async def test_snapshotter_restart_under_a_running_container(containerd, registr
         assert out.stdout == "payload\n"
         assert task_status(containerd, "reader") == "RUNNING"
     finally:
-        containerd.ctr("task", "kill", "-s", "SIGKILL", "reader", check=False)
-        for _ in range(100):
-            if task_status(containerd, "reader") != "RUNNING":
-                break
-            time.sleep(0.05)
-        containerd.ctr("task", "delete", "reader", check=False)
-        containerd.ctr("containers", "rm", "reader", check=False)
+        remove_container(containerd, "reader")
 
 
 def test_daemon_killed_is_restarted(snapshotter_proc):
@@ -322,13 +327,7 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
         assert out.stdout.split()[0] == hashlib.sha256(big[3 << 20:4 << 20]).hexdigest()
         assert task_status(containerd, "lazy-reader") == "RUNNING"
     finally:
-        containerd.ctr("task", "kill", "-s", "SIGKILL", "lazy-reader", check=False)
-        for _ in range(100):
-            if task_status(containerd, "lazy-reader") != "RUNNING":
-                break
-            time.sleep(0.05)
-        containerd.ctr("task", "delete", "lazy-reader", check=False)
-        containerd.ctr("containers", "rm", "lazy-reader", check=False)
+        remove_container(containerd, "lazy-reader")
 
     # the daemon dies: a new one serves the same layers again
     os.kill(daemon_pid, 9)

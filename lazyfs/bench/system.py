@@ -189,6 +189,14 @@ class PlainRegistry:
         self._process = None
 
 
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a component's log, for error messages ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 class Containerd:
     """A private containerd (root, state, sockets below ``base``) with the lazyfs proxy plugin."""
 
@@ -256,10 +264,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def command(self, *args: str, tool_name: str = "ctr", namespace: str | None = None) -> list[str]:
         return [tool(tool_name), "-a", self.address, "-n", namespace or self.namespace, *args]
@@ -404,10 +409,7 @@ class Snapshotter:
             time.sleep(0.05)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Stop the snapshotter first (so nothing restarts the daemon), then the daemon."""
