@@ -35,8 +35,9 @@ header; `times=None` applies the rule to every match. Rules are tried in the ord
 first matching rule with uses left applies.
 
 ProxiedRequest: seq, method, path, range (the Range header or None), fault (its name or None),
-status (what the proxy answered, None after a reset), body_bytes (body bytes sent), time
-(time.monotonic() at arrival), has_authorization.
+status (what the proxy answered, None after a reset), body_bytes (body bytes handed to the
+socket, counted before each write so that a client which has read them never sees a stale
+count), time (time.monotonic() at arrival), has_authorization.
 """
 
 from __future__ import annotations
@@ -304,16 +305,16 @@ class _Handler(BaseHTTPRequestHandler):
                 i = fault.byte_count - sent
                 block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
             if limit is not None and sent + len(block) >= limit:
-                self.wfile.write(block[:limit - sent])
                 record.body_bytes = limit
+                self.wfile.write(block[:limit - sent])
                 if kind == "reset":
                     self._reset()
                 else:
                     self.close_connection = True
                 return
-            self.wfile.write(block)
             sent += len(block)
             record.body_bytes = sent
+            self.wfile.write(block)
         if limit is not None:
             self.close_connection = True
 
@@ -325,8 +326,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
             record.body_bytes = len(body)
+            self.wfile.write(body)
 
     def _read_request_body(self) -> bytes | None:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
