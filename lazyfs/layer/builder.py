@@ -56,7 +56,7 @@ from lazyfs.layer import layout
 from lazyfs.layer.annotations import to_annotations
 from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
 from lazyfs.layer.frames import FrameWriter
-from lazyfs.layer.tarstream import ReadAhead, Tap, open_tar_stream
+from lazyfs.layer.tarstream import STREAM_ERRORS, ReadAhead, Tap, open_tar_stream
 from lazyfs.layer.tree import OVERLAY_XATTR_PREFIX, Node, Tree
 from lazyfs.trace import Trace, TraceError
 
@@ -212,7 +212,7 @@ class LayerBuilder:
                 self._member(tar, member)
             while tap.read(1 << 20):  # the end-of-archive blocks and any padding after them
                 pass
-        except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as e:
+        except (tarfile.TarError, *STREAM_ERRORS) as e:
             raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
         self._emit_stream(tap.take_all())
 
@@ -375,7 +375,7 @@ class LayerBuilder:
         while True:
             try:
                 piece = stream.read(SPOOL_PIECE)
-            except (EOFError, OSError, zstandard.ZstdError) as e:
+            except STREAM_ERRORS as e:
                 raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
             if not piece:
                 break

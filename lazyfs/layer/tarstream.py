@@ -3,7 +3,6 @@ hashing (the input's diff_id), and tap what the tar reader reads so the builder 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import queue
@@ -12,9 +11,16 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 import zstandard
+from isal import igzip, isal_zlib
 
 from lazyfs.layer import format as fmt
 from lazyfs.layer.errors import LayerFormatError
+
+
+# What reading a damaged input can raise, beside the tar reader's own errors: truncation
+# (EOFError), a bad gzip header or CRC (gzip.BadGzipFile, an OSError), a bad deflate block
+# (ISA-L's error), a bad zstd frame.
+STREAM_ERRORS = (EOFError, OSError, isal_zlib.error, zstandard.ZstdError)
 
 
 def detect_compression(head: bytes) -> str:
@@ -189,7 +195,10 @@ def open_tar_stream(src: BinaryIO, progress: Callable[[int], None] | None = None
     kind = detect_compression(head)
     raw = io.BufferedReader(_Counting(head, src, progress), buffer_size=1 << 20)
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb"), kind
+        # ISA-L's inflate (igzip, a drop-in for gzip.GzipFile: multi-member streams, CRC and
+        # length checked) is about 2.3x faster than zlib's here: 0.5 s against 1.2 s of CPU
+        # for a 295 MiB tar, on the thread that feeds the tar parser.
+        return igzip.GzipFile(fileobj=raw, mode="rb"), kind
     if kind == "zstd":
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20, read_across_frames=True)
         return io.BufferedReader(reader, buffer_size=1 << 20), kind
