@@ -6,9 +6,11 @@ socket server, the optional Prometheus endpoint, the signal watcher and ``pyfuse
 SIGTERM/SIGINT (or the ``shutdown`` request) unmount what the daemon stacked on top of its
 FUSE mount, end the FUSE main loop and unmount cleanly.
 
-A *startup spec* (JSON) lets ``lazyfs mount`` hand the daemon a list of attach requests and
-an overlay or bind mount to create once they are attached; the daemon answers ``ready``
-in ``ping`` only after that, so the parent process knows when the mount is usable.
+A *startup spec* (JSON) lets ``lazyfs mount`` hand the daemon an image to resolve (or a list
+of attach requests) and an overlay or bind mount to create once its layers are attached; the
+daemon answers ``ready`` in ``ping`` only after that, and with ``--ready-fd`` it writes one
+JSON line to that descriptor -- ready, or the error that stopped it -- so the parent process
+knows at once when the mount is usable or why it failed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ log = logging.getLogger(__name__)
 READ_AHEAD_KIB = 1024
 
 
+class StartupError(Exception):
+    """The startup spec cannot be carried out; ``usage`` when the user's arguments are at fault
+    (an image that does not resolve, or has layers that are not lazyfs layers)."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
+
+
 class RequestError(Exception):
     """A control request that cannot be carried out; the message goes back to the client."""
 
@@ -67,6 +78,7 @@ class DaemonOptions:
     metrics: tuple[str, int] | None = None
     insecure_registries: frozenset[str] = frozenset()
     startup: dict | None = None
+    ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
     fuse_options: frozenset[str] = frozenset(
         {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
 
@@ -157,6 +169,7 @@ class Daemon:
                     if self.options.startup is not None:
                         await self._run_startup(self.options.startup)
                     self.ready = True
+                    report_startup(self.options, {"ready": True})
                     log.info("daemon ready: FUSE at %s, control at %s", self.options.fuse_dir, self.options.socket_path)
             finally:
                 self._nursery = None
@@ -198,14 +211,41 @@ class Daemon:
         if spec.get("record_trace"):
             self.record_to = Path(spec["record_trace"])
             self.recorder = TraceRecorder()
-        for request in spec.get("attach", []):
-            await self.attach(request)
         stack = spec.get("stack")
+        if "image" in spec:
+            requests = await self._image_requests(spec["image"])
+            layers = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
+        else:
+            requests = spec.get("attach", [])
+            layers = stack["layers"] if stack else []
+        # Layers attach concurrently: each costs at least one round trip for its metadata.
+        async with trio.open_nursery() as nursery:
+            for request in requests:
+                nursery.start_soon(self.attach, request)
         if stack:
             target = Path(stack["mountpoint"])
-            lower = [self.options.fuse_dir / name for name in stack["layers"]]
+            lower = [self.options.fuse_dir / name for name in layers]
             await trio.to_thread.run_sync(stack_mount, lower, target)
             self.stacked.append(target)
+
+    async def _image_requests(self, image: dict) -> list[dict]:
+        """Resolve the image here rather than in `lazyfs mount`: that process then needs
+        neither trio nor httpx, and the manifest comes over the daemon's own connections."""
+        from lazyfs.imagespec import ImageSpecError, image_attach_requests
+
+        assert self.attach_context is not None
+        try:
+            requests = await image_attach_requests(
+                image["ref"], layer=image.get("layer"), platform=image.get("platform"),
+                insecure_registries=sorted(self.options.insecure_registries), trace=image.get("trace"),
+                prefetch=image.get("prefetch", True), http=self.attach_context.registry_http)
+        except ImageSpecError as e:
+            raise StartupError(str(e), usage=True) from e
+        for request in requests:
+            if image.get("background_fetch"):
+                request["background_fetch"] = True
+                request["background_rate"] = image.get("background_rate")
+        return requests
 
     # ------------------------------------------------------------------ tracing
 
@@ -521,8 +561,14 @@ def run_daemon(options: DaemonOptions) -> int:
     if is_mounted(options.fuse_dir) and is_stale(options.fuse_dir):
         unmount_fuse(options.fuse_dir)  # left by a daemon that died (ENOTCONN): take its place
     options.fuse_dir.mkdir(parents=True, exist_ok=True)
-    pyfuse3.init(daemon.operations, str(options.fuse_dir), set(options.fuse_options))
+    try:
+        pyfuse3.init(daemon.operations, str(options.fuse_dir), set(options.fuse_options))
+    except RuntimeError as e:
+        log.error("cannot mount FUSE at %s: %s", options.fuse_dir, e)
+        report_startup(options, {"error": f"cannot mount FUSE at {options.fuse_dir}: {e}"})
+        return 1
     status = 0
+    outcome = {"error": "the daemon stopped before it was ready"}
     try:
         trio.run(daemon.run)
     except BaseException as e:  # report, then make sure the FUSE mount goes away
@@ -530,16 +576,44 @@ def run_daemon(options: DaemonOptions) -> int:
             status = 130
         else:
             log.error("daemon failed: %s", _describe(e), exc_info=not _is_expected(e))
-            status = 1
+            usage = all(isinstance(leaf, StartupError) and leaf.usage for leaf in _leaves(e))
+            status = 2 if usage else 1
+            outcome = {"error": "; ".join(_user_message(leaf) for leaf in _leaves(e)), "usage": usage}
     finally:
         pyfuse3.close(unmount=True)
+        report_startup(options, outcome)  # a no-op once ready was reported
     return status
+
+
+def report_startup(options: DaemonOptions, outcome: dict) -> None:
+    """Tell whoever started the daemon how the startup went (once; later calls do nothing)."""
+    fd, options.ready_fd = options.ready_fd, None
+    if fd is None:
+        return
+    try:
+        os.write(fd, json.dumps(outcome).encode() + b"\n")
+    except OSError:  # the parent is gone: nobody to tell
+        pass
+    finally:
+        os.close(fd)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _user_message(exc: BaseException) -> str:
+    if isinstance(exc, (StartupError, RequestError, OSError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _is_expected(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_expected(e) for e in exc.exceptions)
-    return isinstance(exc, (RequestError, OSError))
+    return isinstance(exc, (RequestError, StartupError, OSError))
 
 
 def _describe(exc: BaseException) -> str:
@@ -569,15 +643,19 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit: bytes, or 500M, 20G")
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
-    parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (attach list, stacked mount)")
+    parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="file descriptor that gets one JSON line once the startup spec is done or has failed")
 
 
 def options_from_args(args: argparse.Namespace) -> DaemonOptions:
     startup = json.loads(args.startup.read_text()) if args.startup is not None else None
+    if args.ready_fd is not None:
+        os.set_inheritable(args.ready_fd, False)  # not for the mount helpers this daemon runs
     return DaemonOptions(
         fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
         cache_size=args.cache_size, metrics=args.metrics,
-        insecure_registries=frozenset(args.insecure_registry), startup=startup)
+        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd)
 
 
 def main(argv: list[str] | None = None) -> int:

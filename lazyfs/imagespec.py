@@ -1,13 +1,14 @@
 """From an image reference to the daemon's attach requests (one per layer, base layer first).
 
-Runs in the `lazyfs mount` process: it resolves the manifest (an index resolves to the wanted
-platform) and passes each layer's descriptor -- digest, size and annotations -- to the daemon,
-which reads the layer metadata itself (range reads named by the annotations).
+Runs in the daemon that `lazyfs mount` starts, on the daemon's own HTTP client: it resolves
+the manifest (an index resolves to the wanted platform) and turns each layer's descriptor --
+digest, size and annotations -- into an attach request; the attach then reads the layer
+metadata (range reads named by the annotations).
 """
 
 from __future__ import annotations
 
-import trio
+import httpx
 
 from lazyfs.layer.annotations import is_lazyfs
 from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
@@ -22,9 +23,10 @@ def layer_name(index: int, digest: str) -> str:
     return f"{index:03d}-{digest.partition(':')[2][:16]}"
 
 
-async def _resolve(reference: str, platform: str | None, insecure_registries: list[str]) -> list:
+async def _resolve(reference: str, platform: str | None, insecure_registries: list[str],
+                   http: httpx.AsyncClient | None) -> list:
     try:
-        store = open_store(reference, insecure_registries=insecure_registries)
+        store = open_store(reference, http=http, insecure_registries=insecure_registries)
     except InvalidReference as e:
         raise ImageSpecError(f"invalid image reference {reference!r}: {e}") from e
     try:
@@ -36,10 +38,11 @@ async def _resolve(reference: str, platform: str | None, insecure_registries: li
         await store.aclose()
 
 
-def image_attach_requests(reference: str, *, layer: str | None = None, platform: str | None = None,
-                          insecure_registries: list[str] | None = None, trace: str | None = None,
-                          prefetch: bool = True) -> list[dict]:
-    layers = trio.run(_resolve, reference, platform, list(insecure_registries or []))
+async def image_attach_requests(reference: str, *, layer: str | None = None, platform: str | None = None,
+                                insecure_registries: list[str] | None = None, trace: str | None = None,
+                                prefetch: bool = True, http: httpx.AsyncClient | None = None) -> list[dict]:
+    """The attach requests for the image's layers (or the one `layer` names), base layer first."""
+    layers = await _resolve(reference, platform, list(insecure_registries or []), http)
     requests = []
     for index, descriptor in enumerate(layers):
         if layer is not None and not _matches(descriptor.digest, layer):

@@ -20,7 +20,7 @@ from tests.fixtures.images import (
     build_image, device, directory, file, hardlink, opaque, push_image, symlink, whiteout,
 )
 from tests.fixtures.lazyimage import convert_image
-from tests.fixtures.lazymount import assert_same_tree, lazy_mount
+from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli
 
 CHUNK = 65536
 rng = random.Random(7)
@@ -181,3 +181,37 @@ def test_warm_restart_fetches_nothing(pushed_image, proxy, tmp_path):
         assert_same_tree(rootfs, mount.path, with_blocks=False, dir_nlink=False)
         assert mount.stats()["fetch"]["requests"] == 0
     assert _chunk_requests(proxy) == []
+
+
+def test_mount_errors_are_reported_by_the_daemon_and_leave_nothing_behind(pushed_image, registry, tmp_path):
+    """The daemon resolves the image; what it cannot mount comes back to `lazyfs mount` as a
+    one-line error with exit status 2 (the arguments are at fault), and no mount remains."""
+    repo, _ = pushed_image
+    plain = build_image([BASE])
+
+    async def push_plain() -> None:
+        store = open_store(f"{registry.host}/t/mount-plain-gzip:v1")
+        try:
+            await push_image(store, plain, tag="v1")
+        finally:
+            await store.aclose()
+
+    trio.run(push_plain)
+    mnt, run_dir, cache = tmp_path / "mnt", tmp_path / "run", tmp_path / "cache"
+    mnt.mkdir()
+    cases = [
+        ([f"{registry.host}/t/mount-image:missing"], "cannot resolve"),
+        ([f"{registry.host}/t/mount-plain-gzip:v1"], "not lazyfs layers"),
+        (["--layer", "sha256:0123", f"{registry.host}/{repo}"], "0 layers of"),
+    ]
+    for args, message in cases:
+        result = lazyfs_cli("mount", "--run-dir", str(run_dir), "--cache-dir", str(cache), *args, str(mnt),
+                            check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("lazyfs mount: ") and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not os.path.ismount(mnt)
+        assert not run_dir.exists() or list(run_dir.iterdir()) == []
+    # The same mount point then mounts the real image.
+    with lazy_mount(mnt, f"{registry.host}/{repo}", run_dir=run_dir, cache_dir=cache) as mount:
+        assert (mount.path / "etc/issue").read_bytes() == b"v2\n"

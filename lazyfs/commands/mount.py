@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -84,16 +85,19 @@ def run(args: argparse.Namespace) -> int:
     if args.record_trace is not None:
         startup["record_trace"] = os.path.abspath(args.record_trace)
     if args.background_fetch:
-        for attach in startup["attach"]:
+        for attach in startup.get("attach", []):
             attach["background_fetch"] = True
             attach["background_rate"] = args.background_rate
+        if "image" in startup:
+            startup["image"].update(background_fetch=True, background_rate=args.background_rate)
     state.root.mkdir(parents=True, exist_ok=True)
     os.chmod(state.root, 0o700)
     state.startup_file.write_text(json.dumps(startup, indent=1))
-    state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"],
-                                           "layers": startup["stack"]["layers"]}, indent=1))
+    state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
+                                          indent=1))
+    ready_read, ready_write = os.pipe()
     cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(state.fuse_dir), "--socket", str(state.socket),
-           "--cache-dir", str(cache_dir), "--startup", str(state.startup_file)]
+           "--cache-dir", str(cache_dir), "--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     if cache_size is not None:
         cmd += ["--cache-size", str(cache_size)]
     if args.metrics:
@@ -101,15 +105,19 @@ def run(args: argparse.Namespace) -> int:
     for host in args.insecure_registry:
         cmd += ["--insecure-registry", host]
     cmd += ["-v"] * max(1, args.verbose)
-    with open(state.log_file, "ab") as log_file:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                start_new_session=not args.foreground, close_fds=True)
+    try:
+        with open(state.log_file, "ab") as log_file:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                    start_new_session=not args.foreground, close_fds=True, pass_fds=(ready_write,))
+    finally:
+        os.close(ready_write)
     state.pid_file.write_text(f"{proc.pid}\n")
-    error = _wait_ready(state, proc)
+    with os.fdopen(ready_read, "rb") as ready:
+        error, status = _wait_ready(state, proc, ready)
     if error is not None:
         print(f"lazyfs mount: {error}", file=sys.stderr)
         state.clean_stale()
-        return 1
+        return status
     if not args.foreground:
         return 0
     return _wait_foreground(state, proc)
@@ -131,33 +139,33 @@ def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
                                 "attach": [attach], "stack": {"layers": ["layer"]}}
     if len(args.target) != 2:
         raise _UsageError("usage: lazyfs mount IMAGE MOUNTPOINT (or --meta META --blob BLOB MOUNTPOINT)")
-    from lazyfs.imagespec import ImageSpecError, image_attach_requests
-
-    try:
-        attach = image_attach_requests(args.target[0], layer=args.layer, platform=args.platform,
-                                       insecure_registries=args.insecure_registry,
-                                       trace=os.path.abspath(args.trace) if args.trace else None,
-                                       prefetch=not args.no_prefetch)
-    except ImageSpecError as e:
-        raise _UsageError(str(e)) from e
-    # overlayfs lists the topmost lower directory first; the manifest lists the base first.
-    layers = [request["name"] for request in reversed(attach)]
+    # The daemon resolves the image (lazyfs.imagespec): this process stays free of trio and
+    # httpx, whose import is most of a cold mount's start-up time.
+    image = {"ref": args.target[0], "layer": args.layer, "platform": args.platform,
+             "trace": os.path.abspath(args.trace) if args.trace else None, "prefetch": not args.no_prefetch}
     return args.target[1], {"source": {"image": args.target[0], "layer": args.layer},
-                            "attach": attach, "stack": {"layers": layers}}
+                            "image": image, "stack": {}}
 
 
-def _wait_ready(state: MountState, proc: subprocess.Popen) -> str | None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        status = proc.poll()
-        if status is not None:
-            return f"the daemon exited with status {status}:\n{_log_tail(state)}"
-        reply = state.ping(timeout=2.0) if state.socket.exists() else None
-        if reply is not None and reply.get("ready"):
-            return None
-        time.sleep(0.05)
-    proc.terminate()
-    return f"the mount was not ready after {READY_TIMEOUT:.0f}s:\n{_log_tail(state)}"
+def _wait_ready(state: MountState, proc: subprocess.Popen, ready) -> tuple[str | None, int]:
+    """Wait for the daemon's startup report on the ready pipe; (error or None, exit status)."""
+    readable, _, _ = select.select([ready], [], [], READY_TIMEOUT)
+    line = ready.readline() if readable else None
+    if line is None:
+        proc.terminate()
+        return f"the mount was not ready after {READY_TIMEOUT:.0f}s:\n{_log_tail(state)}", 1
+    try:
+        outcome = json.loads(line) if line else {}
+    except ValueError:
+        outcome = {}
+    if outcome.get("ready"):
+        return None, 0
+    if "error" in outcome:
+        proc.wait()
+        return outcome["error"], 2 if outcome.get("usage") else 1
+    # The pipe closed without a report: the daemon died before it could say why.
+    status = proc.wait()
+    return f"the daemon exited with status {status}:\n{_log_tail(state)}", 1
 
 
 def _log_tail(state: MountState, lines: int = 20) -> str:
