@@ -16,6 +16,7 @@ knows at once when the mount is usable or why it failed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from lazyfs.control import MAX_LINE
 from lazyfs.fetch import BlobSource, ChunkFetcher, ChunkRef, FetchStats, Priority
 from lazyfs.fuse import LazyOperations
 from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
-from lazyfs.mounts import is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
+from lazyfs.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
 from lazyfs.registry import make_http_client
 from lazyfs.residency import MetadataTrimmer
 from lazyfs.trace import Trace, TraceRecorder
@@ -138,6 +139,7 @@ class Daemon:
         self.record_to: Path | None = None  # --record-trace: written when the daemon stops
         self.ready = False
         self.stacked: list[Path] = []  # overlay/bind mounts on top of ours, unmounted first
+        self.image_mounts: dict[str, list[str]] = {}  # mount point -> its layers, topmost first
         self._nursery: trio.Nursery | None = None
         self._terminating = False
         self.http: httpx.AsyncClient | None = None
@@ -213,20 +215,54 @@ class Daemon:
             self.recorder = TraceRecorder()
         stack = spec.get("stack")
         if "image" in spec:
-            requests = await self._image_requests(spec["image"])
-            layers = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
-        else:
-            requests = spec.get("attach", [])
-            layers = stack["layers"] if stack else []
+            await self.mount_image(spec["image"], Path(stack["mountpoint"]))
+            return
+        await self._attach_all(spec.get("attach", []))
+        if stack:
+            await self._stack([self.options.fuse_dir / name for name in stack["layers"]], Path(stack["mountpoint"]))
+
+    async def mount_image(self, image: dict, mountpoint: Path, prefix: str = "") -> list[str]:
+        """Attach every layer of the image (named ``prefix`` + ``NNN-<digest>``) and stack them
+        read-only at mountpoint; the layer names, topmost first. On failure nothing stays."""
+        requests = await self._image_requests(image)
+        for request in requests:
+            request["name"] = prefix + request["name"]
+        names = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
+        try:
+            await self._attach_all(requests)
+            await self._stack([self.options.fuse_dir / name for name in names], mountpoint)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for name in names:
+                    if name in {layer.name for layer in self.fs.layers()}:
+                        await self.detach({"name": name})
+            raise
+        self.image_mounts[str(mountpoint)] = names
+        return names
+
+    async def unmount_image(self, mountpoint: Path, lazy: bool) -> None:
+        names = self.image_mounts.get(str(mountpoint))
+        if names is None:
+            raise RequestError(f"{mountpoint} is not an image mount of this daemon", "not-found")
+        try:
+            await trio.to_thread.run_sync(unmount_path, mountpoint, lazy)
+        except MountError as e:
+            raise RequestError(str(e), "busy") from e
+        del self.image_mounts[str(mountpoint)]
+        if mountpoint in self.stacked:
+            self.stacked.remove(mountpoint)
+        for name in names:
+            await self.detach({"name": name})
+
+    async def _attach_all(self, requests: list[dict]) -> None:
         # Layers attach concurrently: each costs at least one round trip for its metadata.
         async with trio.open_nursery() as nursery:
             for request in requests:
                 nursery.start_soon(self.attach, request)
-        if stack:
-            target = Path(stack["mountpoint"])
-            lower = [self.options.fuse_dir / name for name in layers]
-            await trio.to_thread.run_sync(stack_mount, lower, target)
-            self.stacked.append(target)
+
+    async def _stack(self, lower: list[Path], target: Path) -> None:
+        await trio.to_thread.run_sync(stack_mount, lower, target)
+        self.stacked.append(target)
 
     async def _image_requests(self, image: dict) -> list[dict]:
         """Resolve the image here rather than in `lazyfs mount`: that process then needs
@@ -359,6 +395,25 @@ class Daemon:
             log.debug("invalidating the entry of %s: %s", name, e)
         return {}
 
+    async def _mount_image_request(self, request: dict) -> dict:
+        image = request.get("image")
+        if not isinstance(image, dict) or not isinstance(image.get("ref"), str):
+            raise RequestError("'image' must be an object with a string 'ref'")
+        mountpoint = Path(_require_str(request, "mountpoint"))
+        if not mountpoint.is_absolute():
+            raise RequestError("'mountpoint' must be an absolute path")
+        if str(mountpoint) in self.image_mounts:
+            raise RequestError(f"{mountpoint} is already an image mount of this daemon", "exists")
+        # Layer names are unique per mount point, so one daemon can mount an image twice.
+        prefix = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:8] + "-"
+        try:
+            names = await self.mount_image(image, mountpoint, prefix)
+        except StartupError as e:
+            raise RequestError(str(e), "bad-image") from e
+        except MountError as e:
+            raise RequestError(str(e), "mount-failed") from e
+        return {"layers": names, "paths": [str(self.options.fuse_dir / name) for name in names]}
+
     def list_layers(self) -> dict:
         return {"layers": [
             {"name": layer.name, "path": str(self.options.fuse_dir / layer.name),
@@ -391,6 +446,11 @@ class Daemon:
             return await self.attach(request)
         if op == "detach":
             return await self.detach(request)
+        if op == "mount-image":
+            return await self._mount_image_request(request)
+        if op == "unmount-image":
+            await self.unmount_image(Path(_require_str(request, "mountpoint")), bool(request.get("lazy")))
+            return {}
         if op == "list":
             return self.list_layers()
         if op == "stats":

@@ -37,6 +37,10 @@ from lazyfs.cache import DIGEST_SIZE, CacheError, ChunkCache
 log = logging.getLogger(__name__)
 
 COMPRESSIONS = ("zstd", "none")
+# Prefetch and background requests: at most this many stored bytes each, and per host at most
+# PREFETCH_WINDOW_BYTES of them in flight (see ChunkFetcher.__init__).
+PREFETCH_REQUEST_BYTES = 1 << 20
+PREFETCH_WINDOW_BYTES = 3 << 20
 # More chunk files than this per request are written from a worker thread (one file creation
 # costs tens of microseconds to a millisecond, see docs), whatever their size.
 _STORE_ON_LOOP_MAX = 4
@@ -172,6 +176,11 @@ class _Host:
     queue: SortedKeyList = field(default_factory=lambda: SortedKeyList(key=lambda p: (p.priority, p.seq)))
     active: int = 0
     active_background: int = 0  # requests led by a prefetch/background item
+    background_bytes: int = 0  # stored bytes those requests ask for
+
+
+def _group_bytes(group: list[_Pending]) -> int:
+    return max(p.ref.end for p in group) - group[0].ref.offset
 
 
 class FetchStats:
@@ -269,6 +278,8 @@ class ChunkFetcher:
         max_coalesce: int = 8 << 20,
         max_gap: int = 64 << 10,
         per_host_concurrency: int = 8,
+        background_coalesce: int = PREFETCH_REQUEST_BYTES,
+        background_window: int = PREFETCH_WINDOW_BYTES,
         retry: RetryPolicy = RetryPolicy(),
         stats: FetchStats | None = None,
         on_fetch: FetchObserver | None = None,
@@ -280,6 +291,13 @@ class ChunkFetcher:
             raise ValueError("per_host_concurrency must be at least 1")
         self.cache = cache
         self.max_coalesce = max_coalesce
+        # A chunk reaches its waiters only once its whole request has arrived, and concurrent
+        # requests share the link. Prefetch requests are therefore kept small (at most
+        # background_coalesce) and few bytes of them in flight per host (background_window,
+        # still several times a 100 Mbit/s x 20 ms bandwidth-delay product): the chunks a start
+        # needs first arrive first, instead of after several megabytes fetched side by side.
+        self.background_coalesce = min(background_coalesce, max_coalesce)
+        self.background_window = background_window
         self.max_gap = max_gap
         self.per_host_concurrency = per_host_concurrency
         # One slot per host is kept for on-demand reads, so prefetch can never occupy them all.
@@ -480,17 +498,23 @@ class ChunkFetcher:
             while host.queue and host.active < self.per_host_concurrency:
                 leader = host.queue[0]
                 background = leader.priority is not Priority.ON_DEMAND
-                if background and host.active_background >= self.background_slots:
-                    break
-                group = self._take_group(leader)
+                limit = self.max_coalesce
+                if background:
+                    budget = self.background_window - host.background_bytes
+                    if host.active_background >= self.background_slots or (budget <= 0 and host.active_background):
+                        break
+                    limit = min(self.background_coalesce, budget)
+                group = self._take_group(leader, limit)
                 host.active += 1
                 if background:
                     host.active_background += 1
+                    host.background_bytes += _group_bytes(group)
                 self.stats.inflight += 1
                 nursery.start_soon(self._fetch_group, host, group, background)
 
-    def _take_group(self, leader: _Pending) -> list[_Pending]:
-        """The leader plus queued neighbours (same source and priority) for one range request."""
+    def _take_group(self, leader: _Pending, limit: int) -> list[_Pending]:
+        """The leader plus queued neighbours (same source and priority) for one range request
+        of at most ``limit`` stored bytes (the leader alone may exceed it)."""
         by_offset = self._queued_by_source[leader.source.name]
         index = by_offset.index(leader)
         start, end = leader.ref.offset, leader.ref.end
@@ -500,7 +524,7 @@ class ChunkFetcher:
             if ref.offset < end:  # overlapping stored ranges are not merged
                 continue
             if (ref.offset - end > self.max_gap or pending.priority != leader.priority
-                    or ref.end - start > self.max_coalesce):
+                    or ref.end - start > limit):
                 break
             after.append(pending)
             end = ref.end
@@ -510,7 +534,7 @@ class ChunkFetcher:
             if ref.end > start:
                 continue
             if (start - ref.end > self.max_gap or pending.priority != leader.priority
-                    or end - ref.offset > self.max_coalesce):
+                    or end - ref.offset > limit):
                 break
             before.append(pending)
             start = ref.offset
@@ -613,6 +637,7 @@ class ChunkFetcher:
             host.active -= 1
             if background:
                 host.active_background -= 1
+                host.background_bytes -= _group_bytes(group)
             self.stats.inflight -= 1
             nursery = self._nursery
             for delay, pendings in retry_after.items():

@@ -221,7 +221,9 @@ class LazyOperations(pyfuse3.Operations):
         if self._on_use is not None:
             self._on_use("open", inode)
         # The file handle is the inode: reads need nothing else. keep_cache keeps pages
-        # across opens, which is correct because the content never changes.
+        # across opens, which is correct because the content never changes. (Answering
+        # ENOSYS, which would spare the kernel OPEN and RELEASE, is not possible: the kernel
+        # then opens with file handle 0, and pyfuse3 passes reads only the file handle.)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @boundary
@@ -237,7 +239,8 @@ class LazyOperations(pyfuse3.Operations):
 
     @boundary
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing is ever written: ENOSYS stops the kernel sending FLUSH on every close(2).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     # -------------------------------------------------------------- writes: EROFS
 

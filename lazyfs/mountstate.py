@@ -7,7 +7,12 @@ Each mount point gets a private directory ``<run dir>/<16 hex of sha256(mount po
     daemon.pid     the daemon's process id
     daemon.log     the daemon's stderr
     startup.json   the startup spec handed to the daemon
-    mount.json     what was mounted (mount point, image, layers), for `lazyfs umount` and humans
+    mount.json     what was mounted (mount point, image), for humans
+
+A mount made by a *shared* daemon (`lazyfs mount --daemon SOCKET`: one long-running daemon
+serving many mounts) has no fuse/ or startup.json of its own: control.sock is a symlink to
+that daemon's socket, daemon.pid holds its pid, and shared.json names its socket, so that
+`lazyfs umount` asks it to unmount the image instead of stopping it.
 
 A state directory whose daemon is gone is *stale*: the next mount or umount of the same mount
 point unmounts what is left (lazily, since the FUSE end is dead) and removes it.
@@ -67,6 +72,17 @@ class MountState:
     @property
     def info_file(self) -> Path:
         return self.root / "mount.json"
+
+    @property
+    def shared_file(self) -> Path:
+        return self.root / "shared.json"
+
+    def shared_socket(self) -> Path | None:
+        """The shared daemon's socket, for a mount made with `lazyfs mount --daemon`."""
+        try:
+            return Path(json.loads(self.shared_file.read_text())["socket"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
 
     def exists(self) -> bool:
         return self.root.exists()

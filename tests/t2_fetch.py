@@ -106,6 +106,36 @@ async def test_same_chunk_in_two_sources_is_fetched_once(cache, autojump_clock):
     assert len(first.requests) == 1 and second.requests == []
 
 
+async def test_prefetch_requests_are_small_and_few_bytes_are_in_flight(cache, autojump_clock):
+    """Prefetch chunks reach waiters only when their request completes: a long contiguous
+    prefetch goes out as requests of at most background_coalesce bytes, with at most
+    background_window bytes in flight, in queue order, so the first chunks come first."""
+    blob, refs, datas = build_blob([256 << 10] * 24, compress=False)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, background_coalesce=1 << 20, background_window=2 << 20) as fetcher:
+        fetcher.enqueue(source, refs, Priority.PREFETCH)
+        await fetcher.wait_idle()
+        on_demand = await fetcher.get(source, refs[:1])
+    assert on_demand == datas[:1]
+    assert all(length <= 1 << 20 for _, _, length in source.requests)
+    assert sum(length for _, _, length in source.requests) == len(blob)
+    by_start: dict[float, int] = {}
+    for started, _, length in source.requests:
+        by_start[started] = by_start.get(started, 0) + length
+    assert max(by_start.values()) <= 2 << 20  # each request takes REQUEST_TIME: one wave at a time
+    waves = [offset for _, offset, _ in sorted(source.requests)]  # by start time, then offset
+    assert waves == sorted(waves)  # earlier queue positions never wait for later ones
+    assert len(source.requests) == 6
+
+
+async def test_on_demand_reads_still_coalesce_to_max_coalesce(cache, autojump_clock):
+    blob, refs, datas = build_blob([256 << 10] * 24, compress=False)
+    source = MemorySource(blob)
+    async with ChunkFetcher(cache, background_coalesce=1 << 20) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    assert source.ranges() == [(0, len(blob))]
+
+
 async def test_adjacent_chunks_coalesce_up_to_the_bound(cache, autojump_clock):
     blob, refs, datas = build_blob([64 << 10] * 20, compress=False)
     source = MemorySource(blob)

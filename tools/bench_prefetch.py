@@ -16,11 +16,17 @@ page cache dropped) unless said otherwise:
     ideal           (d) + the stored bytes of the chunks the trace names / link rate
 
 Prints one table: median and all runs of each cell, ratios to the ideal and to (a).
+
+With --shared-daemon, each start mounts through a `lazyfs daemon` that was started (with the
+cell's cache) before the clock starts and before the page cache is dropped, as a daemon
+started at boot would be: the time is then `lazyfs mount --daemon` and the workload, without
+the daemon's own process start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import statistics
@@ -33,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lazyfs.bench.images import build_image  # noqa: E402
+from lazyfs.control import ControlError, request  # noqa: E402
 from lazyfs.bench.netshape import LinkShape, ShapedRegistry  # noqa: E402
 from lazyfs.bench.prepare import SourceImage, convert_cached, push  # noqa: E402
 from lazyfs.layer.reader import open_blob_file  # noqa: E402
@@ -55,21 +62,51 @@ def lazyfs(*args: str) -> None:
 
 
 def start_once(image: str, work: Path, cache: Path, ready: re.Pattern, workload: list[str],
-               mount_args: list[str], timeout: float) -> tuple[float, float]:
+               mount_args: list[str], timeout: float, shared_daemon: bool = False) -> tuple[float, float]:
     """Seconds from the start of `lazyfs mount` to the ready line, and of those the mount."""
     mnt, run = work / "mnt", work / "run"
     mnt.mkdir(exist_ok=True)
-    drop_page_cache()
-    began = time.monotonic()
-    lazyfs("mount", "--run-dir", str(run), "--cache-dir", str(cache), *mount_args, image, str(mnt))
-    mounted = time.monotonic() - began
+    with contextlib.ExitStack() as stack:
+        if shared_daemon:
+            socket = stack.enter_context(running_daemon(work, cache))
+            mount_args = ["--daemon", str(socket), *mount_args]
+        else:
+            mount_args = ["--cache-dir", str(cache), *mount_args]
+        drop_page_cache()
+        began = time.monotonic()
+        lazyfs("mount", "--run-dir", str(run), *mount_args, image, str(mnt))
+        mounted = time.monotonic() - began
+        try:
+            outcome = run_workload(mnt, workload, ready=ready, timeout=timeout)
+            if outcome.reason != "ready":
+                raise SystemExit(f"workload did not get ready ({outcome.reason}): {outcome.output[-5:]}")
+            return time.monotonic() - began, mounted
+        finally:
+            lazyfs("umount", "--lazy", "--run-dir", str(run), str(mnt))
+
+
+@contextlib.contextmanager
+def running_daemon(work: Path, cache: Path):
+    """A `lazyfs daemon` with this cache, ready before the clock starts; stopped afterwards."""
+    socket = work / "shared.sock"
+    with open(work / "shared-daemon.log", "ab") as log:
+        proc = subprocess.Popen([*LAZYFS, "daemon", "--socket", str(socket), "--fuse-dir", str(work / "shared-fuse"),
+                                 "--cache-dir", str(cache)], stdout=log, stderr=log)
     try:
-        outcome = run_workload(mnt, workload, ready=ready, timeout=timeout)
-        if outcome.reason != "ready":
-            raise SystemExit(f"workload did not get ready ({outcome.reason}): {outcome.output[-5:]}")
-        return time.monotonic() - began, mounted
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if request(str(socket), "ping", timeout=1.0)["ready"]:
+                    break
+            except ControlError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"lazyfs daemon did not start: {(work / 'shared-daemon.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield socket
     finally:
-        lazyfs("umount", "--lazy", "--run-dir", str(run), str(mnt))
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def needed_stored_bytes(oci_dir: Path, trace: Trace) -> int:
@@ -91,6 +128,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--rate-mbit", type=float, default=100)
     parser.add_argument("--rtt-ms", type=float, default=20)
+    parser.add_argument("--shared-daemon", action="store_true",
+                        help="mount through a `lazyfs daemon` started before the clock (see above)")
     args = parser.parse_args()
 
     built = build_image(args.image)
@@ -123,16 +162,18 @@ def main() -> int:
                      "(b) prefetch": (image, ["--trace", str(trace_file)]),
                      "(c) ordered": (ordered_ref, [])}
             warm_cache = work / "cache-warm"
-            start_once(image, work, warm_cache, ready, workload, ["--no-prefetch"], args.timeout)  # fills it
+            start_once(image, work, warm_cache, ready, workload, ["--no-prefetch"], args.timeout,
+                       args.shared_daemon)  # fills it
             for _ in range(args.runs):
                 for name, (ref, mount_args) in cells.items():
                     cache = work / "cache"
                     shutil.rmtree(cache, ignore_errors=True)
                     times.setdefault(name, []).append(
-                        start_once(ref, work, cache, ready, workload, mount_args, args.timeout))
+                        start_once(ref, work, cache, ready, workload, mount_args, args.timeout, args.shared_daemon))
                 # (d): the chunk cache of an earlier start stays; only the page cache is dropped.
                 times.setdefault("(d) warm", []).append(
-                    start_once(image, work, warm_cache, ready, workload, ["--no-prefetch"], args.timeout))
+                    start_once(image, work, warm_cache, ready, workload, ["--no-prefetch"], args.timeout,
+                               args.shared_daemon))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -144,7 +185,8 @@ def main() -> int:
     ideal = warm + needed / rate
     cold = statistics.median(totals["(a) lazy"])
     print(f"image {args.image}, workload {' '.join(workload)!r}, link {args.rate_mbit:g} Mbit/s + "
-          f"{args.rtt_ms:g} ms RTT, {args.runs} run(s) per cell")
+          f"{args.rtt_ms:g} ms RTT, {args.runs} run(s) per cell"
+          + (", mounts through a running `lazyfs daemon`" if args.shared_daemon else ""))
     print(f"trace: {stats.files_read} files read, {stats.chunks} chunks ({stats.bytes / 2**20:.1f} MiB "
           f"uncompressed, {needed / 2**20:.1f} MiB stored); ordered layout: {'yes' if ordered_layout() else 'no'}")
     print(f"{'cell':<14} {'median s':>9} {'x ideal':>8} {'(a)/cell':>9} {'mount s':>8} {'workload s':>11}  runs")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config, parse_size
+from lazyfs.control import ControlError, request
 from lazyfs.mountstate import DAEMON_MODULE, DEFAULT_RUN_DIR, MountState, daemon_running
 from lazyfs.mounts import is_mounted
 
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta", type=Path, help="metadata image of a plain chunk-based EROFS image")
     parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
+    parser.add_argument("--daemon", type=Path, default=None, metavar="SOCKET",
+                        help="mount through the running daemon at this control socket (`lazyfs daemon`) "
+                             "instead of starting one for this mount")
     parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit, e.g. 20G (default: config)")
     parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
@@ -68,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     except (_UsageError, ConfigError) as e:
         print(f"lazyfs mount: {e}", file=sys.stderr)
         return 2
+    if args.daemon is not None:
+        return _mount_shared(args, mountpoint, startup)
     cache_dir = args.cache_dir or config.cache_dir
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     state = MountState.for_mountpoint(mountpoint, args.run_dir)
@@ -88,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
         for attach in startup.get("attach", []):
             attach["background_fetch"] = True
             attach["background_rate"] = args.background_rate
-        if "image" in startup:
-            startup["image"].update(background_fetch=True, background_rate=args.background_rate)
     state.root.mkdir(parents=True, exist_ok=True)
     os.chmod(state.root, 0o700)
     state.startup_file.write_text(json.dumps(startup, indent=1))
@@ -127,6 +131,44 @@ class _UsageError(Exception):
     pass
 
 
+_NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
+                    "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
+                    "insecure_registry": "--insecure-registry"}
+
+
+def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:
+    """Mount the image through a running daemon: no process to start, no imports to pay."""
+    given = [flag for attr, flag in _NOT_WITH_DAEMON.items() if getattr(args, attr)]
+    if given:
+        print(f"lazyfs mount: {', '.join(given)} cannot be used with --daemon (they are the daemon's "
+              f"own settings)", file=sys.stderr)
+        return 2
+    socket = args.daemon.absolute()
+    state = MountState.for_mountpoint(mountpoint, args.run_dir)
+    if state.exists() and state.daemon_alive():
+        print(f"lazyfs mount: {state.mountpoint} is already mounted by daemon {state.pid()}", file=sys.stderr)
+        return 1
+    state.clean_stale()
+    if not state.mountpoint.is_dir():
+        print(f"lazyfs mount: {state.mountpoint} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        pid = request(str(socket), "ping", timeout=5.0)["pid"]
+        request(str(socket), "mount-image", timeout=READY_TIMEOUT, image=startup["image"],
+                mountpoint=str(state.mountpoint))
+    except ControlError as e:
+        print(f"lazyfs mount: {e}", file=sys.stderr)
+        return 2 if e.kind in ("bad-image", "bad-request") else 1
+    state.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(state.root, 0o700)
+    state.shared_file.write_text(json.dumps({"socket": str(socket)}))
+    state.socket.symlink_to(socket)
+    state.pid_file.write_text(f"{pid}\n")
+    state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
+                                          indent=1))
+    return 0
+
+
 def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
     if args.meta is not None or args.blob is not None:
         if args.meta is None or args.blob is None:
@@ -142,7 +184,8 @@ def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
     # The daemon resolves the image (lazyfs.imagespec): this process stays free of trio and
     # httpx, whose import is most of a cold mount's start-up time.
     image = {"ref": args.target[0], "layer": args.layer, "platform": args.platform,
-             "trace": os.path.abspath(args.trace) if args.trace else None, "prefetch": not args.no_prefetch}
+             "trace": os.path.abspath(args.trace) if args.trace else None, "prefetch": not args.no_prefetch,
+             "background_fetch": args.background_fetch, "background_rate": args.background_rate}
     return args.target[1], {"source": {"image": args.target[0], "layer": args.layer},
                             "image": image, "stack": {}}
 

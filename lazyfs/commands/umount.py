@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if not state.daemon_alive():
         state.clean_stale()
         return 0
+    shared = state.shared_socket()
+    if shared is not None:
+        return _unmount_shared(state, shared, args.lazy)
     try:
         unmount_path(state.mountpoint, lazy_if_busy=args.lazy)
     except MountError as e:
@@ -48,6 +51,19 @@ def run(args: argparse.Namespace) -> int:
         wait_for_exit(pid, 5.0)
     if is_mounted(state.fuse_dir):
         unmount_fuse(state.fuse_dir)
+    state.clean_stale()
+    return 0
+
+
+def _unmount_shared(state: MountState, socket: Path, lazy: bool) -> int:
+    """A `lazyfs mount --daemon` mount: the shared daemon unmounts it and detaches its layers."""
+    try:
+        request(str(socket), "unmount-image", timeout=EXIT_TIMEOUT, mountpoint=str(state.mountpoint), lazy=lazy)
+    except ControlError as e:
+        if e.kind != "not-found":
+            print(f"lazyfs umount: {e}", file=sys.stderr)
+            return 1
+        unmount_path(state.mountpoint, lazy_if_busy=True)  # the daemon no longer knows it
     state.clean_stale()
     return 0
 

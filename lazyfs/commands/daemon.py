@@ -1,0 +1,54 @@
+"""`lazyfs daemon`: one long-running daemon that serves many mounts (`lazyfs mount --daemon`).
+
+A mount through a running daemon costs no process start-up: with the page cache dropped,
+starting a daemon for a single mount (Python and its imports) is most of a second, which a
+daemon started once, at boot, pays only once. The process is the ordinary daemon
+(`python -m lazyfs.daemon`), exec'd in place, so that it runs in the foreground under a service
+manager and `lazyfs umount` recognises it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lazyfs.config import ConfigError, load_config
+from lazyfs.mountstate import DAEMON_MODULE
+
+NAME = "daemon"
+HELP = "run a daemon that serves `lazyfs mount --daemon SOCKET` mounts (in the foreground)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, required=True, help="control socket to create")
+    parser.add_argument("--fuse-dir", type=Path, required=True,
+                        help="where the daemon's FUSE mount goes (one directory per attached layer)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
+    parser.add_argument("--cache-size", default=None, help="cache size limit, e.g. 20G (default: config)")
+    parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
+    parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                        help="reach this registry over plain HTTP (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"lazyfs daemon: {e}", file=sys.stderr)
+        return 2
+    cache_dir = args.cache_dir or config.cache_dir
+    cache_size = args.cache_size if args.cache_size is not None else config.cache_size
+    argv = [sys.executable, "-m", DAEMON_MODULE, "--socket", str(args.socket.absolute()),
+            "--fuse-dir", str(args.fuse_dir.absolute()), "--cache-dir", str(cache_dir)]
+    if cache_size is not None:
+        argv += ["--cache-size", str(cache_size)]
+    if args.metrics:
+        argv += ["--metrics", args.metrics]
+    for host in args.insecure_registry:
+        argv += ["--insecure-registry", host]
+    argv += ["-v"] * max(1, args.verbose)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
