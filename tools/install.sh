@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   fuse3 libfuse3-dev pkg-config gcc python3-dev
-  erofs-utils kmod util-linux iproute2 curl strace
+  erofs-utils kmod util-linux iproute2 curl zstd strace
   containerd runc docker-registry skopeo umoci
   golang-github-containerd-containerd-dev stargz-snapshotter busybox-static debootstrap
 )
