@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +125,22 @@ class MountState:
         if stale:
             log.info("cleaned up the stale lazyfs mount at %s", self.mountpoint)
         return stale
+
+
+def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
+                   metrics: str | None = None, insecure_registries: Sequence[str] = (),
+                   verbose: int = 1) -> list[str]:
+    """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
+    `lazyfs daemon` start it."""
+    cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(fuse_dir), "--socket", str(socket),
+           "--cache-dir", str(cache_dir)]
+    if cache_size is not None:
+        cmd += ["--cache-size", str(cache_size)]
+    if metrics:
+        cmd += ["--metrics", metrics]
+    for host in insecure_registries:
+        cmd += ["--insecure-registry", host]
+    return cmd + ["-v"] * max(1, verbose)
 
 
 def daemon_running(pid: int) -> bool:

@@ -19,7 +19,7 @@ from tests.fixtures.common import require_root, require_tool, run
 from tests.fixtures.images import (
     build_image, device, directory, file, hardlink, opaque, push_image, symlink, whiteout,
 )
-from tests.fixtures.lazyimage import convert_image
+from tests.fixtures.lazyimage import convert_image, push_to_registry
 from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli
 
 CHUNK = 65536
@@ -187,16 +187,7 @@ def test_mount_errors_are_reported_by_the_daemon_and_leave_nothing_behind(pushed
     """The daemon resolves the image; what it cannot mount comes back to `lazyfs mount` as a
     one-line error with exit status 2 (the arguments are at fault), and no mount remains."""
     repo, _ = pushed_image
-    plain = build_image([BASE])
-
-    async def push_plain() -> None:
-        store = open_store(f"{registry.host}/t/mount-plain-gzip:v1")
-        try:
-            await push_image(store, plain, tag="v1")
-        finally:
-            await store.aclose()
-
-    trio.run(push_plain)
+    push_to_registry(registry, "t/mount-plain-gzip", build_image([BASE]))
     mnt, run_dir, cache = tmp_path / "mnt", tmp_path / "run", tmp_path / "cache"
     mnt.mkdir()
     cases = [

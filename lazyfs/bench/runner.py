@@ -25,7 +25,7 @@ from .images import default_cache_dir
 from .measure import Workload
 from .modes import Mode, ModeUnavailable, PrepareContext, RunTarget, make_mode
 from .netshape import LinkShape, ShapedRegistry
-from .prepare import LAZY, ORIGINAL, SourceImage, convert_cached, push, registry_names, resolve_image
+from .prepare import LAZY, SourceImage, convert_cached, push, registry_names, resolve_image
 from .registrylog import log_position, traffic_since
 from .results import FAILED, FIELDS, OK, UNAVAILABLE, ResultsError, ResultStore
 from .sysinfo import environment

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config
-from lazyfs.mountstate import DAEMON_MODULE
+from lazyfs.mountstate import daemon_command
 
 NAME = "daemon"
 HELP = "run a daemon that serves `lazyfs mount --daemon SOCKET` mounts (in the foreground)"
@@ -41,14 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cache_dir = args.cache_dir or config.cache_dir
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
-    argv = [sys.executable, "-m", DAEMON_MODULE, "--socket", str(args.socket.absolute()),
-            "--fuse-dir", str(args.fuse_dir.absolute()), "--cache-dir", str(cache_dir)]
-    if cache_size is not None:
-        argv += ["--cache-size", str(cache_size)]
-    if args.metrics:
-        argv += ["--metrics", args.metrics]
-    for host in args.insecure_registry:
-        argv += ["--insecure-registry", host]
-    argv += ["-v"] * max(1, args.verbose)
+    argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
+                          cache_size=cache_size, metrics=args.metrics, insecure_registries=args.insecure_registry,
+                          verbose=args.verbose)
     os.execv(sys.executable, argv)
     return 0  # not reached

@@ -15,12 +15,11 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config, parse_size
 from lazyfs.control import ControlError, request
-from lazyfs.mountstate import DAEMON_MODULE, DEFAULT_RUN_DIR, MountState, daemon_running
+from lazyfs.mountstate import DEFAULT_RUN_DIR, MountState, daemon_command, daemon_running
 from lazyfs.mounts import is_mounted
 
 NAME = "mount"
@@ -100,15 +99,9 @@ def run(args: argparse.Namespace) -> int:
     state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
                                           indent=1))
     ready_read, ready_write = os.pipe()
-    cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(state.fuse_dir), "--socket", str(state.socket),
-           "--cache-dir", str(cache_dir), "--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
-    if cache_size is not None:
-        cmd += ["--cache-size", str(cache_size)]
-    if args.metrics:
-        cmd += ["--metrics", args.metrics]
-    for host in args.insecure_registry:
-        cmd += ["--insecure-registry", host]
-    cmd += ["-v"] * max(1, args.verbose)
+    cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
+                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose)
+    cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
