@@ -14,8 +14,10 @@ Two things keep large sequential reads fast. The kernel reads a FUSE file in pie
 smaller than a chunk (128 KiB), so the last few decoded chunks are kept in memory
 (:class:`RecentChunks`, shared by all devices of a daemon, bounded in bytes): the pieces of
 one chunk cost one cache read, not one each. And a read that continues where the previous
-one on the same device stopped queues the next chunks as prefetch (digest chunks only: they
-land in the chunk cache), so the fetcher can fetch ahead in coalesced requests.
+one on the same device stopped queues the next chunks as readahead (digest chunks only: they
+land in the chunk cache), so the fetcher can fetch ahead in coalesced requests. Readahead
+ranks below reads that wait and above trace prefetch, and unlike prefetch its requests are
+not kept small: a sequential reader wants long requests.
 
 The readahead window adapts like the kernel's page-cache readahead: a first read, or a read
 that jumps, fetches only what it asks for; each read that continues into the next cell while
@@ -167,7 +169,7 @@ class ChunkGridDevice:
         refs = [self.chunk_ref(n) for n in range(start, stop)]
         refs = [ref for ref in refs if ref.digest is not None]  # plain cells are not cached
         if refs:
-            self.fetcher.enqueue(self.source, refs, Priority.PREFETCH)
+            self.fetcher.enqueue(self.source, refs, Priority.READAHEAD)
 
 
 def plain_blob_device(fetcher: ChunkFetcher, source: BlobSource, blob_size: int,

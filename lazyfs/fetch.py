@@ -48,9 +48,10 @@ _ZSTD_UNKNOWN_SIZE = zstandard.CONTENTSIZE_UNKNOWN
 
 
 class Priority(IntEnum):
-    ON_DEMAND = 0
-    PREFETCH = 1
-    BACKGROUND = 2
+    ON_DEMAND = 0  # a read is waiting
+    READAHEAD = 1  # the next chunks of a file being read sequentially
+    PREFETCH = 2  # chunks a trace names
+    BACKGROUND = 3  # the rest of the image
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class _Host:
     queue: SortedKeyList = field(default_factory=lambda: SortedKeyList(key=lambda p: (p.priority, p.seq)))
     active: int = 0
     active_background: int = 0  # requests led by a prefetch/background item
-    background_bytes: int = 0  # stored bytes those requests ask for
+    background_bytes: int = 0  # stored bytes the prefetch/background requests among them ask for
 
 
 def _group_bytes(group: list[_Pending]) -> int:
@@ -498,19 +499,22 @@ class ChunkFetcher:
             while host.queue and host.active < self.per_host_concurrency:
                 leader = host.queue[0]
                 background = leader.priority is not Priority.ON_DEMAND
+                if background and host.active_background >= self.background_slots:
+                    break
                 limit = self.max_coalesce
-                if background:
+                if leader.priority >= Priority.PREFETCH:  # readahead wants long requests
                     budget = self.background_window - host.background_bytes
-                    if host.active_background >= self.background_slots or (budget <= 0 and host.active_background):
+                    if budget <= 0 and host.active_background:
                         break
                     limit = min(self.background_coalesce, budget)
                 group = self._take_group(leader, limit)
+                bounded = _group_bytes(group) if leader.priority >= Priority.PREFETCH else 0
                 host.active += 1
+                host.background_bytes += bounded
                 if background:
                     host.active_background += 1
-                    host.background_bytes += _group_bytes(group)
                 self.stats.inflight += 1
-                nursery.start_soon(self._fetch_group, host, group, background)
+                nursery.start_soon(self._fetch_group, host, group, background, bounded)
 
     def _take_group(self, leader: _Pending, limit: int) -> list[_Pending]:
         """The leader plus queued neighbours (same source and priority) for one range request
@@ -592,7 +596,7 @@ class ChunkFetcher:
 
     # ----------------------------------------------------------------- tasks
 
-    async def _fetch_group(self, host: _Host, group: list[_Pending], background: bool) -> None:
+    async def _fetch_group(self, host: _Host, group: list[_Pending], background: bool, bounded: int) -> None:
         source = group[0].source
         start = group[0].ref.offset
         end = max(p.ref.end for p in group)
@@ -635,9 +639,9 @@ class ChunkFetcher:
             for pending in delivered:
                 self._retire(pending)
             host.active -= 1
+            host.background_bytes -= bounded
             if background:
                 host.active_background -= 1
-                host.background_bytes -= _group_bytes(group)
             self.stats.inflight -= 1
             nursery = self._nursery
             for delay, pendings in retry_after.items():

@@ -36,7 +36,7 @@ async def test_reading_the_head_fetches_only_the_head(cache, autojump_clock):
         await fetcher.wait_idle()
     assert head == datas[0]
     assert _fetched_cells(source, refs) == {0}
-    assert fetcher.stats.queued[Priority.PREFETCH] == 0
+    assert fetcher.stats.queued[Priority.READAHEAD] == 0
 
 
 async def test_window_doubles_while_sequential_up_to_the_limit(cache, autojump_clock):
@@ -55,7 +55,7 @@ async def test_window_doubles_while_sequential_up_to_the_limit(cache, autojump_c
     assert max(windows) == WINDOW_CELLS and windows[-1] == WINDOW_CELLS
     assert _fetched_cells(source, refs) == set(range(CELLS))
     assert fetcher.stats.chunks_fetched == CELLS  # every cell fetched once, most as readahead
-    assert fetcher.stats.queued[Priority.PREFETCH] >= CELLS - 8
+    assert fetcher.stats.queued[Priority.READAHEAD] >= CELLS - 8
 
 
 async def test_a_jump_resets_the_window(cache, autojump_clock):
