@@ -109,6 +109,14 @@ def test_shared_mount_errors(images, shared_daemon, registry, tmp_path):
     assert missing.returncode == 2 and "cannot resolve" in missing.stderr, missing.stderr
     mixed = _mount(socket, images[0], mnt, run_dir, "--foreground", check=False)
     assert mixed.returncode == 2 and "--foreground cannot be used with --daemon" in mixed.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(busy)], check=True)
+    try:
+        taken = _mount(socket, images[0], busy, run_dir, check=False)
+        assert taken.returncode == 1 and "something else is mounted" in taken.stderr, taken.stderr
+    finally:
+        subprocess.run(["umount", str(busy)], check=True)
     gone = _mount(socket.with_name("nobody.sock"), images[0], mnt, run_dir, check=False)
     assert gone.returncode == 1 and "lazyfs mount:" in gone.stderr
     assert not os.path.ismount(mnt) and not (run_dir.exists() and list(run_dir.iterdir()))

@@ -142,6 +142,9 @@ def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> i
         print(f"lazyfs mount: {state.mountpoint} is already mounted by daemon {state.pid()}", file=sys.stderr)
         return 1
     state.clean_stale()
+    if is_mounted(state.mountpoint):
+        print(f"lazyfs mount: something else is mounted at {state.mountpoint}", file=sys.stderr)
+        return 1
     if not state.mountpoint.is_dir():
         print(f"lazyfs mount: {state.mountpoint} is not a directory", file=sys.stderr)
         return 1
