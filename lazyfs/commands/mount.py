@@ -76,15 +76,9 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or config.cache_dir
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     state = MountState.for_mountpoint(mountpoint, args.run_dir)
-    if state.exists() and state.daemon_alive():
-        print(f"lazyfs mount: {state.mountpoint} is already mounted by daemon {state.pid()}", file=sys.stderr)
-        return 1
-    state.clean_stale()
-    if is_mounted(state.mountpoint):
-        print(f"lazyfs mount: something else is mounted at {state.mountpoint}", file=sys.stderr)
-        return 1
-    if not state.mountpoint.is_dir():
-        print(f"lazyfs mount: {state.mountpoint} is not a directory", file=sys.stderr)
+    refusal = _mount_point_refusal(state)
+    if refusal is not None:
+        print(f"lazyfs mount: {refusal}", file=sys.stderr)
         return 1
     startup["stack"]["mountpoint"] = str(state.mountpoint)
     if args.record_trace is not None:
@@ -124,6 +118,19 @@ class _UsageError(Exception):
     pass
 
 
+def _mount_point_refusal(state: MountState) -> str | None:
+    """Why nothing may be mounted at the state's mount point (after cleaning up after a dead
+    daemon), or None."""
+    if state.exists() and state.daemon_alive():
+        return f"{state.mountpoint} is already mounted by daemon {state.pid()}"
+    state.clean_stale()
+    if is_mounted(state.mountpoint):
+        return f"something else is mounted at {state.mountpoint}"
+    if not state.mountpoint.is_dir():
+        return f"{state.mountpoint} is not a directory"
+    return None
+
+
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
                     "insecure_registry": "--insecure-registry"}
@@ -138,15 +145,9 @@ def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> i
         return 2
     socket = args.daemon.absolute()
     state = MountState.for_mountpoint(mountpoint, args.run_dir)
-    if state.exists() and state.daemon_alive():
-        print(f"lazyfs mount: {state.mountpoint} is already mounted by daemon {state.pid()}", file=sys.stderr)
-        return 1
-    state.clean_stale()
-    if is_mounted(state.mountpoint):
-        print(f"lazyfs mount: something else is mounted at {state.mountpoint}", file=sys.stderr)
-        return 1
-    if not state.mountpoint.is_dir():
-        print(f"lazyfs mount: {state.mountpoint} is not a directory", file=sys.stderr)
+    refusal = _mount_point_refusal(state)
+    if refusal is not None:
+        print(f"lazyfs mount: {refusal}", file=sys.stderr)
         return 1
     try:
         pid = request(str(socket), "ping", timeout=5.0)["pid"]
