@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import random
 import hashlib
 import io
 import os
@@ -429,6 +430,17 @@ def test_truncated_and_garbage_input():
         convert(src[:50000])
     with pytest.raises(LayerFormatError):
         convert(gzip.compress(b"not a tar at all" * 100))
+
+
+def test_damaged_gzip_input_is_a_layer_format_error():
+    """Every byte flip in a gzip layer fails the conversion with LayerFormatError: a bad CRC
+    or length, a truncated stream, and the inflater's own "invalid deflate block" error."""
+    src = make_tar([(dict(name="f"), random.Random(5).randbytes(60_000) * 2)])
+    packed = gzip.compress(src, 6)
+    for i in range(10, len(packed), max(1, len(packed) // 150)):
+        damaged = packed[:i] + bytes([packed[i] ^ 0x5A]) + packed[i + 1:]
+        with pytest.raises(LayerFormatError, match="cannot read the layer tar"):
+            convert(damaged)
 
 
 def test_empty_layer(tmp_path):
