@@ -17,6 +17,17 @@ FILE_SIZES = (0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 1024 * 1024 + 7)
 MTIME_NS = 1_600_000_000_123_456_789
 
 
+def make_socket(path: Path) -> None:
+    """Leave a unix socket inode at path (a tree entry of type socket)."""
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # AF_UNIX paths are limited to 108 bytes: bind a relative name
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(path.name)
+    finally:
+        os.chdir(cwd)
+
+
 def build_source_tree(root: Path, *, big_dir: int = 10_000, depth: int = 200) -> None:
     """A tree with every file type, owners, xattrs, hard links, odd sizes, a sparse file."""
     rng = random.Random(1)
@@ -40,13 +51,7 @@ def build_source_tree(root: Path, *, big_dir: int = 10_000, depth: int = 200) ->
     os.mknod(special / "blk", 0o660 | 0o060000, os.makedev(8, 17))
     os.mknod(special / "whiteout", 0o000 | 0o020000, os.makedev(0, 0))
     os.mkfifo(special / "fifo", 0o644)
-    cwd = os.getcwd()
-    os.chdir(special)  # AF_UNIX paths are limited to 108 bytes: bind a relative name
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.bind("sock")
-    finally:
-        os.chdir(cwd)
+    make_socket(special / "sock")
 
     links = root / "links"
     links.mkdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 from lazyfs.erofs import format as F
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
-from tests.erofs_images import fix_superblock_checksum, mkfs
+from tests.erofs_images import fix_superblock_checksum, make_socket, mkfs
 from tests.fixtures.common import require_root
 
 # Bounds that keep one exercise() cheap whatever the mutation did.
@@ -33,13 +32,7 @@ def small_tree(root: Path) -> None:
     os.symlink("y" * 600, root / "longsym")
     os.mknod(root / "chr", 0o600 | 0o020000, os.makedev(5, 1))
     os.mkfifo(root / "fifo")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.bind("sock")
-    finally:
-        os.chdir(cwd)
+    make_socket(root / "sock")
     many = root / "many"
     many.mkdir()
     for i in range(70):

@@ -13,13 +13,13 @@ import threading
 import pytest
 import trio
 
-from lazyfs.registry import OCILayoutStore, open_store
+from lazyfs.registry import open_store
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root, require_tool, run
 from tests.fixtures.images import (
-    build_image, device, directory, file, hardlink, opaque, push_image, symlink, whiteout,
+    build_image, device, directory, file, hardlink, opaque, symlink, whiteout,
 )
-from tests.fixtures.lazyimage import convert_image, push_to_registry
+from tests.fixtures.lazyimage import convert_image, push_to_registry, push_to_store
 from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli
 
 CHUNK = 65536
@@ -54,16 +54,8 @@ def pushed_image(registry, tmp_path_factory):
     original = build_image([BASE, MIDDLE, TOP])
     converted = convert_image(original, chunk_size=CHUNK)
     work = tmp_path_factory.mktemp("image")
-
-    async def push() -> None:
-        await push_image(OCILayoutStore(work / "layout", "v1"), original, tag="v1")
-        store = open_store(f"{registry.host}/t/mount-image:v1")
-        try:
-            await push_image(store, converted, tag="v1")
-        finally:
-            await store.aclose()
-
-    trio.run(push)
+    push_to_store(f"oci:{work / 'layout'}:v1", original)
+    push_to_registry(registry, "t/mount-image", converted)
     run(["umoci", "unpack", "--image", f"{work / 'layout'}:v1", str(work / "bundle")])
     return "t/mount-image:v1", work / "bundle" / "rootfs"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -12,7 +11,7 @@ from tests.faultproxy import FaultProxy
 from tests.fixtures.common import require_root
 from tests.fixtures.images import build_image, directory, file
 from tests.fixtures.lazyimage import convert_image, push_to_registry
-from tests.fixtures.lazymount import lazy_mount, lazyfs_cli
+from tests.fixtures.lazymount import lazy_mount, lazyfs_cli, wait_for_prefetch
 
 CHUNK = 65536
 rng = random.Random(5)
@@ -41,18 +40,6 @@ def _chunk_requests(proxy) -> int:
     return len([r for r in proxy.requests if "/blobs/" in r.path and r.range is not None])
 
 
-def _wait_for_prefetch(mount) -> dict:
-    deadline = time.monotonic() + 30
-    while True:
-        stats = mount.stats()
-        fetch = stats["fetch"]
-        queued, done = fetch["queued"]["prefetch"], fetch["done"]["prefetch"] + fetch["already_cached"]["prefetch"]
-        if queued and done + fetch["failed_chunks"] >= queued:
-            return stats
-        assert time.monotonic() < deadline, f"prefetch did not finish: {fetch}"
-        time.sleep(0.05)
-
-
 def test_trace_round_trip():
     trace = Trace({"sha256:" + "a" * 64: 65536},
                   [Access(0, "sha256:" + "a" * 64, 40, 0, 3, "/dir with space/f\tx"), Access(5, "plain:x", 2, 7, 7, "?")])
@@ -77,7 +64,7 @@ def test_record_then_prefetch_from_the_trace_file(registry, proxy, tmp_path):
 
     with lazy_mount(tmp_path / "mnt", "--trace", str(trace_file), image, run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache-b") as mount:
-        stats = _wait_for_prefetch(mount)
+        stats = wait_for_prefetch(mount, layers=2)
         assert sum(layer.get("prefetch_chunks", 0) for layer in stats["attached"]) == 5 + 4
         proxy.clear_requests()
         for rel in STARTUP:
@@ -95,7 +82,7 @@ def test_embedded_trace_is_prefetched_by_path(registry, proxy, tmp_path):
     repo = _push(registry, "t/mount-trace-embedded:v1", trace=recorded.encode())
     with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
-        stats = _wait_for_prefetch(mount)
+        stats = wait_for_prefetch(mount, layers=2)
         assert sum(layer.get("prefetch_chunks", 0) for layer in stats["attached"]) == 5 + 4
         proxy.clear_requests()
         for rel in STARTUP:

@@ -17,16 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import trio
 
 from lazyfs.bench.experiment import load_experiment
 from lazyfs.bench.modes import MODES
 from lazyfs.bench.report import build_report
 from lazyfs.bench.results import FIELDS
 from lazyfs.bench.runner import ExperimentRefused, Runner
-from lazyfs.registry import open_store
 from tests.fixtures.common import require_root, require_tool
-from tests.fixtures.images import build_image, directory, file, push_image, symlink
+from tests.fixtures.images import build_image, directory, file, symlink
+from tests.fixtures.lazyimage import push_to_store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BIG = 24 << 20
@@ -45,15 +44,7 @@ def make_image(oci_dir: Path) -> str:
     image = build_image([busybox_layer(),
                          [directory("data"), file("data/big.bin", os.urandom(BIG)),
                           file("data/ready.txt", b"ready\n")]])
-
-    async def push() -> None:
-        store = open_store(f"oci:{oci_dir}:v1")
-        try:
-            await push_image(store, image, tag="v1")
-        finally:
-            await store.aclose()
-
-    trio.run(push)
+    push_to_store(f"oci:{oci_dir}:v1", image)
     return f"oci:{oci_dir}:v1"
 
 

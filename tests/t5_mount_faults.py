@@ -14,14 +14,12 @@ import threading
 import time
 
 import pytest
-import trio
 
 from lazyfs.mounts import is_mounted
-from lazyfs.registry import open_store
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root
-from tests.fixtures.images import build_image, directory, file, push_image
-from tests.fixtures.lazyimage import convert_image
+from tests.fixtures.images import build_image, directory, file
+from tests.fixtures.lazyimage import convert_image, push_to_registry
 from tests.fixtures.lazymount import lazy_mount, lazyfs_cli
 
 CHUNK = 65536
@@ -44,16 +42,7 @@ BLOB_RANGES = r"/blobs/sha256:"
 @pytest.fixture(scope="module")
 def repo(registry):
     require_root()
-    image = convert_image(build_image(LAYERS), chunk_size=CHUNK)
-
-    async def push() -> None:
-        store = open_store(f"{registry.host}/t/mount-faults:v1")
-        try:
-            await push_image(store, image, tag="v1")
-        finally:
-            await store.aclose()
-
-    trio.run(push)
+    push_to_registry(registry, "t/mount-faults", convert_image(build_image(LAYERS), chunk_size=CHUNK))
     return "t/mount-faults:v1"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import time
 
 import pytest
 import trio
@@ -22,7 +21,7 @@ from lazyfs.fetch import PREFETCH_REQUEST_BYTES
 from tests.faultproxy import FaultProxy
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.images import build_image, directory, file, push_image, symlink
-from tests.fixtures.lazymount import lazy_mount, lazyfs_cli, tree_signature
+from tests.fixtures.lazymount import lazy_mount, lazyfs_cli, tree_signature, wait_for_prefetch
 from tests.t4_convert import busybox_bytes, manifest_of
 
 CHUNK = 65536
@@ -59,20 +58,6 @@ def _convert(src: str, dst: str, *extra: str) -> None:
     assert cli.main(["convert", "-q", "--chunk-size", str(CHUNK), *extra, src, dst]) == 0
 
 
-def _wait_for_prefetch(mount) -> dict:
-    """Until both layers are attached and every chunk they queued for prefetch is in."""
-    deadline = time.monotonic() + 30
-    while True:
-        stats = mount.stats()
-        fetch = stats["fetch"]
-        queued, done = fetch["queued"]["prefetch"], fetch["done"]["prefetch"] + fetch["already_cached"]["prefetch"]
-        wanted = sum(layer.get("prefetch_chunks", 0) for layer in stats["attached"])
-        if len(stats["attached"]) == 2 and queued == wanted > 0 and done + fetch["failed_chunks"] >= queued:
-            return fetch
-        assert time.monotonic() < deadline, f"prefetch did not finish: {fetch}"
-        time.sleep(0.05)
-
-
 def _chunk_requests(proxy, ref: str) -> int:
     """Ranged blob requests below each layer's sections (chunk data, not metadata/table/trace)."""
     data_end = {d.digest: int(d.annotations["containerd.io/snapshot/lazyfs.meta.offset"]) - 8
@@ -91,7 +76,7 @@ def _chunk_requests(proxy, ref: str) -> int:
 def _prefetch_requests(proxy, proxied: str, mountpoint, run_dir, cache_dir, *args: str) -> tuple[int, dict]:
     proxy.clear_requests()
     with lazy_mount(mountpoint, *args, proxied, run_dir=run_dir, cache_dir=cache_dir) as mount:
-        fetch = _wait_for_prefetch(mount)
+        fetch = wait_for_prefetch(mount, layers=2)["fetch"]
         requests = _chunk_requests(proxy, proxied)
         for rel in STARTUP:
             assert (mount.path / rel).read_bytes() == FILES[rel]

@@ -15,8 +15,6 @@ debian-python). A build holds an exclusive lock on the cache directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -25,11 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImageBuildError
+from .lifecycle import exclusive_lock
 from .ocilayout import LayerBlob, write_layer, write_oci_layout
 from .pyccheck import check_layers, verify_layers
 from .recipes import BUILTIN_RECIPES, Recipe, builtin_recipe, image_key, stage_keys
@@ -74,17 +72,6 @@ class BuiltImage:
     def layer_paths(self) -> list[Path]:
         return [self.oci_dir / "blobs" / "sha256" / layer.digest.split(":", 1)[1]
                 for layer in self.layers]
-
-
-@contextlib.contextmanager
-def _cache_lock(cache_dir: Path) -> Iterator[None]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -151,7 +138,7 @@ def build_image(recipe: Recipe | str, cache_dir: Path | None = None) -> BuiltIma
     image_dir = cache_dir / "images" / f"{recipe.name}-{image_key(recipe)[:16]}"
     if (image_dir / "image.json").exists():
         return _load_image(image_dir, cached=True)
-    with _cache_lock(cache_dir):
+    with exclusive_lock(cache_dir / ".lock"):
         if (image_dir / "image.json").exists():  # built by another process meanwhile
             return _load_image(image_dir, cached=True)
         started = time.monotonic()

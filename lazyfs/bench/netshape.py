@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import json
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import NetShapeError
+from .lifecycle import StartStop, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +191,6 @@ def cleanup_leftovers(*, include_live: bool = False) -> list[str]:
     return removed
 
 
-@contextlib.contextmanager
-def _allocation_lock() -> Iterator[None]:
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(STATE_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _free_subnet() -> tuple[str, str]:
     """A /30 from our link-local block that no interface and no instance uses."""
     used = set(_ip("-o", "-4", "addr", "show", check=False).split())
@@ -230,7 +219,7 @@ def _http_get_status(addr: str, path: str, timeout: float = 2.0) -> int:
         conn.close()
 
 
-class ShapedRegistry:
+class ShapedRegistry(StartStop):
     """docker-registry in a network namespace behind tbf + a delay proxy (a context manager).
 
     ``endpoint`` ("127.0.0.1:PORT") is the shaped path clients use; ``registry_addr`` is the
@@ -252,17 +241,6 @@ class ShapedRegistry:
         self._registry: subprocess.Popen | None = None
         self._proxy: subprocess.Popen | None = None
 
-    def __enter__(self) -> ShapedRegistry:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def start(self) -> None:
         for tool in ("ip", "tc", "docker-registry"):
             if shutil.which(tool) is None:
@@ -271,7 +249,7 @@ class ShapedRegistry:
         self._run_dir = Path(tempfile.mkdtemp(prefix="lazyfs-bench-registry-"))
         self.registry_log = self._registry_log or self._run_dir / "registry.log"
         ident = secrets.token_hex(3)
-        with _allocation_lock():
+        with exclusive_lock(STATE_DIR / ".lock"):
             host_addr, ns_addr = _free_subnet()
             self._state = _State(
                 namespace=NAMESPACE_PREFIX + ident, owner_pid=os.getpid(),

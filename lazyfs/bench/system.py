@@ -23,6 +23,7 @@ from pathlib import Path
 from lazyfs.control import ControlClient, ControlError
 
 from .errors import BenchError
+from .lifecycle import StartStop
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class PlainRegistry:
+class PlainRegistry(StartStop):
     """docker-registry on 127.0.0.1 with no shaping (the ``loopback`` profile, and pushes).
 
     Same interface as ShapedRegistry: ``endpoint`` and ``registry_log`` (access log lines).
@@ -144,17 +145,6 @@ class PlainRegistry:
         self.endpoint = ""
         self.registry_log = self.run_dir / "registry.log"
         self._process: subprocess.Popen | None = None
-
-    def __enter__(self) -> PlainRegistry:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
