@@ -1,7 +1,7 @@
 """The lazyfs daemon as the snapshotter sees it: a control socket, and a process to keep alive.
 
 :class:`DaemonLayerFS` implements :class:`snapshotter.layerfs.LayerFS` with requests on the
-daemon's control socket (lazyfs.control: unix socket, one JSON object per line each way).
+daemon's control socket (lazyfs.daemon.control: unix socket, one JSON object per line each way).
 :class:`DaemonSupervisor` starts the daemon (or adopts one that is already answering, e.g.
 after a snapshotter restart), watches it, and when it dies logs the loss, starts a new one and
 lets the snapshotter re-attach its lazy layers. Running containers whose overlay mounts used
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from lazyfs.control import ControlClient, ControlError
+from lazyfs.daemon.control import ControlClient, ControlError
 
 from .config import Config
 from .errors import LayerFSError

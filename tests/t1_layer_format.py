@@ -23,7 +23,7 @@ from lazyfs.layer.annotations import from_annotations, to_annotations
 from lazyfs.layer.builder import build_layer
 from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
 from lazyfs.layer.reader import Layer, locate, materialise_chunk_device, open_blob_file, read_chunk
-from lazyfs.trace import Access, Trace
+from lazyfs.trace.format import Access, Trace
 from tests.fixtures.common import require_tool
 
 CHUNK = 64 << 10  # small chunks keep multi-chunk files small
@@ -558,7 +558,7 @@ def test_builder_property(members):
 
     def chunk(n):
         ref = layer.chunk_ref(n)
-        from lazyfs.fetch import decode_chunk
+        from lazyfs.layer.chunks import decode_chunk
 
         return decode_chunk(ref, blob[ref.offset:ref.offset + ref.stored_length])
 

@@ -21,7 +21,7 @@ from lazyfs.layer.annotations import from_annotations
 from lazyfs.layer.builder import build_layer
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.reader import Layer, locate, open_blob_file, read_chunk
-from lazyfs.trace import Access, Trace
+from lazyfs.trace.format import Access, Trace
 from tests.fixtures.common import require_root, require_tool
 
 CHUNK = 16 << 10

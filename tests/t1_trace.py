@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfs.trace import Access, FileEvent, Trace, TraceError, TraceRecorder, merge
+from lazyfs.trace.format import Access, FileEvent, Trace, TraceError, TraceRecorder, merge
 
 LAYER = "sha256:" + "a" * 64
 paths = st.text(min_size=1, max_size=20).map(lambda s: "/" + s)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from lazyfs.background import MIN_BATCH, BackgroundFill
-from lazyfs.cache import ChunkCache
-from lazyfs.fetch import ChunkFetcher, Priority
+from lazyfs.fetch.background import MIN_BATCH, BackgroundFill
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.scheduler import ChunkFetcher, Priority
 from tests.t2_fetch import MemorySource, build_blob
 
 CHUNK = 64 << 10

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.cache import CacheError, ChunkCache, chunk_digest
+from lazyfs.fetch.cache import CacheError, ChunkCache, chunk_digest
 from tests.fixtures.tmpfs import tiny_tmpfs  # noqa: F401 (fixture)
 
 
@@ -167,7 +167,7 @@ def test_vanished_file_is_a_miss(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import os, sys
-    from lazyfs.cache import ChunkCache, chunk_digest
+    from lazyfs.fetch.cache import ChunkCache, chunk_digest
     cache = ChunkCache(sys.argv[1])
     print("ready", flush=True)
     for i in range(100000):

@@ -5,8 +5,8 @@ The blob source is the in-memory recording source of t2_fetch (requests on trio'
 
 import trio
 
-from lazyfs.devices import ChunkGridDevice, RecentChunks
-from lazyfs.fetch import ChunkFetcher, Priority
+from lazyfs.serve.devices import ChunkGridDevice, RecentChunks
+from lazyfs.fetch.scheduler import ChunkFetcher, Priority
 from tests.t2_fetch import MemorySource, build_blob, cache  # noqa: F401 (fixture)
 
 CELL = 4096

@@ -16,11 +16,10 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyfs.cache import ChunkCache
-from lazyfs.fetch import (
-    ChunkCorrupt, ChunkFetcher, ChunkRef, FetchError, Priority, RetryPolicy, decode_chunk,
-)
-from lazyfs.sources import SourceError
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.scheduler import ChunkFetcher, FetchError, Priority, RetryPolicy
+from lazyfs.layer.chunks import ChunkCorrupt, ChunkRef, decode_chunk
+from lazyfs.fetch.sources import SourceError
 from tests.fixtures.tmpfs import tiny_tmpfs  # noqa: F401 (fixture)
 
 REQUEST_TIME = 1.0  # seconds each in-memory request takes (on the mock clock, in most tests)

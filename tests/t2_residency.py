@@ -4,8 +4,8 @@ import os
 from pathlib import Path
 
 from lazyfs.erofs.reader import Image
-from lazyfs.layerfs import ROOT_INODE, LayerFS
-from lazyfs.residency import MetadataTrimmer, metadata_mapping
+from lazyfs.serve.layerfs import ROOT_INODE, LayerFS
+from lazyfs.serve.residency import MetadataTrimmer, metadata_mapping
 from tests.fixtures.erofs_trees import make_plain_image
 
 

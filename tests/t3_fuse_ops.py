@@ -9,13 +9,13 @@ import stat
 import pyfuse3
 import pytest
 
-from lazyfs.cache import ChunkCache
-from lazyfs.devices import plain_blob_device
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.serve.devices import plain_blob_device
 from lazyfs.erofs.reader import Image
-from lazyfs.fetch import ChunkFetcher, RetryPolicy
-from lazyfs.fuse import LazyOperations, boundary
-from lazyfs.layerfs import ROOT_INODE, DeviceReadError, LayerFS, NoSuchEntry, StaleInode
-from lazyfs.sources import FileBlobSource, SourceError
+from lazyfs.fetch.scheduler import ChunkFetcher, RetryPolicy
+from lazyfs.serve.fuse import LazyOperations, boundary
+from lazyfs.serve.layerfs import ROOT_INODE, DeviceReadError, LayerFS, NoSuchEntry, StaleInode
+from lazyfs.fetch.sources import FileBlobSource, SourceError
 from tests.fixtures.erofs_trees import make_plain_image
 
 

@@ -3,7 +3,7 @@
 import json
 import os
 
-from lazyfs.cache import ChunkCache, chunk_digest
+from lazyfs.fetch.cache import ChunkCache, chunk_digest
 from tests.fixtures.lazymount import lazyfs_cli
 
 

@@ -22,9 +22,9 @@ import pytest
 import trio
 
 from lazyfs import cli
-from lazyfs.convert import ConvertError, ConvertOptions, convert_image
-from lazyfs.fetch import decode_chunk
-from lazyfs.imageinfo import inspect_image
+from lazyfs.image.convert import ConvertError, ConvertOptions, convert_image
+from lazyfs.layer.chunks import decode_chunk
+from lazyfs.image.info import inspect_image
 from lazyfs.layer.annotations import is_lazyfs
 from lazyfs.layer.reader import Layer, materialise_chunk_device, open_blob_file
 from lazyfs.registry import Platform, RegistryError, open_store
@@ -489,7 +489,7 @@ async def test_hostile_layer_refused_and_inspect_plain_image(registry, registry_
 
 
 def test_convert_cli_embeds_a_trace(tmp_path, capsys):
-    from lazyfs.trace import Trace
+    from lazyfs.trace.format import Trace
 
     trace = b"lazyfs-trace\t1\nlayer\tsha256:" + b"0" * 64 + b"\t65536\naccess\t5\tsha256:" + b"0" * 64 + \
         b"\t40\t0\t0\tf\n"

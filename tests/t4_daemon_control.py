@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from lazyfs.control import ControlClient, ControlError, request
-from lazyfs.mounts import is_mounted
+from lazyfs.daemon.control import ControlClient, ControlError, request
+from lazyfs.serve.mounts import is_mounted
 from tests.fixtures.common import require_root
 from tests.fixtures.erofs_trees import make_plain_image
 from tests.fixtures.registry import free_port

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from lazyfs.control import ControlError, request
+from lazyfs.daemon.control import ControlError, request
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.images import build_image, directory, file, whiteout
 from tests.fixtures.lazyimage import convert_image, push_to_registry

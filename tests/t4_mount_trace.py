@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lazyfs.trace import Access, Trace
+from lazyfs.trace.format import Access, Trace
 from tests.faultproxy import FaultProxy
 from tests.fixtures.common import require_root
 from tests.fixtures.images import build_image, directory, file

@@ -13,10 +13,11 @@ import trio
 import xxhash
 import zstandard
 
-from lazyfs.cache import ChunkCache
-from lazyfs.fetch import ChunkFetcher, ChunkRef, FetchError, RetryPolicy
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.scheduler import ChunkFetcher, FetchError, RetryPolicy
+from lazyfs.layer.chunks import ChunkRef
 from lazyfs.registry import OCILayoutStore, RegistryClient, parse_reference
-from lazyfs.sources import FileBlobSource, HttpBlobSource, RegistryBlobSource, SourceError
+from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource, RegistryBlobSource, SourceError
 
 BLOB = os.urandom(300_000)
 

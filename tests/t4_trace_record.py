@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 
-from lazyfs.control import request
+from lazyfs.daemon.control import request
 from lazyfs.layer.reader import open_blob_file
-from lazyfs.mountstate import MountState
-from lazyfs.sandbox import run_workload
-from lazyfs.trace import Access, FileEvent, Trace
+from lazyfs.daemon.mountstate import MountState
+from lazyfs.trace.sandbox import run_workload
+from lazyfs.trace.format import Access, FileEvent, Trace
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.images import build_image, directory, file, symlink

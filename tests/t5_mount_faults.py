@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from lazyfs.mounts import is_mounted
+from lazyfs.serve.mounts import is_mounted
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root
 from tests.fixtures.images import build_image, directory, file

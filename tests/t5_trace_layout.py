@@ -16,8 +16,8 @@ import trio
 
 from lazyfs import cli
 from lazyfs.registry import open_store
-from lazyfs.trace import Trace
-from lazyfs.fetch import PREFETCH_REQUEST_BYTES
+from lazyfs.trace.format import Trace
+from lazyfs.fetch.scheduler import PREFETCH_REQUEST_BYTES
 from tests.faultproxy import FaultProxy
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.images import build_image, directory, file, push_image, symlink

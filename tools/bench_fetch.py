@@ -34,9 +34,10 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lazyfs.cache import ChunkCache, chunk_digest  # noqa: E402
-from lazyfs.fetch import ChunkFetcher, ChunkRef, decode_chunk  # noqa: E402
-from lazyfs.sources import HttpBlobSource  # noqa: E402
+from lazyfs.fetch.cache import ChunkCache, chunk_digest  # noqa: E402
+from lazyfs.fetch.scheduler import ChunkFetcher  # noqa: E402
+from lazyfs.fetch.sources import HttpBlobSource  # noqa: E402
+from lazyfs.layer.chunks import ChunkRef, decode_chunk  # noqa: E402
 
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
 REPEAT = 3

@@ -13,7 +13,7 @@ In one run, against a local docker-registry on loopback:
 3. `find -type f | xargs stat` over a layer of many small files on a fresh lazyfs mount vs a
    fresh kernel EROFS mount of the same layer;
 4. the daemon's RSS with that many-file layer mounted: straight after the walk, and after
-   a few idle seconds (the daemon unmaps idle metadata pages periodically, lazyfs.residency).
+   a few idle seconds (the daemon unmaps idle metadata pages periodically, lazyfs.serve.residency).
 
 Fairness: curl's time is the median of three downloads (one download of 0.4 s moves by a
 factor of three with the machine's load); the page-cache reads are the best of three for
@@ -46,7 +46,7 @@ from lazyfs.registry.manifest import OCI_CONFIG, OCI_LAYER_ZSTD, OCI_MANIFEST, s
 from tests.fixtures.registry import start_registry  # noqa: E402
 
 MiB = 1 << 20
-IDLE_S = 3.0  # longer than lazyfs.residency.TRIM_INTERVAL
+IDLE_S = 3.0  # longer than lazyfs.serve.residency.TRIM_INTERVAL
 
 
 class _PatternReader(io.RawIOBase):

@@ -4,7 +4,7 @@
 
 The image is built from its recipe (lazyfs.bench.images, cached) and converted (1 MiB chunks);
 the registry sits behind a shaped link (lazyfs.bench.netshape: 100 Mbit/s tbf + 20 ms RTT
-delay proxy). The workload runs chrooted in a private overlay of the mount (lazyfs.sandbox),
+delay proxy). The workload runs chrooted in a private overlay of the mount (lazyfs.trace.sandbox),
 as `lazyfs trace record` runs it. Cells, each started from a cold state (empty lazyfs cache,
 page cache dropped) unless said otherwise:
 
@@ -39,12 +39,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lazyfs.bench.images import build_image  # noqa: E402
-from lazyfs.control import ControlError, request  # noqa: E402
+from lazyfs.daemon.control import ControlError, request  # noqa: E402
 from lazyfs.bench.netshape import LinkShape, ShapedRegistry  # noqa: E402
 from lazyfs.bench.prepare import SourceImage, convert_cached, push  # noqa: E402
 from lazyfs.layer.reader import open_blob_file  # noqa: E402
-from lazyfs.sandbox import run_workload  # noqa: E402
-from lazyfs.trace import Trace  # noqa: E402
+from lazyfs.trace.sandbox import run_workload  # noqa: E402
+from lazyfs.trace.format import Trace  # noqa: E402
 
 CHUNK = 1 << 20
 LAZYFS = [sys.executable, "-m", "lazyfs.cli"]

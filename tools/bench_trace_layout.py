@@ -9,7 +9,7 @@ Python start importing --modules reads from them (the compiled .pyc of every imp
 module, or the source when there is none, and extension modules), writes that as a trace,
 converts the tar without and with the trace, and prints for each blob: conversion time, the
 traced files and their chunks, and the Range requests needed to fetch those chunks when all of
-them are queued at once, grouped the way lazyfs.fetch.ChunkFetcher groups queued chunks
+them are queued at once, grouped the way lazyfs.fetch.scheduler.ChunkFetcher groups queued chunks
 (neighbours by blob offset, gaps up to 64 KiB, at most 8 MiB per request), with the bytes
 those requests carry (gaps included) beside the bytes the chunks need.
 """
@@ -32,7 +32,7 @@ from bench_convert import default_dirs, make_tar  # noqa: E402
 
 from lazyfs.layer.builder import build_layer  # noqa: E402
 from lazyfs.layer.reader import open_blob_file  # noqa: E402
-from lazyfs.trace import Access, Trace  # noqa: E402
+from lazyfs.trace.format import Access, Trace  # noqa: E402
 
 MiB = 1 << 20
 MAX_GAP = 64 << 10  # ChunkFetcher's defaults

@@ -104,14 +104,14 @@ class WarmMode(Mode):
 
 def trace_embedding_missing(ordered: bool = False) -> str | None:
     """What trace prefetch under containerd lacks in this build, or None: trace recording
-    (lazyfs.trace, the daemon's trace-start/trace-stop), embedding a trace in a converted
+    (lazyfs.trace.format, the daemon's trace-start/trace-stop), embedding a trace in a converted
     image (``lazyfs convert --trace``, ConvertOptions.trace) and, for the trace-ordered
     layout or for keeping the order, ConvertOptions.trace_order (``--keep-order``). Under
     containerd a trace reaches the daemon only embedded in the layer: the snapshotter asks
     for prefetch of the embedded trace and has no way to pass a trace file."""
-    if importlib.util.find_spec("lazyfs.trace") is None:
-        return "trace recording (lazyfs.trace)"
-    from lazyfs.convert import ConvertOptions
+    if importlib.util.find_spec("lazyfs.trace.format") is None:
+        return "trace recording (lazyfs.trace.format)"
+    from lazyfs.image.convert import ConvertOptions
     fields = {f.name for f in dataclasses.fields(ConvertOptions)}
     if "trace" not in fields:
         return "`lazyfs convert --trace` (a trace embedded in the converted image)"

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lazyfs.control import ControlClient, ControlError
+from lazyfs.daemon.control import ControlClient, ControlError
 
 from .errors import BenchError
 from .lifecycle import StartStop

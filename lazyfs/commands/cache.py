@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lazyfs.cache import ChunkCache
+from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import ConfigError, load_config, parse_size
 
 NAME = "cache"

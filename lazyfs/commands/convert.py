@@ -11,11 +11,11 @@ import trio
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from lazyfs.convert import ConvertError, ConvertOptions, convert_image
+from lazyfs.image.convert import ConvertError, ConvertOptions, convert_image
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.format import DEFAULT_CHUNK_SIZE, DEFAULT_INLINE_THRESHOLD, check_chunk_size
 from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store, parse_any_reference
-from lazyfs.trace import Trace, TraceError
+from lazyfs.trace.format import Trace, TraceError
 
 NAME = "convert"
 HELP = "convert an image (registry reference or oci:DIR[:TAG]) to lazyfs layers and push it to DST"

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config
-from lazyfs.mountstate import daemon_command
+from lazyfs.daemon.mountstate import daemon_command
 
 NAME = "daemon"
 HELP = "run a daemon that serves `lazyfs mount --daemon SOCKET` mounts (in the foreground)"

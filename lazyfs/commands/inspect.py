@@ -10,7 +10,7 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from lazyfs.imageinfo import inspect_image
+from lazyfs.image.info import inspect_image
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
 

@@ -1,7 +1,7 @@
 """`lazyfs mount`: serve an image (or one layer, or a plain EROFS image) read-only at a directory.
 
-The daemon (lazyfs.daemon) runs in its own session with a FUSE mount in a private state
-directory (see lazyfs.mountstate); the layers are attached there and stacked at MOUNTPOINT
+The daemon (lazyfs.daemon.server) runs in its own session with a FUSE mount in a private state
+directory (see lazyfs.daemon.mountstate); the layers are attached there and stacked at MOUNTPOINT
 with a read-only overlay (a bind mount for a single layer). Unless --foreground is given,
 this command returns once the mount is ready, or fails with the daemon's error.
 """
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config, parse_size
-from lazyfs.control import ControlError, request
-from lazyfs.mountstate import DEFAULT_RUN_DIR, MountState, daemon_command, daemon_running
-from lazyfs.mounts import is_mounted
+from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState, daemon_command, daemon_running
+from lazyfs.serve.mounts import is_mounted
 
 NAME = "mount"
 HELP = "mount an image, a layer or a plain chunk-based EROFS image read-only"
@@ -178,7 +178,7 @@ def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
                                 "attach": [attach], "stack": {"layers": ["layer"]}}
     if len(args.target) != 2:
         raise _UsageError("usage: lazyfs mount IMAGE MOUNTPOINT (or --meta META --blob BLOB MOUNTPOINT)")
-    # The daemon resolves the image (lazyfs.imagespec): this process stays free of trio and
+    # The daemon resolves the image (lazyfs.daemon.imagespec): this process stays free of trio and
     # httpx, whose import is most of a cold mount's start-up time.
     image = {"ref": args.target[0], "layer": args.layer, "platform": args.platform,
              "trace": os.path.abspath(args.trace) if args.trace else None, "prefetch": not args.no_prefetch,

@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lazyfs.control import ControlError, request
-from lazyfs.mountstate import DEFAULT_RUN_DIR, MountState
+from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState
 
 NAME = "stats"
 HELP = "show fetch, cache and read statistics of a lazyfs mount"

@@ -1,10 +1,10 @@
-"""`lazyfs trace`: record, view and combine access traces (format: lazyfs.trace).
+"""`lazyfs trace`: record, view and combine access traces (format: lazyfs.trace.format).
 
     lazyfs trace start MOUNTPOINT              record on a running mount, from now on
     lazyfs trace stop -o FILE MOUNTPOINT       stop recording and write the trace
     lazyfs trace record IMAGE -o FILE [--ready-line REGEX] [--timeout S] -- CMD ...
                                                mount IMAGE, run CMD in a sandbox over it
-                                               (lazyfs.sandbox), write the trace of its start
+                                               (lazyfs.trace.sandbox), write the trace of its start
     lazyfs trace show [--raw] FILE             one row per record
     lazyfs trace stats FILE ...                files, chunks, bytes and time span
     lazyfs trace merge -o FILE TRACE ...       union of several runs, earliest first use first
@@ -24,9 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lazyfs.control import ControlError, request
-from lazyfs.mountstate import DEFAULT_RUN_DIR, MountState
-from lazyfs.trace import Trace, TraceError, merge
+from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState
+from lazyfs.trace.format import Trace, TraceError, merge
 
 NAME = "trace"
 HELP = "record, show, merge and summarise access traces"
@@ -120,7 +120,7 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from lazyfs.sandbox import run_workload
+    from lazyfs.trace.sandbox import run_workload
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lazyfs.control import ControlError, request
-from lazyfs.mounts import MountError, is_mounted, is_stale, unmount_fuse, unmount_path
-from lazyfs.mountstate import DEFAULT_RUN_DIR, MountState, wait_for_exit
+from lazyfs.daemon.control import ControlError, request
+from lazyfs.serve.mounts import MountError, is_mounted, is_stale, unmount_fuse, unmount_path
+from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState, wait_for_exit
 
 NAME = "umount"
 HELP = "unmount a lazyfs mount and stop its daemon"

@@ -58,7 +58,7 @@ from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
 from lazyfs.layer.frames import FrameWriter
 from lazyfs.layer.tarstream import STREAM_ERRORS, ReadAhead, Tap, open_tar_stream
 from lazyfs.layer.tree import OVERLAY_XATTR_PREFIX, Node, Tree
-from lazyfs.trace import Trace, TraceError
+from lazyfs.trace.format import Trace, TraceError
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ def build_layer(
 ) -> BuildResult:
     """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out.
 
-    trace, if given (lazyfs.trace format, checked by the caller), is embedded as the trace
+    trace, if given (lazyfs.trace.format format, checked by the caller), is embedded as the trace
     section and the tar is written in the trace-ordered layout, spooling the decompressed
     input to a temporary file in spool_dir (default: the system's temporary directory).
     Without a trace, or with order=False (the trace is only embedded), the output tar is the

@@ -4,7 +4,7 @@ Trust chain: the layer index (from the descriptor annotations, verified through 
 or from the footer of a bare blob, which is then trusted) gives the sha256 of the stored
 metadata; the metadata's chunk device tag carries the sha256 of the chunk table; the table
 carries each chunk's xxh3-128. Layer.load() checks the first two links; fetchers check the
-last (lazyfs.fetch.decode_chunk) before any byte is served.
+last (lazyfs.layer.chunks.decode_chunk) before any byte is served.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import BinaryIO, NamedTuple
 
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
-from lazyfs.fetch import ChunkCorrupt, ChunkRef, decode_chunk
+from lazyfs.layer.chunks import ChunkCorrupt, ChunkRef, decode_chunk
 from lazyfs.layer import format as fmt
 from lazyfs.layer.annotations import from_annotations
 from lazyfs.layer.errors import LayerFormatError

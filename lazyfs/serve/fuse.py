@@ -8,7 +8,7 @@ and turns anything unexpected into EIO with a logged traceback.
 The filesystem is immutable while a layer is attached, so the kernel may cache everything:
 entries and attributes for a long time, file pages across opens (``keep_cache``). The mount
 root changes when layers come and go; its attributes use a short timeout and detaching a
-layer invalidates its entry explicitly (see lazyfs.daemon).
+layer invalidates its entry explicitly (see lazyfs.daemon.server).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 
 import pyfuse3
 
-from lazyfs.cache import CacheError
+from lazyfs.fetch.cache import CacheError
 from lazyfs.erofs.errors import CorruptImage, ErofsError, UnsupportedImage
-from lazyfs.layerfs import ROOT_INODE, Attributes, DirEntry, LayerFS, LayerFSError, NoSuchEntry
+from lazyfs.serve.layerfs import ROOT_INODE, Attributes, DirEntry, LayerFS, LayerFSError, NoSuchEntry
 
 log = logging.getLogger(__name__)
 

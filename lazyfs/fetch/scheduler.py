@@ -28,15 +28,13 @@ from enum import Enum, IntEnum
 from typing import Protocol
 
 import trio
-import xxhash
-import zstandard
 from sortedcontainers import SortedKeyList
 
-from lazyfs.cache import DIGEST_SIZE, CacheError, ChunkCache
+from lazyfs.fetch.cache import CacheError, ChunkCache
+from lazyfs.layer.chunks import ChunkCorrupt, ChunkRef, decode_chunk
 
 log = logging.getLogger(__name__)
 
-COMPRESSIONS = ("zstd", "none")
 # Prefetch and background requests: at most this many stored bytes each, and per host at most
 # PREFETCH_WINDOW_BYTES of them in flight (see ChunkFetcher.__init__).
 PREFETCH_REQUEST_BYTES = 1 << 20
@@ -44,7 +42,6 @@ PREFETCH_WINDOW_BYTES = 3 << 20
 # More chunk files than this per request are written from a worker thread (one file creation
 # costs tens of microseconds to a millisecond, see docs), whatever their size.
 _STORE_ON_LOOP_MAX = 4
-_ZSTD_UNKNOWN_SIZE = zstandard.CONTENTSIZE_UNKNOWN
 
 
 class Priority(IntEnum):
@@ -52,31 +49,6 @@ class Priority(IntEnum):
     READAHEAD = 1  # the next chunks of a file being read sequentially
     PREFETCH = 2  # chunks a trace names
     BACKGROUND = 3  # the rest of the image
-
-
-@dataclass(frozen=True)
-class ChunkRef:
-    """One chunk of a blob: where its stored form is and what it must decode to."""
-
-    offset: int  # byte offset of the stored (compressed) form in the blob
-    stored_length: int  # bytes in the blob
-    length: int  # uncompressed length
-    digest: bytes | None  # xxh3-128 of the uncompressed bytes; None only for trusted plain blobs
-    compression: str  # "zstd" or "none"
-
-    def __post_init__(self):
-        if self.offset < 0 or self.stored_length < 0 or self.length < 0:
-            raise ValueError(f"negative offset or length in {self!r}")
-        if self.digest is not None and len(self.digest) != DIGEST_SIZE:
-            raise ValueError(f"chunk digest must be {DIGEST_SIZE} bytes: {self!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"unknown chunk compression {self.compression!r}")
-        if self.compression == "none" and self.stored_length != self.length:
-            raise ValueError(f"uncompressed chunk with stored_length != length: {self!r}")
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.stored_length
 
 
 class BlobSource(Protocol):
@@ -102,10 +74,6 @@ class FetchError(Exception):
         self.reason = reason
 
 
-class ChunkCorrupt(Exception):
-    """The bytes received for a chunk do not decode to its declared length and digest."""
-
-
 class ShortRead(Exception):
     """A source returned a different number of bytes than requested."""
 
@@ -123,29 +91,6 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         base = min(self.max_delay, self.initial_delay * self.factor ** (failures - 1))
         return base + (random.uniform(0, base * self.jitter) if self.jitter else 0.0)
-
-
-def decode_chunk(ref: ChunkRef, stored: bytes) -> bytes:
-    """Decompress (bounded by ``ref.length``) and verify one chunk. Pure; safe in a thread."""
-    if ref.compression == "zstd":
-        try:
-            declared = zstandard.get_frame_parameters(stored).content_size
-        except zstandard.ZstdError as e:
-            raise ChunkCorrupt(f"not a zstd frame: {e}") from e
-        if declared != _ZSTD_UNKNOWN_SIZE and declared != ref.length:
-            # decompress() trusts a declared size over max_output_size: reject before allocating.
-            raise ChunkCorrupt(f"zstd frame declares {declared} bytes, chunk has {ref.length}")
-        try:
-            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.length)
-        except zstandard.ZstdError as e:
-            raise ChunkCorrupt(f"zstd frame does not decode within {ref.length} bytes: {e}") from e
-    else:
-        data = bytes(stored)
-    if len(data) != ref.length:
-        raise ChunkCorrupt(f"decoded {len(data)} bytes, expected {ref.length}")
-    if ref.digest is not None and xxhash.xxh3_128_digest(data) != ref.digest:
-        raise ChunkCorrupt("xxh3-128 digest mismatch")
-    return data
 
 
 class _State(Enum):

@@ -32,8 +32,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
-from lazyfs.fetch import BlobSource, ChunkFetcher, ChunkRef, FetchError, Priority
-from lazyfs.layerfs import DeviceReadError
+from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchError, Priority
+from lazyfs.layer.chunks import ChunkRef
+from lazyfs.serve.layerfs import DeviceReadError
 
 # Plain blobs have no chunk table; this is the fetch granularity for them.
 PLAIN_CELL_SIZE = 1 << 20

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import trio
 
-from lazyfs.fetch import BlobSource, ChunkFetcher, ChunkRef, Priority
+from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, Priority
+from lazyfs.layer.chunks import ChunkRef
 
 log = logging.getLogger(__name__)
 

@@ -46,9 +46,10 @@ from pathlib import Path
 
 import xxhash
 
+from lazyfs.layer.chunks import DIGEST_SIZE  # cache keys are chunk digests
+
 log = logging.getLogger(__name__)
 
-DIGEST_SIZE = 16
 _HEX = frozenset("0123456789abcdef")
 _INDEX_MAGIC = b"LZCIDX1\n"
 _INDEX_HEADER = struct.Struct("<8sQ")

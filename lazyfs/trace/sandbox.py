@@ -1,6 +1,6 @@
 """Run a workload chrooted into a private, writable overlay of a directory, as a container would.
 
-``python -m lazyfs.sandbox --root DIR -- CMD ...`` (as root):
+``python -m lazyfs.trace.sandbox --root DIR -- CMD ...`` (as root):
 
 1. ``unshare(CLONE_NEWNS | CLONE_NEWPID)``, and every mount made private, so nothing below
    is seen outside and everything goes away with the namespace;
@@ -177,7 +177,7 @@ def _run_in_namespaces(root: Path, base: Path, command: Sequence[str], workdir: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lazyfs.sandbox", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lazyfs.trace.sandbox", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="the directory to overlay and chroot into")
     parser.add_argument("--workdir", default="/", help="working directory inside the root")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -215,7 +215,7 @@ def run_workload(root: Path, command: Sequence[str], *, ready: re.Pattern[str] |
     ``ready`` or ``timeout`` seconds pass; ``at_end(reason)`` runs before the workload is
     stopped. The sandbox and everything in it is gone when this returns. ``wrapper`` is put
     in front of the sandbox's command line (e.g. ``strace -f -o LOG``)."""
-    argv = [*wrapper, sys.executable, "-m", "lazyfs.sandbox", "--root", str(root)]
+    argv = [*wrapper, sys.executable, "-m", "lazyfs.trace.sandbox", "--root", str(root)]
     for item in env:
         argv += ["--env", item]
     started = time.monotonic()

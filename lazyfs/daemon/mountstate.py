@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs.control import ControlError, request
-from lazyfs.mounts import is_mounted, is_stale, unmount_fuse, unmount_path
+from lazyfs.daemon.control import ControlError, request
+from lazyfs.serve.mounts import is_mounted, is_stale, unmount_fuse, unmount_path
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ class ConvertOptions:
     platform: Platform | None = None  # convert only this platform of an index
     threads: int | None = None
     level: int = 3
-    # A trace (lazyfs.trace format) embedded in every converted layer, whose tar is then written
+    # A trace (lazyfs.trace.format format) embedded in every converted layer, whose tar is then written
     # in the trace-ordered layout (traced files first; a new diff_id). Its records name files by
     # path, so the daemon can follow them in a layer whose chunk numbers it never saw.
     trace: bytes | None = None

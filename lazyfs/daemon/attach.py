@@ -17,22 +17,22 @@ from pathlib import Path
 import httpx
 import trio
 
-from lazyfs.background import BackgroundFill
-from lazyfs.cache import CacheError, ChunkCache
-from lazyfs.devices import ChunkGridDevice, RecentChunks, plain_blob_device
+from lazyfs.fetch.background import BackgroundFill
+from lazyfs.fetch.cache import CacheError, ChunkCache
+from lazyfs.serve.devices import ChunkGridDevice, RecentChunks, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
-from lazyfs.fetch import ChunkFetcher, Priority
+from lazyfs.fetch.scheduler import ChunkFetcher, Priority
 from lazyfs.layer.annotations import from_annotations, is_lazyfs
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.format import FOOTER_FRAME_SIZE, Section
 from lazyfs.layer.reader import Layer, locate
-from lazyfs.layerfs import DeviceReader
+from lazyfs.serve.layerfs import DeviceReader
 from lazyfs.registry import (
     ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store, parse_any_reference,
 )
-from lazyfs.sources import FileBlobSource, HttpBlobSource
-from lazyfs.trace import Trace, TraceError
+from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
+from lazyfs.trace.format import Trace, TraceError
 
 log = logging.getLogger(__name__)
 

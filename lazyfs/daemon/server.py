@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -35,18 +34,19 @@ import httpcore
 import pyfuse3
 import trio
 
-from lazyfs import attach as attach_kinds
-from lazyfs.background import BackgroundFill
-from lazyfs.cache import ChunkCache
+from lazyfs.daemon import attach as attach_kinds
+from lazyfs.fetch.background import BackgroundFill
+from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import ConfigError, parse_size
-from lazyfs.control import MAX_LINE
-from lazyfs.fetch import BlobSource, ChunkFetcher, ChunkRef, FetchStats, Priority
-from lazyfs.fuse import LazyOperations
-from lazyfs.layerfs import LayerExists, LayerFS, NoSuchEntry
-from lazyfs.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
+from lazyfs.daemon.control import MAX_LINE
+from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
+from lazyfs.layer.chunks import ChunkRef
+from lazyfs.serve.fuse import LazyOperations
+from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
+from lazyfs.serve.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
 from lazyfs.registry import make_http_client
-from lazyfs.residency import MetadataTrimmer
-from lazyfs.trace import Trace, TraceRecorder
+from lazyfs.serve.residency import MetadataTrimmer
+from lazyfs.trace.format import Trace, TraceRecorder
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class Daemon:
     async def _image_requests(self, image: dict) -> list[dict]:
         """Resolve the image here rather than in `lazyfs mount`: that process then needs
         neither trio nor httpx, and the manifest comes over the daemon's own connections."""
-        from lazyfs.imagespec import ImageSpecError, image_attach_requests
+        from lazyfs.daemon.imagespec import ImageSpecError, image_attach_requests
 
         assert self.attach_context is not None
         try:
@@ -730,6 +730,3 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     return run_daemon(options_from_args(args))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from lazyfs.layerfs import AttachedLayer
+from lazyfs.serve.layerfs import AttachedLayer
 
 log = logging.getLogger(__name__)
 

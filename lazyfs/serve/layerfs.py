@@ -10,7 +10,7 @@ Inode numbers are derived, never stored: ``(slot << SLOT_SHIFT) | nid`` for a la
 in ``slot`` (slots count up and are never reused in one process, so an inode number the
 kernel still caches can never point at a different layer's file), and 1 for the mount root.
 
-Everything here is testable without a kernel: the FUSE adapter (lazyfs.fuse), the tests and
+Everything here is testable without a kernel: the FUSE adapter (lazyfs.serve.fuse), the tests and
 tools call the same methods.
 """
 

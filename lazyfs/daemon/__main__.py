@@ -1,0 +1,5 @@
+import sys
+
+from lazyfs.daemon.server import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Whole images: conversion of an OCI image to lazyfs layers, and what `lazyfs inspect` shows."""
