@@ -1,0 +1,315 @@
+"""lazyfs under Kubernetes' runtime interface: containerd's CRI plugin driven the way kubelet
+drives it, over CRI's gRPC API (``tests/cri``), with no kubelet and no network plugin.
+
+One containerd (CRI on, configured as docs/design.md tells users) and one lazyfs-snapshotter
+serve the whole module; the sandbox ("pause") image is built here from busybox-static and
+pulled from the test registry like any other. Pods use the host network, which needs no CNI.
+Each test pulls with ImageService.PullImage, runs a pod (RunPodSandbox, CreateContainer,
+StartContainer), reads the container's CRI log, then tears everything down as kubelet does
+(StopPodSandbox, RemovePodSandbox, RemoveImage) and checks that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+from lazyfs.bench.system import Snapshotter
+from lazyfs.registry import open_store
+from snapshotter.layerfs import layer_source
+from snapshotter.store import Kind, MetaStore
+from tests.cri.client import CriClient, api_pb2
+from tests.fixtures.common import require_root, require_tool
+from tests.fixtures.containerd import CriContainerd, pause_image
+from tests.fixtures.images import build_image, directory, file, push_image, symlink
+
+SNAPSHOTTER = "lazyfs"
+DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
+CALL_TIMEOUT = 120.0   # one CRI call (a pull, a sandbox start)
+EXIT_TIMEOUT = 60.0    # a container running one short command
+
+
+@dataclass
+class Node:
+    containerd: CriContainerd
+    snapshotter: Snapshotter
+    registry: object
+    log_root: Path
+
+    @property
+    def cri(self) -> CriClient:
+        assert self.containerd.cri is not None
+        return self.containerd.cri
+
+    def metadata(self) -> list:
+        store = MetaStore(self.snapshotter.root / "metadata.db")
+        try:
+            with store.transaction() as tx:
+                return tx.walk()
+        finally:
+            store.close()
+
+    def attached_layers(self) -> set[str]:
+        return {layer["name"] for layer in self.snapshotter.daemon_request("list")["layers"]}
+
+
+async def push(registry, repo: str, image) -> str:
+    ref = f"{registry.host}/{repo}:v1"
+    store = open_store(ref, insecure_registries=[registry.host])
+    try:
+        await push_image(store, image, tag="v1")
+    finally:
+        await store.aclose()
+    return ref
+
+
+@pytest.fixture(scope="module")
+def node(registry, tmp_path_factory):
+    """containerd with CRI + lazyfs-snapshotter (+ its daemon), once for the module."""
+    require_root()
+    require_tool("runc")
+    base = tmp_path_factory.mktemp("cri-node")
+    pause_ref = trio.run(push, registry, "cri/pause", pause_image())
+    containerd = CriContainerd(base / "containerd", sandbox_image=pause_ref, snapshotter=SNAPSHOTTER)
+    containerd.trust_http_registry(registry.host)
+    snapshotter = Snapshotter(base / "snapshotter", containerd.snapshotter_socket, base)
+    try:
+        containerd.start()
+        snapshotter.start(insecure_hosts=[registry.host])
+        containerd.wait_snapshotter(SNAPSHOTTER)
+        yield Node(containerd, snapshotter, registry, base / "pods")
+    finally:
+        try:
+            containerd.stop()
+        finally:
+            snapshotter.stop()
+
+
+def busybox_layer() -> list:
+    busybox = Path(require_tool("busybox")).read_bytes()
+    entries = [directory("bin"), file("bin/busybox", busybox, mode=0o755)]
+    entries += [symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat", "sleep")]
+    return entries + [directory("proc"), directory("sys"), directory("dev"), directory("etc")]
+
+
+def lazyfs_convert(src: str, dst: str) -> None:
+    exe = Path(sys.executable).parent / "lazyfs"
+    p = subprocess.run([str(exe), "convert", "-q", src, dst], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, f"lazyfs convert failed: {p.stderr or p.stdout}"
+
+
+async def layer_sizes(ref: str, host: str) -> dict[str, int]:
+    store = open_store(ref, insecure_registries=[host])
+    try:
+        manifest = await store.get_manifest()
+    finally:
+        await store.aclose()
+    return {layer["digest"]: layer["size"] for layer in json.loads(manifest.data)["layers"]}
+
+
+def blob_bytes(registry, since: int) -> dict[str, int]:
+    """Bytes the registry sent per blob digest since log position ``since``."""
+    sent: dict[str, int] = {}
+    for r in registry.requests(since):
+        path = r.path.split("?")[0]
+        if "/blobs/sha256:" in path and r.method == "GET":
+            digest = path.rsplit("/", 1)[1]
+            sent[digest] = sent.get(digest, 0) + r.bytes_written
+    return sent
+
+
+def pull(node: Node, ref: str) -> str:
+    """ImageService.PullImage, as kubelet sends it (with the pod's sandbox config)."""
+    return node.cri.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref)),
+                                     timeout=CALL_TIMEOUT).image_ref
+
+
+def sandbox_config(node: Node, name: str) -> api_pb2.PodSandboxConfig:
+    uid = uuid.uuid4().hex
+    log_dir = node.log_root / f"lazyfs-test_{name}_{uid}"
+    log_dir.mkdir(parents=True)
+    host_network = api_pb2.NamespaceOption(network=api_pb2.NODE)
+    return api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=name, uid=uid, namespace="lazyfs-test"),
+        log_directory=str(log_dir),
+        linux=api_pb2.LinuxPodSandboxConfig(
+            security_context=api_pb2.LinuxSandboxSecurityContext(namespace_options=host_network)))
+
+
+@dataclass
+class Pod:
+    sandbox_id: str
+    container_id: str
+    log_path: Path
+
+
+def run_pod(node: Node, name: str, image_ref: str, command: list[str]) -> Pod:
+    """RunPodSandbox (host network), CreateContainer, StartContainer; wait for it to exit 0."""
+    config = sandbox_config(node, name)
+    rt = node.cri.runtime
+    sandbox_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config),
+                                  timeout=CALL_TIMEOUT).pod_sandbox_id
+    status = rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id),
+                                 timeout=CALL_TIMEOUT).status
+    assert status.state == api_pb2.SANDBOX_READY
+    container = api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="workload"),
+        image=api_pb2.ImageSpec(image=image_ref),
+        command=command,
+        log_path="workload/0.log")
+    container_id = rt.CreateContainer(api_pb2.CreateContainerRequest(
+        pod_sandbox_id=sandbox_id, config=container, sandbox_config=config),
+        timeout=CALL_TIMEOUT).container_id
+    rt.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=CALL_TIMEOUT)
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while True:
+        st = rt.ContainerStatus(api_pb2.ContainerStatusRequest(container_id=container_id),
+                                timeout=CALL_TIMEOUT).status
+        if st.state == api_pb2.CONTAINER_EXITED:
+            break
+        assert time.monotonic() < deadline, f"container still {api_pb2.ContainerState.Name(st.state)}"
+        time.sleep(0.05)
+    assert (st.exit_code, st.reason) == (0, "Completed"), (st.exit_code, st.reason, st.message)
+    assert st.log_path == str(Path(config.log_directory) / "workload/0.log")
+    return Pod(sandbox_id, container_id, Path(st.log_path))
+
+
+def log_lines(path: Path, expected: int) -> list[tuple[str, str]]:
+    """(stream, text) of the first ``expected`` lines of a CRI log file: each line is
+    ``<RFC 3339 time> <stdout|stderr> <F|P> <text>``. containerd copies the container's output
+    into the file as it exits, so this waits (bounded) for the lines to arrive."""
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    out = []
+    for line in lines:
+        _time, stream, tag, text = line.split(" ", 3)
+        assert tag == "F", line  # full lines only: the outputs here are short
+        out.append((stream, text))
+    return out
+
+
+def remove_pod_and_images(node: Node, pod: Pod, refs: list[str]) -> None:
+    """What kubelet does when a pod is deleted and its images are garbage-collected."""
+    rt = node.cri.runtime
+    rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod.sandbox_id), timeout=CALL_TIMEOUT)
+    rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod.sandbox_id),
+                        timeout=CALL_TIMEOUT)
+    assert rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=CALL_TIMEOUT).items == []
+    assert rt.ListContainers(api_pb2.ListContainersRequest(), timeout=CALL_TIMEOUT).containers == []
+    for ref in refs:
+        node.cri.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=ref)),
+                                    timeout=CALL_TIMEOUT)
+    assert node.cri.images.ListImages(api_pb2.ListImagesRequest(), timeout=CALL_TIMEOUT).images == []
+
+
+def assert_nothing_left(node: Node) -> None:
+    """containerd's GC (run synchronously by the last RemoveImage) removed every snapshot
+    through the snapshotter, which detached every lazy layer from the daemon."""
+    assert node.containerd.snapshots(SNAPSHOTTER) == []
+    assert node.metadata() == []
+    assert sorted(p.name for p in (node.snapshotter.root / "snapshots").iterdir()) == []
+    assert node.attached_layers() == set()
+    with open("/proc/self/mountinfo") as f:
+        below = [line.split()[4] for line in f
+                 if line.split()[4].startswith(str(node.snapshotter.root / "snapshots"))]
+    assert below == []
+
+
+def test_docs_config_is_the_tested_config(node):
+    """The CRI settings docs/design.md gives users are the ones this containerd runs with."""
+    text = DESIGN.read_text()
+    section = text[text.index("### Configuration"):]
+    block = section[section.index("```toml") + len("```toml"):]
+    documented = tomllib.loads(block[:block.index("```")])
+    running = tomllib.loads(node.containerd.config())
+    cri = "io.containerd.grpc.v1.cri"
+    assert documented["plugins"][cri]["containerd"] == {
+        "snapshotter": SNAPSHOTTER, "disable_snapshot_annotations": False}
+    for key, value in documented["plugins"][cri]["containerd"].items():
+        assert running["plugins"][cri]["containerd"][key] == value
+    assert documented["proxy_plugins"][SNAPSHOTTER]["type"] == running["proxy_plugins"][SNAPSHOTTER]["type"]
+    assert cri not in running["disabled_plugins"]
+    # no CNI: the runtime is ready, the pod network is not (host-network pods need none)
+    conditions = node.cri.conditions()
+    assert conditions["RuntimeReady"].status
+    assert not conditions["NetworkReady"].status
+
+
+async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
+    """A converted image pulled through CRI is attached lazily (CRI's labels name it), the pod
+    runs and logs, only a fraction of the layer bytes is fetched, and removal leaves nothing."""
+    big = os.urandom(8 << 20)  # the workload never reads it
+    image = build_image([busybox_layer(),
+                         [file("hello.txt", b"hello through CRI\n"), file("big.bin", big)]])
+    src = await push(registry, registry_repo, image)
+    ref = f"{registry.host}/{registry_repo}-lazy:v1"
+    await trio.to_thread.run_sync(lazyfs_convert, src, ref)
+    sizes = await layer_sizes(ref, registry.host)
+    start = registry.mark()
+
+    image_id = pull(node, ref)
+    lazy = [s for s in node.metadata() if s.lazy_layer]
+    assert {layer_source(s.labels).layer_digest for s in lazy} == set(sizes), node.snapshotter.log_tail()
+    assert all(s.kind == Kind.COMMITTED for s in lazy)
+    # the labels came from the CRI plugin, not from ctr-remote
+    assert all(s.labels["containerd.io/snapshot/cri.image-ref"] == ref for s in lazy)
+    assert node.attached_layers() == {s.lazy_layer for s in lazy}
+
+    pod = run_pod(node, "lazy", ref, ["/bin/sh", "-c", "cat /hello.txt; echo done >&2"])
+    assert log_lines(pod.log_path, 2) == [("stdout", "hello through CRI"), ("stderr", "done")]
+
+    sent = blob_bytes(registry, start)
+    fetched = sum(sent.get(d, 0) for d in sizes)
+    print(f"CRI pull + run fetched {fetched} of {sum(sizes.values())} layer bytes")
+    assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
+
+    status = node.cri.images.ImageStatus(api_pb2.ImageStatusRequest(
+        image=api_pb2.ImageSpec(image=ref)), timeout=CALL_TIMEOUT).image
+    assert status.id == image_id and ref in status.repo_tags
+    remove_pod_and_images(node, pod, [ref, node.containerd.sandbox_image])
+    assert_nothing_left(node)
+
+
+async def test_gzip_image_falls_back_to_unpacking(node, registry, registry_repo):
+    """An ordinary gzip image through the same CRI path is unpacked into lazyfs snapshots
+    (no lazy layer, the whole layers downloaded) and runs; removal leaves nothing."""
+    image = build_image([busybox_layer(), [file("hello.txt", b"hello, unpacked\n")]])
+    ref = await push(registry, registry_repo, image)
+    sizes = await layer_sizes(ref, registry.host)
+    start = registry.mark()
+
+    pull(node, ref)
+    committed = [s for s in node.metadata() if s.kind == Kind.COMMITTED]
+    assert [s.lazy_layer for s in committed] == [None, None]
+    assert node.attached_layers() == set()
+    sent = blob_bytes(registry, start)
+    assert {d: sent.get(d, 0) for d in sizes} == sizes  # ordinary pull: every layer in full
+
+    pod = run_pod(node, "gzip", ref, ["/bin/cat", "/hello.txt"])
+    assert log_lines(pod.log_path, 1) == [("stdout", "hello, unpacked")]
+    remove_pod_and_images(node, pod, [ref, node.containerd.sandbox_image])
+    assert_nothing_left(node)
+
+
+def test_pull_of_a_missing_image_is_an_error(node, registry):
+    """kubelet's ErrImagePull: the CRI call fails with the registry's answer, nothing stays."""
+    with pytest.raises(grpc.RpcError) as err:
+        pull(node, f"{registry.host}/cri/absent:v1")
+    assert "not found" in err.value.details()
+    assert_nothing_left(node)
