@@ -4,8 +4,8 @@ drives it, over CRI's gRPC API (``tests/cri``), with no kubelet and no network p
 One containerd (CRI on, configured as docs/design.md tells users) and one lazyfs-snapshotter
 serve the whole module; the sandbox ("pause") image is built here from busybox-static and
 pulled from the test registry like any other. Pods use the host network, which needs no CNI.
-Each test pulls with ImageService.PullImage, runs a pod (RunPodSandbox, CreateContainer,
-StartContainer), reads the container's CRI log, then tears everything down as kubelet does
+Each test runs a pod in kubelet's order (RunPodSandbox, ImageService.PullImage with the
+sandbox config, CreateContainer, StartContainer), reads the container's CRI log, then tears everything down as kubelet does
 (StopPodSandbox, RemovePodSandbox, RemoveImage) and checks that nothing is left behind.
 """
 
@@ -130,10 +130,10 @@ def blob_bytes(registry, since: int) -> dict[str, int]:
     return sent
 
 
-def pull(node: Node, ref: str) -> str:
+def pull(node: Node, ref: str, sandbox: api_pb2.PodSandboxConfig | None = None) -> str:
     """ImageService.PullImage, as kubelet sends it (with the pod's sandbox config)."""
-    return node.cri.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref)),
-                                     timeout=CALL_TIMEOUT).image_ref
+    return node.cri.images.PullImage(api_pb2.PullImageRequest(
+        image=api_pb2.ImageSpec(image=ref), sandbox_config=sandbox), timeout=CALL_TIMEOUT).image_ref
 
 
 def sandbox_config(node: Node, name: str) -> api_pb2.PodSandboxConfig:
@@ -151,12 +151,11 @@ def sandbox_config(node: Node, name: str) -> api_pb2.PodSandboxConfig:
 @dataclass
 class Pod:
     sandbox_id: str
-    container_id: str
-    log_path: Path
+    config: api_pb2.PodSandboxConfig
 
 
-def run_pod(node: Node, name: str, image_ref: str, command: list[str]) -> Pod:
-    """RunPodSandbox (host network), CreateContainer, StartContainer; wait for it to exit 0."""
+def run_sandbox(node: Node, name: str) -> Pod:
+    """RunPodSandbox with the host network (the CRI plugin pulls the sandbox image itself)."""
     config = sandbox_config(node, name)
     rt = node.cri.runtime
     sandbox_id = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=config),
@@ -164,13 +163,19 @@ def run_pod(node: Node, name: str, image_ref: str, command: list[str]) -> Pod:
     status = rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id),
                                  timeout=CALL_TIMEOUT).status
     assert status.state == api_pb2.SANDBOX_READY
+    return Pod(sandbox_id, config)
+
+
+def run_container(node: Node, pod: Pod, image_ref: str, command: list[str]) -> Path:
+    """CreateContainer, StartContainer; wait (bounded) for it to exit 0; its CRI log file."""
+    rt = node.cri.runtime
     container = api_pb2.ContainerConfig(
         metadata=api_pb2.ContainerMetadata(name="workload"),
         image=api_pb2.ImageSpec(image=image_ref),
         command=command,
         log_path="workload/0.log")
     container_id = rt.CreateContainer(api_pb2.CreateContainerRequest(
-        pod_sandbox_id=sandbox_id, config=container, sandbox_config=config),
+        pod_sandbox_id=pod.sandbox_id, config=container, sandbox_config=pod.config),
         timeout=CALL_TIMEOUT).container_id
     rt.StartContainer(api_pb2.StartContainerRequest(container_id=container_id), timeout=CALL_TIMEOUT)
     deadline = time.monotonic() + EXIT_TIMEOUT
@@ -182,8 +187,8 @@ def run_pod(node: Node, name: str, image_ref: str, command: list[str]) -> Pod:
         assert time.monotonic() < deadline, f"container still {api_pb2.ContainerState.Name(st.state)}"
         time.sleep(0.05)
     assert (st.exit_code, st.reason) == (0, "Completed"), (st.exit_code, st.reason, st.message)
-    assert st.log_path == str(Path(config.log_directory) / "workload/0.log")
-    return Pod(sandbox_id, container_id, Path(st.log_path))
+    assert st.log_path == str(Path(pod.config.log_directory) / "workload/0.log")
+    return Path(st.log_path)
 
 
 def log_lines(path: Path, expected: int) -> list[tuple[str, str]]:
@@ -263,7 +268,9 @@ async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
     sizes = await layer_sizes(ref, registry.host)
     start = registry.mark()
 
-    image_id = pull(node, ref)
+    # kubelet's order: the sandbox first, then the pod's images, then its containers
+    pod = run_sandbox(node, "lazy")
+    image_id = pull(node, ref, pod.config)
     lazy = [s for s in node.metadata() if s.lazy_layer]
     assert {layer_source(s.labels).layer_digest for s in lazy} == set(sizes), node.snapshotter.log_tail()
     assert all(s.kind == Kind.COMMITTED for s in lazy)
@@ -271,8 +278,8 @@ async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
     assert all(s.labels["containerd.io/snapshot/cri.image-ref"] == ref for s in lazy)
     assert node.attached_layers() == {s.lazy_layer for s in lazy}
 
-    pod = run_pod(node, "lazy", ref, ["/bin/sh", "-c", "cat /hello.txt; echo done >&2"])
-    assert log_lines(pod.log_path, 2) == [("stdout", "hello through CRI"), ("stderr", "done")]
+    log = run_container(node, pod, ref, ["/bin/sh", "-c", "cat /hello.txt; echo done >&2"])
+    assert log_lines(log, 2) == [("stdout", "hello through CRI"), ("stderr", "done")]
 
     sent = blob_bytes(registry, start)
     fetched = sum(sent.get(d, 0) for d in sizes)
@@ -294,15 +301,17 @@ async def test_gzip_image_falls_back_to_unpacking(node, registry, registry_repo)
     sizes = await layer_sizes(ref, registry.host)
     start = registry.mark()
 
-    pull(node, ref)
+    pod = run_sandbox(node, "gzip")
+    pull(node, ref, pod.config)
     committed = [s for s in node.metadata() if s.kind == Kind.COMMITTED]
-    assert [s.lazy_layer for s in committed] == [None, None]
+    assert len(committed) == 3  # the sandbox image's layer and this image's two
+    assert [s.lazy_layer for s in committed] == [None, None, None]
     assert node.attached_layers() == set()
     sent = blob_bytes(registry, start)
     assert {d: sent.get(d, 0) for d in sizes} == sizes  # ordinary pull: every layer in full
 
-    pod = run_pod(node, "gzip", ref, ["/bin/cat", "/hello.txt"])
-    assert log_lines(pod.log_path, 1) == [("stdout", "hello, unpacked")]
+    log = run_container(node, pod, ref, ["/bin/cat", "/hello.txt"])
+    assert log_lines(log, 1) == [("stdout", "hello, unpacked")]
     remove_pod_and_images(node, pod, [ref, node.containerd.sandbox_image])
     assert_nothing_left(node)
 
@@ -312,4 +321,25 @@ def test_pull_of_a_missing_image_is_an_error(node, registry):
     with pytest.raises(grpc.RpcError) as err:
         pull(node, f"{registry.host}/cri/absent:v1")
     assert "not found" in err.value.details()
+    assert_nothing_left(node)
+
+
+def test_sandbox_image_runs_until_sigterm(node):
+    """The sandbox built here behaves like Kubernetes' pause: it keeps the pod up until it is
+    sent SIGTERM, then exits (CRI marks the pod not ready)."""
+    pod = run_sandbox(node, "pause")
+    rt = node.cri.runtime
+
+    def state() -> int:
+        return rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod.sandbox_id),
+                                   timeout=CALL_TIMEOUT).status.state
+
+    assert node.containerd.ctr("task", "ls").stdout.split()[-1] == "RUNNING"
+    assert state() == api_pb2.SANDBOX_READY
+    node.containerd.ctr("task", "kill", "-s", "SIGTERM", pod.sandbox_id)
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while state() != api_pb2.SANDBOX_NOTREADY:
+        assert time.monotonic() < deadline, "the sandbox ignored SIGTERM"
+        time.sleep(0.05)
+    remove_pod_and_images(node, pod, [node.containerd.sandbox_image])
     assert_nothing_left(node)
