@@ -96,6 +96,21 @@ def node(registry, tmp_path_factory):
             snapshotter.stop()
 
 
+@pytest.fixture(autouse=True)
+def clean_node(node):
+    """Whatever a failed test left (pods, images) is removed through CRI after it, so the
+    next test starts from an empty node."""
+    yield
+    rt, images = node.cri.runtime, node.cri.images
+    for sandbox in rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=CALL_TIMEOUT).items:
+        rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sandbox.id), timeout=CALL_TIMEOUT)
+        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id),
+                            timeout=CALL_TIMEOUT)
+    for image in images.ListImages(api_pb2.ListImagesRequest(), timeout=CALL_TIMEOUT).images:
+        images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image.id)),
+                           timeout=CALL_TIMEOUT)
+
+
 def busybox_layer() -> list:
     busybox = Path(require_tool("busybox")).read_bytes()
     entries = [directory("bin"), file("bin/busybox", busybox, mode=0o755)]

@@ -6,7 +6,11 @@ import time
 
 import grpc
 
-from tests.cri import api_pb2, api_pb2_grpc
+try:
+    from tests.cri import api_pb2, api_pb2_grpc
+except ImportError as e:  # generated code, not in git
+    raise ImportError("the CRI client is generated at install time: run tools/install.sh "
+                      "(or .venv/bin/python tests/cri/build.py)") from e
 
 __all__ = ["CriClient", "api_pb2"]
 
