@@ -11,10 +11,7 @@ sandbox config, CreateContainer, StartContainer), reads the container's CRI log,
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 import tomllib
 import uuid
@@ -32,7 +29,8 @@ from snapshotter.store import Kind, MetaStore
 from tests.cri.client import CriClient, api_pb2
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.containerd import CriContainerd, pause_image
-from tests.fixtures.images import build_image, directory, file, push_image, symlink
+from tests.fixtures.images import build_image, busybox_layer, file, push_image
+from tests.fixtures.lazyimage import convert_with_cli, layer_sizes
 
 SNAPSHOTTER = "lazyfs"
 DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
@@ -109,40 +107,6 @@ def clean_node(node):
     for image in images.ListImages(api_pb2.ListImagesRequest(), timeout=CALL_TIMEOUT).images:
         images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image.id)),
                            timeout=CALL_TIMEOUT)
-
-
-def busybox_layer() -> list:
-    busybox = Path(require_tool("busybox")).read_bytes()
-    entries = [directory("bin"), file("bin/busybox", busybox, mode=0o755)]
-    entries += [symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat", "sleep")]
-    return entries + [directory("proc"), directory("sys"), directory("dev"), directory("etc")]
-
-
-def lazyfs_convert(src: str, dst: str) -> None:
-    exe = Path(sys.executable).parent / "lazyfs"
-    p = subprocess.run([str(exe), "convert", "-q", src, dst], capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, f"lazyfs convert failed: {p.stderr or p.stdout}"
-
-
-async def layer_sizes(ref: str, host: str) -> dict[str, int]:
-    store = open_store(ref, insecure_registries=[host])
-    try:
-        manifest = await store.get_manifest()
-    finally:
-        await store.aclose()
-    return {layer["digest"]: layer["size"] for layer in json.loads(manifest.data)["layers"]}
-
-
-def blob_bytes(registry, since: int) -> dict[str, int]:
-    """Bytes the registry sent per blob digest since log position ``since``."""
-    sent: dict[str, int] = {}
-    for r in registry.requests(since):
-        path = r.path.split("?")[0]
-        if "/blobs/sha256:" in path and r.method == "GET":
-            digest = path.rsplit("/", 1)[1]
-            sent[digest] = sent.get(digest, 0) + r.bytes_written
-    return sent
 
 
 def pull(node: Node, ref: str, sandbox: api_pb2.PodSandboxConfig | None = None) -> str:
@@ -276,11 +240,11 @@ async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
     """A converted image pulled through CRI is attached lazily (CRI's labels name it), the pod
     runs and logs, only a fraction of the layer bytes is fetched, and removal leaves nothing."""
     big = os.urandom(8 << 20)  # the workload never reads it
-    image = build_image([busybox_layer(),
+    image = build_image([busybox_layer(("sh", "cat")),
                          [file("hello.txt", b"hello through CRI\n"), file("big.bin", big)]])
     src = await push(registry, registry_repo, image)
     ref = f"{registry.host}/{registry_repo}-lazy:v1"
-    await trio.to_thread.run_sync(lazyfs_convert, src, ref)
+    await trio.to_thread.run_sync(convert_with_cli, src, ref)
     sizes = await layer_sizes(ref, registry.host)
     start = registry.mark()
 
@@ -297,7 +261,7 @@ async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
     log = run_container(node, pod, ref, ["/bin/sh", "-c", "cat /hello.txt; echo done >&2"])
     assert log_lines(log, 2) == [("stdout", "hello through CRI"), ("stderr", "done")]
 
-    sent = blob_bytes(registry, start)
+    sent = registry.blob_bytes(start)
     fetched = sum(sent.get(d, 0) for d in sizes)
     print(f"CRI pull + run fetched {fetched} of {sum(sizes.values())} layer bytes")
     assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
@@ -312,7 +276,7 @@ async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
 async def test_gzip_image_falls_back_to_unpacking(node, registry, registry_repo):
     """An ordinary gzip image through the same CRI path is unpacked into lazyfs snapshots
     (no lazy layer, the whole layers downloaded) and runs; removal leaves nothing."""
-    image = build_image([busybox_layer(), [file("hello.txt", b"hello, unpacked\n")]])
+    image = build_image([busybox_layer(("sh", "cat")), [file("hello.txt", b"hello, unpacked\n")]])
     ref = await push(registry, registry_repo, image)
     sizes = await layer_sizes(ref, registry.host)
     start = registry.mark()
@@ -323,7 +287,7 @@ async def test_gzip_image_falls_back_to_unpacking(node, registry, registry_repo)
     assert len(committed) == 3  # the sandbox image's layer and this image's two
     assert [s.lazy_layer for s in committed] == [None, None, None]
     assert node.attached_layers() == set()
-    sent = blob_bytes(registry, start)
+    sent = registry.blob_bytes(start)
     assert {d: sent.get(d, 0) for d in sizes} == sizes  # ordinary pull: every layer in full
 
     log = run_container(node, pod, ref, ["/bin/cat", "/hello.txt"])
