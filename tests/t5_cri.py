@@ -11,6 +11,7 @@ sandbox config, CreateContainer, StartContainer), reads the container's CRI log,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import tomllib
@@ -145,14 +146,15 @@ def run_sandbox(node: Node, name: str) -> Pod:
     return Pod(sandbox_id, config)
 
 
-def run_container(node: Node, pod: Pod, image_ref: str, command: list[str]) -> Path:
+def run_container(node: Node, pod: Pod, image_ref: str, command: list[str],
+                  name: str = "workload") -> Path:
     """CreateContainer, StartContainer; wait (bounded) for it to exit 0; its CRI log file."""
     rt = node.cri.runtime
     container = api_pb2.ContainerConfig(
-        metadata=api_pb2.ContainerMetadata(name="workload"),
+        metadata=api_pb2.ContainerMetadata(name=name),
         image=api_pb2.ImageSpec(image=image_ref),
         command=command,
-        log_path="workload/0.log")
+        log_path=f"{name}/0.log")
     container_id = rt.CreateContainer(api_pb2.CreateContainerRequest(
         pod_sandbox_id=pod.sandbox_id, config=container, sandbox_config=pod.config),
         timeout=CALL_TIMEOUT).container_id
@@ -166,7 +168,7 @@ def run_container(node: Node, pod: Pod, image_ref: str, command: list[str]) -> P
         assert time.monotonic() < deadline, f"container still {api_pb2.ContainerState.Name(st.state)}"
         time.sleep(0.05)
     assert (st.exit_code, st.reason) == (0, "Completed"), (st.exit_code, st.reason, st.message)
-    assert st.log_path == str(Path(pod.config.log_directory) / "workload/0.log")
+    assert st.log_path == str(Path(pod.config.log_directory) / f"{name}/0.log")
     return Path(st.log_path)
 
 
@@ -238,9 +240,10 @@ def test_docs_config_is_the_tested_config(node):
 
 async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
     """A converted image pulled through CRI is attached lazily (CRI's labels name it), the pod
-    runs and logs, only a fraction of the layer bytes is fetched, and removal leaves nothing."""
-    big = os.urandom(8 << 20)  # the workload never reads it
-    image = build_image([busybox_layer(("sh", "cat")),
+    runs and logs, only a fraction of the layer bytes is fetched (a later read fetches what
+    it reads), and removal leaves nothing."""
+    big = os.urandom(8 << 20)  # the first container never reads it, the second one MiB
+    image = build_image([busybox_layer(("sh", "cat", "dd", "sha256sum")),
                          [file("hello.txt", b"hello through CRI\n"), file("big.bin", big)]])
     src = await push(registry, registry_repo, image)
     ref = f"{registry.host}/{registry_repo}-lazy:v1"
@@ -266,9 +269,19 @@ async def test_lazy_image_runs_through_cri(node, registry, registry_repo):
     print(f"CRI pull + run fetched {fetched} of {sum(sizes.values())} layer bytes")
     assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
 
+    # a second container of the pod (the image is present: kubelet asks ImageStatus and does
+    # not pull) reads one MiB of the file: right bytes, fetched on demand, not the whole file
     status = node.cri.images.ImageStatus(api_pb2.ImageStatusRequest(
         image=api_pb2.ImageSpec(image=ref)), timeout=CALL_TIMEOUT).image
     assert status.id == image_id and ref in status.repo_tags
+    log = run_container(node, pod, ref, ["/bin/sh", "-c",
+                        "dd if=/big.bin bs=1048576 skip=3 count=1 2>/dev/null | sha256sum"],
+                        name="reader")
+    assert log_lines(log, 1) == [("stdout", f"{hashlib.sha256(big[3 << 20:4 << 20]).hexdigest()}  -")]
+    sent = registry.blob_bytes(start)
+    more = sum(sent.get(d, 0) for d in sizes) - fetched
+    assert (1 << 20) <= more < (3 << 20), more
+
     remove_pod_and_images(node, pod, [ref, node.containerd.sandbox_image])
     assert_nothing_left(node)
 
