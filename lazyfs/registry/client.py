@@ -19,12 +19,15 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Iterable
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import httpx
 
 from .auth import Authenticator
+from .hosts import HostHealth, RegistryHost
 from .errors import (
     AuthenticationError, BlobNotFound, DigestMismatch, ManifestNotFound, RegistryError,
 )
@@ -89,6 +92,7 @@ class RegistryClient:
         monolithic_limit: int = DEFAULT_MONOLITHIC_LIMIT,
         upload_chunk_size: int = DEFAULT_UPLOAD_CHUNK_SIZE,
         owns_http: bool = False,
+        hosts: Sequence[RegistryHost] | None = None,
     ) -> None:
         self.reference = reference
         self.retry = retry or RetryPolicy()
@@ -98,8 +102,15 @@ class RegistryClient:
         if insecure is None:
             insecure = is_insecure_registry(reference.registry)
         scheme = "http" if insecure else "https"
-        self._origin = f"{scheme}://{reference.endpoint}"
-        self._base = f"{self._origin}/v2/{reference.repository}"
+        # Reads go to the hosts in order (mirrors first, lazyfs.registry.hosts); uploads and
+        # redirect targets are relative to the last one, the registry's server.
+        self.hosts = list(hosts) if hosts else [RegistryHost(f"{scheme}://{reference.endpoint}/v2")]
+        server = self.hosts[-1]
+        self._origin = f"{server.api_root.split('://', 1)[0]}://{server.netloc}"
+        self._base = f"{server.api_root}/{reference.repository}"
+        self._health = HostHealth()
+        self._unasked = UnaskedBytes()
+        self._tls_clients: dict[RegistryHost, httpx.AsyncClient] = {}
         self.monolithic_limit = monolithic_limit
         self.upload_chunk_size = upload_chunk_size
         self._blob_locations: dict[str, str] = {}
@@ -118,6 +129,10 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._unasked.close()
+        for client in self._tls_clients.values():
+            await client.aclose()
+        self._tls_clients.clear()
         if self._owns_http:
             await self._http.aclose()
 
@@ -137,8 +152,9 @@ class RegistryClient:
         by_digest = is_digest(target)
 
         async def attempt() -> Manifest:
-            response = await self._send("GET", f"{self._base}/manifests/{target}", stream=True,
-                                        headers={"Accept": MANIFEST_ACCEPT})
+            response = await self._send_via_hosts("pull" if by_digest else "resolve", "GET",
+                                                  f"/manifests/{target}", stream=True,
+                                                  headers={"Accept": MANIFEST_ACCEPT})
             try:
                 await self._check(response, (200,), f"GET manifest {target}", target, ManifestNotFound)
                 data = await _read_capped(response, MAX_MANIFEST_SIZE, f"manifest {target}")
@@ -199,7 +215,7 @@ class RegistryClient:
         validate_digest(digest)
 
         async def attempt() -> int | None:
-            response = await self._send("HEAD", f"{self._base}/blobs/{digest}")
+            response = await self._send_via_hosts("pull", "HEAD", f"/blobs/{digest}")
             hops = 0
             while response.status_code in _REDIRECT_STATUSES and hops < _MAX_REDIRECTS:
                 hops += 1
@@ -271,6 +287,11 @@ class RegistryClient:
         if length == 0:
             return b""
         last = offset + length - 1
+        kept = self._unasked.get(digest, offset, length)
+        if kept is not None:
+            if verify is None or verify(kept):
+                return kept
+            self._unasked.drop(digest)
 
         async def attempt() -> bytes:
             response = await self._open_blob(digest, {"Range": f"bytes={offset}-{last}"})
@@ -283,7 +304,11 @@ class RegistryClient:
                 if response.status_code == 206:
                     data = await _read_partial_content(response, offset, last)
                 else:
-                    data = await _slice_full_body(response, offset, length)
+                    # A 200 carries the whole blob (a pull-through cache that has not cached
+                    # it yet answers so): the bytes before ours came too; keep them.
+                    spool = self._unasked.spool()
+                    data = await _read_full_body_head(response, offset, length, spool)
+                    self._unasked.keep(digest, spool, offset, data)
             except httpx.TransportError as e:
                 raise TransientFailure(_describe_transport_error(e)) from None
             finally:
@@ -378,25 +403,73 @@ class RegistryClient:
     def _absolute(self, location: str) -> str:
         return str(httpx.URL(self._origin).join(location))
 
+    async def _send_via_hosts(
+        self, capability: str, method: str, path: str, *, headers: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """A read request to the first host (mirror or server) that has the capability and
+        answers it. A host that cannot be reached, fails, or lacks the object is passed over
+        for the next; the last host's answer (or failure) is the result."""
+        candidates = [host for host in self.hosts if capability in host.capabilities] or self.hosts[-1:]
+        now = time.monotonic()
+        usable = [host for host in candidates if self._health.usable(host, now)]
+        ordered = usable + [host for host in candidates if host not in usable]  # failed ones as a last resort
+        for position, host in enumerate(ordered):
+            last = position == len(ordered) - 1
+            try:
+                response = await self._send(method, host.url(self.reference.repository, path), headers=headers,
+                                            stream=stream, host=host)
+            except (TransientFailure, AuthenticationError) as failure:
+                if last:
+                    raise
+                self._health.failed(host, time.monotonic())
+                log.info("%s %s via %s failed (%s); trying the next host", method, path, host.netloc,
+                         getattr(failure, "reason", failure))
+                continue
+            status = response.status_code
+            if last or status < 400 or status == 416:
+                self._health.succeeded(host)
+                return response
+            await response.aclose()
+            if status >= 500 or status == 429:
+                self._health.failed(host, time.monotonic())
+            log.info("%s %s via %s answered HTTP %d; trying the next host", method, path, host.netloc, status)
+        raise AssertionError("unreachable: the last host's answer is returned")
+
+    def _http_for(self, host: RegistryHost | None) -> httpx.AsyncClient:
+        """The injected client, or for a host with its own TLS settings (skip_verify, ca,
+        client certificates) a client of its own."""
+        if host is None or not host.needs_own_tls:
+            return self._http
+        client = self._tls_clients.get(host)
+        if client is None:
+            client = httpx.AsyncClient(verify=host.ssl_context(), timeout=self._http.timeout,
+                                       follow_redirects=False)
+            self._tls_clients[host] = client
+        return client
+
     async def _send(
         self, method: str, url: str, *, push: bool = False, extra_scopes: Iterable[str] = (),
         headers: dict[str, str] | None = None, content: bytes | None = None, stream: bool = False,
+        host: RegistryHost | None = None,
     ) -> httpx.Response:
-        """One request to the registry with authentication (answering one 401 challenge)."""
-        registry = self.reference.registry
+        """One request to the registry (or a host standing in for it) with authentication
+        (answering one 401 challenge). A mirror's credentials are those of its own name."""
+        registry = host.netloc if host is not None and host.is_mirror else self.reference.registry
+        http = self._http_for(host)
         scopes = self._scopes(push, extra_scopes)
-        request_headers = dict(headers or {})
+        request_headers = {**dict(host.headers if host else ()), **(headers or {})}
         authorization = self._auth.authorization(registry, scopes)
         if authorization:
             request_headers["Authorization"] = authorization
-        response = await self._transmit(method, url, request_headers, content, stream)
+        response = await self._transmit(method, url, request_headers, content, stream, http)
         if response.status_code != 401:
             return response
         challenge = response.headers.get("www-authenticate")
         await response.aclose()
         request_headers["Authorization"] = await self._auth.respond(
-            self._http, registry, challenge, scopes, repository=self.reference.repository, rejected=authorization)
-        response = await self._transmit(method, url, request_headers, content, stream)
+            http, registry, challenge, scopes, repository=self.reference.repository, rejected=authorization)
+        response = await self._transmit(method, url, request_headers, content, stream, http)
         if response.status_code == 401:
             await response.aclose()
             raise AuthenticationError(f"{method} refused after authenticating", status=401,
@@ -405,10 +478,12 @@ class RegistryClient:
 
     async def _transmit(
         self, method: str, url: str, headers: dict[str, str], content: bytes | None, stream: bool,
+        http: httpx.AsyncClient | None = None,
     ) -> httpx.Response:
-        request = self._http.build_request(method, url, headers=headers, content=content)
+        http = http or self._http
+        request = http.build_request(method, url, headers=headers, content=content)
         try:
-            return await self._http.send(request, stream=stream, follow_redirects=False)
+            return await http.send(request, stream=stream, follow_redirects=False)
         except httpx.TransportError as e:
             raise TransientFailure(f"{method} {request.url.path}: {_describe_transport_error(e)}") from None
 
@@ -427,7 +502,7 @@ class RegistryClient:
                          response.status_code)
                 await response.aclose()
             self._blob_locations.pop(digest, None)
-        response = await self._send("GET", f"{self._base}/blobs/{digest}", headers=headers, stream=True)
+        response = await self._send_via_hosts("pull", "GET", f"/blobs/{digest}", headers=headers, stream=True)
         hops = 0
         while response.status_code in _REDIRECT_STATUSES:
             target = _redirect_target(response)
@@ -523,9 +598,11 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     return bytes(body)
 
 
-async def _slice_full_body(response: httpx.Response, offset: int, length: int) -> bytes:
-    """A 200 to a ranged request carries the whole blob: skip to `offset`, keep `length` bytes,
-    and stop reading there (the caller closes the connection) rather than buffer the blob."""
+async def _read_full_body_head(response: httpx.Response, offset: int, length: int, spool) -> bytes:
+    """A 200 to a ranged request carries the whole blob: the `length` bytes at `offset` (fewer
+    at the blob's end). The bytes before them go to `spool` (a file, or None to drop them), not
+    to memory; reading stops at the end of the range (the caller closes the connection) rather
+    than download the rest of the blob."""
     announced = response.headers.get("content-length")
     total = int(announced) if announced and announced.isdigit() else None
     if total is not None and offset >= total:
@@ -535,6 +612,8 @@ async def _slice_full_body(response: httpx.Response, offset: int, length: int) -
     buffer = bytearray()
     async for chunk in response.aiter_bytes():
         chunk_end = position + len(chunk)
+        if position < offset and spool is not None:
+            spool.write(chunk[:offset - position])  # page-cache writes of one body piece
         if chunk_end > offset:
             buffer += chunk[max(0, offset - position):]
         position = chunk_end
@@ -542,9 +621,50 @@ async def _slice_full_body(response: httpx.Response, offset: int, length: int) -
             break
     if len(buffer) < wanted:
         raise TransientFailure(f"short body: {len(buffer)} of {wanted} bytes at offset {offset}")
-    if total is None and len(buffer) < length:
-        raise TransientFailure("body of unknown length ended before the requested range")
     return bytes(buffer[:wanted])
+
+
+class UnaskedBytes:
+    """Blob bytes that came unasked with a whole-blob answer (a 200 to a Range request, as a
+    pull-through cache gives for a blob it has not cached yet): everything before the range
+    asked for, kept in unnamed temporary files so that later ranged reads within them need no
+    request. Bounded in bytes (oldest dropped first); callers verify what is served from here
+    as they verify what the registry sends."""
+
+    def __init__(self, limit: int = 1 << 30):
+        self.limit = limit
+        self._kept: dict[str, tuple[object, int]] = {}  # digest -> (file holding [0, end), end)
+
+    def spool(self):
+        return tempfile.TemporaryFile()
+
+    def keep(self, digest: str, spool, offset: int, data: bytes) -> None:
+        """Keep [0, offset) from `spool` and the range read, `data`, as the blob's head."""
+        spool.write(data)
+        spool.flush()
+        end = offset + len(data)
+        if end > self.limit or end <= self._kept.get(digest, (None, 0))[1]:
+            spool.close()
+            return
+        self.drop(digest)
+        while self._kept and sum(size for _, size in self._kept.values()) + end > self.limit:
+            self.drop(next(iter(self._kept)))
+        self._kept[digest] = (spool, end)
+
+    def drop(self, digest: str) -> None:
+        kept = self._kept.pop(digest, None)
+        if kept is not None:
+            kept[0].close()
+
+    def get(self, digest: str, offset: int, length: int) -> bytes | None:
+        kept = self._kept.get(digest)
+        if kept is None or offset + length > kept[1]:
+            return None
+        return os.pread(kept[0].fileno(), length, offset)
+
+    def close(self) -> None:
+        for digest in list(self._kept):
+            self.drop(digest)
 
 
 def _redirect_target(response: httpx.Response) -> str:
