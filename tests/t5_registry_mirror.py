@@ -1,0 +1,143 @@
+"""Registry mirrors from containerd's hosts.toml, proven with the distribution registry as a
+pull-through cache (`proxy.remoteurl`) in front of an origin registry: real registries, real
+`lazyfs mount`s (each a fresh node: its own daemon and cache).
+
+1. A node's lazy start fetches its ranges from the mirror, none from the origin.
+2. With the origin stopped, a second node (fresh cache) still starts from the mirror.
+3. With the mirror down, a node falls back to the origin.
+
+And the pull-through cache's answer to the first Range request for a blob it has not cached
+yet -- 200 with the whole blob -- is used, not refetched: later ranges within the bytes it
+brought need no request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from lazyfs.registry import open_store
+from tests.faultproxy import Fault
+from tests.fixtures.common import require_root
+from tests.fixtures.images import build_image, directory, file
+from tests.fixtures.lazyimage import convert_image, push_to_registry
+from tests.fixtures.lazymount import lazy_mount
+from tests.fixtures.registry import free_port, start_registry
+
+CHUNK = 65536
+rng = random.Random(15)
+FILES = {"app/big": rng.randbytes(600_000), "app/small": b"hello from the mirror\n",
+         "app/other": rng.randbytes(150_000)}
+LAZYFS_AGENT = "python-httpx"
+
+
+def _image():
+    return convert_image(build_image([[directory("app"), *(file(p, d) for p, d in FILES.items())]]),
+                         chunk_size=CHUNK)
+
+
+def _hosts_dir(tmp_path: Path, origin: str, mirror: str) -> Path:
+    certs = tmp_path / "certs.d"
+    (certs / origin).mkdir(parents=True)
+    (certs / origin / "hosts.toml").write_text(
+        f'server = "http://{origin}"\n\n[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n')
+    return certs
+
+
+def _start(tmp_path: Path, name: str, ref: str, certs: Path) -> None:
+    """A fresh node's start: mount, read every file, compare, unmount."""
+    with lazy_mount(tmp_path / name / "mnt", "--no-prefetch", "--hosts-dir", str(certs), ref,
+                    run_dir=tmp_path / name / "run", cache_dir=tmp_path / name / "cache") as mount:
+        for path, data in FILES.items():
+            assert (mount.path / path).read_bytes() == data, path
+
+
+def _lazyfs_blob_gets(registry, since: int) -> list:
+    return [r for r in registry.requests(since)
+            if r.method == "GET" and "/blobs/" in r.path and r.user_agent.startswith(LAZYFS_AGENT)]
+
+
+def _wait_cached(mirror, repo: str, digests: list[str]) -> None:
+    """Until the pull-through cache has each blob (it answers a Range request with 206)."""
+    deadline = time.monotonic() + 30
+    for digest in digests:
+        while httpx.get(f"{mirror.url}/v2/{repo}/blobs/{digest}", headers={"Range": "bytes=0-0"},
+                        timeout=10).status_code != 206:
+            assert time.monotonic() < deadline, f"the mirror did not cache {digest}"
+            time.sleep(0.1)
+
+
+def test_lazy_start_through_a_pull_through_mirror(tmp_path):
+    require_root()
+    image = _image()
+    repo = "t/mirrored"
+    origin_port, mirror_port = free_port(), free_port()
+    with contextlib.ExitStack() as origin_up:
+        origin = origin_up.enter_context(start_registry(tmp_path / "origin", port=origin_port))
+        push_to_registry(origin, repo, image)
+        ref = f"{origin.host}/{repo}:v1"
+        with start_registry(tmp_path / "mirror", port=mirror_port,
+                            extra={"proxy": {"remoteurl": origin.url}}) as mirror:
+            certs = _hosts_dir(tmp_path, origin.host, mirror.host)
+
+            # 1. Ranges come from the mirror; the origin sees only the mirror's own requests.
+            origin_mark, mirror_mark = origin.mark(), mirror.mark()
+            _start(tmp_path, "node1", ref, certs)
+            assert _lazyfs_blob_gets(origin, origin_mark) == []
+            from_mirror = _lazyfs_blob_gets(mirror, mirror_mark)
+            assert from_mirror and all(r.status in (200, 206) for r in from_mirror)
+            blob_sizes = {layer.digest: len(layer.blob) for layer in image.layers}
+            assert any(r.status == 206 and r.bytes_written < blob_sizes[r.path.split("/blobs/")[1].split("?")[0]]
+                       for r in from_mirror)
+            _wait_cached(mirror, repo, list(blob_sizes))
+
+            # 2. The origin goes away; a fresh node starts from the mirror alone.
+            origin_up.close()
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"http://{origin.host}/v2/", timeout=2)
+            mirror_mark = mirror.mark()
+            _start(tmp_path, "node2", ref, certs)
+            assert _lazyfs_blob_gets(mirror, mirror_mark)
+
+    # 3. The mirror is down and the origin is back: a fresh node falls back to the origin.
+    with start_registry(tmp_path / "origin", port=origin_port) as origin:
+        origin_mark = origin.mark()
+        _start(tmp_path, "node3", ref, certs)
+        assert _lazyfs_blob_gets(origin, origin_mark)
+
+
+async def _read_ranges(store, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    try:
+        return [await store.read_range(digest, offset, length) for offset, length in ranges]
+    finally:
+        await store.aclose()
+
+
+def test_whole_blob_answer_to_a_range_request_is_kept(fault_proxy, registry, registry_repo):
+    """The first ranged read gets 200 and the whole blob (as from a cold pull-through cache):
+    the bytes before the range are kept, so reads within them make no request."""
+    data = random.Random(3).randbytes(3 * 1024 * 1024)
+
+    async def push() -> str:
+        store = open_store(f"{registry.host}/{registry_repo}:x")
+        try:
+            return (await store.push_blob(data)).digest
+        finally:
+            await store.aclose()
+
+    digest = trio.run(push)
+    fault_proxy.add(Fault.ignore_range(), path=digest, times=1)
+    ranges = [(2_000_000, 1000), (0, 65536), (1_000_000, 500_000), (1_999_000, 2000), (2_500_000, 100)]
+    store = open_store(f"{fault_proxy.host}/{registry_repo}:x")
+    got = trio.run(_read_ranges, store, digest, ranges)
+    assert got == [data[o:o + n] for o, n in ranges]
+    gets = [r for r in fault_proxy.requests if "/blobs/" in r.path]
+    # One whole-blob answer for the first range; the three within it were kept; the last one
+    # (beyond it) is an ordinary 206.
+    assert [r.status for r in gets] == [200, 206], gets
