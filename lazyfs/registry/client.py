@@ -307,8 +307,8 @@ class RegistryClient:
                     # A 200 carries the whole blob (a pull-through cache that has not cached
                     # it yet answers so): the bytes before ours came too; keep them.
                     spool = self._unasked.spool()
-                    data = await _read_full_body_head(response, offset, length, spool)
-                    self._unasked.keep(digest, spool, offset, data)
+                    data, received = await _read_full_body_head(response, offset, length, spool)
+                    self._unasked.keep(digest, spool, received)
             except httpx.TransportError as e:
                 raise TransientFailure(_describe_transport_error(e)) from None
             finally:
@@ -598,30 +598,39 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     return bytes(body)
 
 
-async def _read_full_body_head(response: httpx.Response, offset: int, length: int, spool) -> bytes:
-    """A 200 to a ranged request carries the whole blob: the `length` bytes at `offset` (fewer
-    at the blob's end). The bytes before them go to `spool` (a file, or None to drop them), not
-    to memory; reading stops at the end of the range (the caller closes the connection) rather
-    than download the rest of the blob."""
+# After the range asked for, a whole-blob answer is read on to the blob's end when at most
+# this much is left: a lazy layer's metadata, table and footer are its last bytes, read one
+# after the other at attach, and each would otherwise bring the whole blob again.
+READ_ON_TO_END = 8 << 20
+
+
+async def _read_full_body_head(response: httpx.Response, offset: int, length: int, spool) -> tuple[bytes, int]:
+    """A 200 to a ranged request carries the whole blob: (the `length` bytes at `offset`
+    (fewer at the blob's end), how many bytes of the body were read). Every byte read also goes
+    to `spool` (a file), not to memory. Reading stops at the end of the range (the caller
+    closes the connection), or at the blob's end if that is at most READ_ON_TO_END further,
+    rather than download the rest of the blob."""
     announced = response.headers.get("content-length")
     total = int(announced) if announced and announced.isdigit() else None
     if total is not None and offset >= total:
         raise RegistryError(f"range starts at {offset}, beyond the blob's {total} bytes", status=200)
     wanted = length if total is None else min(length, total - offset)
+    stop_at = offset + wanted
+    if total is not None and total - stop_at <= READ_ON_TO_END:
+        stop_at = total
     position = 0
     buffer = bytearray()
     async for chunk in response.aiter_bytes():
+        spool.write(chunk)  # page-cache writes of one body piece at a time
         chunk_end = position + len(chunk)
-        if position < offset and spool is not None:
-            spool.write(chunk[:offset - position])  # page-cache writes of one body piece
-        if chunk_end > offset:
-            buffer += chunk[max(0, offset - position):]
+        if chunk_end > offset and len(buffer) < wanted:
+            buffer += chunk[max(0, offset - position):offset + wanted - position]
         position = chunk_end
-        if len(buffer) >= wanted:
+        if position >= stop_at:
             break
     if len(buffer) < wanted:
         raise TransientFailure(f"short body: {len(buffer)} of {wanted} bytes at offset {offset}")
-    return bytes(buffer[:wanted])
+    return bytes(buffer), position
 
 
 class UnaskedBytes:
@@ -638,11 +647,9 @@ class UnaskedBytes:
     def spool(self):
         return tempfile.TemporaryFile()
 
-    def keep(self, digest: str, spool, offset: int, data: bytes) -> None:
-        """Keep [0, offset) from `spool` and the range read, `data`, as the blob's head."""
-        spool.write(data)
+    def keep(self, digest: str, spool, end: int) -> None:
+        """Keep the first `end` bytes of the blob, written to `spool`."""
         spool.flush()
-        end = offset + len(data)
         if end > self.limit or end <= self._kept.get(digest, (None, 0))[1]:
             spool.close()
             return
