@@ -150,3 +150,41 @@ def test_whole_blob_answer_to_a_range_request_is_kept(fault_proxy, registry, reg
     store = open_store(f"{fault_proxy.host}/{registry_repo}:x")
     assert trio.run(_read_ranges, store, digest, ranges) == [data[o:o + n] for o, n in ranges]
     assert [r.status for r in fault_proxy.requests if "/blobs/" in r.path] == [200]
+
+
+def test_hosts_by_capability_and_fallback(fault_proxy, registry, registry_repo, tmp_path):
+    """A mirror with only `pull` (the fault proxy in front of the registry, recording what it
+    is asked): tags resolve at the server, digests and ranges come from the mirror with
+    ?ns=; a mirror that lacks a blob (404) or resets is passed over for the server, and one
+    that reset is not asked again for a while."""
+    image = _image()
+    push_to_registry(registry, registry_repo, image)
+    certs = tmp_path / "certs.d"
+    (certs / registry.host).mkdir(parents=True)
+    (certs / registry.host / "hosts.toml").write_text(
+        f'server = "http://{registry.host}"\n[host."http://{fault_proxy.host}"]\n  capabilities = ["pull"]\n')
+    digest = image.layers[0].digest
+
+    async def reads() -> list:
+        store = open_store(f"{registry.host}/{registry_repo}:v1", hosts_dir=certs)
+        try:
+            by_tag = await store.get_manifest()
+            by_digest = await store.get_manifest(by_tag.digest)
+            first = await store.read_range(digest, 0, 100)
+            fault_proxy.add(Fault.status(404), path=digest, times=1)
+            second = await store.read_range(digest, 100, 100)
+            fault_proxy.add(Fault.reset(), path=digest, times=1)
+            third = await store.read_range(digest, 200, 100)
+            asked = len(fault_proxy.requests)
+            fourth = await store.read_range(digest, 300, 100)  # the mirror sits out its penalty
+            return [by_tag.digest == by_digest.digest == image.digest, first + second + third + fourth, asked]
+        finally:
+            await store.aclose()
+
+    same, data, asked = trio.run(reads)
+    assert same and data == image.layers[0].blob[:400]
+    paths = [r.path for r in fault_proxy.requests]
+    assert not any("/manifests/v1" in p for p in paths)  # no resolve capability
+    assert any(f"/manifests/{image.digest}?ns={registry.host}" in p for p in paths)
+    assert any(f"/blobs/{digest}?ns={registry.host}" in p for p in paths)
+    assert len(fault_proxy.requests) == asked

@@ -211,11 +211,13 @@ class RegistryClient:
 
     # -- blobs: reads --------------------------------------------------------------------------
 
-    async def blob_size(self, digest: str) -> int | None:
+    async def blob_size(self, digest: str, *, capability: str = "pull") -> int | None:
+        """The blob's size, asking the hosts with `capability` ("push": whether an upload is
+        needed, which a mirror cannot answer for the registry)."""
         validate_digest(digest)
 
         async def attempt() -> int | None:
-            response = await self._send_via_hosts("pull", "HEAD", f"/blobs/{digest}")
+            response = await self._send_via_hosts(capability, "HEAD", f"/blobs/{digest}")
             hops = 0
             while response.status_code in _REDIRECT_STATUSES and hops < _MAX_REDIRECTS:
                 hops += 1
@@ -327,7 +329,7 @@ class RegistryClient:
         mount_from: str | None = None,
     ) -> Descriptor:
         size, digest = await measure_source(source, digest)
-        existing = await self.blob_size(digest)
+        existing = await self.blob_size(digest, capability="push")
         if existing is not None:
             log.debug("blob %s already in %s", digest, self.name)
             return Descriptor(media_type, digest, existing)
@@ -410,7 +412,10 @@ class RegistryClient:
         """A read request to the first host (mirror or server) that has the capability and
         answers it. A host that cannot be reached, fails, or lacks the object is passed over
         for the next; the last host's answer (or failure) is the result."""
-        candidates = [host for host in self.hosts if capability in host.capabilities] or self.hosts[-1:]
+        if capability == "push":  # uploads go to the server, so the question of what it has does too
+            candidates = self.hosts[-1:]
+        else:
+            candidates = [host for host in self.hosts if capability in host.capabilities] or self.hosts[-1:]
         now = time.monotonic()
         usable = [host for host in candidates if self._health.usable(host, now)]
         ordered = usable + [host for host in candidates if host not in usable]  # failed ones as a last resort
@@ -422,7 +427,8 @@ class RegistryClient:
             except (TransientFailure, AuthenticationError) as failure:
                 if last:
                     raise
-                self._health.failed(host, time.monotonic())
+                if isinstance(failure, TransientFailure):
+                    self._health.failed(host, time.monotonic())
                 log.info("%s %s via %s failed (%s); trying the next host", method, path, host.netloc,
                          getattr(failure, "reason", failure))
                 continue
