@@ -1,5 +1,6 @@
 """Every `lazyfs ...` command line shown in README.md and docs/design.md parses with the real
-CLI parser (lazyfs.cli.build_parser): the docs and the command line cannot drift apart.
+CLI parser (lazyfs.cli.build_parser), and every `lazyfs-snapshotter ...` one with the
+snapshotter's: the docs and the command line cannot drift apart.
 
 Command lines are the lines of fenced code blocks that start with `lazyfs ` (a `$ ` prompt and
 `sudo ` allowed; `;` separates commands; `#` starts a comment; a trailing `\\` continues the
@@ -45,9 +46,11 @@ def _block_commands(lines: list[str]) -> list[str]:
             pending = line[:-1] + " "
             continue
         line = re.sub(r"^(\$ )?(sudo )?(\.venv/bin/)?", "", line)
-        if line.startswith("lazyfs ") and not line.split()[1].endswith(":"):  # not output ("lazyfs bench: ...")
+        if line.startswith("lazyfs-snapshotter "):
+            commands.append(_uncommented(line))
+        elif line.startswith("lazyfs ") and not line.split()[1].endswith(":"):  # not output ("lazyfs bench: ...")
             commands += [part.strip() for part in _uncommented(line).split(";")]
-    return [c for c in commands if c.startswith("lazyfs ")]
+    return [c for c in commands if c.startswith(("lazyfs ", "lazyfs-snapshotter "))]
 
 
 def _uncommented(line: str) -> str:
@@ -62,7 +65,7 @@ def _uncommented(line: str) -> str:
 
 
 def _inline_commands(prose: str) -> list[str]:
-    spans = re.findall(r"`(lazyfs [^`]+)`", prose)
+    spans = re.findall(r"`(lazyfs(?:-snapshotter)? [^`]+)`", prose)
     return [" ".join(span.split()) for span in spans]
 
 
@@ -142,6 +145,8 @@ def test_the_docs_show_commands_of_every_kind():
 @pytest.mark.parametrize("where,command,whole", COMMANDS, ids=[f"{w}:{c[:60]}" for w, c, _ in COMMANDS])
 def test_documented_command_parses(where, command, whole, capsys):
     tokens = _tokens(command)
+    if tokens[0] == "lazyfs-snapshotter":
+        return _check_snapshotter_command(where, command, tokens, capsys)
     assert tokens[0] == "lazyfs"
     assert tokens[1] in _command_names() or tokens[1].startswith("-"), f"{where}: no command {tokens[1]!r}"
     for argv in _expand(tokens[1:]):
@@ -149,6 +154,18 @@ def test_documented_command_parses(where, command, whole, capsys):
         if error is None or (not whole and any(reason in error for reason in MENTION_MAY_LACK)):
             continue
         pytest.fail(f"{where}: `{command}` does not parse as {argv}:\n{error}")
+
+
+def _check_snapshotter_command(where: str, command: str, tokens: list[str], capsys) -> None:
+    from snapshotter.main import parse_args, parse_stop_args
+
+    for argv in _expand(tokens[1:]):
+        parse = parse_stop_args if argv[:1] == ["stop"] else parse_args
+        try:
+            parse(argv[1:] if argv[:1] == ["stop"] else argv)
+        except SystemExit as e:
+            if e.code != 0:
+                pytest.fail(f"{where}: `{command}` does not parse as {argv}:\n{capsys.readouterr().err}")
 
 
 def _parse_error(argv: list[str], capsys) -> str | None:
