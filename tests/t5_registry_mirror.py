@@ -188,3 +188,23 @@ def test_hosts_by_capability_and_fallback(fault_proxy, registry, registry_repo, 
     assert any(f"/manifests/{image.digest}?ns={registry.host}" in p for p in paths)
     assert any(f"/blobs/{digest}?ns={registry.host}" in p for p in paths)
     assert len(fault_proxy.requests) == asked
+
+
+def test_convert_and_inspect_follow_the_hosts_dir(fault_proxy, registry, registry_repo, tmp_path, capsys):
+    """`lazyfs convert` and `lazyfs inspect` take the same --hosts-dir as the daemon: their
+    reads of the source go through the mirror."""
+    from lazyfs import cli
+
+    plain = build_image([[directory("app"), file("app/x", b"x" * 100_000)]])
+    push_to_registry(registry, registry_repo, plain, tag="plain")
+    certs = tmp_path / "certs.d"
+    (certs / registry.host).mkdir(parents=True)
+    (certs / registry.host / "hosts.toml").write_text(f'[host."http://{fault_proxy.host}"]\n')
+    source = f"{registry.host}/{registry_repo}:plain"
+    assert cli.main(["convert", "-q", "--hosts-dir", str(certs), source, f"oci:{tmp_path / 'out'}:v1"]) == 0
+    layer = plain.layers[0].digest
+    assert any(f"/blobs/{layer}" in r.path for r in fault_proxy.requests)
+    fault_proxy.clear_requests()
+    assert cli.main(["inspect", "--json", "--hosts-dir", str(certs), source]) == 0
+    assert fault_proxy.requests[0].path.endswith(f"/manifests/plain?ns={registry.host}")
+    capsys.readouterr()
