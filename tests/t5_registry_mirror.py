@@ -50,12 +50,15 @@ def _hosts_dir(tmp_path: Path, origin: str, mirror: str) -> Path:
     return certs
 
 
-def _start(tmp_path: Path, name: str, ref: str, certs: Path) -> None:
-    """A fresh node's start: mount, read every file, compare, unmount."""
+def _start(tmp_path: Path, name: str, ref: str, certs: Path) -> str:
+    """A fresh node's start: mount, read every file, compare, unmount; the daemon's log."""
     with lazy_mount(tmp_path / name / "mnt", "--no-prefetch", "--hosts-dir", str(certs), ref,
                     run_dir=tmp_path / name / "run", cache_dir=tmp_path / name / "cache") as mount:
         for path, data in FILES.items():
             assert (mount.path / path).read_bytes() == data, path
+        log = (mount.state_root() / "daemon.log").read_text()
+    assert "attached 000-" in log  # the daemon logs at INFO by default
+    return log
 
 
 def _lazyfs_blob_gets(registry, since: int) -> list:
@@ -110,8 +113,9 @@ def test_lazy_start_through_a_pull_through_mirror(tmp_path):
     # 3. The mirror is down and the origin is back: a fresh node falls back to the origin.
     with start_registry(tmp_path / "origin", port=origin_port) as origin:
         origin_mark = origin.mark()
-        _start(tmp_path, "node3", ref, certs)
+        log = _start(tmp_path, "node3", ref, certs)
         assert _lazyfs_blob_gets(origin, origin_mark)
+        assert f"via {mirror.host} failed" in log and "trying the next host" in log
 
 
 async def _read_ranges(store, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
