@@ -160,6 +160,8 @@ def test_registry_hosts_defaults(tmp_path):
     certs = _hosts(tmp_path, "_default", '[host."m:1"]\n')  # no scheme: as the registry's own
     hosts = registry_hosts("r:5", "r:5", hosts_dir=certs, insecure=True)
     assert [h.api_root for h in hosts] == ["http://m:1/v2", "http://r:5/v2"] and hosts[0].namespace == "r:5"
+    certs = _hosts(tmp_path, "_default", '[host."http://r:5"]\n')  # the registry listed as a host
+    assert [h.namespace for h in registry_hosts("r:5", "r:5", hosts_dir=certs, insecure=True)] == [None, None]
     certs = _hosts(tmp_path, "_default", 'server = "http://only-mirror:1"\n')  # only the mirror
     [only] = registry_hosts("r:5", "r:5", hosts_dir=certs, insecure=False)
     assert only.api_root == "http://only-mirror:1/v2" and only.namespace == "r:5"

@@ -122,7 +122,10 @@ def registry_hosts(registry: str, endpoint: str, *, hosts_dir: Path | None, inse
     for url, table in _table(config, "host", path).items():
         if not isinstance(table, dict):
             raise HostsConfigError(f"{path}: host {url!r} must be a table")
-        hosts.append(_host(url, table, path, default_scheme, registry))
+        host = _host(url, table, path, default_scheme, registry)
+        if host.netloc in (registry, endpoint):  # the registry itself, listed as a host: no ?ns=
+            host = _host(url, table, path, default_scheme, None)
+        hosts.append(host)
     server = config.get("server")
     if server is None:
         top = _host(f"{default_scheme}://{endpoint}", config, path, default_scheme, None)
