@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import trio
 
 from lazyfs.registry import open_store
 from tests.faultproxy import Fault
-from tests.fixtures.common import require_root
+from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.images import build_image, directory, file
 from tests.fixtures.lazyimage import convert_image, push_to_registry
 from tests.fixtures.lazymount import lazy_mount
@@ -212,3 +214,44 @@ def test_convert_and_inspect_follow_the_hosts_dir(fault_proxy, registry, registr
     assert cli.main(["inspect", "--json", "--hosts-dir", str(certs), source]) == 0
     assert fault_proxy.requests[0].path.endswith(f"/manifests/plain?ns={registry.host}")
     capsys.readouterr()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "mirror.crt", directory / "mirror.key"
+    subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=lazyfs-test-mirror",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_mirror_with_its_ca_or_skip_verify(tmp_path):
+    """A pull-through mirror over HTTPS with a self-signed certificate: used with `ca` (a path
+    relative to the hosts.toml) or `skip_verify`; without either, verification fails and the
+    reads fall back to the origin."""
+    image = _image()
+    cert, key = _self_signed(tmp_path / "tls")
+    with start_registry(tmp_path / "origin") as origin, \
+            start_registry(tmp_path / "mirror", extra={"proxy": {"remoteurl": origin.url}}, tls=(cert, key)) as mirror:
+        push_to_registry(origin, "t/tls", image)
+        certs = tmp_path / "certs.d"
+        (certs / origin.host).mkdir(parents=True)
+        shutil.copy(cert, certs / origin.host / "mirror.crt")
+        layer = image.layers[0]
+
+        async def read() -> bytes:
+            store = open_store(f"{origin.host}/t/tls:v1", hosts_dir=certs)
+            try:
+                manifest = await store.get_manifest()
+                assert manifest.digest == image.digest
+                return await store.read_range(layer.digest, 10, 1000)
+            finally:
+                await store.aclose()
+
+        for setting, via_mirror in (('ca = "mirror.crt"', True), ("skip_verify = true", True), ("", False)):
+            (certs / origin.host / "hosts.toml").write_text(
+                f'server = "http://{origin.host}"\n[host."{mirror.url}"]\n  {setting}\n')
+            origin_mark, mirror_mark = origin.mark(), mirror.mark()
+            assert trio.run(read) == layer.blob[10:1010]
+            assert bool(_lazyfs_blob_gets(mirror, mirror_mark)) == via_mirror, setting
+            assert bool(_lazyfs_blob_gets(origin, origin_mark)) != via_mirror, setting
