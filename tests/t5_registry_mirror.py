@@ -255,3 +255,27 @@ def test_tls_mirror_with_its_ca_or_skip_verify(tmp_path):
             assert trio.run(read) == layer.blob[10:1010]
             assert bool(_lazyfs_blob_gets(mirror, mirror_mark)) == via_mirror, setting
             assert bool(_lazyfs_blob_gets(origin, origin_mark)) != via_mirror, setting
+
+
+def test_a_mirror_sending_corrupt_bytes_is_passed_over(fault_proxy, registry, registry_repo, tmp_path):
+    """Bytes from a mirror are verified like the registry's: a corrupt answer puts the mirror
+    last, the retry reads from the server, and later reads do not ask the mirror first."""
+    image = _image()
+    push_to_registry(registry, registry_repo, image)
+    certs = tmp_path / "certs.d"
+    (certs / registry.host).mkdir(parents=True)
+    (certs / registry.host / "hosts.toml").write_text(f'[host."http://{fault_proxy.host}"]\n')
+    blob = image.layers[0].blob
+    fault_proxy.add(Fault.corrupt(at=5), path="/blobs/", times=None)
+
+    async def reads() -> list[bytes]:
+        store = open_store(f"{registry.host}/{registry_repo}:v1", hosts_dir=certs)
+        try:
+            return [await store.read_range(image.layers[0].digest, offset, 100,
+                                           verify=lambda data, offset=offset: data == blob[offset:offset + 100])
+                    for offset in (0, 100, 200)]
+        finally:
+            await store.aclose()
+
+    assert trio.run(reads) == [blob[0:100], blob[100:200], blob[200:300]]
+    assert len([r for r in fault_proxy.requests if "/blobs/" in r.path]) == 1

@@ -309,13 +309,23 @@ class RegistryClient:
                     # A 200 carries the whole blob (a pull-through cache that has not cached
                     # it yet answers so): the bytes before ours came too; keep them.
                     spool = self._unasked.spool()
-                    data, received = await _read_full_body_head(response, offset, length, spool)
+                    try:
+                        data, received = await _read_full_body_head(response, offset, length, spool)
+                    except BaseException:
+                        spool.close()
+                        raise
                     self._unasked.keep(digest, spool, received)
             except httpx.TransportError as e:
+                self._blame(response)
                 raise TransientFailure(_describe_transport_error(e)) from None
+            except TransientFailure:
+                self._blame(response)
+                raise
             finally:
                 await response.aclose()
             if verify is not None and not verify(data):
+                self._unasked.drop(digest)
+                self._blame(response)
                 raise TransientFailure(f"bytes {offset}-{last} failed verification", kind=DigestMismatch)
             return data
 
@@ -441,6 +451,15 @@ class RegistryClient:
                 self._health.failed(host, time.monotonic())
             log.info("%s %s via %s answered HTTP %d; trying the next host", method, path, host.netloc, status)
         raise AssertionError("unreachable: the last host's answer is returned")
+
+    def _blame(self, response: httpx.Response) -> None:
+        """A mirror whose answer was cut short or corrupt goes last for a while (the retry then
+        asks the next host): one bad mirror must not fail every read."""
+        url = response.request.url
+        netloc = f"{url.host}:{url.port}" if url.port else url.host
+        for host in self.hosts[:-1]:
+            if host.netloc == netloc:
+                self._health.failed(host, time.monotonic())
 
     def _http_for(self, host: RegistryHost | None) -> httpx.AsyncClient:
         """The injected client, or for a host with its own TLS settings (skip_verify, ca,
