@@ -29,7 +29,7 @@ def _busybox_layer() -> list:
     if busybox is None:
         pytest.fail("busybox (busybox-static) is not installed: tools/install.sh installs it")
     entries = [directory("bin"), file("bin/busybox", Path(busybox).read_bytes(), mode=0o755)]
-    entries += [symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat")]
+    entries += [symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat", "sleep")]
     return entries + [directory("proc"), directory("sys"), directory("dev"), directory("tmp")]
 
 
@@ -77,6 +77,21 @@ def test_containerd_node_starts_lazily_from_the_mirror(containerd, tmp_path):
                            if "/blobs/" in r.path and r.user_agent.startswith(LAZYFS_AGENT)]
             assert from_mirror and all(r.status in (200, 206) for r in from_mirror)
             assert "attached" in (root / "daemon.log").read_text()
+
+            # `lazyfs-snapshotter stop` refuses while a container runs on lazy layers, and
+            # stops the snapshotter and its daemon once it is gone.
+            containerd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, ref, "zone-sleeper", "/bin/sleep", "600")
+            stop = [str(Path(sys.executable).parent / "lazyfs-snapshotter"), "stop", "--config",
+                    str(root.parent / "snapshotter.toml")]
+            refused = subprocess.run(stop, capture_output=True, text=True, timeout=60)
+            assert refused.returncode == 1 and "refusing" in refused.stderr, refused.stderr
+            assert process.poll() is None
+            containerd.ctr("task", "kill", "-s", "SIGKILL", "zone-sleeper")
+            containerd.ctr("task", "delete", "-f", "zone-sleeper")
+            containerd.ctr("containers", "rm", "zone-sleeper")
+            stopped = subprocess.run(stop, capture_output=True, text=True, timeout=120)
+            assert stopped.returncode == 0, stopped.stderr
+            assert process.wait(timeout=30) == 0 and not (root / "daemon.sock").exists()
         finally:
             containerd.clean_namespaces()
             process.terminate()
