@@ -140,6 +140,7 @@ server = "https://registry-1.docker.io"
   ca = "mirror.crt"
 [host."https://odd.example/v2/up"]
   override_path = true
+  dial_timeout = "1m500ms"
 ''')
     hosts = registry_hosts("docker.io", "registry-1.docker.io", hosts_dir=certs, insecure=False)
     assert [h.api_root for h in hosts] == ["http://mirror.rack1:5000/v2", "https://public.example/team/v2",
@@ -149,7 +150,8 @@ server = "https://registry-1.docker.io"
     assert odd.capabilities == {"pull", "resolve", "push"} and not server.is_mirror
     assert rack.headers == (("x-rack", "r1"), ("x-two", "a"), ("x-two", "b"))
     assert public.skip_verify and public.ca == (certs / "docker.io" / "mirror.crt",) and public.needs_own_tls
-    assert not rack.needs_own_tls  # plain HTTP
+    assert not rack.needs_own_tls and not rack.needs_own_client  # plain HTTP, no timeout of its own
+    assert odd.dial_timeout == 60.5 and odd.needs_own_client and not odd.needs_own_tls
     assert rack.url("library/app", "/blobs/sha256:ab") == "http://mirror.rack1:5000/v2/library/app/blobs/sha256:ab?ns=docker.io"
     assert server.url("library/app", "/manifests/v1") == "https://registry-1.docker.io/v2/library/app/manifests/v1"
 
@@ -168,7 +170,8 @@ def test_registry_hosts_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("text", ['server = 1\n', '[host."ftp://x"]\n', '[host."http://x"]\ncapabilities = ["fly"]\n',
-                                  '[host."http://x"]\nskip_verify = "yes"\n', 'host = 3\n', 'not toml [\n',
+                                  '[host."http://x"]\nskip_verify = "yes"\n', '[host."http://x"]\ndial_timeout = "1 s"\n',
+                                  '[host."http://x"]\ndial_timeout = 3\n', 'host = 3\n', 'not toml [\n',
                                   '[host."http://x"]\n[host."http://x".header]\nh = 1\n'])
 def test_bad_hosts_toml_is_a_clear_error(tmp_path, text):
     certs = _hosts(tmp_path, "r:5", text)

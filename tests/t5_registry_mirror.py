@@ -168,7 +168,8 @@ def test_hosts_by_capability_and_fallback(fault_proxy, registry, registry_repo, 
     certs = tmp_path / "certs.d"
     (certs / registry.host).mkdir(parents=True)
     (certs / registry.host / "hosts.toml").write_text(
-        f'server = "http://{registry.host}"\n[host."http://{fault_proxy.host}"]\n  capabilities = ["pull"]\n')
+        f'server = "http://{registry.host}"\n[host."http://{fault_proxy.host}"]\n  capabilities = ["pull"]\n'
+        f'  dial_timeout = "2s"\n')  # a client of the mirror's own
     digest = image.layers[0].digest
 
     async def reads() -> list:

@@ -463,13 +463,15 @@ class RegistryClient:
 
     def _http_for(self, host: RegistryHost | None) -> httpx.AsyncClient:
         """The injected client, or for a host with its own TLS settings (skip_verify, ca,
-        client certificates) a client of its own."""
-        if host is None or not host.needs_own_tls:
+        client certificates) or connect timeout (dial_timeout) a client of its own."""
+        if host is None or not host.needs_own_client:
             return self._http
         client = self._tls_clients.get(host)
         if client is None:
-            client = httpx.AsyncClient(verify=host.ssl_context(), timeout=self._http.timeout,
-                                       follow_redirects=False)
+            timeout = self._http.timeout
+            if host.dial_timeout is not None:
+                timeout = httpx.Timeout(timeout.read, connect=host.dial_timeout)
+            client = httpx.AsyncClient(verify=host.ssl_context(), timeout=timeout, follow_redirects=False)
             self._tls_clients[host] = client
         return client
 

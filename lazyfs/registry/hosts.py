@@ -11,6 +11,7 @@ For a registry `host[:port]`, the first of these files that exists configures it
       capabilities = ["pull", "resolve"]         # default: pull, resolve, push
       skip_verify = false
       ca = "mirror.crt"                          # path or list; relative to the hosts.toml
+      dial_timeout = "1s"                        # connect timeout (Go duration: 500ms, 2s, 1m)
       [host."http://mirror.rack1:5000".header]
         x-custom = "value"                       # string or list of strings
 
@@ -25,6 +26,7 @@ registry: manifests by digest, blobs and chunks are verified against their diges
 
 from __future__ import annotations
 
+import re
 import ssl
 import tomllib
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ class RegistryHost:
     ca: tuple[Path, ...] = ()
     client_certs: tuple[tuple[Path, Path | None], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
+    dial_timeout: float | None = None  # seconds to connect; None: the client's own
     namespace: str | None = None  # the registry it stands in for (sent as ?ns=), None for the registry itself
 
     @property
@@ -65,6 +68,11 @@ class RegistryHost:
     def needs_own_tls(self) -> bool:
         """Whether requests need a TLS configuration other than the default one."""
         return self.api_root.startswith("https:") and bool(self.skip_verify or self.ca or self.client_certs)
+
+    @property
+    def needs_own_client(self) -> bool:
+        """Whether requests need an HTTP client of their own (TLS settings, connect timeout)."""
+        return self.needs_own_tls or self.dial_timeout is not None
 
     def url(self, repository: str, path: str) -> str:
         """The URL of `path` (e.g. "/blobs/sha256:...") in `repository` on this host."""
@@ -172,8 +180,23 @@ def _host(url: str, table: dict, path: Path, default_scheme: str, namespace: str
         ca=tuple(_relative(path, p) for p in _paths(table.get("ca"), where)),
         client_certs=_client_certs(table.get("client"), path, where),
         headers=tuple(headers),
+        dial_timeout=_duration(table.get("dial_timeout"), where),
         namespace=namespace,
     )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(value, where: str) -> float | None:
+    """Seconds from a Go duration string ("500ms", "1s", "1m30s"); None if absent."""
+    if value is None:
+        return None
+    parts = _DURATION.findall(value) if isinstance(value, str) else []
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise HostsConfigError(f"{where}: dial_timeout must be a duration such as \"500ms\" or \"2s\"")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
 def _typed(table: dict, key: str, kind: type, default, where: str):
