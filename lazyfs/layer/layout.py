@@ -27,15 +27,15 @@ A traced path is moved only when that cannot change what any extractor makes of 
   the directory's ``trusted.overlay.opaque`` xattr and its naive applier removes only entries
   the layer has not unpacked yet, so either way the marker affects lower layers only.
 
-Any global PAX header after the first member, or an unsafe name, leaves the order unchanged.
+Any global PAX header, or an unsafe name, leaves the order unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tarfile
 from collections.abc import Iterable, Sequence
 
+from lazyfs.layer import tarparse
 from lazyfs.layer.errors import UnsafeTarEntry
 from lazyfs.layer.tree import WHITEOUT_META_PREFIX, WHITEOUT_PREFIX, split_name
 
@@ -46,7 +46,7 @@ Key = tuple[bytes, ...]
 class Member:
     """Where one tar member's bytes are in the (spooled) input, and what the plan needs of it."""
 
-    info: tarfile.TarInfo
+    info: tarparse.Member
     start: int  # first header block (extended headers included)
     end: int  # where the next member's header blocks begin (after data and padding)
 
@@ -88,12 +88,12 @@ def traced_paths(paths: Iterable[str]) -> list[Key]:
     return keys
 
 
-def _key(m: tarfile.TarInfo) -> Key:
-    return tuple(split_name(m.name.encode("utf-8", "surrogateescape"), m.name))
+def _key(m: tarparse.Member) -> Key:
+    return tuple(split_name(m.name, m.where))
 
 
-def _link_key(m: tarfile.TarInfo) -> Key:
-    return tuple(split_name(m.linkname.encode("utf-8", "surrogateescape"), m.name))
+def _link_key(m: tarparse.Member) -> Key:
+    return tuple(split_name(m.linkname, m.where))
 
 
 def _whited_out(key: Key) -> Key | None:
@@ -109,8 +109,8 @@ def _whiteout_name(key: Key) -> bool:
     return any(part.startswith(WHITEOUT_PREFIX) for part in key)
 
 
-def _plain_dir(m: tarfile.TarInfo) -> bool:
-    return m.type == tarfile.DIRTYPE and m.size == 0
+def _plain_dir(m: tarparse.Member) -> bool:
+    return m.isdir()
 
 
 def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int) -> Plan:
@@ -119,9 +119,8 @@ def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int) -> Pla
     count = len(members)
     if not traced:
         return identity(count)
-    for previous, member in zip(members, members[1:]):
-        if member.start != previous.end:  # a global header between members applies from there on
-            return identity(count)
+    if any(m.info.type == tarparse.XGLTYPE for m in members):
+        return identity(count)  # a global header removes its path where it stands
     try:
         keys = [_key(m.info) for m in members]
     except UnsafeTarEntry:

@@ -1,7 +1,7 @@
 """The file tree of one layer as a safe tar applier would leave it, ready for the EROFS writer.
 
 Rules (modelled on containerd's archive applier, stricter where it scopes instead of refusing):
-absolute names, ``..`` components, names passing through a symlink or a non-directory of this
+entries naming the root are ignored (containerd skips them); absolute names, ``..`` components, names passing through a symlink or a non-directory of this
 layer, and hard links to missing entries or directories are refused with UnsafeTarEntry naming
 the entry. A later entry replaces an earlier one at the same path (directories merge their
 attributes, as tar extraction does). Whiteouts become what overlayfs expects in a lowerdir:
@@ -89,9 +89,7 @@ class Tree:
         """Place node at name (later entries win; a directory over a directory merges)."""
         parts = split_name(name, entry)
         if not parts:
-            if not node.is_dir:
-                raise UnsafeTarEntry(entry, "the layer root must be a directory")
-            self._merge_dir(self.root, node)
+            log.debug("tar entry %s ignored: it names the layer root", entry)  # as containerd does
             return
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
@@ -105,6 +103,17 @@ class Tree:
         if node.is_dir and node.children is None:
             node.children = {}
         parent.children[base] = node
+
+    def discard(self, name: bytes, entry: str) -> None:
+        """What an entry that creates nothing does (a global PAX header, to containerd): its
+        parents are created, and whatever is at its path is removed (or whited out)."""
+        parts = split_name(name, entry)
+        if not parts:
+            return
+        if parts[-1].startswith(WHITEOUT_PREFIX):
+            self._whiteout(parts, Node(mode=stat.S_IFREG), entry)
+            return
+        self._parent_dir(parts, entry).children.pop(parts[-1], None)
 
     def _merge_dir(self, old: Node, new: Node) -> None:
         old.mode, old.uid, old.gid = new.mode, new.uid, new.gid
