@@ -41,6 +41,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -51,7 +52,7 @@ from lazyfs.erofs.writer import ChunkedData
 from lazyfs.layer import format as fmt
 from lazyfs.layer import layout
 from lazyfs.layer.annotations import to_annotations
-from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
+from lazyfs.layer.errors import BuildCancelled, LayerFormatError, UnsafeTarEntry
 from lazyfs.layer.frames import FrameWriter
 from lazyfs.layer import tarparse
 from lazyfs.layer.tarparse import Member, SparseExpander, TarHeaderError, TarReader
@@ -76,8 +77,10 @@ _SCHILY_XATTR = b"SCHILY.xattr."
 # less that directory's length, or a component over NAME_MAX, fails there (ENAMETOOLONG).
 MAX_NAME_BYTES = 3072
 MAX_COMPONENT_BYTES = 255
-MAX_ENTRIES = 1 << 21
+MAX_ENTRIES = 1 << 21  # tar entries
+MAX_NODES = 1 << 21  # files and directories (implicit ones included) in the layer's tree
 MAX_TREE_BYTES = 256 << 20  # names, link targets and xattrs held for the metadata
+MAX_PATH_BYTES = 512 << 20  # the full paths of all nodes (the metadata writer keys by path)
 _UID_MAX = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to chown
 
 
@@ -123,6 +126,7 @@ class LayerBuilder:
         trace: bytes | None = None,
         order: bool = True,
         spool_dir: str | os.PathLike | None = None,
+        cancel: threading.Event | None = None,
     ):
         fmt.check_chunk_size(chunk_size)
         if not 0 <= inline_threshold <= BLOCK_SIZE:
@@ -147,6 +151,12 @@ class LayerBuilder:
         self._zero = bytes(chunk_size)
         self._frames: FrameWriter | None = None
         self._tree_bytes = 0
+        self._cancel = cancel
+
+    def _check(self) -> None:
+        """Stop between two pieces of work (a chunk, a member, a MiB) once cancel is set."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise BuildCancelled("conversion cancelled")
 
     # -- tar bytes ---------------------------------------------------------------------
 
@@ -214,13 +224,13 @@ class LayerBuilder:
     def _stream_members(self, stream: BinaryIO, kind: str) -> None:
         """The input tar byte for byte, read once, sequentially."""
         self._tap = tap = Tap(stream, self._emit_stream)
-        reader = TarReader(io.BufferedReader(tap, 64 << 10))
+        reader = TarReader(io.BufferedReader(tap, 64 << 10), check=self._check)
         try:
             while (member := reader.next()) is not None:
                 self._count(member)
                 self._member(reader, member)
             while tap.read(1 << 20):  # the end-of-archive blocks and any padding after them
-                pass
+                self._check()
         except TarHeaderError as e:
             raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
         except STREAM_ERRORS as e:
@@ -256,6 +266,7 @@ class LayerBuilder:
             # containerd ignores a global header's records but still applies its name: the
             # path is removed (or, for a whiteout name, whited out) and its parents created.
             self.tree.discard(name, where)
+            self._tree_bounded()
             return None
         if not 0 <= m.uid <= _UID_MAX or not 0 <= m.gid <= _UID_MAX:
             raise UnsafeTarEntry(where, f"owner {m.uid}:{m.gid} out of range")
@@ -274,6 +285,7 @@ class LayerBuilder:
         elif m.type == tarparse.LNKTYPE:
             target = self.tree.lookup_link_target(self._checked_name(m.linkname, where), where)
             self.tree.add(name, target, where)
+            self._tree_bounded()
             return None
         elif m.type in (tarparse.CHRTYPE, tarparse.BLKTYPE):
             node.mode |= stat.S_IFCHR if m.type == tarparse.CHRTYPE else stat.S_IFBLK
@@ -287,18 +299,21 @@ class LayerBuilder:
             raise UnsafeTarEntry(where, f"unsupported tar {kind} type {m.type.decode('latin-1')!r} "
                                         "(containerd refuses it too)")
         self.tree.add(name, node, where)
+        self._tree_bounded()
         if m.type != tarparse.REGTYPE:
             return None
         self.stats.files += 1
         return node
 
     def _checked_name(self, name: bytes, where: str) -> bytes:
-        if len(name) > MAX_NAME_BYTES:
-            raise UnsafeTarEntry(where[:80] + "...", f"file name too long ({len(name)} bytes, limit {MAX_NAME_BYTES})")
-        if any(len(part) > MAX_COMPONENT_BYTES for part in name.split(b"/")):
-            raise UnsafeTarEntry(where, f"file name too long (a component over {MAX_COMPONENT_BYTES} bytes)")
+        check_name(name, where)
         self._hold(len(name))
         return name
+
+    def _tree_bounded(self) -> None:
+        if self.tree.nodes > MAX_NODES or self.tree.path_bytes > MAX_PATH_BYTES:
+            raise LayerFormatError(f"layer tree too large (over {MAX_NODES} files and directories "
+                                   f"or {MAX_PATH_BYTES >> 20} MiB of paths)")
 
     def _hold(self, n: int) -> None:
         self._tree_bytes += n
@@ -380,6 +395,7 @@ class LayerBuilder:
         chunks: list[int | None] = []
         done = 0
         while done < size:
+            self._check()
             want = min(self.chunk_size, size - done)
             data = read(want)
             if len(data) != want:
@@ -404,11 +420,15 @@ class LayerBuilder:
             spool.seek(0)
             fd = spool.fileno()
             size = os.fstat(fd).st_size
-            reader = TarReader(io.BufferedReader(io.FileIO(fd, closefd=False), 64 << 10), seekable_size=size)
+            reader = TarReader(io.BufferedReader(io.FileIO(fd, closefd=False), 64 << 10), seekable_size=size,
+                                check=self._check)
             members = []
             try:
                 while (info := reader.next()) is not None:
                     self._count(info)
+                    check_name(info.name, info.where)  # before the plan splits names
+                    if info.islnk():
+                        check_name(info.linkname, info.where)
                     members.append(layout.Member(info, info.offset, info.end))
             except TarHeaderError as e:
                 raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
@@ -418,6 +438,7 @@ class LayerBuilder:
             moved = set(plan.moved)
             self._emit_span(fd, 0, members[0].start if members else trailer)
             for step in plan.steps:
+                self._check()
                 member = members[step.member]
                 self.stats.entries += 1
                 if step.copy:
@@ -435,6 +456,7 @@ class LayerBuilder:
 
     def _spool(self, stream: BinaryIO, spool: BinaryIO, kind: str) -> None:
         while True:
+            self._check()
             try:
                 piece = stream.read(SPOOL_PIECE)
             except STREAM_ERRORS as e:
@@ -447,6 +469,7 @@ class LayerBuilder:
     def _emit_span(self, fd: int, start: int, end: int) -> None:
         """Input bytes [start, end) of the spool, as stream bytes, piece by piece."""
         while start < end:
+            self._check()
             data = os.pread(fd, min(SPOOL_PIECE, end - start), start)
             if not data:
                 raise LayerFormatError(f"tar stream ended before offset {end}")
@@ -505,6 +528,7 @@ class LayerBuilder:
         )
         try:
             for entry in self.tree.entries():
+                self._check()
                 erofs.add(entry)
             meta_buf = io.BytesIO()
             erofs.write(meta_buf)
@@ -562,6 +586,7 @@ def build_layer(
     trace: bytes | None = None,
     order: bool = True,
     spool_dir: str | os.PathLike | None = None,
+    cancel: threading.Event | None = None,
 ) -> BuildResult:
     """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out.
 
@@ -569,11 +594,11 @@ def build_layer(
     section and the tar is written in the trace-ordered layout, spooling the decompressed
     input to a temporary file in spool_dir (default: the system's temporary directory).
     Without a trace, or with order=False (the trace is only embedded), the output tar is the
-    input byte for byte.
+    input byte for byte. Setting cancel stops the build (BuildCancelled) within a chunk's work.
     """
     builder = LayerBuilder(
         out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads,
-        trace=trace, order=order, spool_dir=spool_dir,
+        trace=trace, order=order, spool_dir=spool_dir, cancel=cancel,
     )
     with _short_gil_switch_interval():
         return builder.build(src, progress)
@@ -594,6 +619,14 @@ def _short_gil_switch_interval(seconds: float = 0.0005):
         yield
     finally:
         sys.setswitchinterval(previous)
+
+
+def check_name(name: bytes, where: str) -> None:
+    """Refuse a name containerd could not create (ENAMETOOLONG under its snapshot directory)."""
+    if len(name) > MAX_NAME_BYTES:
+        raise UnsafeTarEntry(where[:80] + "...", f"file name too long ({len(name)} bytes, limit {MAX_NAME_BYTES})")
+    if any(len(part) > MAX_COMPONENT_BYTES for part in name.split(b"/")):
+        raise UnsafeTarEntry(where, f"file name too long (a component over {MAX_COMPONENT_BYTES} bytes)")
 
 
 def _trace_paths(trace: bytes) -> list[str]:

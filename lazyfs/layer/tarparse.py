@@ -29,6 +29,7 @@ Everything is read once, in order, in linear time; what is held per entry is bou
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import BinaryIO
 
 from lazyfs.layer.errors import LayerFormatError
@@ -331,8 +332,10 @@ class TarReader:
     content (sparse files expanded). Skipped bytes are read, not seeked over, unless src can
     seek, so a tap below sees every byte."""
 
-    def __init__(self, src: BinaryIO, *, seekable_size: int | None = None):
+    def __init__(self, src: BinaryIO, *, seekable_size: int | None = None,
+                 check: Callable[[], None] | None = None):
         self._src = src
+        self._check = check or (lambda: None)  # called between pieces of work; may raise
         self._size = seekable_size  # with it, data is skipped by seeking (src is a file)
         self.position = 0  # input offset of the next unread byte
         self._left = 0  # stored bytes of the current member not read yet
@@ -363,6 +366,7 @@ class TarReader:
             self.position += n
             return
         while n > 0:
+            self._check()
             data = self._src.read(min(n, SKIP_PIECE))
             if not data:
                 if tolerate_eof:
@@ -395,6 +399,7 @@ class TarReader:
         """The next entry, or None at the end of the archive."""
         if self.done:
             return None
+        self._check()
         self._skip(self._left)
         self._skip(self._pad, tolerate_eof=True)
         self._left = self._pad = 0

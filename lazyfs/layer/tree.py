@@ -67,15 +67,23 @@ def split_name(name: bytes, entry: str) -> list[bytes]:
 class Tree:
     def __init__(self) -> None:
         self.root = Node(mode=IMPLICIT_DIR_MODE, children={})
+        # What the metadata writer will hold (an upper bound: replaced nodes stay counted), so
+        # the builder can refuse a layer before it exhausts memory.
+        self.nodes = 1
+        self.path_bytes = 0
 
     def _parent_dir(self, parts: list[bytes], entry: str) -> Node:
         """The directory holding parts[-1], creating missing directories like an extractor."""
         node = self.root
+        length = -1
         for i, name in enumerate(parts[:-1]):
+            length += 1 + len(name)
             child = node.children.get(name)
             if child is None:
                 child = Node(mode=IMPLICIT_DIR_MODE, children={})
                 node.children[name] = child
+                self.nodes += 1
+                self.path_bytes += length
             elif stat.S_ISLNK(child.mode):
                 where = b"/".join(parts[: i + 1]).decode(errors="replace")
                 raise UnsafeTarEntry(entry, f"path goes through the symlink {where!r} of this layer")
@@ -103,6 +111,8 @@ class Tree:
         if node.is_dir and node.children is None:
             node.children = {}
         parent.children[base] = node
+        self.nodes += 1
+        self.path_bytes += sum(map(len, parts)) + len(parts) - 1
 
     def discard(self, name: bytes, entry: str) -> None:
         """What an entry that creates nothing does (a global PAX header, to containerd): its
@@ -132,6 +142,8 @@ class Tree:
         if target in (b"", b".", b".."):
             raise UnsafeTarEntry(entry, "whiteout without a name")
         parent = self._parent_dir(parts, entry)
+        self.nodes += 1
+        self.path_bytes += sum(map(len, parts)) + len(parts) - 1
         parent.children[target] = Node(
             mode=stat.S_IFCHR, uid=header.uid, gid=header.gid, mtime=header.mtime,
             mtime_nsec=header.mtime_nsec, rdev=(0, 0),
@@ -145,6 +157,8 @@ class Tree:
         if node is None:
             node = Node(mode=IMPLICIT_DIR_MODE, children={})
             parent.children[parts[-1]] = node
+            self.nodes += 1
+            self.path_bytes += sum(map(len, parts)) + len(parts) - 1
         elif not node.is_dir:
             raise UnsafeTarEntry(entry, "opaque marker inside something that is not a directory")
         return node
