@@ -549,7 +549,10 @@ def layer_trees(draw):
                              uid=draw(st.integers(0, 70000)), pax={"mtime": f"1600000000.{ns:09d}"}), data))
         files.append(name)
     for j, target in enumerate(files[: draw(st.integers(0, len(files)))]):
-        members.append((dict(name=f"hl{j}", type=tarfile.LNKTYPE, linkname=target), None))
+        # A hard link's header carries its target's metadata, as tar writers make it (an
+        # applier sets the shared inode from the link's header too).
+        meta = next({k: kw[k] for k in ("mode", "uid", "pax")} for kw, _ in members if kw["name"] == target)
+        members.append((dict(name=f"hl{j}", type=tarfile.LNKTYPE, linkname=target, **meta), None))
     if files and draw(st.booleans()):
         members.append((dict(name="sym", type=tarfile.SYMTYPE, linkname=files[0]), None))
     return members

@@ -277,13 +277,20 @@ class LayerBuilder:
         elif m.type == tarparse.DIRTYPE:
             node.mode |= stat.S_IFDIR
         elif m.type == tarparse.SYMTYPE:
-            node.mode |= stat.S_IFLNK
+            node.mode = stat.S_IFLNK | 0o777  # what symlink(2) makes, whatever the header says
             node.link_target = m.linkname
             if not 0 < len(node.link_target) < 4096:
                 raise UnsafeTarEntry(where, "symlink target is empty or longer than 4095 bytes")
             self._hold(len(m.linkname))
         elif m.type == tarparse.LNKTYPE:
             target = self.tree.lookup_link_target(self._checked_name(m.linkname, where), where)
+            # containerd applies the link's own header to the inode it now shares (lchown,
+            # setxattr, chmod, chtimes), so the last link's owner, mode and times win.
+            target.uid, target.gid = node.uid, node.gid
+            target.mtime, target.mtime_nsec = node.mtime, node.mtime_nsec
+            target.xattrs = {**target.xattrs, **node.xattrs}
+            if not stat.S_ISLNK(target.mode):
+                target.mode = stat.S_IFMT(target.mode) | node.mode
             self.tree.add(name, target, where)
             self._tree_bounded()
             return None
