@@ -56,6 +56,13 @@ def extra_cases() -> list[h.Case]:
         h.Case("replace-and-merge",
                h.directory(b"d", mode=0o700) + h.reg(b"d/f", b"1") + h.directory(b"d", mode=0o755)
                + h.reg(b"x", b"file") + h.directory(b"x") + h.reg(b"x/inner", b"2") + h.END, {}),
+        h.Case("whiteout-and-opaque",
+               h.reg(b".wh.gone", b"") + h.directory(b"d") + h.reg(b"d/.wh..wh..opq", b"") + h.reg(b"d/kept", b"k")
+               + h.reg(b".wh..wh.plnk", b"") + h.END, {}),
+        h.Case("whiteout-after-its-file",
+               h.reg(b"x", b"file") + h.reg(b".wh.x", b"") + h.END, {}),
+        h.Case("whiteout-before-its-file",
+               h.reg(b".wh.y", b"") + h.reg(b"y", b"file") + h.END, {}),
         h.Case("root-entry",
                h.directory(b"./", mode=0o700, uid=5) + h.reg(b"a", b"a") + h.END, {}),
     ]
@@ -78,6 +85,10 @@ def signature(root: Path) -> dict[str, tuple]:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
             st = os.lstat(path)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                # A whiteout: overlayfs hides one in its lowest layer, `lazyfs mount` shows it as
+                # the 0:0 device the layer holds. Either way the path is absent from the image.
+                continue
             content = None
             if stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as f:
