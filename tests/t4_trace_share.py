@@ -1,0 +1,225 @@
+"""Traces carried by the registry (lazyfs.trace.share, `lazyfs trace push|pull`): the artifact
+and the referrers tag on the real distribution registry and on OCI layouts, several pushes,
+and hostile traces (another image's layers, oversized, garbage) that a pull refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lazyfs.registry import open_store
+from lazyfs.registry.manifest import OCI_INDEX, OCI_MANIFEST, sha256_digest
+from lazyfs.trace import share
+from lazyfs.trace.format import MAX_UNTRUSTED_SIZE, Access, FileEvent, Trace
+from tests.fixtures.images import build_image, build_index, directory, file, push_image, push_index
+from tests.fixtures.lazyimage import convert_image
+from tests.fixtures.lazymount import lazyfs_cli
+
+CHUNK = 65536
+
+
+def _image(salt: bytes = b""):
+    return convert_image(build_image([
+        [directory("bin"), file("bin/tool", b"#!tool\n" + salt * 100 + bytes(200_000))],
+        [directory("data"), file("data/a", salt + bytes(300_000)), file("data/b", b"b" * 1000)],
+    ]), chunk_size=CHUNK)
+
+
+def _trace(image, first: int = 0, ms: int = 5) -> Trace:
+    top, base = image.layers[1].digest, image.layers[0].digest
+    trace = Trace(layers={base: CHUNK, top: CHUNK})
+    trace.files.append(FileEvent(ms, "open", base, 40, "bin/tool"))
+    trace.accesses.append(Access(ms, base, 40, 0, 1, "bin/tool"))
+    trace.accesses.append(Access(ms + 3, top, 41, first, first + 2, "data/a"))
+    return trace
+
+
+async def _stores(registry, registry_repo, tmp_path):
+    """The same image in a registry repository and in an OCI layout."""
+    image = _image()
+    stores = [open_store(f"{registry.host}/{registry_repo}:v1", insecure_registries=[registry.host]),
+              open_store(f"oci:{tmp_path / 'layout'}:v1")]
+    for store in stores:
+        await push_image(store, image, tag="v1")
+    return image, stores
+
+
+@pytest.mark.parametrize("where", ["registry", "layout"])
+async def test_push_pull_round_trip_and_several_pushes(registry, registry_repo, tmp_path, where):
+    image, stores = await _stores(registry, registry_repo, tmp_path)
+    store = stores[0] if where == "registry" else stores[1]
+    try:
+        subject = await share.image_manifest(store)
+        assert subject.digest == image.digest
+        # no referrers API on either (distribution 2.8, a layout): the tag schema is used
+        assert await store.list_referrers(subject.digest) is None
+        with pytest.raises(share.ShareError, match="no lazyfs trace"):
+            await share.pull_trace(store, subject)
+
+        # someone else's referrer is already in the tag index: it must survive our pushes
+        foreign = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(b"x"), "size": 1,
+                   "artifactType": "application/vnd.example.sbom"}
+        if where == "layout":  # a layout's index entries need not exist as blobs; a registry's must
+            await store.push_manifest(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                                  "manifests": [foreign]}).encode(),
+                                      OCI_INDEX, tag=share.referrers_tag(subject.digest))
+        first = _trace(image, first=0)
+        d1 = await share.push_trace(store, subject, first, created="2026-01-01T00:00:00.000000Z")
+        pulled = await share.pull_trace(store, subject)
+        assert (pulled.artifact, pulled.data) == (d1, first.encode())
+
+        manifest = (await store.get_manifest(d1)).json
+        assert manifest["artifactType"] == share.ARTIFACT_TYPE
+        assert manifest["subject"] == {"mediaType": OCI_MANIFEST, "digest": image.digest,
+                                       "size": len(image.manifest)}
+        assert manifest["config"] == {"mediaType": "application/vnd.oci.empty.v1+json",
+                                      "digest": sha256_digest(b"{}"), "size": 2, "data": "e30="}
+        assert [layer["mediaType"] for layer in manifest["layers"]] == [share.TRACE_MEDIA_TYPE]
+
+        # a second, newer push: both listed under the tag, the pull takes the newer
+        second = _trace(image, first=3)
+        d2 = await share.push_trace(store, subject, second, created="2026-02-01T00:00:00.000000Z")
+        tagged = (await store.get_manifest(share.referrers_tag(subject.digest))).json["manifests"]
+        digests = [entry["digest"] for entry in tagged]
+        assert {d1, d2} <= set(digests)
+        assert (foreign["digest"] in digests) == (where == "layout")
+        assert (await share.pull_trace(store, subject)).data == second.encode()
+        # an older one pushed later does not win
+        await share.push_trace(store, subject, _trace(image, first=6), created="2025-06-01T00:00:00.000000Z")
+        assert (await share.pull_trace(store, subject)).artifact == d2
+
+        # many pushes: the tag index keeps our newest few, and the foreign entry
+        for month in range(3, 3 + share.KEEP_IN_TAG_INDEX + 2):
+            await share.push_trace(store, subject, _trace(image, first=month),
+                                   created=f"2026-{month:02d}-01T00:00:00.000000Z")
+        tagged = (await store.get_manifest(share.referrers_tag(subject.digest))).json["manifests"]
+        ours = [e for e in tagged if e["artifactType"] == share.ARTIFACT_TYPE]
+        assert len(ours) == share.KEEP_IN_TAG_INDEX
+        assert (foreign["digest"] in [e["digest"] for e in tagged]) == (where == "layout")
+        assert (await share.pull_trace(store, subject)).data == _trace(image, first=3 + share.KEEP_IN_TAG_INDEX + 1).encode()
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def test_index_image_trace_attaches_to_the_platform_manifest(registry, registry_repo):
+    amd, arm = _image(b"amd"), _image(b"arm")
+    from dataclasses import replace
+    from lazyfs.registry import Platform
+    arm = replace(arm, platform=Platform("linux", "arm64", "v8"))
+    amd = replace(amd, platform=Platform("linux", "amd64"))
+    index = build_index([amd, arm])
+    store = open_store(f"{registry.host}/{registry_repo}:multi", insecure_registries=[registry.host])
+    try:
+        await push_index(store, index, tag="multi")
+        subject = await share.image_manifest(store, platform=Platform("linux", "arm64", "v8"))
+        assert subject.digest == arm.digest
+        await share.push_trace(store, subject, _trace(arm))
+        assert (await share.pull_trace(store, subject)).data == _trace(arm).encode()
+        other = await share.image_manifest(store, platform=Platform("linux", "amd64"))
+        with pytest.raises(share.ShareError, match="no lazyfs trace"):
+            await share.pull_trace(store, other)
+    finally:
+        await store.aclose()
+
+
+def test_cli_push_and_pull(registry, registry_repo, tmp_path):
+    import trio
+
+    image = _image()
+    ref = f"{registry.host}/{registry_repo}:v1"
+
+    async def push() -> None:
+        store = open_store(ref, insecure_registries=[registry.host])
+        try:
+            await push_image(store, image, tag="v1")
+        finally:
+            await store.aclose()
+
+    trio.run(push)
+    trace_file = tmp_path / "start.trace"
+    trace_file.write_bytes(_trace(image).encode())
+    pushed = lazyfs_cli("trace", "push", ref, str(trace_file))
+    assert "attached to " + image.digest in pushed.stdout
+    out = tmp_path / "pulled.trace"
+    pulled = lazyfs_cli("trace", "pull", ref, "-o", str(out))
+    assert out.read_bytes() == trace_file.read_bytes()
+    assert "verified" in pulled.stdout
+    assert lazyfs_cli("trace", "pull", ref).stdout.encode() == trace_file.read_bytes()
+
+    # a trace of another image is refused before anything is pushed
+    other = tmp_path / "other.trace"
+    other.write_bytes(_trace(_image(b"other")).encode())
+    refused = lazyfs_cli("trace", "push", ref, str(other), check=False)
+    assert refused.returncode == 1 and "not a layer of the image" in refused.stderr
+    # a layout works the same way
+    layout = f"oci:{tmp_path / 'layout'}:v1"
+    from tests.fixtures.lazyimage import push_to_store
+    push_to_store(layout, image)
+    lazyfs_cli("trace", "push", layout, str(trace_file))
+    assert lazyfs_cli("trace", "pull", layout).stdout.encode() == trace_file.read_bytes()
+    missing = lazyfs_cli("trace", "pull", f"oci:{tmp_path / 'layout'}:nope", check=False)
+    assert missing.returncode == 1 and missing.stderr.startswith("lazyfs trace pull: ")
+
+
+# -- hostile traces --------------------------------------------------------------------------
+
+async def _push_raw(store, subject, data: bytes, created: str) -> str:
+    """An artifact with arbitrary trace bytes, as a hostile or broken pusher would store it."""
+    await store.push_blob(share.EMPTY_BLOB, media_type=share.EMPTY_MEDIA_TYPE)
+    blob = await store.push_blob(data, media_type=share.TRACE_MEDIA_TYPE)
+    manifest = share.artifact_manifest(subject, blob.digest, blob.size, created)
+    digest = await store.push_manifest(manifest, OCI_MANIFEST)
+    entry = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest),
+             "artifactType": share.ARTIFACT_TYPE, "annotations": {share.CREATED: created}}
+    await share._add_to_tag_index(store, subject.digest, entry)
+    return digest
+
+
+@pytest.mark.expected_log
+@pytest.mark.parametrize("where", ["registry", "layout"])
+async def test_hostile_traces_are_refused(registry, registry_repo, tmp_path, where, caplog):
+    image, stores = await _stores(registry, registry_repo, tmp_path)
+    store = stores[0] if where == "registry" else stores[1]
+    try:
+        subject = await share.image_manifest(store)
+        good = _trace(image)
+        await share.push_trace(store, subject, good, created="2026-01-01T00:00:00.000000Z")
+        other_image = _image(b"someone else")
+        oversized = good.encode() + b"\n" * (MAX_UNTRUSTED_SIZE - len(good.encode()) + 1)
+        out_of_range = Trace(layers={image.layers[0].digest: CHUNK})
+        out_of_range.accesses.append(Access(-5, image.layers[0].digest, 1, 0, 0, "x"))
+        hostile = {
+            "another image's layers": _trace(other_image).encode(),
+            "oversized": oversized,
+            "garbage": bytes(range(256)) * 4,
+            "not a trace": b"lazyfs-trace\t2\n",
+            "negative time": out_of_range.encode(),
+        }
+        for month, (name, data) in enumerate(hostile.items(), start=2):
+            caplog.clear()
+            digest = await _push_raw(store, subject, data, f"2026-{month:02d}-01T00:00:00.000000Z")
+            pulled = await share.pull_trace(store, subject, max_size=MAX_UNTRUSTED_SIZE)
+            # the newest is refused with a log line; the older good one is still found
+            assert pulled.data == good.encode(), name
+            warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert any(digest in w for w in warnings), (name, warnings)
+        # a trace manifest attached to another image but listed under this image's tag
+        other_subject = await _push_other(store, other_image)
+        caplog.clear()
+        digest = await _push_raw(store, other_subject, good.encode(), "2026-12-01T00:00:00.000000Z")
+        entry = {"mediaType": OCI_MANIFEST, "digest": digest,
+                 "size": len((await store.get_manifest(digest)).data),
+                 "artifactType": share.ARTIFACT_TYPE, "annotations": {share.CREATED: "2026-12-01T00:00:00Z"}}
+        await share._add_to_tag_index(store, subject.digest, entry)
+        assert (await share.pull_trace(store, subject)).data == good.encode()
+        assert any("attached to another image" in r.getMessage() for r in caplog.records)
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def _push_other(store, image):
+    await push_image(store, image, tag="other")
+    return await store.get_manifest("other")
