@@ -223,3 +223,173 @@ async def test_hostile_traces_are_refused(registry, registry_repo, tmp_path, whe
 async def _push_other(store, image):
     await push_image(store, image, tag="other")
     return await store.get_manifest("other")
+
+
+# -- look-up at attach (`lazyfs mount`) --------------------------------------------------------
+
+def _random_image():
+    import random
+    rng = random.Random(14)
+    return convert_image(build_image([
+        [directory("bin"), file("bin/tool", rng.randbytes(150_000))],
+        [directory("data"), file("data/a", rng.randbytes(400_000)), file("data/b", rng.randbytes(200_000)),
+         file("data/unused", rng.randbytes(300_000))],
+    ]), chunk_size=CHUNK)
+
+
+def _read_files(root, *paths):
+    for path in paths:
+        (root / path).read_bytes()
+
+
+def test_mount_prefetches_a_learned_trace(registry, registry_repo, tmp_path):
+    """Mount 1 records its start and pushes the trace; mount 2, cold, finds it in the registry
+    and prefetches exactly those chunks, so the same reads make no on-demand fetch."""
+    from tests.fixtures.lazyimage import push_to_registry
+    from tests.fixtures.lazymount import lazy_mount, wait_for_prefetch
+
+    image = _random_image()
+    push_to_registry(registry, registry_repo, image)
+    ref = f"{registry.host}/{registry_repo}:v1"
+    trace_file = tmp_path / "start.trace"
+    with lazy_mount(tmp_path / "mnt", "--record-trace", str(trace_file), ref, run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache-1") as mount:
+        first = mount.stats()
+        assert all("learned_trace" not in layer for layer in first["attached"])  # none yet
+        _read_files(mount.path, "data/a", "bin/tool")
+        misses_1 = mount.stats()["fetch"]["misses"]
+    recorded = Trace.decode(trace_file.read_bytes())
+    assert recorded.chunks_of(image.layers[1].digest)
+    lazyfs_cli("trace", "push", ref, str(trace_file))
+
+    with lazy_mount(tmp_path / "mnt", ref, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache-2") as mount:
+        stats = wait_for_prefetch(mount, layers=2)
+        by_digest = {layer["digest"]: layer for layer in stats["attached"]}
+        for blob in image.layers:
+            wanted = recorded.chunks_of(blob.digest)
+            assert by_digest[blob.digest]["prefetch_chunks"] == len(wanted)
+            assert by_digest[blob.digest]["learned_trace"].startswith("sha256:")
+        _read_files(mount.path, "data/a", "bin/tool")
+        after = mount.stats()["fetch"]
+        assert after["queued"]["on_demand"] == 0 and after["misses"] == 0, after
+        assert misses_1 > 0
+
+
+@pytest.mark.expected_log
+def test_mount_ignores_a_learned_trace_that_does_not_fit(registry, registry_repo, tmp_path):
+    """A trace that passes the pull's checks but names chunks the layer does not have (or
+    gives it another chunk size) is logged and ignored; the mount serves as without one."""
+    import trio
+
+    from lazyfs.daemon.mountstate import MountState
+    from tests.fixtures.lazyimage import push_to_registry
+    from tests.fixtures.lazymount import lazy_mount
+
+    image = _random_image()
+    push_to_registry(registry, registry_repo, image)
+    ref = f"{registry.host}/{registry_repo}:v1"
+    top, base = image.layers[1].digest, image.layers[0].digest
+    bad = Trace(layers={top: CHUNK, base: CHUNK * 2})
+    bad.accesses.append(Access(1, top, 40, 0, 100_000, "data/a"))
+    bad.accesses.append(Access(2, base, 40, 0, 0, "bin/tool"))
+
+    async def push_bad() -> None:
+        store = open_store(ref, insecure_registries=[registry.host])
+        try:
+            await share.push_trace(store, await share.image_manifest(store), bad)
+        finally:
+            await store.aclose()
+
+    trio.run(push_bad)
+    with lazy_mount(tmp_path / "mnt", ref, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
+        stats = mount.stats()
+        assert stats["fetch"]["queued"]["prefetch"] == 0
+        assert all("learned_trace" not in layer for layer in stats["attached"])
+        assert (mount.path / "data/b").read_bytes() == image_file(image, "data/b")
+        log = MountState.for_mountpoint(mount.path, mount.run_dir).log_file.read_text()
+        assert f"names chunk 100000 of layer {top}" in log
+        assert f"gives layer {base} chunk size {CHUNK * 2}" in log
+
+
+def image_file(image, path: str) -> bytes:
+    import io
+    import tarfile
+    for layer in reversed(image.layers):
+        with tarfile.open(fileobj=io.BytesIO(layer.tar)) as tar:
+            try:
+                member = tar.getmember(path)
+            except KeyError:
+                continue
+            return tar.extractfile(member).read()
+    raise KeyError(path)
+
+
+# -- automatic recording (`lazyfs mount --learned-trace pull|push`) -----------------------------
+
+def _wait_recordings(mount, states: set[str], count: int, timeout: float = 60) -> list[dict]:
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        recordings = mount.stats()["learned"]["recordings"]
+        done = [r for r in recordings if r["state"] in states]
+        if len(done) >= count:
+            return done
+        assert time.monotonic() < deadline, recordings
+        time.sleep(0.1)
+
+
+def test_mount_records_starts_merges_them_and_pushes(registry, registry_repo, tmp_path):
+    """Each mount records the start that follows its attach until reads fall quiet; the starts
+    of one image merge into the cache's trace of it; with push the merged trace is attached to
+    the image in the registry, where a cold mount elsewhere finds it."""
+    from tests.fixtures.lazyimage import push_to_registry
+    from tests.fixtures.lazymount import lazy_mount, wait_for_prefetch
+
+    image = _random_image()
+    push_to_registry(registry, registry_repo, image)
+    ref = f"{registry.host}/{registry_repo}:v1"
+    top = image.layers[1].digest
+    cache = tmp_path / "cache-1"
+    with lazy_mount(tmp_path / "mnt", ref, run_dir=tmp_path / "run", cache_dir=cache) as mount:
+        _read_files(mount.path, "data/a")
+        (saved,) = _wait_recordings(mount, {"saved"}, 1)
+        assert saved["image"] == image.digest and saved["pushed"] is None
+    local = cache / "traces" / f"{image.digest.partition(':')[2]}.trace"
+    first = Trace.decode(local.read_bytes())
+    assert {a.path for a in first.accesses} == {"/data/a"}
+    a_chunks = first.chunks_of(top)
+
+    with lazy_mount(tmp_path / "mnt", "--learned-trace", "push", ref, run_dir=tmp_path / "run",
+                    cache_dir=cache) as mount:
+        _read_files(mount.path, "data/b")
+        (pushed,) = _wait_recordings(mount, {"pushed"}, 1)
+        assert pushed["pushed"].startswith("sha256:")
+    merged = Trace.decode(local.read_bytes())
+    assert {a.path for a in merged.accesses} == {"/data/a", "/data/b"}
+    assert set(a_chunks) < set(merged.chunks_of(top))
+    out = tmp_path / "pulled.trace"
+    lazyfs_cli("trace", "pull", ref, "-o", str(out))
+    assert out.read_bytes() == local.read_bytes()
+
+    # another node, cold: prefetches both files' chunks from the pushed trace
+    with lazy_mount(tmp_path / "mnt", ref, run_dir=tmp_path / "run2", cache_dir=tmp_path / "cache-2") as mount:
+        stats = wait_for_prefetch(mount, layers=2)
+        assert {layer["learned_trace"] for layer in stats["attached"] if "learned_trace" in layer} == \
+            {pushed["pushed"]}
+        _read_files(mount.path, "data/a", "data/b")
+        assert mount.stats()["fetch"]["misses"] == 0
+
+
+def test_mount_learned_trace_off(registry, registry_repo, tmp_path):
+    from tests.fixtures.lazyimage import push_to_registry
+    from tests.fixtures.lazymount import lazy_mount
+
+    image = _random_image()
+    push_to_registry(registry, registry_repo, image)
+    ref = f"{registry.host}/{registry_repo}:v1"
+    with lazy_mount(tmp_path / "mnt", "--learned-trace", "off", ref, run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        _read_files(mount.path, "data/a")
+        stats = mount.stats()
+        assert stats["learned"] == {"lookups": 0, "found": 0, "recordings": []}
+    assert not (tmp_path / "cache" / "traces").exists()

@@ -155,7 +155,8 @@ def _record(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="lazyfs-trace-record-"))
     mountpoint, run_dir = work / "root", work / "run"
     mountpoint.mkdir()
-    mount = [sys.executable, "-m", "lazyfs.cli", "mount", "--no-prefetch", "--run-dir", str(run_dir)]
+    mount = [sys.executable, "-m", "lazyfs.cli", "mount", "--no-prefetch", "--learned-trace", "off",
+             "--run-dir", str(run_dir)]
     if args.cache_dir is not None:
         mount += ["--cache-dir", str(args.cache_dir)]
     if args.platform is not None:

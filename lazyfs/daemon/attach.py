@@ -33,6 +33,7 @@ from lazyfs.registry import (
 )
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
 from lazyfs.trace.format import Trace, TraceError
+from lazyfs.daemon.learned import LearnedTraces, learned_chunks
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class AttachContext:
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
+    learned: LearnedTraces = field(default_factory=LearnedTraces)  # traces found in registries
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -242,6 +244,14 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if chunks:
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
+    elif request.get("learned_trace") and index.trace is None:
+        learned = await _learned_trace_chunks(ctx, store, request, digest, layer)
+        if learned is not None:
+            artifact, chunks = learned
+            if chunks:
+                ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+            info["prefetch_chunks"] = len(chunks)
+            info["learned_trace"] = artifact
     if request.get("background_fetch"):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
@@ -250,6 +260,22 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
                            [layer.chunk_ref(n) for n in range(layer.chunk_count)], background_rate)
         info["background_fetch"] = {"rate": background_rate}
     return layer.image, device, info
+
+
+async def _learned_trace_chunks(ctx: AttachContext, store: ImageStore, request: dict, digest: str,
+                                layer: Layer) -> tuple[str, list[int]] | None:
+    """(artifact digest, chunks) from a trace attached in the registry to the image whose
+    manifest is ``image_manifest``; None when there is none or it does not fit the layer. The
+    trace was checked against the image's layers when pulled and only orders chunks that the
+    layer's verified table describes."""
+    manifest = request.get("image_manifest")
+    if not isinstance(manifest, str) or not manifest.startswith("sha256:"):
+        raise AttachError("'learned_trace' needs 'image_manifest', the image manifest's digest")
+    pulled = await ctx.learned.lookup(store, manifest)
+    if pulled is None:
+        return None
+    chunks = learned_chunks(pulled.trace, digest, layer.chunk_size, layer.chunk_count)
+    return None if chunks is None else (pulled.artifact, chunks)
 
 
 def _background_rate(request: dict) -> int | None:

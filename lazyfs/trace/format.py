@@ -263,10 +263,16 @@ class TraceRecorder:
     def _ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 
-    def record(self, layer: str, chunk_size: int, nid: int, path: str, chunks: Iterable[int]) -> None:
+    @property
+    def chunk_count(self) -> int:
+        """Distinct chunks recorded so far."""
+        return len(self._seen)
+
+    def record(self, layer: str, chunk_size: int, nid: int, path: str, chunks: Iterable[int]) -> int:
+        """Record the chunks not seen before; how many there were."""
         new = [n for n in chunks if (layer, n) not in self._seen]
         if not new:
-            return
+            return 0
         self.trace.layers.setdefault(layer, chunk_size)
         ms = self._ms()
         accesses = self.trace.accesses
@@ -277,6 +283,7 @@ class TraceRecorder:
                 last.last = n
             else:
                 accesses.append(Access(ms, layer, nid, n, n, path))
+        return len(new)
 
     def record_file(self, kind: str, layer: str, chunk_size: int, nid: int, path: str = "?") -> None:
         key = (kind, layer, nid)
