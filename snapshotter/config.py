@@ -14,6 +14,16 @@ cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
 prefetch = true                # ask the daemon to prefetch each layer's embedded trace
 
+[traces]                       # learned traces (see docs/design.md, "Learned traces")
+record = true                  # record each image's start (kept in the daemon's cache, traces/)
+share = "pull"                 # "off": neither look up nor push; "pull": a layer without a trace
+                               # of its own prefetches from a trace attached to its image in the
+                               # registry; "push": also attach each recorded trace to the image
+quiet = 5.0                    # a recorded start ends after this many seconds without a new chunk
+max_seconds = 120.0            # ... or this long after its first read
+username = ""                  # push credentials; "" = the Docker config.json of the daemon's user
+password = ""
+
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
 [registry.mirrors]                           # lazy layers of docker.io images come from here
@@ -60,6 +70,16 @@ class DaemonConfig:
 
 
 @dataclass
+class TracesConfig:
+    record: bool = True
+    share: str = "pull"  # pushing publishes what an image's start reads: only when asked for
+    quiet: float = 5.0
+    max_seconds: float = 120.0
+    username: str = ""
+    password: str = ""
+
+
+@dataclass
 class RegistryConfig:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     insecure_hosts: list[str] = field(default_factory=list)
@@ -72,6 +92,7 @@ class Config:
     log_level: str = "info"
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
 
 
 def _take(table: dict, key: str, kind: type, default):
@@ -107,10 +128,22 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.cache_dir = Path(_take(daemon, "cache_dir", str, "") or cfg.root / "cache")
     d.cache_size = parse_size(_take(daemon, "cache_size", (int, str), d.cache_size))
     d.prefetch = _take(daemon, "prefetch", bool, d.prefetch)
+    traces = _take(raw, "traces", dict, {})
+    t = cfg.traces
+    t.record = _take(traces, "record", bool, t.record)
+    t.share = _take(traces, "share", str, t.share)
+    if t.share not in ("off", "pull", "push"):
+        raise ConfigError(f"traces.share: expected \"off\", \"pull\" or \"push\", got {t.share!r}")
+    t.quiet = float(_take(traces, "quiet", (int, float), t.quiet))
+    t.max_seconds = float(_take(traces, "max_seconds", (int, float), t.max_seconds))
+    t.username = _take(traces, "username", str, t.username)
+    t.password = _take(traces, "password", str, t.password)
+    if bool(t.username) != bool(t.password):
+        raise ConfigError("traces.username and traces.password go together")
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])
-    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry.")):
+    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry."), (traces, "traces.")):
         if table:
             raise ConfigError(f"unknown configuration keys: {', '.join(name + k for k in table)}")
     return cfg

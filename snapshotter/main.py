@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     layerfs = None
     if cfg.daemon.enabled:
         layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint,
-                                mirrors=cfg.registry.mirrors, prefetch=cfg.daemon.prefetch)
+                                mirrors=cfg.registry.mirrors, prefetch=cfg.daemon.prefetch,
+                                traces=cfg.traces)
     snapshotter = Snapshotter(cfg.root, layerfs)
     if layerfs is not None:
         supervisor = DaemonSupervisor(cfg, layerfs, on_restart=snapshotter.reattach_lazy_layers)
