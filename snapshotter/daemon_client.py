@@ -90,10 +90,10 @@ class DaemonLayerFS:
 
     def _learning(self, manifest_digest: str) -> dict:
         t = self.traces
-        if not manifest_digest.startswith("sha256:"):
-            return {}  # without the image's manifest there is nothing to attach a trace to
-        args: dict = {"image_manifest": manifest_digest, "share": t.share,
-                      "learned_trace": self.prefetch and t.share != "off", "record_trace": t.record}
+        args: dict = {"share": t.share, "learned_trace": self.prefetch and t.share != "off", "record_trace": t.record}
+        if manifest_digest.startswith("sha256:"):
+            # CRI names the image manifest; without it (ctr-remote) the daemon resolves the reference
+            args["image_manifest"] = manifest_digest
         if t.record and t.share == "push" and t.username:
             args["push_credentials"] = {"username": t.username, "password": t.password}
         return args

@@ -314,7 +314,9 @@ def test_traces_config_and_attach_arguments(tmp_path):
     assert fs._learning(manifest) == {
         "image_manifest": manifest, "share": "push", "learned_trace": True, "record_trace": True,
         "push_credentials": {"username": "u", "password": "p"}}
-    assert fs._learning("") == {}  # no manifest digest label: nothing to attach a trace to
+    # no manifest digest label (ctr-remote): the daemon resolves the image reference
+    assert fs._learning("") == {"share": "push", "learned_trace": True, "record_trace": True,
+                                "push_credentials": {"username": "u", "password": "p"}}
     off = DaemonLayerFS(tmp_path / "s", tmp_path / "m", traces=config.TracesConfig(record=False, share="off"))
     assert off._learning(manifest) == {"image_manifest": manifest, "share": "off", "learned_trace": False,
                                        "record_trace": False}

@@ -237,6 +237,11 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
                              recent=ctx.recent)
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
+    manifest = None
+    if request.get("learned_trace") or request.get("record_trace"):
+        manifest = await _image_manifest(ctx, store, ref, digest, request)
+        if manifest is not None:
+            info["image_manifest"] = manifest
     found = await _prefetch_trace(ctx, store, digest, index, request)
     if found is not None:
         trace, embedded = found
@@ -244,8 +249,8 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if chunks:
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
-    elif request.get("learned_trace") and index.trace is None:
-        learned = await _learned_trace_chunks(ctx, store, request, digest, layer)
+    elif request.get("learned_trace") and index.trace is None and manifest is not None:
+        learned = await _learned_trace_chunks(ctx, store, manifest, digest, layer)
         if learned is not None:
             artifact, chunks = learned
             if chunks:
@@ -262,15 +267,25 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     return layer.image, device, info
 
 
-async def _learned_trace_chunks(ctx: AttachContext, store: ImageStore, request: dict, digest: str,
+async def _image_manifest(ctx: AttachContext, store: ImageStore, ref: str, digest: str,
+                          request: dict) -> str | None:
+    """The digest of the image manifest the layer belongs to: ``image_manifest`` if the request
+    names it, else what ``ref`` resolves to, if the layer is one of its layers."""
+    manifest = request.get("image_manifest")
+    if manifest is not None:
+        if not isinstance(manifest, str) or not manifest.startswith("sha256:"):
+            raise AttachError("'image_manifest' must be the image manifest's sha256 digest")
+        return manifest
+    parsed = parse_any_reference(ref)
+    return await ctx.learned.manifest_of(store, parsed.object, digest)
+
+
+async def _learned_trace_chunks(ctx: AttachContext, store: ImageStore, manifest: str, digest: str,
                                 layer: Layer) -> tuple[str, list[int]] | None:
     """(artifact digest, chunks) from a trace attached in the registry to the image whose
-    manifest is ``image_manifest``; None when there is none or it does not fit the layer. The
+    manifest is ``manifest``; None when there is none or it does not fit the layer. The
     trace was checked against the image's layers when pulled and only orders chunks that the
     layer's verified table describes."""
-    manifest = request.get("image_manifest")
-    if not isinstance(manifest, str) or not manifest.startswith("sha256:"):
-        raise AttachError("'learned_trace' needs 'image_manifest', the image manifest's digest")
     pulled = await ctx.learned.lookup(store, manifest)
     if pulled is None:
         return None

@@ -38,8 +38,33 @@ class LearnedTraces:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], _Entry] = {}
+        self._manifests: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._layers: dict[str, set[str]] = {}
         self.lookups = 0
         self.found = 0
+
+    async def manifest_of(self, store: ImageStore, reference: str | None, layer: str) -> str | None:
+        """The digest of the image manifest that ``reference`` (tag or digest; an index resolves
+        to this host's platform) names, if ``layer`` is one of its layers: for attaches that do
+        not say which image they belong to (ctr-remote sends no manifest digest label). One
+        resolution per reference and minute."""
+        key = (store.name, reference or "")
+        now = trio.current_time()
+        cached = self._manifests.get(key)
+        if cached is None or now - cached[0] > 60:
+            digest = None
+            with trio.move_on_after(LOOKUP_TIMEOUT):
+                try:
+                    manifest = await store.resolve_manifest(reference)
+                    digest = manifest.digest
+                    self._layers[digest] = {d.digest for d in manifest.layers}
+                except RegistryError as e:
+                    log.info("cannot resolve %s in %s for its learned trace: %s", reference, store.name, e)
+            cached = self._manifests[key] = (now, digest)
+        digest = cached[1]
+        if digest is None or layer not in self._layers.get(digest, ()):
+            return None
+        return digest
 
     async def lookup(self, store: ImageStore, manifest_digest: str) -> PulledTrace | None:
         key = (store.name, manifest_digest)

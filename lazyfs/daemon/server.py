@@ -322,10 +322,9 @@ class Daemon:
 
     def _learn_request(self, request: dict) -> tuple:
         """``record_trace`` in an attach request: the layer joins the recording of its image's
-        start (``image_manifest``), pushed when it ends if ``share`` is "push"."""
-        manifest = request.get("image_manifest")
-        if request.get("kind") != "lazyfs" or not isinstance(manifest, str):
-            raise RequestError("'record_trace' needs a lazyfs layer and 'image_manifest'")
+        start (the image the attach found it in), pushed when it ends if ``share`` is "push"."""
+        if request.get("kind") != "lazyfs":
+            raise RequestError("'record_trace' needs a lazyfs layer")
         credentials = request.get("push_credentials")
         if credentials is not None and not (isinstance(credentials, dict) and all(
                 isinstance(credentials.get(k), str) for k in ("username", "password"))):
@@ -336,7 +335,7 @@ class Daemon:
             store, _ = self.attach_context.stores.get(self.attach_context, ref)
         except attach_kinds.AttachError as e:
             raise RequestError(str(e), "attach-failed") from e
-        return store, ref, manifest, digest, request.get("share") == "push", credentials
+        return store, ref, digest, request.get("share") == "push", credentials
 
     def _push_store(self, ref: str, credentials: dict):
         """A store for ``ref`` that authenticates with the given credentials (pushing a trace
@@ -423,8 +422,8 @@ class Daemon:
             raise RequestError(str(e), "exists") from e
         except ValueError as e:
             raise RequestError(str(e)) from e
-        if learn is not None:
-            self.learning.add_layer(*learn)
+        if learn is not None and info.get("image_manifest"):
+            self.learning.add_layer(*learn[:2], info["image_manifest"], *learn[2:])
         return {"path": str(self.options.fuse_dir / name)}
 
     async def detach(self, request: dict) -> dict:
