@@ -5,6 +5,7 @@ and hostile traces (another image's layers, oversized, garbage) that a pull refu
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -254,7 +255,8 @@ def test_mount_prefetches_a_learned_trace(registry, registry_repo, tmp_path):
     trace_file = tmp_path / "start.trace"
     with lazy_mount(tmp_path / "mnt", "--record-trace", str(trace_file), ref, run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache-1") as mount:
-        first = mount.stats()
+        first = _wait_lookups(mount)
+        assert first["learned"]["found"] == 0
         assert all("learned_trace" not in layer for layer in first["attached"])  # none yet
         _read_files(mount.path, "data/a", "bin/tool")
         misses_1 = mount.stats()["fetch"]["misses"]
@@ -302,13 +304,16 @@ def test_mount_ignores_a_learned_trace_that_does_not_fit(registry, registry_repo
 
     trio.run(push_bad)
     with lazy_mount(tmp_path / "mnt", ref, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
+        log_file = MountState.for_mountpoint(mount.path, mount.run_dir).log_file
+        expected = [f"names chunk 100000 of layer {top}", f"gives layer {base} chunk size {CHUNK * 2}"]
+        deadline = time.monotonic() + 30  # the look-up runs after the attach, in the background
+        while not all(line in log_file.read_text() for line in expected):
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.05)
         stats = mount.stats()
         assert stats["fetch"]["queued"]["prefetch"] == 0
         assert all("learned_trace" not in layer for layer in stats["attached"])
         assert (mount.path / "data/b").read_bytes() == image_file(image, "data/b")
-        log = MountState.for_mountpoint(mount.path, mount.run_dir).log_file.read_text()
-        assert f"names chunk 100000 of layer {top}" in log
-        assert f"gives layer {base} chunk size {CHUNK * 2}" in log
 
 
 def image_file(image, path: str) -> bytes:
@@ -325,6 +330,18 @@ def image_file(image, path: str) -> bytes:
 
 
 # -- automatic recording (`lazyfs mount --learned-trace pull|push`) -----------------------------
+
+def _wait_lookups(mount, timeout: float = 30) -> dict:
+    """The mount's stats once the learned-trace look-up (after the attach) has happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = mount.stats()
+        if stats["learned"]["lookups"] >= 1 and \
+                all("image_manifest" in layer for layer in stats["attached"]):
+            return stats
+        assert time.monotonic() < deadline, stats["learned"]
+        time.sleep(0.05)
+
 
 def _wait_recordings(mount, states: set[str], count: int, timeout: float = 60) -> list[dict]:
     import time

@@ -166,7 +166,9 @@ async def test_hostile_learned_trace_changes_nothing_but_a_log_line(registry, re
     node = nodes("node", "pull")
     out = await trio.to_thread.run_sync(node.pull_and_run, ref, "hostile")
     assert out.strip() == "ready"
-    stats = node.daemon()
-    assert stats["prefetch"]["queued"] == 0
-    log = (node.snapshotter.root / "daemon.log").read_text()
-    assert f"names chunk 5000 of layer {top}" in log
+    log = node.snapshotter.root / "daemon.log"
+    deadline = time.monotonic() + 30  # the look-up runs after the attach, in the background
+    while f"names chunk 5000 of layer {top}" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    assert node.daemon()["prefetch"]["queued"] == 0

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -237,11 +238,6 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
                              recent=ctx.recent)
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
-    manifest = None
-    if request.get("learned_trace") or request.get("record_trace"):
-        manifest = await _image_manifest(ctx, store, ref, digest, request)
-        if manifest is not None:
-            info["image_manifest"] = manifest
     found = await _prefetch_trace(ctx, store, digest, index, request)
     if found is not None:
         trace, embedded = found
@@ -249,14 +245,11 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if chunks:
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
-    elif request.get("learned_trace") and index.trace is None and manifest is not None:
-        learned = await _learned_trace_chunks(ctx, store, manifest, digest, layer)
-        if learned is not None:
-            artifact, chunks = learned
-            if chunks:
-                ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
-            info["prefetch_chunks"] = len(chunks)
-            info["learned_trace"] = artifact
+    if request.get("learned_trace") or request.get("record_trace"):
+        # After the attach, in the background: the look-up must not delay the layer.
+        info[AFTER_ATTACH] = functools.partial(
+            _learn, ctx, store, ref, digest, _given_manifest(request), layer, source,
+            bool(request.get("learned_trace")) and found is None and index.trace is None)
     if request.get("background_fetch"):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
@@ -267,17 +260,38 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     return layer.image, device, info
 
 
-async def _image_manifest(ctx: AttachContext, store: ImageStore, ref: str, digest: str,
-                          request: dict) -> str | None:
-    """The digest of the image manifest the layer belongs to: ``image_manifest`` if the request
-    names it, else what ``ref`` resolves to, if the layer is one of its layers."""
+AFTER_ATTACH = "_after_attach"  # info key: what the daemon runs once the layer is attached
+
+
+def _given_manifest(request: dict) -> str | None:
     manifest = request.get("image_manifest")
-    if manifest is not None:
-        if not isinstance(manifest, str) or not manifest.startswith("sha256:"):
-            raise AttachError("'image_manifest' must be the image manifest's sha256 digest")
-        return manifest
-    parsed = parse_any_reference(ref)
-    return await ctx.learned.manifest_of(store, parsed.object, digest)
+    if manifest is not None and (not isinstance(manifest, str) or not manifest.startswith("sha256:")):
+        raise AttachError("'image_manifest' must be the image manifest's sha256 digest")
+    return manifest
+
+
+async def _learn(ctx: AttachContext, store: ImageStore, ref: str, digest: str, manifest: str | None,
+                 layer: Layer, source: StoreBlobSource, prefetch: bool, info: dict,
+                 on_manifest: Callable[[str], None]) -> None:
+    """Learned traces of an attached layer (``info`` is its live ``list`` entry): find the image
+    manifest it belongs to (``image_manifest``, else what ``ref`` resolves to if the layer is
+    one of its layers), report it (the daemon records the start), and with ``prefetch``
+    prefetch from the trace attached to that image in the registry."""
+    if manifest is None:
+        manifest = await ctx.learned.manifest_of(store, parse_any_reference(ref).object, digest)
+        if manifest is None:
+            return
+    info["image_manifest"] = manifest
+    on_manifest(manifest)
+    if not prefetch:
+        return
+    learned = await _learned_trace_chunks(ctx, store, manifest, digest, layer)
+    if learned is not None:
+        artifact, chunks = learned
+        if chunks:
+            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        info["prefetch_chunks"] = len(chunks)
+        info["learned_trace"] = artifact
 
 
 async def _learned_trace_chunks(ctx: AttachContext, store: ImageStore, manifest: str, digest: str,

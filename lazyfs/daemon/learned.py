@@ -18,7 +18,7 @@ import trio
 
 from lazyfs.registry import ImageStore, RegistryError
 from lazyfs.trace.format import Trace, TraceError, TraceRecorder, cap, merge
-from lazyfs.trace.share import PulledTrace, ShareError, pull_trace, push_trace
+from lazyfs.trace.share import PulledTrace, ShareError, find_traces, pull_trace, push_trace
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class LearnedTraces:
         finally:
             entry.at = trio.current_time()
             entry.done.set()
+            self.lookups += 1  # counted when done: a test can wait for it
         return entry.result
 
     def known(self, key: tuple[str, str]) -> PulledTrace | None:
@@ -93,14 +94,27 @@ class LearnedTraces:
         entry.done.set()
 
     async def _fetch(self, store: ImageStore, manifest_digest: str) -> PulledTrace | None:
-        self.lookups += 1
         with trio.move_on_after(LOOKUP_TIMEOUT) as scope:
             try:
-                subject = await store.get_manifest(manifest_digest)
+                # The manifest and the list of referrers side by side: a miss costs one round.
+                found: dict = {}
+
+                async def get(key: str, fetch) -> None:
+                    try:
+                        found[key] = await fetch(store, manifest_digest)
+                    except (ShareError, RegistryError, TraceError) as e:
+                        found.setdefault("error", e)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(get, "subject", lambda s, d: s.get_manifest(d))
+                    nursery.start_soon(get, "candidates", find_traces)
+                if "error" in found:
+                    raise found["error"]
+                subject = found["subject"]
                 if subject.is_index:
                     log.info("learned trace: %s is an index, not the image manifest", manifest_digest)
                     return None
-                pulled = await pull_trace(store, subject)
+                pulled = await pull_trace(store, subject, candidates=found["candidates"])
             except ShareError as e:
                 log.info("learned trace: %s", e)
                 return None

@@ -416,15 +416,27 @@ class Daemon:
             image, device, info = await attacher(self.attach_context, request)
         except attach_kinds.AttachError as e:
             raise RequestError(str(e), "attach-failed") from e
+        after = info.pop(attach_kinds.AFTER_ATTACH, None)
         try:
-            self.fs.attach(name, image, device, info)
+            attached = self.fs.attach(name, image, device, info)
         except LayerExists as e:
             raise RequestError(str(e), "exists") from e
         except ValueError as e:
             raise RequestError(str(e)) from e
-        if learn is not None and info.get("image_manifest"):
-            self.learning.add_layer(*learn[:2], info["image_manifest"], *learn[2:])
+        if after is not None and self._nursery is not None:
+            self._nursery.start_soon(self._after_attach, after, attached, learn)
         return {"path": str(self.options.fuse_dir / name)}
+
+    async def _after_attach(self, after, attached, learn: tuple | None) -> None:
+        def on_manifest(manifest: str) -> None:
+            if learn is not None and attached.name in {layer.name for layer in self.fs.layers()}:
+                store, ref, *rest = learn
+                self.learning.add_layer(store, ref, manifest, *rest)
+
+        try:
+            await after(attached.info, on_manifest)
+        except Exception:  # a learned trace is an optimisation: it must not take the daemon down
+            log.exception("learned trace of layer %s failed", attached.name)
 
     async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")

@@ -147,10 +147,13 @@ async def find_traces(store: ImageStore, subject: str) -> list[dict]:
     return sorted(ours, key=_created, reverse=True)
 
 
-async def pull_trace(store: ImageStore, subject: Manifest, *, max_size: int = MAX_UNTRUSTED_SIZE) -> PulledTrace:
-    """The newest trace attached to ``subject`` that passes every check (see the module)."""
+async def pull_trace(store: ImageStore, subject: Manifest, *, max_size: int = MAX_UNTRUSTED_SIZE,
+                     candidates: list[dict] | None = None) -> PulledTrace:
+    """The newest trace attached to ``subject`` that passes every check (see the module);
+    ``candidates``: what find_traces gave, if the caller asked already."""
     layers = [layer.digest for layer in subject.layers]
-    candidates = await find_traces(store, subject.digest)
+    if candidates is None:
+        candidates = await find_traces(store, subject.digest)
     if not candidates:
         raise ShareError(f"no lazyfs trace is attached to {subject.digest} in {store.name}")
     problems = []
