@@ -410,3 +410,19 @@ def test_mount_learned_trace_off(registry, registry_repo, tmp_path):
         stats = mount.stats()
         assert stats["learned"] == {"lookups": 0, "found": 0, "recordings": []}
     assert not (tmp_path / "cache" / "traces").exists()
+
+
+def test_unmount_saves_the_start_recorded_so_far(registry, registry_repo, tmp_path):
+    """A mount unmounted before its reads fell quiet still saves what it recorded."""
+    from tests.fixtures.lazyimage import push_to_registry
+    from tests.fixtures.lazymount import lazy_mount
+
+    image = _random_image()
+    push_to_registry(registry, registry_repo, image)
+    ref = f"{registry.host}/{registry_repo}:v1"
+    cache = tmp_path / "cache"
+    with lazy_mount(tmp_path / "mnt", ref, run_dir=tmp_path / "run", cache_dir=cache) as mount:
+        _wait_lookups(mount)
+        _read_files(mount.path, "data/b")  # and unmounted well before 5 s of quiet, as a rule
+    saved = Trace.decode((cache / "traces" / f"{image.digest.partition(':')[2]}.trace").read_bytes())
+    assert {a.path for a in saved.accesses} == {"/data/b"}

@@ -259,6 +259,14 @@ class Recorder:
                     self._close(recording)
                     await self._finish(recording)
 
+    async def finish_all(self, timeout: float = 15.0) -> None:
+        """End every open recording now (the daemon is stopping): what was recorded is saved,
+        and pushed if asked, within ``timeout``."""
+        with trio.move_on_after(timeout):
+            for recording in [r for r in self.recordings if r.state in ("waiting", "recording")]:
+                self._close(recording)
+                await self._finish(recording)
+
     def _over(self, r: Recording, now: float) -> bool:
         p = self.policy
         if r.first_read is None:

@@ -208,6 +208,7 @@ class Daemon:
         if self._terminating:
             return
         self._terminating = True
+        await self.learning.finish_all()  # a start cut short by the unmount is still recorded
         await self._unstack()
         pyfuse3.terminate()
 
