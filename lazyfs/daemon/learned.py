@@ -215,8 +215,10 @@ class Recorder:
         else:
             recording = Recording(store, ref, manifest, set(), push, credentials, TraceRecorder(),
                                   attached_at=trio.current_time())
+            ended = [r for r in self.recordings if r.state not in ("waiting", "recording")]
+            for old in ended[:-64]:  # the summaries of the last ended ones are enough
+                self.recordings.remove(old)
             self.recordings.append(recording)
-            del self.recordings[:-64]  # the summaries of the last ones are enough
             self._wakeup.set()
         if layer not in recording.layers:
             recording.layers.add(layer)
