@@ -20,7 +20,9 @@ from snapshotter.daemon_client import DaemonLayerFS, stop_daemon
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.containerd import Containerd, unmount_below
 from tests.fixtures.images import build_image, directory, file
-from tests.t5_containerd import SNAPSHOTTER, SnapshotterProcess, busybox_layer, lazyfs_convert, push
+from tests.fixtures.images import push_image
+from tests.fixtures.lazymount import lazyfs_cli
+from tests.t5_containerd import SNAPSHOTTER, SnapshotterProcess, busybox_layer
 
 FILES = 16
 READ = [f"app/f{i:02d}" for i in range(0, FILES, 2)]  # the workload reads half the files
@@ -98,9 +100,15 @@ def _image():
 
 
 async def _converted(registry, registry_repo) -> str:
-    src = await push(registry, registry_repo, _image())
+    """The workload's image pushed, and converted with `lazyfs convert` (no trace)."""
+    src = f"{registry.host}/{registry_repo}:v1"
+    store = open_store(src, insecure_registries=[registry.host])
+    try:
+        await push_image(store, _image(), tag="v1")
+    finally:
+        await store.aclose()
     dst = f"{registry.host}/{registry_repo}-lazy:v1"
-    await trio.to_thread.run_sync(lazyfs_convert, src, dst)
+    await trio.to_thread.run_sync(lambda: lazyfs_cli("convert", "-q", src, dst))
     return dst
 
 
