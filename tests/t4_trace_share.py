@@ -5,6 +5,7 @@ and hostile traces (another image's layers, oversized, garbage) that a pull refu
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -426,3 +427,84 @@ def test_unmount_saves_the_start_recorded_so_far(registry, registry_repo, tmp_pa
         _read_files(mount.path, "data/b")  # and unmounted well before 5 s of quiet, as a rule
     saved = Trace.decode((cache / "traces" / f"{image.digest.partition(':')[2]}.trace").read_bytes())
     assert {a.path for a in saved.accesses} == {"/data/b"}
+
+
+def test_push_uses_the_credentials_the_attach_names(tmp_path):
+    """The snapshotter's [traces] username/password reach the push: on a registry with two
+    users, the daemon reads as the Docker config's user and pushes the trace as the other."""
+    import base64
+    import subprocess
+    import sys
+
+    import trio
+
+    from lazyfs.daemon.control import ControlError, request
+    from lazyfs.registry import Authenticator, CredentialStore, Credentials, Secret
+    from tests.fixtures.common import require_root
+    from tests.fixtures.registry import start_registry, write_htpasswd
+
+    require_root()
+    users = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", users)
+    docker_config = tmp_path / "docker"
+    docker_config.mkdir()
+    image = _random_image()
+    with start_registry(tmp_path / "reg", auth={"htpasswd": {"realm": "lazyfs-test", "path": str(htpasswd)}}) as reg:
+        encoded = base64.b64encode(f"alice:{users['alice']}".encode()).decode()
+        (docker_config / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": encoded}}}))
+        ref = f"{reg.host}/private/app:v1"
+
+        async def push() -> None:
+            credentials = CredentialStore()
+            credentials.add(reg.host, Credentials("alice", Secret(users["alice"])))
+            store = open_store(ref, authenticator=Authenticator(credentials))
+            try:
+                await push_image(store, image, tag="v1")
+            finally:
+                await store.aclose()
+
+        trio.run(push)
+        socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
+        log = open(tmp_path / "daemon.log", "wb")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "lazyfs.daemon", "--fuse-dir", str(fuse), "--socket", str(socket),
+             "--cache-dir", str(tmp_path / "cache"), "--record-quiet", "0.5"],
+            stdout=log, stderr=log, env={**os.environ, "DOCKER_CONFIG": str(docker_config)})
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if request(str(socket), "ping", timeout=2)["ready"]:
+                        break
+                except ControlError:
+                    pass
+                assert daemon.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+                time.sleep(0.05)
+            for n, layer in enumerate(image.layers):
+                request(str(socket), "attach", name=f"l{n}", kind="lazyfs", ref=ref, digest=layer.digest,
+                        size=layer.descriptor.size, annotations=dict(layer.descriptor.annotations),
+                        image_manifest=image.digest, record_trace=True, share="push",
+                        push_credentials={"username": "bob", "password": users["bob"]})
+            (fuse / "l1" / "data" / "a").read_bytes()
+            deadline = time.monotonic() + 60
+            while True:
+                recordings = request(str(socket), "stats")["learned"]["recordings"]
+                if any(r["state"] in ("pushed", "push-failed") for r in recordings):
+                    break
+                assert time.monotonic() < deadline, recordings
+                time.sleep(0.1)
+            assert [r["state"] for r in recordings] == ["pushed"], (tmp_path / "daemon.log").read_text()
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=30)
+            log.close()
+        # The reads (as alice: the only credentials the daemon's Docker config has) served the
+        # file. The registry's log names the user on answers with an error status: the push's
+        # probes (HEAD of a blob before uploading it, GET of the referrers tag) were bob's.
+        named = [(e["auth.user.name"], e.get("http.request.method"), e.get("http.request.uri", ""))
+                 for e in (json.loads(line) for line in reg.log_path.read_text().splitlines()
+                           if line.startswith("{")) if "auth.user.name" in e]
+        empty = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        assert ("bob", "HEAD", f"/v2/private/app/blobs/{empty}") in named, named
+        assert ("bob", "GET", f"/v2/private/app/manifests/{share.referrers_tag(image.digest)}") in named, named
+        assert {user for user, _, uri in named if empty in uri or "sha256-" in uri} == {"bob"}
