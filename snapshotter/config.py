@@ -18,6 +18,16 @@ background_rate = ""           # "": unlimited; else bytes per second of that fi
 metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
 verbose = false                # the daemon logs at DEBUG (default INFO: attach, detach, failures)
 
+[traces]                       # learned traces (see docs/design.md, "Learned traces")
+record = true                  # record each image's start (kept in the daemon's cache, traces/)
+share = "pull"                 # "off": neither look up nor push; "pull": a layer without a trace
+                               # of its own prefetches from a trace attached to its image in the
+                               # registry; "push": also attach each recorded trace to the image
+quiet = 5.0                    # a recorded start ends after this many seconds without a new chunk
+max_seconds = 120.0            # ... or this long after its first read
+username = ""                  # push credentials; "" = the Docker config.json of the daemon's user
+password = ""
+
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
 hosts_dir = "/etc/containerd/certs.d"        # containerd hosts.toml files: mirrors ("" for none)
@@ -75,6 +85,16 @@ class DaemonConfig:
 
 
 @dataclass
+class TracesConfig:
+    record: bool = True
+    share: str = "pull"  # pushing publishes what an image's start reads: only when asked for
+    quiet: float = 5.0
+    max_seconds: float = 120.0
+    username: str = ""
+    password: str = ""
+
+
+@dataclass
 class RegistryConfig:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     insecure_hosts: list[str] = field(default_factory=list)
@@ -89,6 +109,7 @@ class Config:
     log_level: str = "info"
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
 
 
 def _take(table: dict, key: str, kind: type, default):
@@ -129,6 +150,18 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.background_rate = parse_size(rate) if rate != "" else None
     d.metrics = _take(daemon, "metrics", str, d.metrics)
     d.verbose = _take(daemon, "verbose", bool, d.verbose)
+    traces = _take(raw, "traces", dict, {})
+    t = cfg.traces
+    t.record = _take(traces, "record", bool, t.record)
+    t.share = _take(traces, "share", str, t.share)
+    if t.share not in ("off", "pull", "push"):
+        raise ConfigError(f"traces.share: expected \"off\", \"pull\" or \"push\", got {t.share!r}")
+    t.quiet = float(_take(traces, "quiet", (int, float), t.quiet))
+    t.max_seconds = float(_take(traces, "max_seconds", (int, float), t.max_seconds))
+    t.username = _take(traces, "username", str, t.username)
+    t.password = _take(traces, "password", str, t.password)
+    if bool(t.username) != bool(t.password):
+        raise ConfigError("traces.username and traces.password go together")
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])
@@ -136,7 +169,7 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     cfg.registry.hosts_dir = Path(hosts_dir) if hosts_dir else None
     auth_file = _take(registry, "auth_file", str, "")
     cfg.registry.auth_file = Path(auth_file) if auth_file else None
-    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry.")):
+    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry."), (traces, "traces.")):
         if table:
             raise ConfigError(f"unknown configuration keys: {', '.join(name + k for k in table)}")
     return cfg

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
     parser.add_argument("--record-trace", type=Path, default=None, metavar="FILE",
                         help="record an access trace from the mount on; written to FILE when unmounted")
+    parser.add_argument("--learned-trace", choices=("off", "pull", "push"), default="pull",
+                        help="pull (default): a layer without a trace of its own prefetches from a trace "
+                             "attached to the image in the registry, and the start is recorded into the "
+                             "cache's trace of the image; push: that trace is also attached to the image "
+                             "in the registry (needs push access); off: neither")
     parser.add_argument("--background-fetch", action="store_true",
                         help="after the prefetch, fetch the rest of the image at the lowest priority")
     parser.add_argument("--background-rate", type=_size, default=None, metavar="BYTES",
@@ -182,7 +187,7 @@ def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
     # httpx, whose import is most of a cold mount's start-up time.
     image = {"ref": args.target[0], "layer": args.layer, "platform": args.platform,
              "trace": os.path.abspath(args.trace) if args.trace else None, "prefetch": not args.no_prefetch,
-             "background_fetch": args.background_fetch, "background_rate": args.background_rate}
+             "learn": args.learned_trace, "background_fetch": args.background_fetch, "background_rate": args.background_rate}
     return args.target[1], {"source": {"image": args.target[0], "layer": args.layer},
                             "image": image, "stack": {}}
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -34,6 +35,7 @@ from lazyfs.registry import (
 )
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
 from lazyfs.trace.format import Trace, TraceError
+from lazyfs.daemon.learned import LearnedTraces, learned_chunks
 from lazyfs.trace.prefetch import prefetch_chunks
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class AttachContext:
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
+    learned: LearnedTraces = field(default_factory=LearnedTraces)  # traces found in registries
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -246,6 +249,11 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if chunks:
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
+    if request.get("learned_trace") or request.get("record_trace"):
+        # After the attach, in the background: the look-up must not delay the layer.
+        info[AFTER_ATTACH] = functools.partial(
+            _learn, ctx, store, ref, digest, _given_manifest(request), layer, source,
+            bool(request.get("learned_trace")) and found is None and index.trace is None)
     if request.get("background_fetch"):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
@@ -254,6 +262,53 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
                            [layer.chunk_ref(n) for n in range(layer.chunk_count)], background_rate)
         info["background_fetch"] = {"rate": background_rate}
     return layer.image, device, info
+
+
+AFTER_ATTACH = "_after_attach"  # info key: what the daemon runs once the layer is attached
+
+
+def _given_manifest(request: dict) -> str | None:
+    manifest = request.get("image_manifest")
+    if manifest is not None and (not isinstance(manifest, str) or not manifest.startswith("sha256:")):
+        raise AttachError("'image_manifest' must be the image manifest's sha256 digest")
+    return manifest
+
+
+async def _learn(ctx: AttachContext, store: ImageStore, ref: str, digest: str, manifest: str | None,
+                 layer: Layer, source: StoreBlobSource, prefetch: bool, info: dict,
+                 on_manifest: Callable[[str], None]) -> None:
+    """Learned traces of an attached layer (``info`` is its live ``list`` entry): find the image
+    manifest it belongs to (``image_manifest``, else what ``ref`` resolves to if the layer is
+    one of its layers), report it (the daemon records the start), and with ``prefetch``
+    prefetch from the trace attached to that image in the registry."""
+    if manifest is None:
+        manifest = await ctx.learned.manifest_of(store, parse_any_reference(ref).object, digest)
+        if manifest is None:
+            return
+    info["image_manifest"] = manifest
+    on_manifest(manifest)
+    if not prefetch:
+        return
+    learned = await _learned_trace_chunks(ctx, store, manifest, digest, layer)
+    if learned is not None:
+        artifact, chunks = learned
+        if chunks:
+            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        info["prefetch_chunks"] = len(chunks)
+        info["learned_trace"] = artifact
+
+
+async def _learned_trace_chunks(ctx: AttachContext, store: ImageStore, manifest: str, digest: str,
+                                layer: Layer) -> tuple[str, list[int]] | None:
+    """(artifact digest, chunks) from a trace attached in the registry to the image whose
+    manifest is ``manifest``; None when there is none or it does not fit the layer. The
+    trace was checked against the image's layers when pulled and only orders chunks that the
+    layer's verified table describes."""
+    pulled = await ctx.learned.lookup(store, manifest)
+    if pulled is None:
+        return None
+    chunks = learned_chunks(pulled.trace, digest, layer.chunk_size, layer.chunk_count)
+    return None if chunks is None else (pulled.artifact, chunks)
 
 
 def _background_rate(request: dict) -> int | None:
