@@ -13,6 +13,8 @@ control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
 prefetch = true                # ask the daemon to prefetch each layer's embedded trace
+allow_suid_dev = false         # true: the daemon's FUSE mount honours setuid bits and device nodes
+                               # (containers never need it: their overlay mounts decide)
 
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
@@ -57,6 +59,7 @@ class DaemonConfig:
     cache_dir: Path = Path()
     cache_size: int = 10 * 1024**3
     prefetch: bool = True
+    allow_suid_dev: bool = False
 
 
 @dataclass
@@ -107,6 +110,7 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.cache_dir = Path(_take(daemon, "cache_dir", str, "") or cfg.root / "cache")
     d.cache_size = parse_size(_take(daemon, "cache_size", (int, str), d.cache_size))
     d.prefetch = _take(daemon, "prefetch", bool, d.prefetch)
+    d.allow_suid_dev = _take(daemon, "allow_suid_dev", bool, d.allow_suid_dev)
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])
