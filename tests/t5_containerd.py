@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -440,7 +441,8 @@ async def test_setuid_and_device_nodes_in_containers_as_with_overlayfs(container
     """The daemon's FUSE mount is nosuid,nodev, yet a container from lazy layers sees setuid
     bits and device nodes exactly as one from containerd's overlayfs snapshotter: the
     container's rootfs overlay is a mount of its own (ctr's --read-only too: a read-only
-    overlay with an upperdir)."""
+    overlay with an upperdir). A view of a one-layer image is a bind mount of the FUSE layer
+    directory, which containerd remounts with its own flags."""
     fuse_options = next(line.split()[5] for line in open("/proc/self/mountinfo")
                         if line.split()[4] == str(snapshotter_proc.root / "mnt"))
     assert {"nosuid", "nodev"} <= set(fuse_options.split(","))
@@ -461,3 +463,27 @@ async def test_setuid_and_device_nodes_in_containers_as_with_overlayfs(container
     assert await trio.to_thread.run_sync(run, dst, "t5-suid-lazy", SNAPSHOTTER) == expected
     assert await trio.to_thread.run_sync(run, dst, "t5-suid-lazy-ro", SNAPSHOTTER, "--read-only") == expected
     assert [s.lazy_layer is not None for s in snapshotter_proc.metadata() if s.kind == Kind.COMMITTED] == [True]
+
+    # A view of the one-layer image (`ctr images mount` without --rw), seen from the host as
+    # nobody: a bind mount of the FUSE layer directory, remounted read-only by containerd.
+    public = Path(tempfile.mkdtemp(prefix="lazyfs-view-"))
+    os.chmod(public, 0o755)
+    try:
+        seen = {}
+        for ref, snapshotter in ((src, "overlayfs"), (dst, SNAPSHOTTER)):
+            target = public / snapshotter
+            target.mkdir()
+            containerd.ctr("images", "mount", "--snapshotter", snapshotter, ref, str(target))
+            try:
+                euid = subprocess.run(["runuser", "-u", "nobody", "--", str(target / "usr/bin/id"), "-u"],
+                                      capture_output=True, text=True, timeout=30).stdout
+                device = subprocess.run(["runuser", "-u", "nobody", "--", "sh", "-c",
+                                         f"echo x > {target / 'devices/null'} && echo device-usable"],
+                                        capture_output=True, text=True, timeout=30).stdout
+                seen[snapshotter] = euid + device
+            finally:
+                containerd.ctr("images", "unmount", "--rm", str(target))
+        # containerd remounts the bind read-only with its own flags, which drops nosuid,nodev
+        assert seen[SNAPSHOTTER] == seen["overlayfs"] == expected, seen
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
