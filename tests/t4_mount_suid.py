@@ -99,7 +99,7 @@ def test_setuid_and_devices_need_an_opt_in(suid_image, registry, public_dir, tmp
     args = ["--allow-suid-dev"] if trusted else []
     if stacking == "bind":  # one layer: a bind mount of the FUSE layer directory
         host, _, repo = suid_image.partition("/")
-        bottom = open_store_digests(host, repo.removesuffix(":v1") + ":v1")[0]
+        bottom = open_store_digests(host, repo)[0]
         args += ["--layer", bottom]
     with lazy_mount(public_dir / "mnt", *args, suid_image, run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
@@ -133,9 +133,12 @@ def test_shared_daemon_is_nosuid_and_image_mounts_opt_in_one_by_one(suid_image, 
                 pass
             assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
             time.sleep(0.05)
-        plain, trusted = public_dir / "plain", public_dir / "trusted"
+        plain, trusted, trusted_bind = public_dir / "plain", public_dir / "trusted", public_dir / "trusted-bind"
+        host, _, repo = suid_image.partition("/")
+        bottom = open_store_digests(host, repo)[0]
         run_dir = str(tmp_path / "run")
-        for mountpoint, extra in ((plain, []), (trusted, ["--allow-suid-dev"])):
+        for mountpoint, extra in ((plain, []), (trusted, ["--allow-suid-dev"]),
+                                  (trusted_bind, ["--allow-suid-dev", "--layer", bottom])):
             mountpoint.mkdir()
             lazyfs_cli("mount", "--daemon", str(socket), "--run-dir", run_dir, *extra, suid_image, str(mountpoint))
         try:
@@ -144,8 +147,11 @@ def test_shared_daemon_is_nosuid_and_image_mounts_opt_in_one_by_one(suid_image, 
             assert effective_uid_of_image_id(layer_dir) == str(pwd.getpwnam("nobody").pw_uid)
             check(plain, trusted=False)
             check(trusted, trusted=True)
+            # a bind of the nosuid FUSE directory, remounted with suid,dev
+            assert effective_uid_of_image_id(trusted_bind) == "0"
+            assert {"nosuid", "nodev"}.isdisjoint(mount_options(trusted_bind))
         finally:
-            for mountpoint in (plain, trusted):
+            for mountpoint in (plain, trusted, trusted_bind):
                 lazyfs_cli("umount", "--run-dir", run_dir, str(mountpoint), check=False)
     finally:
         daemon.send_signal(signal.SIGTERM)
