@@ -313,6 +313,31 @@ def test_chunk_entries_pointing_at_each_other_fail_only_their_reads():
             decode_chunk(ref, blob[ref.offset:ref.end])
 
 
+def short_twin_table() -> tuple[bytes, int]:
+    """A table in which the first chunk of "ext" is replaced by the valid 808-byte last chunk
+    of "top" (frame, length and digest all consistent): (table, that chunk's number)."""
+    layer = load(GOOD)
+    ext = layer.image.lookup(layer.image.root_nid, b"ext")
+    top = layer.image.lookup(layer.image.root_nid, b"top")
+    n = layer.chunks_for(ext, 0, 1)[0].chunk
+    short = layer.chunks_for(top, 8192, 1)[0].chunk
+    assert n is not None and short is not None and good_entries()[short][2] == 9000 - 8192
+    entries = good_entries()
+    entries[n] = entries[short]
+    return table_with(entries), n
+
+
+def test_a_valid_but_short_chunk_under_a_longer_range_fails_the_read():
+    table, _n = short_twin_table()
+    blob, annotations = assemble(GOOD, table=table)
+    layer = load(blob, annotations)
+    ext = layer.image.lookup(layer.image.root_nid, b"ext")
+    with pytest.raises(LayerFormatError, match="beyond chunk"):
+        layer.chunks_for(ext, 0, 4096)
+    assert layer.read(layer.image.resolve("/top"), 0, 9000, lambda n: decode_chunk(
+        layer.chunk_ref(n), blob[layer.chunk_ref(n).offset:layer.chunk_ref(n).end])) == b"top file\n" * 1000
+
+
 def test_chunk_count_in_the_billions():
     table = table_with(good_entries())
     huge = bytearray(table)

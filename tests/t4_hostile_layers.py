@@ -22,7 +22,7 @@ import pytest
 from lazyfs.daemon.control import ControlError, request
 from tests.fixtures.common import require_root, require_tool
 from tests.t1_hostile_layer import (
-    GOOD, assemble, dirent_pos, good_entries, patched_meta, raw_sections, table_with, zeros_frame,
+    GOOD, assemble, dirent_pos, good_entries, patched_meta, raw_sections, short_twin_table, table_with, zeros_frame,
 )
 
 
@@ -88,6 +88,7 @@ def crafted_layers() -> dict[str, tuple[bytes, dict[str, str]]]:
     for n in wrong:  # every chunk unlike chunk 0 points at chunk 0's frame
         entries[n] = (first[0], first[1], entries[n][2], entries[n][3])
     layers["wrong-frames"] = assemble(GOOD, table=table_with(entries))
+    layers["short-twin"] = assemble(GOOD, table=short_twin_table()[0])
     return layers
 
 
@@ -120,7 +121,7 @@ def test_crafted_layers_fail_alone(daemon, tmp_path):
     assert {layer["name"] for layer in request(str(socket), "list")["layers"]} == {"good"}
 
     # Attached, but the crafted part fails (EIO or ELOOP) for its own operations only.
-    for name in ("dir-loop", "huge-size", "wrong-frames"):
+    for name in ("dir-loop", "huge-size", "wrong-frames", "short-twin"):
         attach(socket, ref, name, *layers[name])
     with pytest.raises(OSError) as failure:
         for _ in os.walk(fuse / "dir-loop", onerror=_raise):
@@ -135,6 +136,12 @@ def test_crafted_layers_fail_alone(daemon, tmp_path):
         (fuse / "wrong-frames" / "ext").read_bytes()
     assert failure.value.errno == errno.EIO
     assert (fuse / "wrong-frames" / "a" / "b" / "big").read_bytes() == bytes(range(256)) * 64  # chunk 0's twins
+    # A chunk whose bytes are valid (its digest matches) but shorter than the range mapped
+    # onto it: EIO, never a short or shifted read.
+    with pytest.raises(OSError) as failure:
+        (fuse / "short-twin" / "ext").read_bytes()
+    assert failure.value.errno == errno.EIO
+    assert (fuse / "short-twin" / "top").read_bytes() == b"top file\n" * 1000
     read_good(fuse)
     assert proc.poll() is None
 
