@@ -148,9 +148,18 @@ class Section:
 
     def open(self, name: str, stored: bytes) -> bytes:
         """Verify the stored bytes of this section and return them decoded."""
+        if self.compression == COMPRESSION_NONE:
+            self._verify(name, stored)
+            return bytes(stored)
         out = bytearray()
         self.open_into(name, stored, out.extend)
         return bytes(out)
+
+    def _verify(self, name: str, stored: bytes) -> None:
+        if len(stored) != self.stored_size:
+            raise LayerFormatError(f"{name} section: got {len(stored)} bytes, expected {self.stored_size}")
+        if hashlib.sha256(stored).digest() != self.sha256:
+            raise LayerFormatError(f"{name} section: sha256 mismatch")
 
     def open_into(self, name: str, stored: bytes, write: Callable[[bytes], object]) -> None:
         """Verify the stored bytes and pass them decoded to write(), a piece at a time.
@@ -159,10 +168,7 @@ class Section:
         and stops one byte past the declared size, so memory stays bounded whatever the frame
         claims, and a frame that decodes to more or less than ``size`` is an error.
         """
-        if len(stored) != self.stored_size:
-            raise LayerFormatError(f"{name} section: got {len(stored)} bytes, expected {self.stored_size}")
-        if hashlib.sha256(stored).digest() != self.sha256:
-            raise LayerFormatError(f"{name} section: sha256 mismatch")
+        self._verify(name, stored)
         if self.compression == COMPRESSION_NONE:
             write(bytes(stored))
             return
