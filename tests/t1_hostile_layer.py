@@ -106,7 +106,11 @@ def with_superblock_checksum(meta: bytes) -> bytes:
     """The metadata with a correct superblock checksum, if it has one (as a forger makes it)."""
     out = bytearray(meta)
     if len(out) >= 4096 and struct.unpack_from("<I", out, F.SUPER_OFFSET + 8)[0] & F.FEATURE_COMPAT_SB_CHKSUM:
-        struct.pack_into("<I", out, F.SUPER_OFFSET + 4, F.crc32c_superblock(out, 1 << out[F.SUPER_OFFSET + 12]))
+        try:
+            crc = F.crc32c_superblock(out, 1 << min(out[F.SUPER_OFFSET + 12], 16))
+        except ValueError:  # a mutated block size larger than the image: nothing to checksum
+            return bytes(out)
+        struct.pack_into("<I", out, F.SUPER_OFFSET + 4, crc)
     return bytes(out)
 
 
