@@ -17,6 +17,8 @@ background_fetch = false       # after the prefetch, fetch each lazy layer whole
 background_rate = ""           # "": unlimited; else bytes per second of that fill, e.g. "10MiB"
 metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
 verbose = false                # the daemon logs at DEBUG (default INFO: attach, detach, failures)
+allow_suid_dev = false         # true: the daemon's FUSE mount honours setuid bits and device nodes
+                               # (containers never need it: their overlay mounts decide)
 
 [traces]                       # learned traces (see docs/design.md, "Learned traces")
 record = true                  # record each image's start (kept in the daemon's cache, traces/)
@@ -82,6 +84,7 @@ class DaemonConfig:
     background_rate: int | None = None
     metrics: str = ""
     verbose: bool = False
+    allow_suid_dev: bool = False
 
 
 @dataclass
@@ -165,6 +168,7 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     t.password = _take(traces, "password", str, t.password)
     if bool(t.username) != bool(t.password):
         raise ConfigError("traces.username and traces.password go together")
+    d.allow_suid_dev = _take(daemon, "allow_suid_dev", bool, d.allow_suid_dev)
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])

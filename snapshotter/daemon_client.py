@@ -158,6 +158,8 @@ class DaemonSupervisor:
         traces = self.cfg.traces
         cmd += ["--record-quiet", str(traces.quiet), "--record-max-seconds", str(traces.max_seconds),
                 "--record-max-bytes", str(traces.max_bytes)]
+        if d.allow_suid_dev:
+            cmd.append("--allow-suid-dev")
         return cmd
 
     def start(self) -> None:

@@ -80,6 +80,7 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     path = tmp_path / "sn.toml"
     path.write_text(f'root = "{tmp_path}"\n[daemon]\ncache_size = "1GiB"\nmetrics = "127.0.0.1:9100"\n'
                     'background_fetch = true\nbackground_rate = "10MiB"\nverbose = true\nprefetch = false\n'
+                    'allow_suid_dev = true\n'
                     f'[registry]\ninsecure_hosts = ["h:1"]\nhosts_dir = "{tmp_path}/certs.d"\n'
                     f'auth_file = "{tmp_path}/a.json"\n'
                     '[traces]\nquiet = 2.5\nmax_seconds = 60\nmax_bytes = "2MiB"\n')
@@ -100,12 +101,13 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     assert options.metrics == ("127.0.0.1", 9100)
     assert options.registry == RegistrySettings(insecure=("h:1",), hosts_dir=tmp_path / "certs.d",
                                                 auth_file=tmp_path / "a.json")
-    # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe)
-    # and the FUSE options, which are not settings.
+    assert options.allow_suid_dev is True and {"nosuid", "nodev"}.isdisjoint(options.fuse_options)
     assert (options.recording.quiet, options.recording.max_duration, options.recording.max_bytes) == (
         2.5, 60.0, 2 << 20)
-    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "recording"}
-    assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd", "fuse_options"}
+    # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe).
+    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "recording",
+               "allow_suid_dev"}
+    assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd"}
 
 
 # -- hosts.toml ----------------------------------------------------------------------------

@@ -178,35 +178,40 @@ async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, sec
     try:
         ctx.cache.put_meta(key, stored)
     except CacheError as e:
-        raise AttachError(f"layer {digest}: {e}") from e
+        # A full disk costs the copy, not the attach: the bytes are verified when opened.
+        log.warning("layer %s: section %s not cached: %s", digest, key, e)
     return stored
 
 
-def _file_backed(data: bytes, directory: Path) -> mmap.mmap:
-    """``data`` in an unnamed file mapped read-only: reclaimable page cache, not daemon heap.
+def _decode_file_backed(section: Section, stored: bytes, directory: Path) -> mmap.mmap:
+    """The decoded section in an unnamed file mapped read-only: reclaimable page cache, not
+    daemon heap. It is decoded straight into the file, a piece at a time.
 
     A layer's metadata holds its small files inline, so it can be large (100 MB for 100k
     small files); mapped from a file, only the pages in use stay resident.
     """
     fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        return mmap.mmap(fd, len(data), access=mmap.ACCESS_READ)
+        def write(piece: bytes) -> None:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
+
+        section.open_into("meta", stored, write)
+        return mmap.mmap(fd, section.size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
 
 
 def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes, trusted: bool) -> Layer:
     """Verify and open a layer's sections (in a worker thread: hashing and zstd)."""
-    meta = index.meta.open("meta", meta_stored)
     table = index.table.open("table", table_stored)
     try:
-        meta = _file_backed(meta, cache_root / "tmp")
-    except OSError as e:  # no O_TMPFILE on this filesystem: keep it in memory
+        meta = _decode_file_backed(index.meta, meta_stored, cache_root / "tmp")
+    except OSError as e:  # no O_TMPFILE on this filesystem, or it is full: keep it in memory
         log.info("metadata stays in memory: %s", e)
-    return Layer.from_verified(meta, table, index.chunk_size, trusted_footer=trusted)
+        meta = index.meta.open("meta", meta_stored)
+    return Layer.from_verified(meta, table, index.chunk_size, trusted_footer=trusted, data_limit=index.data_limit)
 
 
 async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, DeviceReader, dict]:

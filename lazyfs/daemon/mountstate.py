@@ -129,7 +129,7 @@ class MountState:
 
 def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
                    metrics: str | None = None, registry: RegistrySettings | None = None,
-                   verbose: int = 0) -> list[str]:
+                   verbose: int = 0, allow_suid_dev: bool = False) -> list[str]:
     """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
     `lazyfs daemon` start it."""
     cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(fuse_dir), "--socket", str(socket),
@@ -140,6 +140,8 @@ def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size:
         cmd += ["--metrics", metrics]
     if registry is not None:
         cmd += registry.daemon_arguments()
+    if allow_suid_dev:
+        cmd.append("--allow-suid-dev")
     # The daemon logs at INFO by default (attach, detach, errors); each -v of the command
     # beyond the first makes it more verbose.
     return cmd + ["-v"] * max(0, verbose - 1)

@@ -16,6 +16,7 @@ knows at once when the mount is usable or why it failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -44,7 +45,9 @@ from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priorit
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve.fuse import LazyOperations
 from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
-from lazyfs.serve.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
+from lazyfs.serve.mounts import (
+    MountError, is_mounted, is_stale, mount_flags, set_read_ahead, stack_mount, unmount_fuse, unmount_path,
+)
 from lazyfs.registry import make_http_client
 from lazyfs.serve.residency import MetadataTrimmer
 from lazyfs.trace.format import Trace, TraceRecorder
@@ -82,8 +85,14 @@ class DaemonOptions:
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
     recording: RecordingPolicy = field(default_factory=RecordingPolicy)  # automatic trace recording
-    fuse_options: frozenset[str] = frozenset(
-        {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
+    # The FUSE mount honours setuid bits and device nodes only for a trusted daemon; stacked
+    # mounts decide for themselves (see lazyfs.serve.mounts.stack_mount).
+    allow_suid_dev: bool = False
+
+    @property
+    def fuse_options(self) -> set[str]:
+        return {"ro", "default_permissions", "allow_other", "fsname=lazyfs", "subtype=lazyfs",
+                *mount_flags(self.allow_suid_dev).split(",")}
 
 
 @dataclass
@@ -226,18 +235,20 @@ class Daemon:
             return
         await self._attach_all(spec.get("attach", []))
         if stack:
-            await self._stack([self.options.fuse_dir / name for name in stack["layers"]], Path(stack["mountpoint"]))
+            await self._stack([self.options.fuse_dir / name for name in stack["layers"]], Path(stack["mountpoint"]),
+                              _trusted(stack))
 
     async def mount_image(self, image: dict, mountpoint: Path, prefix: str = "") -> list[str]:
         """Attach every layer of the image (named ``prefix`` + ``NNN-<digest>``) and stack them
         read-only at mountpoint; the layer names, topmost first. On failure nothing stays."""
+        allow_suid_dev = _trusted(image)
         requests = await self._image_requests(image)
         for request in requests:
             request["name"] = prefix + request["name"]
         names = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
         try:
             await self._attach_all(requests)
-            await self._stack([self.options.fuse_dir / name for name in names], mountpoint)
+            await self._stack([self.options.fuse_dir / name for name in names], mountpoint, allow_suid_dev)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for name in names:
@@ -267,8 +278,8 @@ class Daemon:
             for request in requests:
                 nursery.start_soon(self.attach, request)
 
-    async def _stack(self, lower: list[Path], target: Path) -> None:
-        await trio.to_thread.run_sync(stack_mount, lower, target)
+    async def _stack(self, lower: list[Path], target: Path, allow_suid_dev: bool) -> None:
+        await trio.to_thread.run_sync(functools.partial(stack_mount, lower, target, allow_suid_dev=allow_suid_dev))
         self.stacked.append(target)
 
     async def _image_requests(self, image: dict) -> list[dict]:
@@ -724,6 +735,14 @@ def report_startup(options: DaemonOptions, outcome: dict) -> None:
         os.close(fd)
 
 
+def _trusted(spec: dict) -> bool:
+    """Whether a mount request opts in to setuid bits and device nodes (``allow_suid_dev``)."""
+    value = spec.get("allow_suid_dev", False)
+    if not isinstance(value, bool):
+        raise RequestError("'allow_suid_dev' must be true or false")
+    return value
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
@@ -782,6 +801,8 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a recorded start ends this long after its first read at the latest")
     parser.add_argument("--record-max-bytes", type=_size, default=policy.max_bytes, metavar="BYTES",
                         help="the merged trace of an image is cut to its earliest records to this size")
+    parser.add_argument("--allow-suid-dev", action="store_true",
+                        help="mount FUSE with suid,dev (only for trusted images; default nosuid,nodev)")
 
 
 def options_from_args(args: argparse.Namespace) -> DaemonOptions:
@@ -796,7 +817,8 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
                                   auth_file=args.registry_auth),
         startup=startup, ready_fd=args.ready_fd,
         recording=RecordingPolicy(quiet=args.record_quiet, max_duration=args.record_max_seconds,
-                                  max_bytes=args.record_max_bytes))
+                                  max_bytes=args.record_max_bytes),
+        allow_suid_dev=args.allow_suid_dev)
 
 
 def main(argv: list[str] | None = None) -> int:
