@@ -4,6 +4,8 @@
     [cache]
     dir = "/var/cache/lazyfs"
     size = "20G"          # bytes, or with a K/M/G/T suffix
+    [daemon]
+    serve = "fuse"        # or "kernel": the kernel's EROFS serves each layer (docs/design.md)
 
 Command-line options override the file; a missing file means the built-in defaults.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 DEFAULT_CONFIG = Path("/etc/lazyfs/lazyfs.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/lazyfs")
+SERVE_MODES = ("fuse", "kernel")
 
 
 class ConfigError(Exception):
@@ -43,6 +46,7 @@ def parse_size(text: str | int) -> int:
 class Config:
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_size: int | None = None
+    serve: str = "fuse"
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -58,7 +62,14 @@ def load_config(path: Path | None = None) -> Config:
     if not isinstance(cache, dict):
         raise ConfigError(f"{path}: [cache] must be a table")
     size = cache.get("size")
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise ConfigError(f"{path}: [daemon] must be a table")
+    serve = daemon.get("serve", "fuse")
+    if serve not in SERVE_MODES:
+        raise ConfigError(f"{path}: [daemon] serve must be one of {', '.join(SERVE_MODES)}, not {serve!r}")
     return Config(
         cache_dir=Path(cache.get("dir", DEFAULT_CACHE_DIR)),
         cache_size=parse_size(size) if size is not None else None,
+        serve=serve,
     )

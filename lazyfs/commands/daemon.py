@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="reach this registry over plain HTTP (repeatable)")
+    parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
+                        help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
+                             "each layer, the daemon only its chunk device (default: config, else fuse)")
+    parser.add_argument("--layers-dir", type=Path, default=None,
+                        help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
                           cache_size=cache_size, metrics=args.metrics, insecure_registries=args.insecure_registry,
-                          verbose=args.verbose)
+                          verbose=args.verbose, serve=args.serve or config.serve,
+                          layers_dir=args.layers_dir.absolute() if args.layers_dir else None)
     os.execv(sys.executable, argv)
     return 0  # not reached

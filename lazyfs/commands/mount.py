@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", metavar="DIGEST", help="mount only this layer of the image")
     parser.add_argument("--meta", type=Path, help="metadata image of a plain chunk-based EROFS image")
     parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
+    parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
+                        help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
+                             "each layer, the daemon only its chunk device (default: config, else fuse)")
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
     parser.add_argument("--daemon", type=Path, default=None, metavar="SOCKET",
                         help="mount through the running daemon at this control socket (`lazyfs daemon`) "
@@ -93,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
                                           indent=1))
     ready_read, ready_write = os.pipe()
+    serve = args.serve or config.serve
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
-                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose)
+                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose,
+                         serve=serve, layers_dir=state.layers_dir if serve == "kernel" else None)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
@@ -133,7 +138,7 @@ def _mount_point_refusal(state: MountState) -> str | None:
 
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
-                    "insecure_registry": "--insecure-registry"}
+                    "insecure_registry": "--insecure-registry", "serve": "--serve"}
 
 
 def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:

@@ -41,6 +41,7 @@ from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import MAX_LINE
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
 from lazyfs.layer.chunks import ChunkRef
+from lazyfs.serve import kernel
 from lazyfs.serve.fuse import LazyOperations
 from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
 from lazyfs.serve.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
@@ -51,6 +52,11 @@ from lazyfs.trace.format import Trace, TraceRecorder
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KIB = 1024
+SERVE_MODES = ("fuse", "kernel")
+# Kernel mode: the chunk device's loop reads the FUSE file with direct I/O, so its pages are
+# cached once (by EROFS, per file) and not a second time under the FUSE file (see
+# docs/design.md, Serving modes, for the measurement).
+LOOP_DIRECT_IO = True
 
 
 class StartupError(Exception):
@@ -82,6 +88,20 @@ class DaemonOptions:
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
     fuse_options: frozenset[str] = frozenset(
         {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
+    serve: str = "fuse"  # "kernel": layers are EROFS mounts over their chunk devices (lazyfs.serve.kernel)
+    layers_dir: Path | None = None  # kernel mode: where the layer roots are mounted
+    loop_direct_io: bool = LOOP_DIRECT_IO
+
+    def layer_root(self, name: str) -> Path:
+        """The directory serving layer ``name``: a directory of the FUSE mount, or in kernel
+        mode the layer's EROFS mount (a bind mount of the FUSE tree after a fallback)."""
+        if self.serve == "kernel":
+            return self.kernel_layers_dir / name
+        return self.fuse_dir / name
+
+    @property
+    def kernel_layers_dir(self) -> Path:
+        return self.layers_dir or self.fuse_dir.with_name(self.fuse_dir.name + ".layers")
 
 
 @dataclass
@@ -144,6 +164,9 @@ class Daemon:
         self._terminating = False
         self.http: httpx.AsyncClient | None = None
         self.attach_context: attach_kinds.AttachContext | None = None
+        self.attached: dict[str, attach_kinds.Attached] = {}  # by layer name: owns the metadata descriptor
+        self.layer_mounts: dict[str, Path] = {}  # kernel mode: EROFS (or fallback bind) mount per layer
+        self._fallback_reasons: set[str] = set()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -177,6 +200,7 @@ class Daemon:
                 self._nursery = None
                 self._write_recorded_trace()
                 await self._unstack()
+                await self._release_layer_mounts()
 
     async def _run_fuse(self, nursery: trio.Nursery) -> None:
         await pyfuse3.main(max_tasks=128)
@@ -202,12 +226,19 @@ class Daemon:
             return
         self._terminating = True
         await self._unstack()
+        await self._release_layer_mounts()
         pyfuse3.terminate()
 
     async def _unstack(self) -> None:
         while self.stacked:
             path = self.stacked.pop()
             await trio.to_thread.run_sync(unmount_path, path, True)
+
+    async def _release_layer_mounts(self) -> None:
+        """Kernel mode: unmount every layer's EROFS (their loop devices clear themselves)
+        before the FUSE mount that backs them goes."""
+        for name in list(self.layer_mounts):
+            await trio.to_thread.run_sync(kernel.unmount_layer, self.layer_mounts.pop(name))
 
     async def _run_startup(self, spec: dict) -> None:
         if spec.get("record_trace"):
@@ -219,7 +250,7 @@ class Daemon:
             return
         await self._attach_all(spec.get("attach", []))
         if stack:
-            await self._stack([self.options.fuse_dir / name for name in stack["layers"]], Path(stack["mountpoint"]))
+            await self._stack([self.options.layer_root(name) for name in stack["layers"]], Path(stack["mountpoint"]))
 
     async def mount_image(self, image: dict, mountpoint: Path, prefix: str = "") -> list[str]:
         """Attach every layer of the image (named ``prefix`` + ``NNN-<digest>``) and stack them
@@ -230,7 +261,7 @@ class Daemon:
         names = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
         try:
             await self._attach_all(requests)
-            await self._stack([self.options.fuse_dir / name for name in names], mountpoint)
+            await self._stack([self.options.layer_root(name) for name in names], mountpoint)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for name in names:
@@ -368,32 +399,98 @@ class Daemon:
             raise RequestError(f"a layer named {name!r} is already attached", "exists")
         assert self.attach_context is not None
         try:
-            image, device, info = await attacher(self.attach_context, request)
+            attached = await attacher(self.attach_context, request)
         except attach_kinds.AttachError as e:
             raise RequestError(str(e), "attach-failed") from e
+        kernel_mode = self.options.serve == "kernel"
         try:
-            self.fs.attach(name, image, device, info)
+            self.fs.attach(name, attached.image, attached.device, attached.info,
+                           as_device=kernel_mode and hasattr(attached.device, "read_grid"))
         except LayerExists as e:
+            attached.close_meta()
             raise RequestError(str(e), "exists") from e
         except ValueError as e:
+            attached.close_meta()
             raise RequestError(str(e)) from e
-        return {"path": str(self.options.fuse_dir / name)}
+        self.attached[name] = attached
+        if kernel_mode:
+            try:
+                await self._mount_layer_root(name, attached)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.detach({"name": name})
+                raise
+        else:
+            self.fs.layer(name).info["serve"] = "fuse"
+        return {"path": str(self.options.layer_root(name))}
+
+    async def _mount_layer_root(self, name: str, attached: attach_kinds.Attached) -> None:
+        """Kernel mode: the layer's EROFS mount over loop devices of its chunk-device file and
+        its metadata; where that is impossible, a bind mount of its FUSE tree (logged once)."""
+        root = self.options.layer_root(name)
+        if is_mounted(root):  # left by a daemon that died: its loop reads a dead FUSE file
+            await trio.to_thread.run_sync(unmount_path, root, True)
+            log.info("replaced the stale mount at %s", root)
+        layer = self.fs.layer(name)
+        if not layer.as_device:
+            kind, reason = "device", "its device cannot be shown as a file"
+        elif attached.meta_fd is None:
+            kind, reason = "meta", "its metadata is not in a file"
+        else:
+            try:
+                mounted = await trio.to_thread.run_sync(
+                    kernel.mount_layer, self.options.fuse_dir / name, attached.meta_fd, root,
+                    self.options.loop_direct_io)
+            except kernel.KernelServeError as e:
+                kind, reason = e.kind, str(e)
+            else:
+                self.layer_mounts[name] = root
+                layer.info.update(mounted.describe())
+                _set_loop_read_ahead(mounted.chunk_loop, READ_AHEAD_KIB)
+                return
+        self._log_fallback(name, kind, reason)
+        layer = self.fs.show_tree(name)
+        await self._invalidate_root_entry(name)
+        try:
+            await trio.to_thread.run_sync(stack_mount, [self.options.fuse_dir / name], root)
+        except MountError as e:
+            raise RequestError(f"layer {name}: {e}", "attach-failed") from e
+        self.layer_mounts[name] = root
+        layer.info.update({"serve": "fuse", "fallback": reason})
+
+    def _log_fallback(self, name: str, kind: str, reason: str) -> None:
+        """A warning for the first layer that falls back for each kind of cause, then info."""
+        if kind in self._fallback_reasons:
+            log.info("layer %s is served by FUSE: %s", name, reason)
+            return
+        self._fallback_reasons.add(kind)
+        log.warning("kernel serving mode impossible for layer %s, served by FUSE instead: %s", name, reason)
 
     async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")
         try:
-            self.fs.detach(name)
+            self.fs.layer(name)
         except NoSuchEntry as e:
             raise RequestError(str(e), "not-found") from e
+        root = self.layer_mounts.pop(name, None)
+        if root is not None:  # first the mount that reads the FUSE file or tree
+            await trio.to_thread.run_sync(kernel.unmount_layer, root)
+        self.fs.detach(name)
+        attached = self.attached.pop(name, None)
+        if attached is not None:
+            attached.close_meta()
+        await self._invalidate_root_entry(name)
+        return {}
+
+    async def _invalidate_root_entry(self, name: str) -> None:
         # Answer only once the kernel has forgotten the entry (its timeout is a day), so that
-        # the name is gone for whoever asked for the detach. invalidate_entry blocks until
+        # the name is gone (or changed) for whoever asked. invalidate_entry blocks until
         # related requests complete, which this loop answers: hence a worker thread.
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE,
                                           name.encode("utf-8", "surrogateescape"))
         except OSError as e:  # ENOENT: the entry is not in the kernel's cache
             log.debug("invalidating the entry of %s: %s", name, e)
-        return {}
 
     async def _mount_image_request(self, request: dict) -> dict:
         image = request.get("image")
@@ -412,11 +509,11 @@ class Daemon:
             raise RequestError(str(e), "bad-image") from e
         except MountError as e:
             raise RequestError(str(e), "mount-failed") from e
-        return {"layers": names, "paths": [str(self.options.fuse_dir / name) for name in names]}
+        return {"layers": names, "paths": [str(self.options.layer_root(name)) for name in names]}
 
     def list_layers(self) -> dict:
         return {"layers": [
-            {"name": layer.name, "path": str(self.options.fuse_dir / layer.name),
+            {"name": layer.name, "path": str(self.options.layer_root(layer.name)),
              "attached_at": layer.attached_at, **layer.info}
             for layer in self.fs.layers()]}
 
@@ -441,7 +538,8 @@ class Daemon:
             raise RequestError("a request must be a JSON object")
         op = request.get("op")
         if op == "ping":
-            return {"ready": self.ready, "pid": os.getpid(), "fuse": str(self.options.fuse_dir)}
+            return {"ready": self.ready, "pid": os.getpid(), "fuse": str(self.options.fuse_dir),
+                    "serve": self.options.serve}
         if op == "attach":
             return await self.attach(request)
         if op == "detach":
@@ -574,6 +672,14 @@ def prometheus_text(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _set_loop_read_ahead(loop: str, kib: int) -> None:
+    """EROFS reads ahead by its block device's setting (128 KiB for a new loop device)."""
+    try:
+        Path(f"/sys/block/{os.path.basename(loop)}/queue/read_ahead_kb").write_text(str(kib))
+    except OSError as e:
+        log.info("cannot set readahead of %s: %s", loop, e)
+
+
 def _trace_key(layer) -> str:
     """How a trace names a layer: its blob digest, or for a plain image ``plain:<name>``."""
     return layer.info.get("digest") or f"plain:{layer.name}"
@@ -621,6 +727,8 @@ def run_daemon(options: DaemonOptions) -> int:
     if is_mounted(options.fuse_dir) and is_stale(options.fuse_dir):
         unmount_fuse(options.fuse_dir)  # left by a daemon that died (ENOTCONN): take its place
     options.fuse_dir.mkdir(parents=True, exist_ok=True)
+    if options.serve == "kernel":
+        options.kernel_layers_dir.mkdir(parents=True, exist_ok=True)
     try:
         pyfuse3.init(daemon.operations, str(options.fuse_dir), set(options.fuse_options))
     except RuntimeError as e:
@@ -704,6 +812,13 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
+    parser.add_argument("--serve", choices=SERVE_MODES, default="fuse",
+                        help="fuse: layers are directories of the FUSE mount; kernel: the kernel's EROFS "
+                             "serves each layer over a loop device of its chunk device (a FUSE file)")
+    parser.add_argument("--layers-dir", type=Path, default=None,
+                        help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
+    parser.add_argument("--loop-direct-io", choices=("on", "off"), default="on" if LOOP_DIRECT_IO else "off",
+                        help="kernel mode: whether the chunk device's loop reads its FUSE file with direct I/O")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
 
@@ -715,7 +830,8 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
     return DaemonOptions(
         fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
         cache_size=args.cache_size, metrics=args.metrics,
-        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd)
+        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd,
+        serve=args.serve, layers_dir=args.layers_dir, loop_direct_io=args.loop_direct_io == "on")
 
 
 def main(argv: list[str] | None = None) -> int:

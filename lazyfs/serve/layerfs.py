@@ -10,6 +10,11 @@ Inode numbers are derived, never stored: ``(slot << SLOT_SHIFT) | nid`` for a la
 in ``slot`` (slots count up and are never reused in one process, so an inode number the
 kernel still caches can never point at a different layer's file), and 1 for the mount root.
 
+A layer served in kernel mode (lazyfs.serve.kernel) is not a directory of the mount but its
+*chunk device*: one read-only regular file, ``cell count x cell size`` bytes, whose bytes are
+the decoded chunk grid (chunk *n* at ``n * chunk_size``, short chunks padded with zeros). Its
+inode number uses the nid :data:`DEVICE_NID`, which no EROFS inode can have.
+
 Everything here is testable without a kernel: the FUSE adapter (lazyfs.serve.fuse), the tests and
 tools call the same methods.
 """
@@ -35,6 +40,7 @@ SLOT_SHIFT = 44
 NID_MASK = (1 << SLOT_SHIFT) - 1
 IMAGE_DEVICE = 0
 CHUNK_DEVICE = 1
+DEVICE_NID = NID_MASK  # the chunk-device file of a layer in kernel mode (nids are far smaller)
 
 
 class LayerFSError(Exception):
@@ -83,6 +89,19 @@ class DeviceReader(Protocol):
         ...
 
 
+class GridDevice(DeviceReader, Protocol):
+    """A device reader that can also show the whole device as a file (kernel mode)."""
+
+    @property
+    def grid_size(self) -> int:
+        """Bytes of the device file: cells x cell size."""
+        ...
+
+    async def read_grid(self, offset: int, length: int) -> bytes:
+        """Bytes of the device file (short cells padded with zeros), clipped to grid_size."""
+        ...
+
+
 @dataclass(frozen=True)
 class Attributes:
     """What stat(2) shows for an inode, independent of FUSE's types."""
@@ -113,9 +132,15 @@ class AttachedLayer:
     device: DeviceReader
     info: dict = field(default_factory=dict)  # how it was attached, for `list`
     attached_at: float = field(default_factory=time.time)
+    as_device: bool = False  # kernel mode: the mount shows the chunk-device file, not the tree
 
     def ino(self, nid: int) -> int:
         return (self.slot << SLOT_SHIFT) | nid
+
+    @property
+    def entry_ino(self) -> int:
+        """The inode of the layer's entry in the mount root."""
+        return self.ino(DEVICE_NID if self.as_device else self.image.root_nid)
 
 
 def _valid_layer_name(name: str) -> bool:
@@ -133,12 +158,15 @@ class LayerFS:
 
     # ------------------------------------------------------------------ layers
 
-    def attach(self, name: str, image: Image, device: DeviceReader, info: dict | None = None) -> AttachedLayer:
+    def attach(self, name: str, image: Image, device: DeviceReader, info: dict | None = None,
+               as_device: bool = False) -> AttachedLayer:
         if not _valid_layer_name(name):
             raise ValueError(f"invalid layer name {name!r}: must be one path component")
         if name in self._by_name:
             raise LayerExists(f"a layer named {name!r} is already attached")
-        layer = AttachedLayer(name, next(self._slots), image, device, dict(info or {}))
+        if as_device and not hasattr(device, "read_grid"):
+            raise ValueError(f"layer {name!r}: its device reader cannot be shown as a file")
+        layer = AttachedLayer(name, next(self._slots), image, device, dict(info or {}), as_device=as_device)
         self._by_slot[layer.slot] = layer
         self._by_name[name] = layer
         self._root_mtime_ns = time.time_ns()
@@ -164,8 +192,14 @@ class LayerFS:
             raise NoSuchEntry(f"no layer named {name!r} is attached") from None
 
     def root_ino_of(self, name: str) -> int:
-        layer = self.layer(name)
-        return layer.ino(layer.image.root_nid)
+        return self.layer(name).entry_ino
+
+    def show_tree(self, name: str) -> AttachedLayer:
+        """Serve a layer attached as a device file as a directory tree instead (kernel mode
+        fell back). It moves to a new slot, so that inode numbers the kernel cached for the
+        device file answer ESTALE; the caller invalidates the root entry."""
+        old = self.detach(name)
+        return self.attach(name, old.image, old.device, old.info)
 
     def locate(self, ino: int) -> tuple[AttachedLayer, int] | None:
         """(layer, nid) of an inode; None for the root and for inodes of detached layers."""
@@ -189,8 +223,10 @@ class LayerFS:
             layer = self._by_name.get(name.decode("utf-8", "surrogateescape"))
             if layer is None:
                 raise NoSuchEntry(name)
-            return layer.ino(layer.image.root_nid)
+            return layer.entry_ino
         layer, nid = self._resolve(parent_ino)
+        if nid == DEVICE_NID:
+            raise NotADirectory(parent_ino)
         inode = layer.image.inode(nid)
         if not stat.S_ISDIR(inode.mode):
             raise NotADirectory(parent_ino)
@@ -210,6 +246,11 @@ class LayerFS:
                 uid=0, gid=0, size=0, rdev=0, mtime_ns=self._root_mtime_ns, blocks=0, blksize=4096,
             )
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            size = layer.device.grid_size  # type: ignore[attr-defined]
+            return Attributes(
+                ino=ino, mode=stat.S_IFREG | 0o444, nlink=1, uid=0, gid=0, size=size, rdev=0,
+                mtime_ns=int(layer.attached_at * 1e9), blocks=-(-size // 512), blksize=4096)
         inode = layer.image.inode(nid)
         block_size = layer.image.block_size
         return Attributes(
@@ -228,9 +269,9 @@ class LayerFS:
     def listdir(self, ino: int) -> list[DirEntry]:
         """Entries of a directory without ``.`` and ``..``, in on-disk (name) order."""
         if ino == ROOT_INODE:
-            return [DirEntry(l.name.encode("utf-8", "surrogateescape"), l.ino(l.image.root_nid)) for l in self._by_name.values()]
+            return [DirEntry(l.name.encode("utf-8", "surrogateescape"), l.entry_ino) for l in self._by_name.values()]
         layer, nid = self._resolve(ino)
-        if not stat.S_ISDIR(layer.image.inode(nid).mode):
+        if nid == DEVICE_NID or not stat.S_ISDIR(layer.image.inode(nid).mode):
             raise NotADirectory(ino)
         return [DirEntry(name, layer.ino(child)) for name, child in _named_children(layer.image, nid)]
 
@@ -238,7 +279,7 @@ class LayerFS:
         if ino == ROOT_INODE:
             raise NotASymlink(ino)
         layer, nid = self._resolve(ino)
-        if not stat.S_ISLNK(layer.image.inode(nid).mode):
+        if nid == DEVICE_NID or not stat.S_ISLNK(layer.image.inode(nid).mode):
             raise NotASymlink(ino)
         return layer.image.readlink(nid)
 
@@ -246,12 +287,16 @@ class LayerFS:
         if ino == ROOT_INODE:
             return []
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            return []
         return list(layer.image.listxattr(nid))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE:
             raise NoSuchAttribute(name)
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            raise NoSuchAttribute(name)
         value = layer.image.getxattr(nid, name)
         if value is None:
             raise NoSuchAttribute(name)
@@ -269,6 +314,8 @@ class LayerFS:
         if ino == ROOT_INODE or length <= 0:
             return None
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            return None
         cell = getattr(layer.device, "chunk_size", None)
         if not cell:
             return None
@@ -284,6 +331,8 @@ class LayerFS:
         if ino == ROOT_INODE:
             raise LayerFSError(f"inode {ino} is a directory")
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            return await layer.device.read_grid(offset, size)  # type: ignore[attr-defined]
         inode = layer.image.inode(nid)
         if not stat.S_ISREG(inode.mode):
             raise LayerFSError(f"inode {ino:#x} is not a regular file")
