@@ -21,6 +21,7 @@ import trio
 
 from lazyfs.registry import open_store
 from lazyfs.registry.manifest import sha256_digest
+from lazyfs.serve.kernel import attached_loops
 from snapshotter.daemon_client import stop_daemon
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
@@ -34,14 +35,15 @@ START_TIMEOUT = 20.0
 class SnapshotterProcess:
     """lazyfs-snapshotter serving ``socket`` with its state under ``root``."""
 
-    def __init__(self, root: Path, socket: Path, insecure_hosts: list[str], daemon: bool = True):
+    def __init__(self, root: Path, socket: Path, insecure_hosts: list[str], daemon: bool = True,
+                 serve: str = "fuse"):
         self.root = root
         self.socket = socket
         self.config = root.parent / "snapshotter.toml"
         hosts = ", ".join(f'"{h}"' for h in insecure_hosts)
         self.config.write_text(
             f'root = "{root}"\nsocket = "{socket}"\nlog_level = "debug"\n\n'
-            f'[daemon]\nenabled = {"true" if daemon else "false"}\n\n'
+            f'[daemon]\nenabled = {"true" if daemon else "false"}\nserve = "{serve}"\n\n'
             f'[registry]\ninsecure_hosts = [{hosts}]\n')
         self.log_path = root.parent / "snapshotter.log"
         self.process: subprocess.Popen | None = None
@@ -81,9 +83,12 @@ class SnapshotterProcess:
 
 
 @pytest.fixture
-def snapshotter_proc(containerd, registry, tmp_path):
+def snapshotter_proc(request, containerd, registry, tmp_path):
+    """The snapshotter and its daemon; parametrise indirectly with "kernel" for the kernel
+    serving mode (default "fuse")."""
     root = tmp_path / "sn-root"
-    proc = SnapshotterProcess(root, containerd.snapshotter_socket, [registry.host])
+    proc = SnapshotterProcess(root, containerd.snapshotter_socket, [registry.host],
+                              serve=getattr(request, "param", "fuse"))
     containerd.trust_http_registry(registry.host)
     try:
         proc.start()
@@ -260,10 +265,14 @@ def blob_bytes(registry, since: int) -> dict[str, int]:
     return sent
 
 
-def daemon_layers(snapshotter_proc) -> set[str]:
+def daemon_list(snapshotter_proc) -> list[dict]:
     from snapshotter.daemon_client import DaemonLayerFS
     fs = DaemonLayerFS(snapshotter_proc.root / "daemon.sock", snapshotter_proc.root / "mnt")
-    return {layer["name"] for layer in fs.request("list")["layers"]}
+    return fs.request("list")["layers"]
+
+
+def daemon_layers(snapshotter_proc) -> set[str]:
+    return {layer["name"] for layer in daemon_list(snapshotter_proc)}
 
 
 def wait_daemon_restarted(snapshotter_proc, old_pid: int) -> int:
@@ -278,10 +287,12 @@ def wait_daemon_restarted(snapshotter_proc, old_pid: int) -> int:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("snapshotter_proc", ["fuse", "kernel"], indirect=True)
 async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapshotter_proc):
     """Converted image: pulled with labels (no layer download), run, fetched only in part;
     survives a snapshotter restart under a reading container; a killed daemon is restarted
-    with the layers re-attached; removal detaches the layers and leaves nothing behind."""
+    with the layers re-attached; removal detaches the layers and leaves nothing behind.
+    In both serving modes (kernel: the lowerdirs are EROFS mounts over loop devices)."""
     big = os.urandom(8 << 20)  # the first container never reads it
     image = build_image([busybox_layer(),
                          [file("hello.txt", b"hello lazily\n"), file("big.bin", big)]])
@@ -307,6 +318,8 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
     assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
     layers = {s.lazy_layer for s in lazy}
     assert daemon_layers(snapshotter_proc) == layers
+    serve = "kernel" if 'serve = "kernel"' in snapshotter_proc.config.read_text() else "fuse"
+    assert {layer["serve"] for layer in daemon_list(snapshotter_proc)} == {serve}
 
     # a container reading lazy files in a loop outlives a snapshotter restart
     reader = ("i=0; while [ $i -lt 1200 ]; do cat /hello.txt >/dev/null || exit 7; "
@@ -346,6 +359,12 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
     assert os.listdir(snapshotter_proc.root / "snapshots") == []
     assert daemon_layers(snapshotter_proc) == set()
     assert mounts_below(snapshotter_proc.root / "snapshots") == []
+    layer_dir = snapshotter_proc.root / "mnt"
+    assert [m for m in mounts_below(layer_dir) if m != str(layer_dir)] == []  # kernel mode: EROFS mounts
+    deadline = time.monotonic() + 10  # loop devices clear themselves as their last user goes
+    while [b for b in attached_loops().values() if b.startswith(str(snapshotter_proc.root))]:
+        assert time.monotonic() < deadline, attached_loops()
+        time.sleep(0.05)
 
     # plain `ctr image pull` forwards the lazyfs annotations but no image reference: the
     # layers (valid tar+zstd) are unpacked like any other
