@@ -208,3 +208,16 @@ def test_metadata_the_kernel_refuses_falls_back_to_the_fuse_tree_logged_once(ker
     warnings = [line for line in log.read_text().splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and "kernel serving mode impossible for layer a" in warnings[0], warnings
     assert released(tmp_path)
+
+
+def test_umount_after_the_daemon_was_killed_releases_everything(plain_image, tmp_path):
+    run_dir = tmp_path / "run"
+    with lazy_mount(tmp_path / "mnt", "--serve", "kernel", "--meta", str(plain_image.meta), "--blob",
+                    str(plain_image.blob), run_dir=run_dir, cache_dir=tmp_path / "cache") as mount:
+        assert (mount.path / "small.txt").read_bytes() == b"hello lazyfs\n"
+        os.kill(mount.daemon_pid(), signal.SIGKILL)
+        # What is in the page cache still reads: the kernel's EROFS serves it.
+        assert (mount.path / "small.txt").read_bytes() == b"hello lazyfs\n"
+        lazyfs_cli("umount", "--run-dir", str(run_dir), str(mount.path))
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
+    assert not os.path.ismount(tmp_path / "mnt")

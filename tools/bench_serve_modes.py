@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Reading one big file through each serving mode (FUSE tree; kernel EROFS over a loop device
-with and without direct I/O), chunk cache warm; prints a table.
+with and without direct I/O), chunk cache warm; prints a table. With --image, warm starts of a
+benchmark image in each serving mode instead.
 
     .venv/bin/python tools/bench_serve_modes.py [--big-mib 512] [--chunk-kib 1024]
+    .venv/bin/python tools/bench_serve_modes.py --image debian-python [--runs 5]
 
 For each mode a daemon (`python -m lazyfs.daemon`, shared cache, warmed by a first read) serves
 the layer through `lazyfs mount --daemon`; then, per mode: all page caches dropped
@@ -10,6 +12,12 @@ the layer through `lazyfs mount --daemon`; then, per mode: all page caches dropp
 the page cache it caused (`Cached` in /proc/meminfo: a file cached twice shows twice its size),
 the best of three second reads (page cache), and the kernel read requests that reached the
 daemon.
+
+Warm starts (--image): the image is built from its recipe and converted (1 MiB chunks, both
+cached by lazyfs.bench), served by a registry on loopback; one start per mode fills the chunk
+cache, then each run drops the page cache and times `lazyfs mount --serve MODE` plus the
+workload until its readiness line (tools/bench_prefetch.py's start, cell (d)); the reference
+is the same workload in an overlay over the image unpacked by umoci (page cache dropped too).
 """
 
 from __future__ import annotations
@@ -86,11 +94,63 @@ class Daemon:
         self.proc.wait(30)
 
 
+def warm_starts(image_name: str, runs: int) -> int:
+    import re
+    import statistics
+
+    from bench_prefetch import drop_page_cache, start_once
+    from lazyfs.bench.images import build_image
+    from lazyfs.bench.prepare import SourceImage, convert_cached
+    from lazyfs.bench.prepare import push as push_layout
+    from lazyfs.trace.sandbox import run_workload
+
+    built = build_image(image_name)
+    source = SourceImage(image_name, built.oci_dir, built.tag, built.manifest_digest, built.workload,
+                         built.ready_line)
+    workload = list(built.workload)
+    ready = re.compile(built.ready_line or "^ready$")
+    lazy = convert_cached(source, 1 << 20)
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        work = Path(tmp)
+        subprocess.run(["umoci", "unpack", "--image", f"{built.oci_dir}:{built.tag}", str(work / "bundle")],
+                       check=True, capture_output=True)
+        with start_registry(work / "registry") as registry:
+            push_layout(lazy, registry.host, "bench/serve", "lazy")
+            ref = lazy.registry_ref(registry.host)
+            modes = {"fuse": ["--serve", "fuse"], "kernel": ["--serve", "kernel"]}
+            for name, mount_args in modes.items():  # fill each mode's chunk cache
+                start_once(ref, work, work / f"cache-{name}", ready, workload, [*mount_args, "--no-prefetch"], 300)
+            for _ in range(runs):
+                for name, mount_args in modes.items():
+                    total, mount = start_once(ref, work, work / f"cache-{name}", ready, workload,
+                                              [*mount_args, "--no-prefetch"], 300)
+                    times.setdefault(f"lazyfs mount --serve {name}", []).append(total)
+                    times.setdefault(f"  its workload alone ({name})", []).append(total - mount)
+                drop_page_cache()
+                began = time.monotonic()
+                outcome = run_workload(work / "bundle" / "rootfs", workload, ready=ready, timeout=300)
+                assert outcome.reason == "ready", outcome.output[-5:]
+                times.setdefault("overlay over the unpacked tree", []).append(time.monotonic() - began)
+    reference = statistics.median(times["overlay over the unpacked tree"])
+    print(f"image {image_name}, workload {' '.join(workload)!r}, warm chunk cache, page cache dropped, "
+          f"{runs} run(s)")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<32} median {median:6.2f} s  {median / reference:5.2f}x  runs "
+              + " ".join(f"{v:.2f}" for v in values))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-mib", type=int, default=512)
     parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument("--image", default=None, help="warm starts of this benchmark image instead")
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    if args.image:
+        return warm_starts(args.image, args.runs)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
