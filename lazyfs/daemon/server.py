@@ -43,7 +43,7 @@ from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priorit
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve import kernel
 from lazyfs.serve.fuse import LazyOperations
-from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
+from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry, cell_owners
 from lazyfs.serve.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
 from lazyfs.registry import make_http_client
 from lazyfs.serve.residency import MetadataTrimmer
@@ -243,7 +243,7 @@ class Daemon:
     async def _run_startup(self, spec: dict) -> None:
         if spec.get("record_trace"):
             self.record_to = Path(spec["record_trace"])
-            self.recorder = TraceRecorder()
+            self.recorder = TraceRecorder()  # kernel-mode layers map their cells as they attach
         stack = spec.get("stack")
         if "image" in spec:
             await self.mount_image(spec["image"], Path(stack["mountpoint"]))
@@ -328,6 +328,17 @@ class Daemon:
         if span is not None and span[2]:
             layer, nid, cells = span
             self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
+            return
+        # Kernel mode: a read of a chunk-device file, named after the files its cells hold.
+        try:
+            found = self.fs.device_read_files(ino, offset, length)
+        except Exception:
+            log.debug("no trace record for device read of inode %#x", ino, exc_info=True)
+            return
+        if found is not None:
+            layer, files = found
+            for nid, cells in files:
+                self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
 
     def _on_use(self, kind: str, ino: int) -> None:
         if self.recorder is None:
@@ -337,10 +348,19 @@ class Daemon:
             layer, nid = found
             self.recorder.record_file(kind, _trace_key(layer), getattr(layer.device, "chunk_size", 0), nid)
 
-    def trace_start(self) -> dict:
+    async def trace_start(self) -> dict:
+        for layer in self.fs.layers():
+            await self._map_cells(layer)
         self.recorder = TraceRecorder()
         self.record_to = None
         return {}
+
+    async def _map_cells(self, layer) -> None:
+        """Kernel mode: the daemon sees reads of the chunk device, not of files; a trace names
+        them through the layer's cell -> nid map (one walk of its metadata, in a thread)."""
+        if layer.as_device and layer.cell_owners is None:
+            layer.cell_owners = await trio.to_thread.run_sync(
+                cell_owners, layer.image, layer.device.chunk_size)
 
     def _write_recorded_trace(self) -> None:
         """--record-trace: the trace recorded since the mount, written as the daemon stops."""
@@ -432,6 +452,8 @@ class Daemon:
             await trio.to_thread.run_sync(unmount_path, root, True)
             log.info("replaced the stale mount at %s", root)
         layer = self.fs.layer(name)
+        if self.recorder is not None:  # before the kernel's first read of the device
+            await self._map_cells(layer)
         if not layer.as_device:
             kind, reason = "device", "its device cannot be shown as a file"
         elif attached.meta_fd is None:
@@ -554,7 +576,7 @@ class Daemon:
         if op == "stats":
             return self.stats()
         if op == "trace-start":
-            return self.trace_start()
+            return await self.trace_start()
         if op == "trace-stop":
             return await self.trace_stop(request)
         if op == "fetch-log":

@@ -133,6 +133,7 @@ class AttachedLayer:
     info: dict = field(default_factory=dict)  # how it was attached, for `list`
     attached_at: float = field(default_factory=time.time)
     as_device: bool = False  # kernel mode: the mount shows the chunk-device file, not the tree
+    cell_owners: dict[int, int] | None = None  # kernel mode, while tracing: device cell -> nid
 
     def ino(self, nid: int) -> int:
         return (self.slot << SLOT_SHIFT) | nid
@@ -325,6 +326,28 @@ class LayerFS:
                 cells.extend(range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1))
         return layer, nid, cells
 
+    def device_read_files(self, ino: int, offset: int, length: int) -> tuple[AttachedLayer, list[tuple[int, list[int]]]] | None:
+        """For a read of a chunk-device file (kernel mode): (layer, [(nid, cells)...]), the
+        files whose data the cells hold, in device order; None for other inodes or while the
+        layer's cell owners are not known (see :func:`cell_owners`)."""
+        if ino == ROOT_INODE or length <= 0:
+            return None
+        layer, nid = self._resolve(ino)
+        owners = layer.cell_owners
+        if nid != DEVICE_NID or owners is None:
+            return None
+        cell = layer.device.chunk_size  # type: ignore[attr-defined]
+        files: list[tuple[int, list[int]]] = []
+        for n in range(offset // cell, (offset + length - 1) // cell + 1):
+            owner = owners.get(n)
+            if owner is None:
+                continue
+            if files and files[-1][0] == owner:
+                files[-1][1].append(n)
+            else:
+                files.append((owner, [n]))
+        return layer, files
+
     # ------------------------------------------------------------------ data
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
@@ -346,6 +369,20 @@ class LayerFS:
         if len(data) != size:
             raise LayerFSError(f"inode {ino:#x}: mapped {len(data)} bytes for a read of {size} at {offset}")
         return data
+
+
+def cell_owners(image: Image, cell_size: int) -> dict[int, int]:
+    """Chunk-device cell -> nid of the (first) regular file whose data it holds: one walk of
+    the metadata, so that reads of the chunk device (kernel mode) name files in traces."""
+    owners: dict[int, int] = {}
+    for _path, inode in image.walk():
+        if not stat.S_ISREG(inode.mode) or not inode.size:
+            continue
+        for ext in image.map(inode.nid, 0, inode.size):
+            if ext.device_id == CHUNK_DEVICE and ext.length:
+                for n in range(ext.device_offset // cell_size, (ext.device_offset + ext.length - 1) // cell_size + 1):
+                    owners.setdefault(n, inode.nid)
+    return owners
 
 
 def _named_children(image: Image, nid: int) -> Iterator[tuple[bytes, int]]:
