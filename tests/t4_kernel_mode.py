@@ -107,38 +107,48 @@ def test_mount_and_umount_cycles_leak_nothing(tmp_path):
         assert not os.path.ismount(tmp_path / "mnt")
 
 
-@pytest.fixture
-def kernel_daemon(tmp_path):
-    """A `lazyfs daemon --serve kernel` in the foreground; its log file is returned too."""
-    require_root()
-    fuse_dir, sock, log = tmp_path / "fuse", tmp_path / "control.sock", tmp_path / "daemon.log"
-    with open(log, "wb") as out:
+def start_kernel_daemon(tmp_path: Path, log: Path) -> subprocess.Popen:
+    """`lazyfs daemon --serve kernel` with its state in tmp_path, once it answers ready."""
+    fuse_dir, sock = tmp_path / "fuse", tmp_path / "control.sock"
+    with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lazyfs.cli", "daemon", "--serve", "kernel", "--fuse-dir", str(fuse_dir),
              "--socket", str(sock), "--cache-dir", str(tmp_path / "cache"), "--layers-dir", str(tmp_path / "layers")],
             stdout=subprocess.DEVNULL, stderr=out)
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if request(str(sock), "ping", timeout=2)["ready"]:
+                return proc
+        except ControlError:
+            pass
+        assert time.monotonic() < deadline, "daemon did not become ready"
+        time.sleep(0.05)
+
+
+def stop_daemon(proc: subprocess.Popen, fuse_dir: Path) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if is_mounted(fuse_dir):
+        subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], check=False)
+
+
+@pytest.fixture
+def kernel_daemon(tmp_path):
+    """A `lazyfs daemon --serve kernel` in the foreground; its log file is returned too."""
+    require_root()
+    log = tmp_path / "daemon.log"
+    proc = start_kernel_daemon(tmp_path, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if request(str(sock), "ping", timeout=2)["ready"]:
-                    break
-            except ControlError:
-                pass
-            assert time.monotonic() < deadline, "daemon did not become ready"
-            time.sleep(0.05)
-        yield proc, sock, log
+        yield proc, tmp_path / "control.sock", log
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if is_mounted(fuse_dir):
-            subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], check=False)
+        stop_daemon(proc, tmp_path / "fuse")
 
 
 def test_detach_and_shutdown_release_everything(kernel_daemon, plain_image, tmp_path):
@@ -221,3 +231,43 @@ def test_umount_after_the_daemon_was_killed_releases_everything(plain_image, tmp
         lazyfs_cli("umount", "--run-dir", str(run_dir), str(mount.path))
     assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_a_new_daemon_takes_over_the_loop_devices_of_a_dead_one(plain_image, tmp_path):
+    """SIGKILL of the daemon: the EROFS mount stays, and a file opened before reads again
+    through the same loop device once a new daemon attached the layer (LOOP_CHANGE_FD)."""
+    require_root()
+    log, sock, root = tmp_path / "daemon.log", tmp_path / "control.sock", tmp_path / "layers" / "one"
+    expected = (plain_image.source / "big.bin").read_bytes()
+    first = start_kernel_daemon(tmp_path, log)
+    second = None
+    try:
+        request(str(sock), "attach", name="one", kind="plain", meta=str(plain_image.meta), blob=str(plain_image.blob))
+        (before,) = request(str(sock), "list")["layers"]
+        held = open(root / "big.bin", "rb")
+        assert held.read(1000) == expected[:1000]
+        first.kill()
+        first.wait()
+        # Pages not cached cannot be read while no daemon serves the loop's file.
+        os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(OSError):
+            os.pread(held.fileno(), 1000, 70_000)
+        second = start_kernel_daemon(tmp_path, log)
+        request(str(sock), "attach", name="one", kind="plain", meta=str(plain_image.meta), blob=str(plain_image.blob))
+        (after,) = request(str(sock), "list")["layers"]
+        assert after["adopted"] is True and after["serve"] == "kernel"
+        assert (after["loop"], after["meta_loop"]) == (before["loop"], before["meta_loop"])
+        assert loops_under(tmp_path)[after["loop"]] == str(tmp_path / "fuse" / "one")
+        os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        held.seek(0)
+        assert held.read() == expected  # the same open file, through the same mount
+        held.close()
+        assert (root / "small.txt").read_bytes() == b"hello lazyfs\n"
+        request(str(sock), "detach", name="one")
+        assert released(tmp_path / "layers")
+    finally:
+        if second is not None:
+            stop_daemon(second, tmp_path / "fuse")
+        stop_daemon(first, tmp_path / "fuse")
+        subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))

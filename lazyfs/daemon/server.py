@@ -448,12 +448,21 @@ class Daemon:
         """Kernel mode: the layer's EROFS mount over loop devices of its chunk-device file and
         its metadata; where that is impossible, a bind mount of its FUSE tree (logged once)."""
         root = self.options.layer_root(name)
-        if is_mounted(root):  # left by a daemon that died: its loop reads a dead FUSE file
-            await trio.to_thread.run_sync(unmount_path, root, True)
-            log.info("replaced the stale mount at %s", root)
         layer = self.fs.layer(name)
         if self.recorder is not None:  # before the kernel's first read of the device
             await self._map_cells(layer)
+        if is_mounted(root):  # left by a daemon that died: its loop reads a dead FUSE file
+            if layer.as_device:
+                try:
+                    adopted = await trio.to_thread.run_sync(kernel.adopt_layer, self.options.fuse_dir / name, root)
+                except kernel.KernelServeError as e:
+                    log.info("cannot take over the mount at %s: %s", root, e)
+                else:
+                    self.layer_mounts[name] = root
+                    layer.info.update(adopted.describe(), adopted=True)
+                    return
+            await trio.to_thread.run_sync(unmount_path, root, True)
+            log.info("replaced the stale mount at %s", root)
         if not layer.as_device:
             kind, reason = "device", "its device cannot be shown as a file"
         elif attached.meta_fd is None:

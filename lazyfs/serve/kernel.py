@@ -17,6 +17,13 @@ Loop devices are set up with one ``LOOP_CONFIGURE`` ioctl (Linux >= 5.8) with
 closed as soon as the mount holds the device), so an unmount never leaves a loop behind and a
 daemon that dies leaks none once its mounts go.
 
+Failover: a daemon that dies leaves the EROFS mounts in place (their loop devices read its
+dead FUSE files: page-cache hits still work, other reads fail). Each mount has a small record
+beside it (``.<name>.loops``: the two loop devices); a new daemon attaching the same layer at
+the same place finds it and swaps the chunk device's loop onto its own chunk-device file
+with ``LOOP_CHANGE_FD`` (allowed for read-only loops onto a file of the same size), so the
+EROFS mount, and every overlay and open file above it, reads again without a remount.
+
 Everything here blocks, and mounting reads the chunk device through the FUSE mount that the
 calling daemon serves: call it from a worker thread, never from the loop that answers FUSE.
 """
@@ -27,6 +34,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import logging
 import os
 import struct
@@ -163,6 +171,58 @@ class KernelLayer:
                 "loop_direct_io": self.direct_io}
 
 
+def _record_path(root: Path) -> Path:
+    return root.with_name(f".{root.name}.loops")
+
+
+def _write_record(layer: KernelLayer) -> None:
+    path = _record_path(layer.root)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"loop": layer.chunk_loop, "meta_loop": layer.meta_loop, "direct_io": layer.direct_io}))
+    os.replace(tmp, path)
+
+
+def _mount_source(target: Path) -> tuple[str, str] | None:
+    """(filesystem type, source) of the topmost mount at ``target``, from mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields, _, tail = line.decode("utf-8", "surrogateescape").partition(" - ")
+            if fields.split()[4] == str(target):
+                fstype, source = tail.split()[:2]
+                found = (fstype, source)
+    return found
+
+
+def adopt_layer(device_file: Path, root: Path) -> KernelLayer:
+    """Take over the EROFS mount a dead daemon left at ``root``: its chunk device's loop is
+    switched to ``device_file`` (this daemon's chunk-device file of the same layer) with
+    LOOP_CHANGE_FD. KernelServeError when there is nothing that can be taken over."""
+    try:
+        record = json.loads(_record_path(root).read_text())
+        chunk_loop, meta_loop, direct_io = record["loop"], record["meta_loop"], bool(record["direct_io"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KernelServeError("adopt", f"no record of the loop devices under {root}: {e}") from e
+    if _mount_source(root) != ("erofs", meta_loop):
+        raise KernelServeError("adopt", f"{root} is not the EROFS mount of {meta_loop} its record names")
+    try:
+        new_fd = os.open(device_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelServeError("device-file", f"cannot open the chunk-device file {device_file}: {e.strerror}") from e
+    try:
+        loop_fd = os.open(chunk_loop, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(loop_fd, LOOP_CHANGE_FD, new_fd)
+        finally:
+            os.close(loop_fd)
+    except OSError as e:
+        raise KernelServeError("adopt", f"LOOP_CHANGE_FD of {chunk_loop} to {device_file}: {e.strerror}") from e
+    finally:
+        os.close(new_fd)
+    log.info("%s: %s now reads %s", root, chunk_loop, device_file)
+    return KernelLayer(root, chunk_loop, meta_loop, direct_io)
+
+
 def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool) -> KernelLayer:
     """Loop devices over the chunk-device file and the metadata, and EROFS mounted at ``root``.
 
@@ -187,7 +247,12 @@ def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool) ->
             root.mkdir(parents=True)
             made_root = True
         mount_erofs(meta_loop, chunk_loop, root)
-        return KernelLayer(root, chunk_loop, meta_loop, direct_io)
+        layer = KernelLayer(root, chunk_loop, meta_loop, direct_io)
+        try:
+            _write_record(layer)
+        except OSError as e:  # only failover needs it
+            log.info("cannot record the loop devices of %s: %s", root, e)
+        return layer
     except BaseException:
         if made_root:
             _rmdir_quietly(root)
@@ -211,6 +276,10 @@ def unmount_layer(root: Path, lazy_if_busy: bool = True) -> None:
         else:
             raise
     _rmdir_quietly(root)
+    try:
+        _record_path(root).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _rmdir_quietly(path: Path) -> None:
