@@ -8,6 +8,7 @@ mount and no directory behind.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -423,4 +424,62 @@ async def test_mixed_image_ordinary_and_lazy_layers(containerd, registry, regist
     assert (snapshotter_proc.root / "snapshots" / str(by_depth[0].id) / "fs" / "bin" / "busybox").exists()
     containerd.ctr("image", "rm", "--sync", mixed)
     assert snapshotter_proc.metadata() == []
+    assert daemon_layers(snapshotter_proc) == set()
+
+
+@pytest.mark.parametrize("snapshotter_proc", ["kernel"], indirect=True)
+async def test_kernel_mode_daemon_failover_under_a_running_container(containerd, registry, registry_repo,
+                                                                     snapshotter_proc):
+    """Kernel serving mode: SIGKILL of the daemon under a running container. The container's
+    loop over a file it already read goes on; the restarted daemon takes over the loop devices
+    (LOOP_CHANGE_FD), so data the container never read before is served to it afterwards,
+    through its unchanged overlay and EROFS mounts."""
+    big = os.urandom(8 << 20)
+    image = build_image([busybox_layer(), [file("hello.txt", b"hello lazily\n"), file("big.bin", big)]])
+    src = await push(registry, registry_repo, image)
+    dst = f"{registry.host}/{registry_repo}-lazy:v1"
+    await trio.to_thread.run_sync(lazyfs_convert, src, dst)
+    await trio.to_thread.run_sync(lambda: containerd.pull(dst, snapshotter=SNAPSHOTTER, remote=True))
+    layers = {s.lazy_layer for s in snapshotter_proc.metadata() if s.lazy_layer}
+    assert len(layers) == 2 and {layer["serve"] for layer in daemon_list(snapshotter_proc)} == {"kernel"}
+    # The loop touches only what it read before the kill (the whole busybox binary, which
+    # every `cat` maps, and hello.txt): page-cache hits, which must never fail.
+    reader = ("cat /bin/busybox /hello.txt >/dev/null && touch /tmp/started; while [ ! -e /tmp/stop ]; do cat /hello.txt >/dev/null || exit 7; sleep 0.05; "
+              "done; echo survived")
+    outcome: dict = {}
+
+    def run_reader() -> None:
+        outcome["run"] = containerd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, dst, "survivor",
+                                        "/bin/sh", "-c", reader, timeout=120, check=False)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, run_reader)
+        try:
+            # Started means its shell runs the loop (binaries read): a task is RUNNING earlier.
+            deadline = time.monotonic() + START_TIMEOUT
+            for attempt in itertools.count():
+                if task_status(containerd, "survivor") == "RUNNING" and containerd.ctr(
+                        "task", "exec", "--exec-id", f"check-{attempt}", "survivor", "/bin/cat", "/tmp/started",
+                        check=False).returncode == 0:
+                    break
+                assert time.monotonic() < deadline and "run" not in outcome, outcome
+                await trio.sleep(0.05)
+            daemon_pid = int((snapshotter_proc.root / "daemon.pid").read_text())
+            os.kill(daemon_pid, 9)
+            wait_daemon_restarted(snapshotter_proc, daemon_pid)
+            # Re-attached, and each layer's loop device swapped to the new daemon's file.
+            deadline = time.monotonic() + START_TIMEOUT
+            while {layer["name"] for layer in daemon_list(snapshotter_proc) if layer.get("adopted")} != layers:
+                assert time.monotonic() < deadline, snapshotter_proc.log_tail()
+                await trio.sleep(0.05)
+            assert "run" not in outcome, outcome
+            probe = await trio.to_thread.run_sync(lambda: containerd.ctr(
+                "task", "exec", "--exec-id", "probe", "survivor", "/bin/sh", "-c",
+                "dd if=/big.bin bs=1048576 skip=5 count=1 2>/dev/null | sha256sum"))
+            assert probe.stdout.split()[0] == hashlib.sha256(big[5 << 20:6 << 20]).hexdigest()
+        finally:
+            await trio.to_thread.run_sync(lambda: containerd.ctr(
+                "task", "exec", "--exec-id", "stop", "survivor", "/bin/busybox", "touch", "/tmp/stop", check=False))
+    assert outcome["run"].returncode == 0 and outcome["run"].stdout == "survived\n", outcome["run"]
+    containerd.ctr("image", "rm", "--sync", dst)
     assert daemon_layers(snapshotter_proc) == set()
