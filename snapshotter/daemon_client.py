@@ -7,8 +7,8 @@ after a snapshotter restart), watches it, and when it dies logs the loss, starts
 lets the snapshotter re-attach its lazy layers. Running containers whose overlay mounts used
 the old FUSE connection lose their lazy lowerdirs: the kernel cannot move them to the new one.
 (In the kernel serving mode their EROFS lowerdirs stay mounted and keep serving what is in
-the page cache; other reads fail, since the loop devices under them read the dead daemon's
-files. The new daemon mounts each re-attached layer afresh.)
+the page cache; other reads fail until the new daemon has re-attached the layer, which swaps
+the loop devices under them onto its own files: then every read works again.)
 """
 
 from __future__ import annotations
@@ -217,8 +217,12 @@ class DaemonSupervisor:
             if self._alive():
                 delay = WATCH_INTERVAL
                 continue
-            log.error("lazyfs daemon lost (pid %s); containers using its layers lose them; "
-                      "restarting it", self.daemon_pid())
+            if self.cfg.daemon.serve == "kernel":
+                log.error("lazyfs daemon lost (pid %s); restarting it (kernel serving mode: running "
+                          "containers get their layers back when they are re-attached)", self.daemon_pid())
+            else:
+                log.error("lazyfs daemon lost (pid %s); containers using its layers lose them; "
+                          "restarting it", self.daemon_pid())
             try:
                 self._spawn()
                 self.on_restart()
