@@ -89,19 +89,6 @@ class DeviceReader(Protocol):
         ...
 
 
-class GridDevice(DeviceReader, Protocol):
-    """A device reader that can also show the whole device as a file (kernel mode)."""
-
-    @property
-    def grid_size(self) -> int:
-        """Bytes of the device file: cells x cell size."""
-        ...
-
-    async def read_grid(self, offset: int, length: int) -> bytes:
-        """Bytes of the device file (short cells padded with zeros), clipped to grid_size."""
-        ...
-
-
 @dataclass(frozen=True)
 class Attributes:
     """What stat(2) shows for an inode, independent of FUSE's types."""
@@ -165,6 +152,8 @@ class LayerFS:
             raise ValueError(f"invalid layer name {name!r}: must be one path component")
         if name in self._by_name:
             raise LayerExists(f"a layer named {name!r} is already attached")
+        # Kernel mode needs a device that can show itself as a file: ``grid_size`` and
+        # ``read_grid`` (lazyfs.serve.devices.ChunkGridDevice).
         if as_device and not hasattr(device, "read_grid"):
             raise ValueError(f"layer {name!r}: its device reader cannot be shown as a file")
         layer = AttachedLayer(name, next(self._slots), image, device, dict(info or {}), as_device=as_device)
