@@ -271,3 +271,27 @@ def test_a_new_daemon_takes_over_the_loop_devices_of_a_dead_one(plain_image, tmp
         stop_daemon(first, tmp_path / "fuse")
         subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)
     assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
+
+
+def test_a_mount_of_another_layer_under_the_same_name_is_replaced_not_taken_over(plain_image, tmp_path):
+    require_root()
+    other = make_plain_image(tmp_path / "other")
+    log, sock, root = tmp_path / "daemon.log", tmp_path / "control.sock", tmp_path / "layers" / "one"
+    first = start_kernel_daemon(tmp_path, log)
+    second = None
+    try:
+        request(str(sock), "attach", name="one", kind="plain", meta=str(plain_image.meta), blob=str(plain_image.blob))
+        first.kill()
+        first.wait()
+        second = start_kernel_daemon(tmp_path, log)
+        request(str(sock), "attach", name="one", kind="plain", meta=str(other.meta), blob=str(other.blob))
+        (layer,) = request(str(sock), "list")["layers"]
+        assert "adopted" not in layer and layer["meta"] == str(other.meta)
+        assert loops_under(tmp_path)[layer["meta_loop"]] == str(other.meta)
+        assert (root / "small.txt").read_bytes() == b"hello lazyfs\n"
+        request(str(sock), "detach", name="one")
+    finally:
+        if second is not None:
+            stop_daemon(second, tmp_path / "fuse")
+        stop_daemon(first, tmp_path / "fuse")
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))

@@ -449,12 +449,15 @@ class Daemon:
         its metadata; where that is impossible, a bind mount of its FUSE tree (logged once)."""
         root = self.options.layer_root(name)
         layer = self.fs.layer(name)
+        # What a later daemon must attach under this name to take the mount over.
+        identity = layer.info.get("digest") or f"{layer.info.get('meta')}|{layer.info.get('blob')}"
         if self.recorder is not None:  # before the kernel's first read of the device
             await self._map_cells(layer)
         if is_mounted(root):  # left by a daemon that died: its loop reads a dead FUSE file
             if layer.as_device:
                 try:
-                    adopted = await trio.to_thread.run_sync(kernel.adopt_layer, self.options.fuse_dir / name, root)
+                    adopted = await trio.to_thread.run_sync(kernel.adopt_layer, self.options.fuse_dir / name, root,
+                                                           identity)
                 except kernel.KernelServeError as e:
                     log.info("cannot take over the mount at %s: %s", root, e)
                 else:
@@ -471,7 +474,7 @@ class Daemon:
             try:
                 mounted = await trio.to_thread.run_sync(
                     kernel.mount_layer, self.options.fuse_dir / name, attached.meta_fd, root,
-                    self.options.loop_direct_io)
+                    self.options.loop_direct_io, identity)
             except kernel.KernelServeError as e:
                 kind, reason = e.kind, str(e)
             else:

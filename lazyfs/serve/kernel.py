@@ -165,6 +165,7 @@ class KernelLayer:
     chunk_loop: str
     meta_loop: str
     direct_io: bool
+    identity: str = ""  # what the layer is (its digest; meta and blob of a plain image)
 
     def describe(self) -> dict:
         return {"serve": "kernel", "loop": self.chunk_loop, "meta_loop": self.meta_loop,
@@ -178,7 +179,8 @@ def _record_path(root: Path) -> Path:
 def _write_record(layer: KernelLayer) -> None:
     path = _record_path(layer.root)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"loop": layer.chunk_loop, "meta_loop": layer.meta_loop, "direct_io": layer.direct_io}))
+    tmp.write_text(json.dumps({"loop": layer.chunk_loop, "meta_loop": layer.meta_loop, "direct_io": layer.direct_io,
+                               "identity": layer.identity}))
     os.replace(tmp, path)
 
 
@@ -194,15 +196,19 @@ def _mount_source(target: Path) -> tuple[str, str] | None:
     return found
 
 
-def adopt_layer(device_file: Path, root: Path) -> KernelLayer:
+def adopt_layer(device_file: Path, root: Path, identity: str) -> KernelLayer:
     """Take over the EROFS mount a dead daemon left at ``root``: its chunk device's loop is
-    switched to ``device_file`` (this daemon's chunk-device file of the same layer) with
-    LOOP_CHANGE_FD. KernelServeError when there is nothing that can be taken over."""
+    switched to ``device_file`` (this daemon's chunk-device file of the same layer, which
+    ``identity`` must name as the record does) with LOOP_CHANGE_FD. KernelServeError when
+    there is nothing that can be taken over."""
     try:
         record = json.loads(_record_path(root).read_text())
         chunk_loop, meta_loop, direct_io = record["loop"], record["meta_loop"], bool(record["direct_io"])
+        recorded_identity = record["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KernelServeError("adopt", f"no record of the loop devices under {root}: {e}") from e
+    if recorded_identity != identity:
+        raise KernelServeError("adopt", f"{root} serves another layer ({recorded_identity})")
     if _mount_source(root) != ("erofs", meta_loop):
         raise KernelServeError("adopt", f"{root} is not the EROFS mount of {meta_loop} its record names")
     try:
@@ -220,10 +226,10 @@ def adopt_layer(device_file: Path, root: Path) -> KernelLayer:
     finally:
         os.close(new_fd)
     log.info("%s: %s now reads %s", root, chunk_loop, device_file)
-    return KernelLayer(root, chunk_loop, meta_loop, direct_io)
+    return KernelLayer(root, chunk_loop, meta_loop, direct_io, identity)
 
 
-def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool) -> KernelLayer:
+def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool, identity: str = "") -> KernelLayer:
     """Loop devices over the chunk-device file and the metadata, and EROFS mounted at ``root``.
 
     On failure nothing stays: the loop descriptors are closed (autoclear detaches the loops)
@@ -247,7 +253,7 @@ def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool) ->
             root.mkdir(parents=True)
             made_root = True
         mount_erofs(meta_loop, chunk_loop, root)
-        layer = KernelLayer(root, chunk_loop, meta_loop, direct_io)
+        layer = KernelLayer(root, chunk_loop, meta_loop, direct_io, identity)
         try:
             _write_record(layer)
         except OSError as e:  # only failover needs it
