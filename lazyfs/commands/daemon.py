@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from lazyfs.config import ConfigError, load_config
+from lazyfs.cliopts import add_registry_arguments, load_with_registry
+from lazyfs.config import ConfigError
 from lazyfs.daemon.mountstate import daemon_command
 
 NAME = "daemon"
@@ -27,10 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the daemon's FUSE mount goes (one directory per attached layer)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
     parser.add_argument("--cache-size", default=None, help="cache size limit, e.g. 20G (default: config)")
-    parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
-    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                        help="reach this registry over plain HTTP (repeatable)")
+    add_registry_arguments(parser)
     parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
                         help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
                              "each layer, the daemon only its chunk device (default: config, else fuse)")
@@ -40,14 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config, registry = load_with_registry(args)
     except ConfigError as e:
         print(f"lazyfs daemon: {e}", file=sys.stderr)
         return 2
     cache_dir = args.cache_dir or config.cache_dir
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
-                          cache_size=cache_size, metrics=args.metrics, insecure_registries=args.insecure_registry,
+                          cache_size=cache_size, metrics=args.metrics, registry=registry,
                           verbose=args.verbose, serve=args.serve or config.serve,
                           layers_dir=args.layers_dir.absolute() if args.layers_dir else None)
     os.execv(sys.executable, argv)

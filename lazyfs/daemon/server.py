@@ -37,8 +37,9 @@ import trio
 from lazyfs.daemon import attach as attach_kinds
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import ChunkCache
-from lazyfs.config import ConfigError, parse_size
+from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
 from lazyfs.daemon.control import MAX_LINE
+from lazyfs.daemon.learned import LearnedTraces, Recorder, RecordingPolicy
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve import kernel
@@ -83,9 +84,10 @@ class DaemonOptions:
     cache_dir: Path
     cache_size: int | None = None
     metrics: tuple[str, int] | None = None
-    insecure_registries: frozenset[str] = frozenset()
+    registry: RegistrySettings = RegistrySettings()
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
+    recording: RecordingPolicy = field(default_factory=RecordingPolicy)  # automatic trace recording
     fuse_options: frozenset[str] = frozenset(
         {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
     serve: str = "fuse"  # "kernel": layers are EROFS mounts over their chunk devices (lazyfs.serve.kernel)
@@ -155,6 +157,9 @@ class Daemon:
         self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
+        self.learned = LearnedTraces()
+        self.learning = Recorder(self.options.cache_dir / "traces", self.options.recording, self._fill_paths,
+                                 self.learned, self._push_store)
         self.recorder: TraceRecorder | None = None
         self.record_to: Path | None = None  # --record-trace: written when the daemon stops
         self.ready = False
@@ -178,12 +183,13 @@ class Daemon:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                insecure_registries=self.options.insecure_registries, background=self.background)
+                registry=self.options.registry, background=self.background, learned=self.learned)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self.fetcher.run)
                     nursery.start_soon(self.background.run)
+                    nursery.start_soon(self.learning.run)
                     nursery.start_soon(MetadataTrimmer(self.fs.layers).run)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._run_fuse, nursery)
@@ -225,6 +231,7 @@ class Daemon:
         if self._terminating:
             return
         self._terminating = True
+        await self.learning.finish_all()  # a start cut short by the unmount is still recorded
         await self._unstack()
         await self._release_layer_mounts()
         pyfuse3.terminate()
@@ -304,8 +311,9 @@ class Daemon:
         try:
             requests = await image_attach_requests(
                 image["ref"], layer=image.get("layer"), platform=image.get("platform"),
-                insecure_registries=sorted(self.options.insecure_registries), trace=image.get("trace"),
-                prefetch=image.get("prefetch", True), http=self.attach_context.registry_http)
+                store_options=self.options.registry.store_options(), trace=image.get("trace"),
+                prefetch=image.get("prefetch", True), learn=image.get("learn", "pull"),
+                http=self.attach_context.registry_http)
         except ImageSpecError as e:
             raise StartupError(str(e), usage=True) from e
         for request in requests:
@@ -318,7 +326,7 @@ class Daemon:
 
     def _on_read(self, ino: int, offset: int, length: int) -> None:
         self.read_stats.record(ino, offset, length)
-        if self.recorder is None:
+        if self.recorder is None and not self.learning.active:
             return
         try:
             span = self.fs.device_cells(ino, offset, length)
@@ -327,7 +335,10 @@ class Daemon:
             return
         if span is not None and span[2]:
             layer, nid, cells = span
-            self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
+            key, size = _trace_key(layer), layer.device.chunk_size  # type: ignore[attr-defined]
+            if self.recorder is not None:
+                self.recorder.record(key, size, nid, "", cells)
+            self.learning.on_chunks(key, size, nid, cells)
             return
         # Kernel mode: a read of a chunk-device file, named after the files its cells hold.
         try:
@@ -337,16 +348,54 @@ class Daemon:
             return
         if found is not None:
             layer, files = found
+            key, size = _trace_key(layer), layer.device.chunk_size  # type: ignore[attr-defined]
             for nid, cells in files:
-                self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
+                if self.recorder is not None:
+                    self.recorder.record(key, size, nid, "", cells)
+                self.learning.on_chunks(key, size, nid, cells)
 
     def _on_use(self, kind: str, ino: int) -> None:
-        if self.recorder is None:
+        if self.recorder is None and not self.learning.active:
             return
         found = self.fs.locate(ino)
         if found is not None:
             layer, nid = found
-            self.recorder.record_file(kind, _trace_key(layer), getattr(layer.device, "chunk_size", 0), nid)
+            key, size = _trace_key(layer), getattr(layer.device, "chunk_size", 0)
+            if self.recorder is not None:
+                self.recorder.record_file(kind, key, size, nid)
+            self.learning.on_file(kind, key, size, nid)
+
+    def _learn_request(self, request: dict) -> tuple:
+        """``record_trace`` in an attach request: the layer joins the recording of its image's
+        start (the image the attach found it in), pushed when it ends if ``share`` is "push"."""
+        if request.get("kind") != "lazyfs":
+            raise RequestError("'record_trace' needs a lazyfs layer")
+        credentials = request.get("push_credentials")
+        if credentials is not None and not (isinstance(credentials, dict) and all(
+                isinstance(credentials.get(k), str) for k in ("username", "password"))):
+            raise RequestError("'push_credentials' must be {\"username\": ..., \"password\": ...}")
+        assert self.attach_context is not None
+        ref, digest = _require_str(request, "ref"), _require_str(request, "digest")
+        try:
+            store, _ = self.attach_context.stores.get(self.attach_context, ref)
+        except attach_kinds.AttachError as e:
+            raise RequestError(str(e), "attach-failed") from e
+        return store, ref, digest, request.get("share") == "push", credentials
+
+    def _push_store(self, ref: str, credentials: dict):
+        """A store for ``ref`` that authenticates with the given credentials (pushing a trace
+        with the snapshotter's configured credentials rather than the Docker config's)."""
+        from lazyfs.registry import Authenticator, CredentialStore, Credentials, Secret, open_store
+        from lazyfs.registry.reference import parse_reference
+
+        assert self.attach_context is not None
+        store = CredentialStore()
+        store.add(parse_reference(ref).registry,
+                  Credentials(credentials["username"], Secret(credentials["password"])))
+        options = self.options.registry.store_options()
+        options.pop("auth_file")
+        return open_store(ref, http=self.attach_context.registry_http, authenticator=Authenticator(store),
+                          **options)
 
     async def trace_start(self) -> dict:
         for layer in self.fs.layers():
@@ -418,10 +467,13 @@ class Daemon:
         if name in {layer.name for layer in self.fs.layers()}:
             raise RequestError(f"a layer named {name!r} is already attached", "exists")
         assert self.attach_context is not None
+        learn = self._learn_request(request) if request.get("record_trace") else None
         try:
             attached = await attacher(self.attach_context, request)
         except attach_kinds.AttachError as e:
+            log.error("attaching %s failed: %s", name, e)
             raise RequestError(str(e), "attach-failed") from e
+        after = attached.info.pop(attach_kinds.AFTER_ATTACH, None)
         kernel_mode = self.options.serve == "kernel"
         try:
             self.fs.attach(name, attached.image, attached.device, attached.info,
@@ -435,24 +487,29 @@ class Daemon:
         self.attached[name] = attached
         if kernel_mode:
             try:
-                await self._mount_layer_root(name, attached)
+                await self._mount_layer_root(name, attached, map_cells=learn is not None)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self.detach({"name": name})
                 raise
         else:
             self.fs.layer(name).info["serve"] = "fuse"
+        layer = self.fs.layer(name)  # after a fallback to the FUSE tree, a new slot
+        log.info("attached %s (%s %s, served by %s)", name, kind, layer.info.get("digest") or layer.info.get("meta", ""),
+                 layer.info["serve"])
+        if after is not None and self._nursery is not None:
+            self._nursery.start_soon(self._after_attach, after, layer, learn)
         return {"path": str(self.options.layer_root(name))}
 
-    async def _mount_layer_root(self, name: str, attached: attach_kinds.Attached) -> None:
+    async def _mount_layer_root(self, name: str, attached: attach_kinds.Attached, map_cells: bool = False) -> None:
         """Kernel mode: the layer's EROFS mount over loop devices of its chunk-device file and
         its metadata; where that is impossible, a bind mount of its FUSE tree (logged once)."""
         root = self.options.layer_root(name)
         layer = self.fs.layer(name)
         # What a later daemon must attach under this name to take the mount over.
         identity = layer.info.get("digest") or f"{layer.info.get('meta')}|{layer.info.get('blob')}"
-        if self.recorder is not None:  # before the kernel's first read of the device
-            await self._map_cells(layer)
+        if map_cells or self.recorder is not None or self.learning.active:
+            await self._map_cells(layer)  # traces: before the kernel's first read of the device
         if is_mounted(root):  # left by a daemon that died: its loop reads a dead FUSE file
             if layer.as_device:
                 try:
@@ -500,6 +557,17 @@ class Daemon:
         self._fallback_reasons.add(kind)
         log.warning("kernel serving mode impossible for layer %s, served by FUSE instead: %s", name, reason)
 
+    async def _after_attach(self, after, attached, learn: tuple | None) -> None:
+        def on_manifest(manifest: str) -> None:
+            if learn is not None and attached.name in {layer.name for layer in self.fs.layers()}:
+                store, ref, *rest = learn
+                self.learning.add_layer(store, ref, manifest, *rest)
+
+        try:
+            await after(attached.info, on_manifest)
+        except Exception:  # a learned trace is an optimisation: it must not take the daemon down
+            log.exception("learned trace of layer %s failed", attached.name)
+
     async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")
         try:
@@ -514,6 +582,7 @@ class Daemon:
         if attached is not None:
             attached.close_meta()
         await self._invalidate_root_entry(name)
+        log.info("detached %s", name)
         return {}
 
     async def _invalidate_root_entry(self, name: str) -> None:
@@ -565,6 +634,8 @@ class Daemon:
             "prefetch": {"queued": prefetch_queued, "done": prefetch_done,
                          "skipped_cached": fetch["already_cached"].get("prefetch", 0)},
             "background": self.background.progress(),
+            "learned": {"lookups": self.learned.lookups, "found": self.learned.found,
+                        "recordings": self.learning.summary()},
         }
 
     async def handle(self, request: Any) -> dict:
@@ -845,6 +916,9 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit: bytes, or 500M, 20G")
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
+    parser.add_argument("--hosts-dir", default=str(DEFAULT_HOSTS_DIR),
+                        help="containerd hosts.toml directory naming registry mirrors (\"\": none)")
+    parser.add_argument("--registry-auth", type=Path, default=None, help="Docker config.json with credentials")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
     parser.add_argument("--serve", choices=SERVE_MODES, default="fuse",
                         help="fuse: layers are directories of the FUSE mount; kernel: the kernel's EROFS "
@@ -855,6 +929,13 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kernel mode: whether the chunk device's loop reads its FUSE file with direct I/O")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
+    policy = RecordingPolicy()
+    parser.add_argument("--record-quiet", type=float, default=policy.quiet, metavar="SECONDS",
+                        help="a recorded start ends when no new chunk was read for this long")
+    parser.add_argument("--record-max-seconds", type=float, default=policy.max_duration, metavar="SECONDS",
+                        help="a recorded start ends this long after its first read at the latest")
+    parser.add_argument("--record-max-bytes", type=_size, default=policy.max_bytes, metavar="BYTES",
+                        help="the merged trace of an image is cut to its earliest records to this size")
 
 
 def options_from_args(args: argparse.Namespace) -> DaemonOptions:
@@ -864,18 +945,24 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
     return DaemonOptions(
         fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
         cache_size=args.cache_size, metrics=args.metrics,
-        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd,
+        registry=RegistrySettings(insecure=tuple(args.insecure_registry),
+                                  hosts_dir=Path(args.hosts_dir) if args.hosts_dir else None,
+                                  auth_file=args.registry_auth),
+        startup=startup, ready_fd=args.ready_fd,
+        recording=RecordingPolicy(quiet=args.record_quiet, max_duration=args.record_max_seconds,
+                                  max_bytes=args.record_max_bytes),
         serve=args.serve, layers_dir=args.layers_dir, loop_direct_io=args.loop_direct_io == "on")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lazyfs.daemon", description=__doc__.splitlines()[0])
     add_daemon_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (default INFO: startup, attach, detach, failures; -v: DEBUG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+    logging.basicConfig(level=logging.INFO - 10 * min(args.verbose, 1),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose < 3:  # one line per HTTP request only when asked for
+    if args.verbose < 2:  # one line per HTTP request only when asked for
         for noisy in ("httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     return run_daemon(options_from_args(args))
