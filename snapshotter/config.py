@@ -8,7 +8,9 @@ log_level = "info"
 [daemon]
 enabled = true                 # false: no lazy layers, every layer is unpacked
 binary = ""                    # "": this Python's `-m lazyfs.daemon`; else a program taking its arguments
-mountpoint = ""                # default <root>/mnt
+mountpoint = ""                # default <root>/mnt: one directory per attached layer (the lowerdirs)
+serve = "fuse"                 # "kernel": each layer is an EROFS mount over a loop device of its chunk
+                               # device, a file of the daemon's FUSE mount at <root>/chunk-devices
 control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
@@ -85,6 +87,12 @@ class DaemonConfig:
     metrics: str = ""
     verbose: bool = False
     allow_suid_dev: bool = False
+    serve: str = "fuse"
+
+    def fuse_dir(self, root: Path) -> Path:
+        """Where the daemon's FUSE mount goes: the layer directories themselves, or in kernel
+        mode the chunk-device files (the layers are EROFS mounts under ``mountpoint``)."""
+        return root / "chunk-devices" if self.serve == "kernel" else self.mountpoint
 
 
 @dataclass
@@ -96,6 +104,9 @@ class TracesConfig:
     max_bytes: int = 1 << 20  # the merged trace of an image kept by the daemon
     username: str = ""
     password: str = ""
+
+
+SERVE_MODES = ("fuse", "kernel")
 
 
 @dataclass
@@ -149,6 +160,9 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.cache_dir = Path(_take(daemon, "cache_dir", str, "") or cfg.root / "cache")
     d.cache_size = parse_size(_take(daemon, "cache_size", (int, str), d.cache_size))
     d.prefetch = _take(daemon, "prefetch", bool, d.prefetch)
+    d.serve = _take(daemon, "serve", str, d.serve)
+    if d.serve not in SERVE_MODES:
+        raise ConfigError(f"daemon.serve: expected one of {', '.join(SERVE_MODES)}, got {d.serve!r}")
     d.background_fetch = _take(daemon, "background_fetch", bool, d.background_fetch)
     rate = _take(daemon, "background_rate", (int, str), "")
     d.background_rate = parse_size(rate) if rate != "" else None

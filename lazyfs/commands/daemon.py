@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trusted images only: setuid bits and device nodes work on the FUSE mount "
                              "(default: nosuid,nodev; image mounts opt in one by one with `lazyfs mount "
                              "--allow-suid-dev`)")
+    parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
+                        help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
+                             "each layer, the daemon only its chunk device (default: config, else fuse)")
+    parser.add_argument("--layers-dir", type=Path, default=None,
+                        help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
                           cache_size=cache_size, metrics=args.metrics, registry=registry,
-                          verbose=args.verbose, allow_suid_dev=args.allow_suid_dev)
+                          verbose=args.verbose, allow_suid_dev=args.allow_suid_dev,
+                          serve=args.serve or config.serve,
+                          layers_dir=args.layers_dir.absolute() if args.layers_dir else None)
     os.execv(sys.executable, argv)
     return 0  # not reached

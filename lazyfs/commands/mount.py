@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", metavar="DIGEST", help="mount only this layer of the image")
     parser.add_argument("--meta", type=Path, help="metadata image of a plain chunk-based EROFS image")
     parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
+    parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
+                        help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
+                             "each layer, the daemon only its chunk device (default: config, else fuse)")
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
     parser.add_argument("--daemon", type=Path, default=None, metavar="SOCKET",
                         help="mount through the running daemon at this control socket (`lazyfs daemon`) "
@@ -100,9 +103,11 @@ def run(args: argparse.Namespace) -> int:
     state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
                                           indent=1))
     ready_read, ready_write = os.pipe()
+    serve = args.serve or config.serve
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
                          metrics=args.metrics, registry=registry, verbose=args.verbose,
-                         allow_suid_dev=args.allow_suid_dev)
+                         allow_suid_dev=args.allow_suid_dev,
+                         serve=serve, layers_dir=state.layers_dir if serve == "kernel" else None)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
@@ -142,7 +147,7 @@ def _mount_point_refusal(state: MountState) -> str | None:
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
                     "insecure_registry": "--insecure-registry", "hosts_dir": "--hosts-dir",
-                    "registry_auth": "--registry-auth"}
+                    "registry_auth": "--registry-auth", "serve": "--serve"}
 
 
 def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:

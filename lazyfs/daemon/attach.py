@@ -58,7 +58,23 @@ class AttachContext:
     learned: LearnedTraces = field(default_factory=LearnedTraces)  # traces found in registries
 
 
-Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
+@dataclass
+class Attached:
+    """What an attacher made: the metadata, the device reader, what `list` shows, and for the
+    kernel serving mode a descriptor of the metadata image as a file (owned: close_meta)."""
+
+    image: Image
+    device: DeviceReader
+    info: dict
+    meta_fd: int | None = None
+
+    def close_meta(self) -> None:
+        fd, self.meta_fd = self.meta_fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+Attacher = Callable[[AttachContext, dict], Awaitable[Attached]]
 
 
 def _string(request: dict, key: str) -> str:
@@ -98,7 +114,7 @@ def open_image(path: str | os.PathLike) -> Image:
         raise AttachError(f"{path} is not a usable EROFS image: {e}") from None
 
 
-async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, DeviceReader, dict]:
+async def attach_plain(ctx: AttachContext, request: dict) -> Attached:
     meta = _string(request, "meta")
     blob = _string(request, "blob")
     image = await trio.to_thread.run_sync(open_image, meta)
@@ -119,7 +135,12 @@ async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, Device
     if size < needed:
         log.info("blob %s has %d bytes, the image declares a %d-byte device", blob, size, needed)
     device = plain_blob_device(ctx.fetcher, source, size, recent=ctx.recent)
-    return image, device, {"kind": "plain", "meta": os.path.abspath(meta), "blob": blob}
+    try:
+        meta_fd: int | None = os.open(meta, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:  # it was readable a moment ago; kernel mode only needs it
+        log.info("cannot reopen %s: %s", meta, e)
+        meta_fd = None
+    return Attached(image, device, {"kind": "plain", "meta": os.path.abspath(meta), "blob": blob}, meta_fd)
 
 
 class StoreBlobSource:
@@ -183,9 +204,10 @@ async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, sec
     return stored
 
 
-def _decode_file_backed(section: Section, stored: bytes, directory: Path) -> mmap.mmap:
+def _decode_file_backed(section: Section, stored: bytes, directory: Path) -> tuple[mmap.mmap, int]:
     """The decoded section in an unnamed file mapped read-only: reclaimable page cache, not
-    daemon heap. It is decoded straight into the file, a piece at a time.
+    daemon heap. It is decoded straight into the file, a piece at a time. Also returns a
+    read-only descriptor of the file (the kernel serving mode mounts it).
 
     A layer's metadata holds its small files inline, so it can be large (100 MB for 100k
     small files); mapped from a file, only the pages in use stay resident.
@@ -198,30 +220,40 @@ def _decode_file_backed(section: Section, stored: bytes, directory: Path) -> mma
                 view = view[os.write(fd, view):]
 
         section.open_into("meta", stored, write)
-        return mmap.mmap(fd, section.size, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fd, section.size, access=mmap.ACCESS_READ)
+        return mapped, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(fd)
 
 
-def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes, trusted: bool) -> Layer:
-    """Verify and open a layer's sections (in a worker thread: hashing and zstd)."""
+def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes,
+                trusted: bool) -> tuple[Layer, int | None]:
+    """Verify and open a layer's sections (in a worker thread: hashing and zstd); the layer
+    and a descriptor of its metadata as a file (None when it stays in memory)."""
     table = index.table.open("table", table_stored)
+    meta_fd = None
     try:
-        meta = _decode_file_backed(index.meta, meta_stored, cache_root / "tmp")
+        meta, meta_fd = _decode_file_backed(index.meta, meta_stored, cache_root / "tmp")
     except OSError as e:  # no O_TMPFILE on this filesystem, or it is full: keep it in memory
         log.info("metadata stays in memory: %s", e)
         meta = index.meta.open("meta", meta_stored)
-    return Layer.from_verified(meta, table, index.chunk_size, trusted_footer=trusted, data_limit=index.data_limit)
+    try:
+        return Layer.from_verified(meta, table, index.chunk_size, trusted_footer=trusted,
+                                   data_limit=index.data_limit), meta_fd
+    except BaseException:
+        if meta_fd is not None:
+            os.close(meta_fd)
+        raise
 
 
-async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, DeviceReader, dict]:
+async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
     ref = _string(request, "ref")
     digest = _string(request, "digest")
     annotations = request.get("annotations") or {}
     if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
         raise AttachError("'annotations' must be an object of strings")
     size = request.get("size")
-    background_rate = _background_rate(request)
+    _background_rate(request)  # a bad value is refused before anything is fetched
     store, host = ctx.stores.get(ctx, ref)
     try:
         if size is None:
@@ -237,11 +269,26 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
             log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
         meta = await _section_bytes(ctx, store, digest, index.meta)
         table = await _section_bytes(ctx, store, digest, index.table)
-        layer = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
+        layer, meta_fd = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
     except LayerFormatError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     except RegistryError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
+    try:
+        device, info = await _serve_lazyfs(ctx, request, store, host, index, layer, trusted)
+    except BaseException:
+        if meta_fd is not None:
+            os.close(meta_fd)
+        raise
+    return Attached(layer.image, device, info, meta_fd)
+
+
+async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, host: str, index, layer: Layer,
+                        trusted: bool) -> tuple[ChunkGridDevice, dict]:
+    """The device reader and `list` info of a loaded lazyfs layer; queues its prefetch and
+    background fill."""
+    ref, digest = request["ref"], request["digest"]
+    background_rate = _background_rate(request)
     source = StoreBlobSource(store, digest, host)
     device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref,
                              recent=ctx.recent)
@@ -266,7 +313,7 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         ctx.background.add(_string(request, "name"), source,
                            [layer.chunk_ref(n) for n in range(layer.chunk_count)], background_rate)
         info["background_fetch"] = {"rate": background_rate}
-    return layer.image, device, info
+    return device, info
 
 
 AFTER_ATTACH = "_after_attach"  # info key: what the daemon runs once the layer is attached
