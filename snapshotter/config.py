@@ -11,6 +11,8 @@ binary = ""                    # "": this Python's `-m lazyfs.daemon`; else a pr
 mountpoint = ""                # default <root>/mnt: one directory per attached layer (the lowerdirs)
 serve = "fuse"                 # "kernel": each layer is an EROFS mount over a loop device of its chunk
                                # device, a file of the daemon's FUSE mount at <root>/chunk-devices
+loop_direct_io = true          # kernel mode: the chunk device's loop reads its file with direct I/O
+                               # (false caches the data twice: in the loop's and the file's pages)
 control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
@@ -88,6 +90,7 @@ class DaemonConfig:
     verbose: bool = False
     allow_suid_dev: bool = False
     serve: str = "fuse"
+    loop_direct_io: bool = True
 
     def fuse_dir(self, root: Path) -> Path:
         """Where the daemon's FUSE mount goes: the layer directories themselves, or in kernel
@@ -183,6 +186,7 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     if bool(t.username) != bool(t.password):
         raise ConfigError("traces.username and traces.password go together")
     d.allow_suid_dev = _take(daemon, "allow_suid_dev", bool, d.allow_suid_dev)
+    d.loop_direct_io = _take(daemon, "loop_direct_io", bool, d.loop_direct_io)
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])

@@ -149,7 +149,8 @@ class DaemonSupervisor:
         cmd = [*program, "--fuse-dir", str(d.fuse_dir(self.cfg.root)), "--socket", str(d.control_socket),
                "--cache-dir", str(d.cache_dir), "--cache-size", str(d.cache_size)]
         if d.serve == "kernel":
-            cmd += ["--serve", "kernel", "--layers-dir", str(d.mountpoint)]
+            cmd += ["--serve", "kernel", "--layers-dir", str(d.mountpoint),
+                    "--loop-direct-io", "on" if d.loop_direct_io else "off"]
         for host in self.cfg.registry.insecure_hosts:
             cmd += ["--insecure-registry", host]
         registry = self.cfg.registry
