@@ -13,6 +13,7 @@ control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
 prefetch = true                # ask the daemon to prefetch each layer's embedded trace
+policies = []                  # fetch policies, e.g. ["trace", "locality"] ([]: the daemon's default)
 
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
@@ -57,6 +58,7 @@ class DaemonConfig:
     cache_dir: Path = Path()
     cache_size: int = 10 * 1024**3
     prefetch: bool = True
+    policies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,6 +109,9 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.cache_dir = Path(_take(daemon, "cache_dir", str, "") or cfg.root / "cache")
     d.cache_size = parse_size(_take(daemon, "cache_size", (int, str), d.cache_size))
     d.prefetch = _take(daemon, "prefetch", bool, d.prefetch)
+    d.policies = _take(daemon, "policies", list, [])
+    if not all(isinstance(name, str) and name.strip() and "," not in name for name in d.policies):
+        raise ConfigError("daemon.policies must be a list of policy names, e.g. [\"trace\", \"locality\"]")
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])

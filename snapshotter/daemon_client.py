@@ -131,6 +131,8 @@ class DaemonSupervisor:
                "--cache-dir", str(d.cache_dir), "--cache-size", str(d.cache_size)]
         for host in self.cfg.registry.insecure_hosts:
             cmd += ["--insecure-registry", host]
+        if d.policies:
+            cmd += ["--policy", ",".join(d.policies)]
         return cmd
 
     def start(self) -> None:

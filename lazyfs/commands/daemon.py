@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="reach this registry over plain HTTP (repeatable)")
+    parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
+                        help="fetch policies: none, readahead, trace, background, locality, or "
+                             "package.module:Class (default: readahead,trace)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
                           cache_size=cache_size, metrics=args.metrics, insecure_registries=args.insecure_registry,
-                          verbose=args.verbose)
+                          verbose=args.verbose, policies=args.policy.split(",") if args.policy else None)
     os.execv(sys.executable, argv)
     return 0  # not reached

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
     parser.add_argument("--record-trace", type=Path, default=None, metavar="FILE",
                         help="record an access trace from the mount on; written to FILE when unmounted")
+    parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
+                        help="fetch policies of the mount's daemon: none, readahead, trace, background, "
+                             "locality, or package.module:Class (default: readahead,trace)")
     parser.add_argument("--background-fetch", action="store_true",
                         help="after the prefetch, fetch the rest of the image at the lowest priority")
     parser.add_argument("--background-rate", type=_size, default=None, metavar="BYTES",
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                                           indent=1))
     ready_read, ready_write = os.pipe()
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
-                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose)
+                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose,
+                         policies=args.policy.split(",") if args.policy else None)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
@@ -133,7 +137,7 @@ def _mount_point_refusal(state: MountState) -> str | None:
 
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
-                    "insecure_registry": "--insecure-registry"}
+                    "insecure_registry": "--insecure-registry", "policy": "--policy"}
 
 
 def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:

@@ -19,6 +19,7 @@ import trio
 
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import CacheError, ChunkCache
+from lazyfs.fetch.policies import FileMap, LayerInfo, PolicySet
 from lazyfs.serve.devices import ChunkGridDevice, RecentChunks, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
@@ -51,6 +52,7 @@ class AttachContext:
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
+    policies: PolicySet | None = None  # fetch policies (None: readahead and trace prefetch)
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -231,17 +233,29 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     except RegistryError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     source = StoreBlobSource(store, digest, host)
+    readahead = ctx.policies is None or ctx.policies.readahead
     device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref,
-                             recent=ctx.recent)
+                             recent=ctx.recent, **({} if readahead else {"readahead_bytes": 0}))
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
+    trace_chunks: list[int] = []
     found = await _prefetch_trace(ctx, store, digest, index, request)
     if found is not None:
         trace, embedded = found
         chunks = await trio.to_thread.run_sync(_trace_chunks, layer, digest, trace, embedded)
-        if chunks:
-            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        if ctx.policies is None:
+            if chunks:
+                ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        else:
+            trace_chunks = chunks
         info["prefetch_chunks"] = len(chunks)
+    if ctx.policies is not None:
+        layer_info = LayerInfo(_string(request, "name"), source, layer.chunk_count, layer.chunk_ref,
+                               trace_chunks=trace_chunks, background_rate=background_rate)
+        ctx.policies.attach(layer_info)
+        if ctx.policies.wants_files:
+            ctx.policies.build_files_soon(layer_info, lambda: file_map(layer))
+        info["policies"] = ctx.policies.names
     if request.get("background_fetch"):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
@@ -312,6 +326,27 @@ def _trace_chunks(layer: Layer, digest: str, trace: Trace, embedded: bool) -> li
                         seen_chunks.add(n)
                         chunks.append(n)
     return chunks
+
+
+def file_map(layer: Layer) -> FileMap:
+    """Each regular file of the layer with its chunk numbers, in directory-walk order (for the
+    fetch policies; built in a worker thread)."""
+    image, cell = layer.image, layer.chunk_size
+    files = []
+    for path, inode in image.walk():
+        if not inode.is_reg or not inode.size:
+            continue
+        chunks: list[int] = []
+        try:
+            extents = image.map(inode.nid, 0, inode.size)
+        except ErofsError:
+            continue
+        for ext in extents:
+            if ext.device_id == 1 and ext.length:
+                chunks.extend(range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1))
+        if chunks:
+            files.append((path.decode("utf-8", "surrogateescape"), [n for n in chunks if n < layer.chunk_count]))
+    return FileMap(files)
 
 
 KINDS: dict[str, Attacher] = {

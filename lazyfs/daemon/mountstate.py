@@ -129,7 +129,7 @@ class MountState:
 
 def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
                    metrics: str | None = None, insecure_registries: Sequence[str] = (),
-                   verbose: int = 1) -> list[str]:
+                   verbose: int = 1, policies: Sequence[str] | None = None) -> list[str]:
     """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
     `lazyfs daemon` start it."""
     cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(fuse_dir), "--socket", str(socket),
@@ -140,6 +140,8 @@ def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size:
         cmd += ["--metrics", metrics]
     for host in insecure_registries:
         cmd += ["--insecure-registry", host]
+    if policies:
+        cmd += ["--policy", ",".join(policies)]
     return cmd + ["-v"] * max(1, verbose)
 
 

@@ -36,6 +36,7 @@ import trio
 
 from lazyfs.daemon import attach as attach_kinds
 from lazyfs.fetch.background import BackgroundFill
+from lazyfs.fetch.policies import DEFAULT_POLICIES, PolicyError, PolicySet, load_policy, parse_policy_names
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import MAX_LINE
@@ -80,6 +81,7 @@ class DaemonOptions:
     insecure_registries: frozenset[str] = frozenset()
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
+    policies: tuple[str, ...] = DEFAULT_POLICIES  # fetch policies (lazyfs.fetch.policies)
     fuse_options: frozenset[str] = frozenset(
         {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
 
@@ -135,6 +137,9 @@ class Daemon:
         self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
+        self.policies = PolicySet(self.fetcher, self.options.policies)
+        self.policies.ctx.background = self.background
+        self.fetcher.policies = self.policies
         self.recorder: TraceRecorder | None = None
         self.record_to: Path | None = None  # --record-trace: written when the daemon stops
         self.ready = False
@@ -155,11 +160,13 @@ class Daemon:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                insecure_registries=self.options.insecure_registries, background=self.background)
+                insecure_registries=self.options.insecure_registries, background=self.background,
+                policies=self.policies)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self.fetcher.run)
+                    self.policies.nursery = nursery
                     nursery.start_soon(self.background.run)
                     nursery.start_soon(MetadataTrimmer(self.fs.layers).run)
                     nursery.start_soon(self._watch_signals)
@@ -696,6 +703,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _policies(text: str) -> tuple[str, ...]:
+    try:
+        names = parse_policy_names(text)
+        for name in names:
+            load_policy(name)  # a user's module that does not import fails here, not at start
+    except PolicyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return tuple(names)
+
+
 def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse-dir", required=True, type=Path, help="where the FUSE mount goes")
     parser.add_argument("--socket", required=True, type=Path, help="control socket path")
@@ -704,6 +721,9 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
+    parser.add_argument("--policy", type=_policies, default=DEFAULT_POLICIES, metavar="NAME[,NAME]",
+                        help="fetch policies: none, readahead, trace, background, locality, or "
+                             f"package.module:Class (default: {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
 
@@ -715,7 +735,8 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
     return DaemonOptions(
         fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
         cache_size=args.cache_size, metrics=args.metrics,
-        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd)
+        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd,
+        policies=tuple(args.policy))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -314,6 +314,9 @@ class ChunkFetcher:
         self._nursery_manager = None
         self._closing = False
         self._idle: trio.Event | None = None
+        # Fetch policies (lazyfs.fetch.policies.PolicySet): told of misses, ended requests and
+        # idle moments; they queue chunks through enqueue().
+        self.policies = None
 
     # ----------------------------------------------------------------- lifetime
 
@@ -359,14 +362,19 @@ class ChunkFetcher:
         results: list[bytes | None] = [None] * len(chunks)
         waiting: list[tuple[int, _Pending]] = []
         cached: list[int] = []
+        missed: list[ChunkRef] = []
         try:
             for i, ref in enumerate(chunks):
                 pending = self._pending.get(_chunk_key(source, ref))
                 if pending is None and ref.digest is not None and self.cache.contains(ref.digest):
                     cached.append(i)
                     continue
+                if pending is None:
+                    missed.append(ref)
                 waiting.append((i, self._want(source, ref, priority, waiter=True)))
             self._dispatch()
+            if missed and priority is Priority.ON_DEMAND:
+                self._consult("on_miss", source, missed)
             if cached:
                 found = await self._read_cached([chunks[i].digest for i in cached],
                                                 sum(chunks[i].length for i in cached))
@@ -692,6 +700,8 @@ class ChunkFetcher:
                 finished = trio.current_time()
                 self._record_request(source, arrived, finished - began, request.received - start)
                 self._notify(source, arrived, request.priority, began, finished)
+            if self._nursery is not None and not self._closing:
+                self._consult("on_request_done", source, arrived, request.priority)
             self._retire_all(unstored)
             host = request.host
             host.requests.discard(request)
@@ -718,6 +728,18 @@ class ChunkFetcher:
                 else:
                     nursery.start_soon(self._requeue_after, delay, pendings)
             self._dispatch()
+            if not self._pending and not stopping:
+                self._consult("on_idle")
+
+    def _consult(self, hook: str, *args) -> None:
+        """Tell the fetch policies (they may enqueue; they must not await)."""
+        policies = self.policies
+        if policies is None:
+            return
+        try:
+            getattr(policies, hook)(*args)
+        except Exception:
+            log.exception("fetch policies: %s failed", hook)
 
     def _stops_here(self, request: _Request) -> bool:
         """A cut request ends before its next chunk, unless a reader waits for that chunk and
