@@ -112,3 +112,23 @@ def test_policy_names_are_checked():
         load_policy("no_such_module_here:Policy")
     with pytest.raises(PolicyError, match="not a lazyfs"):
         load_policy("collections:OrderedDict")
+
+
+async def test_detach_forgets_a_layer_but_not_another_on_the_same_blob(cache, autojump_clock):
+    blob, refs, datas = build_blob([1000] * 4)
+    source = StreamingMemorySource(blob)
+    fetcher = ChunkFetcher(cache)
+    policies = PolicySet(fetcher, ["tests.t2_policies:Recorder"])
+    fetcher.policies = policies
+    first, second = layer_of(source, refs), layer_of(source, refs)
+    first.name, second.name = "first", "second"
+    policies.attach(first)
+    policies.attach(second)
+    policies.detach("second")
+    assert policies.ctx.layers[source.name] is first
+    policies.detach("first")
+    policies.detach("never attached")
+    assert policies.ctx.layers == {}
+    async with fetcher:
+        assert await fetcher.get(source, refs[:1]) == datas[:1]
+    assert [e[0] for e in policies.policies[0].events] == ["idle"]  # no layer: no miss reported

@@ -256,7 +256,7 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if ctx.policies.wants_files:
             ctx.policies.build_files_soon(layer_info, lambda: file_map(layer))
         info["policies"] = ctx.policies.names
-    if request.get("background_fetch"):
+    if request.get("background_fetch") and not (ctx.policies and "background" in ctx.policies.names):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
         # Queued now, started by the fill once the fetcher is idle: after the prefetch above.

@@ -392,6 +392,7 @@ class Daemon:
             self.fs.detach(name)
         except NoSuchEntry as e:
             raise RequestError(str(e), "not-found") from e
+        self.policies.detach(name)
         # Answer only once the kernel has forgotten the entry (its timeout is a day), so that
         # the name is gone for whoever asked for the detach. invalidate_entry blocks until
         # related requests complete, which this loop answers: hence a worker thread.

@@ -185,6 +185,7 @@ class PolicySet:
         self.names = parse_policy_names(names)
         self.policies = [load_policy(name) for name in self.names]
         self.ctx = PolicyContext(fetcher)
+        self._by_name: dict[str, LayerInfo] = {}
 
         self.nursery = None  # where file maps are built (set by the daemon)
 
@@ -211,13 +212,21 @@ class PolicySet:
         self.nursery.start_soon(run)
 
     def attach(self, layer: LayerInfo) -> None:
+        self._by_name[layer.name] = layer
         self.ctx.layers[layer.source.name] = layer
         self._each("attach", layer)
 
-    def detach(self, layer: LayerInfo) -> None:
+    def detach(self, name: str) -> None:
+        """The layer attached under ``name`` is gone (another one may share its blob)."""
+        layer = self._by_name.pop(name, None)
+        if layer is None:
+            return
         if self.ctx.layers.get(layer.source.name) is layer:
             del self.ctx.layers[layer.source.name]
-            self._each("detach", layer)
+            for other in self._by_name.values():
+                if other.source.name == layer.source.name:
+                    self.ctx.layers[other.source.name] = other
+        self._each("detach", layer)
 
     # called by the fetcher (no awaits)
     def on_miss(self, source: BlobSource, refs: Sequence[ChunkRef]) -> None:
