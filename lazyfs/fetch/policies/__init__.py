@@ -26,6 +26,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import trio
+
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, Priority
 from lazyfs.layer.chunks import ChunkRef
 
@@ -186,6 +188,10 @@ class PolicySet:
         self.policies = [load_policy(name) for name in self.names]
         self.ctx = PolicyContext(fetcher)
         self._by_name: dict[str, LayerInfo] = {}
+        # Mapping chunks back to numbers costs a sorted table per layer: only for policies that
+        # listen to misses or ended requests.
+        self._hears = {hook: any(getattr(type(p), hook) is not getattr(FetchPolicy, hook) for p in self.policies)
+                       for hook in ("on_miss", "on_request_done")}
 
         self.nursery = None  # where file maps are built (set by the daemon)
 
@@ -202,10 +208,13 @@ class PolicySet:
         if self.nursery is None:
             return
 
+        def build_both() -> FileMap:
+            layer.blob_order()  # the sorted chunk table too, off the trio thread
+            return build()
+
         async def run() -> None:
-            import trio
             try:
-                layer.files = await trio.to_thread.run_sync(build)
+                layer.files = await trio.to_thread.run_sync(build_both)
             except Exception as e:  # the policies work without it (blob order only)
                 log.info("no file map for %s: %s: %s", layer.name, type(e).__name__, e)
 
@@ -231,14 +240,14 @@ class PolicySet:
     # called by the fetcher (no awaits)
     def on_miss(self, source: BlobSource, refs: Sequence[ChunkRef]) -> None:
         layer = self.ctx.layers.get(source.name)
-        if layer is not None:
+        if layer is not None and self._hears["on_miss"]:
             chunks = [n for n in (layer.chunk_at(ref.offset) for ref in refs) if n is not None]
             if chunks:
                 self._each("on_miss", layer, chunks)
 
     def on_request_done(self, source: BlobSource, refs: Sequence[ChunkRef], priority: Priority) -> None:
         layer = self.ctx.layers.get(source.name)
-        if layer is not None:
+        if layer is not None and self._hears["on_request_done"]:
             chunks = [n for n in (layer.chunk_at(ref.offset) for ref in refs) if n is not None]
             self._each("on_request_done", layer, chunks, priority)
 
