@@ -12,7 +12,7 @@ from tests.faultproxy import FaultProxy
 from tests.fixtures.common import require_root, require_tool, run
 from tests.fixtures.images import build_image, directory, file
 from tests.fixtures.lazyimage import convert_image, push_to_registry, push_to_store
-from tests.fixtures.lazymount import assert_same_tree, lazy_mount
+from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli
 
 CHUNK = 65536
 FILES = 40
@@ -72,3 +72,15 @@ def test_whole_image_reader_gets_every_byte_under_every_policy(pushed, registry,
                     assert f.read() == (rootfs / relative).read_bytes(), relative
         stats = mount.stats()
         assert stats["fetch"]["failed_chunks"] == 0
+
+
+def test_unknown_policy_is_a_one_line_error_before_any_daemon_starts(tmp_path):
+    for command in (["mount", "--run-dir", str(tmp_path / "run"), "--policy", "trace,fast", "127.0.0.1:1/x:1",
+                     str(tmp_path / "mnt")],
+                    ["daemon", "--socket", str(tmp_path / "s"), "--fuse-dir", str(tmp_path / "f"), "--policy", "fast"]):
+        result = lazyfs_cli(*command, check=False)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"lazyfs {command[0]}: unknown fetch policy 'fast' (built in: none, readahead, trace, background, "
+            "locality; or package.module:Class)"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()

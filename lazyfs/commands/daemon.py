@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config
 from lazyfs.daemon.mountstate import daemon_command
+from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 
 NAME = "daemon"
 HELP = "run a daemon that serves `lazyfs mount --daemon SOCKET` mounts (in the foreground)"
@@ -39,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-    except ConfigError as e:
+        if args.policy is not None:
+            parse_policy_names(args.policy)
+    except (ConfigError, PolicyError) as e:
         print(f"lazyfs daemon: {e}", file=sys.stderr)
         return 2
     cache_dir = args.cache_dir or config.cache_dir

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config, parse_size
 from lazyfs.daemon.control import ControlError, request
+from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState, daemon_command, daemon_running
 from lazyfs.serve.mounts import is_mounted
 
@@ -71,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         mountpoint, startup = _startup_spec(args)
-    except (_UsageError, ConfigError) as e:
+        if args.policy is not None:
+            parse_policy_names(args.policy)
+    except (_UsageError, ConfigError, PolicyError) as e:
         print(f"lazyfs mount: {e}", file=sys.stderr)
         return 2
     if args.daemon is not None:

@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lazyfs.fetch.policy_names import BUILTIN_NAMES, DEFAULT_POLICIES, PolicyError, parse_policy_names
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, Priority
 from lazyfs.layer.chunks import ChunkRef
 
 log = logging.getLogger(__name__)
-
-
-class PolicyError(Exception):
-    """A policy name that names nothing, or a class that cannot be loaded."""
+__all__ = ["BUILTIN_NAMES", "DEFAULT_POLICIES", "FetchPolicy", "FileMap", "LayerInfo", "PolicyContext",
+           "PolicyError", "PolicySet", "load_policy", "parse_policy_names"]
 
 
 class FileMap:
@@ -144,23 +143,6 @@ def _builtins() -> dict[str, type[FetchPolicy]]:
     from lazyfs.fetch.policies.locality import LocalityPolicy
     return {"none": FetchPolicy, "readahead": ReadaheadPolicy, "trace": TracePolicy,
             "background": BackgroundPolicy, "locality": LocalityPolicy}
-
-
-BUILTIN_NAMES = ("none", "readahead", "trace", "background", "locality")
-DEFAULT_POLICIES = ("readahead", "trace")
-
-
-def parse_policy_names(text: str | Iterable[str]) -> list[str]:
-    """``"trace,locality"`` or a list of names -> the names (checked: unknown ones raise)."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    names = [item.strip() for item in items if item.strip()]
-    if not names:
-        raise PolicyError("no fetch policy named (use 'none' for none)")
-    for name in names:
-        if name not in BUILTIN_NAMES and ":" not in name:
-            raise PolicyError(f"unknown fetch policy {name!r} (built in: {', '.join(BUILTIN_NAMES)}; "
-                              "or package.module:Class)")
-    return names
 
 
 def load_policy(name: str) -> FetchPolicy:
