@@ -7,7 +7,9 @@ directory. So on each on-demand miss this policy queues, at SPECULATIVE priority
 1. the rest of the missed file (up to ``file_bytes`` stored bytes);
 2. the chunks stored right after the missed one in the blob (``window_bytes``);
 3. the other files of the same directory whose chunks are stored within ``reach_bytes`` of the
-   miss, before or after it (again bounded by ``directory_bytes`` in all).
+   miss, before or after it (again bounded by ``directory_bytes`` in all);
+
+at most ``max_chunks`` chunks per miss in all.
 
 Speculative requests use only an idle link and are cut after their current chunk when an
 on-demand request starts (lazyfs.fetch.scheduler), so a wrong guess costs a read at most one
@@ -27,12 +29,15 @@ class LocalityPolicy(FetchPolicy):
     name = "locality"
     wants_files = True  # the daemon builds each layer's FileMap for it
 
-    def __init__(self, window_bytes: int = 2 << 20, file_bytes: int = 8 << 20,
-                 directory_bytes: int = 4 << 20, reach_bytes: int = 4 << 20):
+    def __init__(self, window_bytes: int = 512 << 10, file_bytes: int = 4 << 20,
+                 directory_bytes: int = 1 << 20, reach_bytes: int = 1 << 20, max_chunks: int = 32):
         self.window_bytes = window_bytes
         self.file_bytes = file_bytes
         self.directory_bytes = directory_bytes
         self.reach_bytes = reach_bytes
+        # Each chunk costs CPU (decode, verify, a cache file) whatever its size; small files are
+        # one chunk each, so a byte budget alone could mean hundreds of chunks per miss.
+        self.max_chunks = max_chunks
 
     def on_miss(self, ctx: PolicyContext, layer: LayerInfo, chunks: list[int]) -> None:
         ctx.queue(layer, self.guesses(layer, chunks), Priority.SPECULATIVE)
@@ -44,7 +49,7 @@ class LocalityPolicy(FetchPolicy):
 
         def take(candidates, budget: int) -> None:
             for n in candidates:
-                if budget <= 0:
+                if budget <= 0 or len(chosen) >= self.max_chunks:
                     return
                 if n in missed or n in chosen:
                     continue
