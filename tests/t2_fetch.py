@@ -598,6 +598,10 @@ async def test_fetcher_saves_the_cache_index_periodically_and_on_exit(cache):
 
 # ----------------------------------------------------------------- streaming delivery
 
+# Speculative requests as long as the whole blob, to test cutting them.
+LONG_YIELDING = dict(background_coalesce=8 << 20, background_window=8 << 20,
+                     yielding_coalesce=8 << 20, yielding_window=8 << 20)
+
 async def test_first_chunk_of_a_long_request_reaches_its_waiter_before_the_request_ends(cache, autojump_clock):
     """Chunks are handed out as their bytes arrive, not when the whole request has finished."""
     blob, refs, datas = build_blob([64 << 10] * 16, compress=False)  # 1 MiB, one second at 1 MiB/s
@@ -657,7 +661,7 @@ async def test_on_demand_read_cuts_a_speculative_request_after_its_current_chunk
     other_blob, other_refs, other_datas = build_blob([64 << 10], compress=False, seed=3)
     source = StreamingMemorySource(blob)
     other = StreamingMemorySource(other_blob, name="other blob")  # same host
-    async with ChunkFetcher(cache, background_coalesce=8 << 20, background_window=8 << 20) as fetcher:
+    async with ChunkFetcher(cache, **LONG_YIELDING) as fetcher:
         fetcher.enqueue(source, refs, Priority.SPECULATIVE)
         await trio.sleep(0.02 + 2.5 * (64 << 10) / (1 << 20))  # half-way through chunk 2
         assert await fetcher.get(other, other_refs) == other_datas
@@ -674,7 +678,7 @@ async def test_on_demand_read_cuts_a_speculative_request_after_its_current_chunk
 async def test_reading_far_into_a_speculative_request_fetches_the_chunk_on_its_own(cache, autojump_clock):
     blob, refs, datas = build_blob([64 << 10] * 16, compress=False)
     source = StreamingMemorySource(blob)
-    async with ChunkFetcher(cache, background_coalesce=8 << 20, background_window=8 << 20) as fetcher:
+    async with ChunkFetcher(cache, **LONG_YIELDING) as fetcher:
         fetcher.enqueue(source, refs, Priority.SPECULATIVE)
         await trio.sleep(0.03)
         assert await fetcher.get(source, refs[12:13]) == datas[12:13]
@@ -688,9 +692,26 @@ async def test_reading_far_into_a_speculative_request_fetches_the_chunk_on_its_o
 async def test_reading_just_ahead_in_a_speculative_request_waits_for_it(cache, autojump_clock):
     blob, refs, datas = build_blob([64 << 10] * 16, compress=False)
     source = StreamingMemorySource(blob)
-    async with ChunkFetcher(cache, background_coalesce=8 << 20, background_window=8 << 20) as fetcher:
+    async with ChunkFetcher(cache, **LONG_YIELDING) as fetcher:
         fetcher.enqueue(source, refs, Priority.SPECULATIVE)
         await trio.sleep(0.03)
         assert await fetcher.get(source, refs[2:3]) == datas[2:3]
         await fetcher.wait_idle()
     assert source.ranges() == [(0, len(blob))]
+
+
+async def test_speculative_requests_are_short_and_few_bytes_are_asked_for_at_once(cache, autojump_clock):
+    """A cut cannot recall bytes already sent, so at most yielding_window bytes of speculation
+    are ever requested at once per host, in requests of at most yielding_coalesce."""
+    blob, refs, datas = build_blob([64 << 10] * 32, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, yielding_coalesce=256 << 10, yielding_window=512 << 10) as fetcher:
+        fetcher.enqueue(source, refs, Priority.SPECULATIVE)
+        await fetcher.wait_idle()
+    assert all(length <= 256 << 10 for length in (r[2] for r in source.requests))
+    events = sorted([(t, length) for t, _, length in source.requests] + [(t, -sent) for t, _, sent in source.ends])
+    asked = 0
+    for _, change in events:
+        asked += change
+        assert asked <= 512 << 10
+    assert all(cache.contains(ref.digest) for ref in refs)

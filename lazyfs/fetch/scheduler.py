@@ -63,6 +63,12 @@ YIELDING = frozenset({Priority.SPECULATIVE, Priority.BACKGROUND})
 # waiting is no slower than a new request); further away, the request is cut and the chunk
 # fetched on demand.
 CUT_AHEAD_BYTES = 256 << 10
+# Cutting a request at the client does not recall the bytes the server has already sent: they
+# sit in socket buffers and the bottleneck queue ahead of the next response. So yielding
+# requests are short and few bytes of them are ever asked for at once per host: a read waits
+# behind at most YIELDING_WINDOW_BYTES (40 ms at 100 Mbit/s) of speculation.
+YIELDING_REQUEST_BYTES = 256 << 10
+YIELDING_WINDOW_BYTES = 512 << 10
 
 
 class BlobSource(Protocol):
@@ -156,6 +162,7 @@ class _Host:
     active_background: int = 0  # requests led by a prefetch/background item
     background_bytes: int = 0  # stored bytes the prefetch/background requests among them ask for
     active_on_demand: int = 0  # requests led by an on-demand item
+    yielding_bytes: int = 0  # stored bytes the yielding requests in flight ask for
     requests: set[_Request] = field(default_factory=set)
 
 
@@ -168,6 +175,7 @@ class _Request:
     priority: Priority  # the leader's
     background: bool  # counts against the host's background slots
     bounded: int  # stored bytes counted against the host's prefetch window
+    yielding: int  # stored bytes counted against the host's yielding window
     received: int  # stored offset up to which bytes have arrived
     next_index: int = 0  # the first chunk of the group whose bytes are not complete yet
     stop_at: int | None = None  # cut: no chunk starting at or after this offset is taken
@@ -279,6 +287,8 @@ class ChunkFetcher:
         per_host_concurrency: int = 8,
         background_coalesce: int = PREFETCH_REQUEST_BYTES,
         background_window: int = PREFETCH_WINDOW_BYTES,
+        yielding_coalesce: int = YIELDING_REQUEST_BYTES,
+        yielding_window: int = YIELDING_WINDOW_BYTES,
         retry: RetryPolicy = RetryPolicy(),
         stats: FetchStats | None = None,
         on_fetch: FetchObserver | None = None,
@@ -296,6 +306,8 @@ class ChunkFetcher:
         # long request is no slower to deliver its first chunk than a short one.
         self.background_coalesce = min(background_coalesce, max_coalesce)
         self.background_window = background_window
+        self.yielding_coalesce = yielding_coalesce
+        self.yielding_window = yielding_window
         self.max_gap = max_gap
         self.per_host_concurrency = per_host_concurrency
         # One slot per host is kept for on-demand reads, so prefetch can never occupy them all.
@@ -533,9 +545,17 @@ class ChunkFetcher:
                     if budget <= 0 and host.active_background:
                         break
                     limit = min(self.background_coalesce, budget)
+                yielding = leader.priority in YIELDING
+                if yielding:
+                    budget = self.yielding_window - host.yielding_bytes
+                    if budget <= 0 and host.yielding_bytes:
+                        break
+                    limit = min(limit, self.yielding_coalesce, budget)
                 group = self._take_group(leader, limit)
                 bounded = _group_bytes(group) if leader.priority >= Priority.PREFETCH else 0
-                request = _Request(host, group, leader.priority, background, bounded, group[0].ref.offset)
+                request = _Request(host, group, leader.priority, background, bounded,
+                                   _group_bytes(group) if yielding else 0, group[0].ref.offset)
+                host.yielding_bytes += request.yielding
                 for pending in group:
                     pending.request = request
                 host.active += 1
@@ -707,6 +727,7 @@ class ChunkFetcher:
             host.requests.discard(request)
             host.active -= 1
             host.background_bytes -= request.bounded
+            host.yielding_bytes -= request.yielding
             if request.background:
                 host.active_background -= 1
             else:
