@@ -50,11 +50,12 @@ def test_chain_of_dependent_reads(pushed, registry, tmp_path, policy):
             name = f"pkg/m{i:03d}.py"
             assert (mount.path / name).read_bytes() == (rootfs / name).read_bytes()
         requests = _range_requests(proxy)
-        print(f"policy {policy}: {requests} range requests for {FILES} files")
     if policy == "none":
         assert requests >= FILES
     else:
-        assert requests <= FILES // 4
+        # 10-11 on an idle link: speculative requests are at most 256 KiB (12 of these files)
+        # and a reader that catches up with the queued ones asks for its file itself.
+        assert requests <= FILES // 3, requests
 
 
 @pytest.mark.parametrize("policy", ["none", "readahead", "trace", "background", "locality",
