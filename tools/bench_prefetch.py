@@ -91,7 +91,9 @@ def start_once(image: str, work: Path, cache: Path, ready: re.Pattern, workload:
             total = time.monotonic() - began
             if fetch_stats is not None:
                 control = socket if shared_daemon else MountState.for_mountpoint(mnt, run).socket
-                fetch_stats.append(request(str(control), "stats")["fetch"])
+                fetch = request(str(control), "stats")["fetch"]
+                fetch["events"] = request(str(control), "fetch-log")["events"]
+                fetch_stats.append(fetch)
             return total, mounted
         finally:
             lazyfs("umount", "--lazy", "--run-dir", str(run), str(mnt))
@@ -245,14 +247,19 @@ def compare_policies(args: argparse.Namespace) -> int:
     print(f"image {args.image} without a trace, workload {' '.join(workload)!r}, link {args.rate_mbit:g} Mbit/s + "
           f"{args.rtt_ms:g} ms RTT, {args.runs} run(s) per cell, cells alternating"
           + (", mounts through a running `lazyfs daemon`" if args.shared_daemon else ""))
-    print(f"{'policies':<28} {'median s':>9} {'requests':>9} {'MiB fetched':>12} {'speculative':>12}  runs")
+    print(f"{'policies':<28} {'median s':>9} {'requests':>9} {'on-demand':>10} {'od wait s':>10} "
+          f"{'MiB fetched':>12} {'speculative':>12}  runs")
     for name, values in results.items():
         median = statistics.median(t for t, _ in values)
         requests = statistics.median(s["requests"] for _, s in values)
+        on_demand = [[e for e in s["events"] if e["priority"] == "on_demand"] for _, s in values]
+        od_requests = statistics.median(len(events) for events in on_demand)
+        # Time reads spent in on-demand requests (summed over requests; concurrent ones overlap).
+        od_wait = statistics.median(sum(e["end"] - e["start"] for e in events) for events in on_demand)
         fetched = statistics.median(s["bytes_fetched"] for _, s in values) / 2**20
         speculative = statistics.median(s["done"].get("speculative", 0) for _, s in values)
-        print(f"{name:<28} {median:9.2f} {requests:9.0f} {fetched:12.1f} {speculative:12.0f}  "
-              + " ".join(f"{t:.2f}" for t, _ in values))
+        print(f"{name:<28} {median:9.2f} {requests:9.0f} {od_requests:10.0f} {od_wait:10.2f} {fetched:12.1f} "
+              f"{speculative:12.0f}  " + " ".join(f"{t:.2f}" for t, _ in values))
     return 0
 
 
