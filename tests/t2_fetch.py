@@ -684,7 +684,7 @@ async def test_reading_far_into_a_speculative_request_fetches_the_chunk_on_its_o
         assert await fetcher.get(source, refs[12:13]) == datas[12:13]
         read_at = trio.current_time()
         await fetcher.wait_idle()
-    assert (refs[12].offset, refs[12].stored_length) in source.ranges()
+    assert refs[12].offset in [offset for offset, _ in source.ranges()]  # its own request (13-15 ride along)
     assert read_at < 0.3  # not after the 12 chunks before it (0.75 s at 1 MiB/s)
     assert all(cache.contains(ref.digest) for ref in refs)
 
@@ -715,3 +715,22 @@ async def test_speculative_requests_are_short_and_few_bytes_are_asked_for_at_onc
         asked += change
         assert asked <= 512 << 10
     assert all(cache.contains(ref.digest) for ref in refs)
+
+
+async def test_speculation_right_after_a_miss_rides_along_in_its_request(cache, autojump_clock):
+    """Queued speculative chunks that follow an on-demand chunk join its request (after it in the
+    stream, up to yielding_coalesce bytes); what comes before it does not."""
+    blob, refs, datas = build_blob([64 << 10] * 10, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, yielding_coalesce=192 << 10) as fetcher:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.get, source, refs[0:1])  # occupies the link: no speculation starts
+            await trio.sleep(0.001)
+            fetcher.enqueue(source, [refs[1], *refs[3:8]], Priority.SPECULATIVE)
+            got = await fetcher.get(source, refs[2:3])
+            first = trio.current_time()
+        await fetcher.wait_idle()
+    assert got == datas[2:3]
+    # refs[2] on demand, with refs[3..5] (192 KiB) riding along; refs[1] (before it) does not
+    assert (refs[2].offset, refs[6].offset - refs[2].offset) in source.ranges()
+    assert first < 0.2

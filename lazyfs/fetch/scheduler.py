@@ -384,9 +384,10 @@ class ChunkFetcher:
                 if pending is None:
                     missed.append(ref)
                 waiting.append((i, self._want(source, ref, priority, waiter=True)))
-            self._dispatch()
             if missed and priority is Priority.ON_DEMAND:
+                # Before dispatching: what a policy queues next to the misses can ride along.
                 self._consult("on_miss", source, missed)
+            self._dispatch()
             if cached:
                 found = await self._read_cached([chunks[i].digest for i in cached],
                                                 sum(chunks[i].length for i in cached))
@@ -576,13 +577,20 @@ class ChunkFetcher:
         index = by_offset.index(leader)
         start, end = leader.ref.offset, leader.ref.end
         after: list[_Pending] = []
+        # Queued speculation right after an on-demand chunk rides along in its request, up to
+        # yielding_coalesce bytes: streamed, it arrives after the chunks the reader waits for,
+        # and saves the round trip a separate request would cost.
+        ride = self.yielding_coalesce if leader.priority is Priority.ON_DEMAND else 0
         for pending in by_offset.islice(index + 1):
             ref = pending.ref
             if ref.offset < end:  # overlapping stored ranges are not merged
                 continue
-            if (ref.offset - end > self.max_gap or pending.priority != leader.priority
-                    or ref.end - start > limit):
+            if ref.offset - end > self.max_gap or ref.end - start > limit:
                 break
+            if pending.priority != leader.priority:
+                if pending.priority not in YIELDING or ref.end - end > ride:
+                    break
+                ride -= ref.end - end
             after.append(pending)
             end = ref.end
         before: list[_Pending] = []
