@@ -53,9 +53,9 @@ def test_chain_of_dependent_reads(pushed, registry, tmp_path, policy):
     if policy == "none":
         assert requests >= FILES
     else:
-        # 10-11 on an idle link: speculative requests are at most 256 KiB (12 of these files)
-        # and a reader that catches up with the queued ones asks for its file itself.
-        assert requests <= FILES // 3, requests
+        # 6 when measured: the first miss and its ride-along, then speculative requests of at
+        # most 256 KiB (12 of these files) on the idle link, and a second miss after 32 chunks.
+        assert requests <= FILES // 4, requests
 
 
 @pytest.mark.parametrize("policy", ["none", "readahead", "trace", "background", "locality",
