@@ -73,6 +73,11 @@ def test_whole_image_reader_gets_every_byte_under_every_policy(pushed, registry,
                     assert f.read() == (rootfs / relative).read_bytes(), relative
         stats = mount.stats()
         assert stats["fetch"]["failed_chunks"] == 0
+        names = policy.split(",")
+        # The selected policies, and only they, did something (data/big is read sequentially).
+        assert (stats["fetch"]["queued"]["readahead"] > 0) == ("readahead" in names)
+        assert (stats["fetch"]["queued"]["speculative"] > 0) == ("locality" in names)
+        assert bool(stats["background"]["layers"]) == ("background" in names)
 
 
 def test_unknown_policy_is_a_one_line_error_before_any_daemon_starts(tmp_path):
