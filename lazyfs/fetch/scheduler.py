@@ -703,8 +703,9 @@ class ChunkFetcher:
                         pending = group[request.next_index]
                         request.next_index += 1
                         ref = pending.ref
-                        stored = bytes(buffer[ref.offset - buffer_start:ref.end - buffer_start])
-                        del buffer[:ref.end - buffer_start]
+                        with memoryview(buffer) as view:  # one copy out; released before the del
+                            stored = bytes(view[ref.offset - buffer_start:ref.end - buffer_start])
+                        del buffer[:ref.end - buffer_start]  # amortised O(1) at the front
                         buffer_start = ref.end
                         arrived.append(ref)
                         await self._verify_and_deliver(pending, stored, unstored, retry_after)
