@@ -5,13 +5,16 @@ items, one per chunk key (the digest), shared by every waiter. Pending items wai
 per-host queue ordered by (priority, arrival); whenever a host has a free slot the best
 item is taken, merged with queued neighbours of the same source and priority whose stored
 ranges are contiguous (gaps up to ``max_gap``) up to ``max_coalesce`` bytes, and fetched by
-one range request. Each chunk of the answer is decompressed (bounded by its declared
-length), verified (xxh3-128) and only then cached and handed to its waiters. Failures are
-retried per chunk with exponential backoff; after the last attempt every waiter gets a
-FetchError.
+one range request. The answer is read as it arrives: as soon as a chunk's stored bytes are
+complete it is decompressed (bounded by its declared length), verified (xxh3-128) and only
+then handed to its waiters and cached, while the rest of the request is still coming.
+Failures are retried per chunk with exponential backoff; after the last attempt every waiter
+gets a FetchError. Speculative and background requests yield the link to on-demand reads
+(they are cut after their current chunk); fetch policies (lazyfs.fetch.policies) are told
+of misses, ended requests and idle moments through ``policies``.
 
 Concurrency rules (see the design notes): the bookkeeping -- ``_dispatch``, ``_take_group``,
-``_promote``, ``_complete``, ``_failed`` -- is synchronous and never awaits, so queue state
+``_promote``, ``_cut``, ``_deliver``, ``_failed`` and the policies' hooks -- is synchronous and never awaits, so queue state
 is never observed half-changed; the only awaits are the source request, the worker-thread
 calls for decoding/caching large chunks, backoff sleeps and waiters' waits.
 """
