@@ -14,12 +14,32 @@ cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
 prefetch = true                # ask the daemon to prefetch each layer's embedded trace
 policies = []                  # fetch policies, e.g. ["trace", "locality"] ([]: the daemon's default)
+background_fetch = false       # after the prefetch, fetch each lazy layer whole at the lowest priority
+background_rate = ""           # "": unlimited; else bytes per second of that fill, e.g. "10MiB"
+metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
+verbose = false                # the daemon logs at DEBUG (default INFO: attach, detach, failures)
+
+[traces]                       # learned traces (see docs/design.md, "Learned traces")
+record = true                  # record each image's start (kept in the daemon's cache, traces/)
+share = "pull"                 # "off": neither look up nor push; "pull": a layer without a trace
+                               # of its own prefetches from a trace attached to its image in the
+                               # registry; "push": also attach each recorded trace to the image
+quiet = 5.0                    # a recorded start ends after this many seconds without a new chunk
+max_seconds = 120.0            # ... or this long after its first read
+username = ""                  # push credentials; "" = the Docker config.json of the daemon's user
+password = ""
 
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
+hosts_dir = "/etc/containerd/certs.d"        # containerd hosts.toml files: mirrors ("" for none)
+auth_file = ""                               # Docker config.json; "": $DOCKER_CONFIG or ~/.docker
 [registry.mirrors]                           # lazy layers of docker.io images come from here
 "docker.io" = ["mirror.example:5000"]
 ```
+
+These are all the daemon's settings: the FUSE directory, control socket, cache, metrics,
+verbosity and registry access are its command line; prefetch and background fetch go with
+each attach request.
 """
 
 from __future__ import annotations
@@ -31,6 +51,7 @@ from pathlib import Path
 
 DEFAULT_ROOT = Path("/var/lib/lazyfs-snapshotter")
 DEFAULT_SOCKET = Path("/run/lazyfs-snapshotter/snapshotter.sock")
+DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")  # containerd's
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -58,13 +79,29 @@ class DaemonConfig:
     cache_dir: Path = Path()
     cache_size: int = 10 * 1024**3
     prefetch: bool = True
+    background_fetch: bool = False
+    background_rate: int | None = None
+    metrics: str = ""
+    verbose: bool = False
     policies: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TracesConfig:
+    record: bool = True
+    share: str = "pull"  # pushing publishes what an image's start reads: only when asked for
+    quiet: float = 5.0
+    max_seconds: float = 120.0
+    username: str = ""
+    password: str = ""
 
 
 @dataclass
 class RegistryConfig:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     insecure_hosts: list[str] = field(default_factory=list)
+    hosts_dir: Path | None = DEFAULT_HOSTS_DIR
+    auth_file: Path | None = None
 
 
 @dataclass
@@ -74,6 +111,7 @@ class Config:
     log_level: str = "info"
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
 
 
 def _take(table: dict, key: str, kind: type, default):
@@ -112,10 +150,31 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.policies = _take(daemon, "policies", list, [])
     if not all(isinstance(name, str) and name.strip() and "," not in name for name in d.policies):
         raise ConfigError("daemon.policies must be a list of policy names, e.g. [\"trace\", \"locality\"]")
+    d.background_fetch = _take(daemon, "background_fetch", bool, d.background_fetch)
+    rate = _take(daemon, "background_rate", (int, str), "")
+    d.background_rate = parse_size(rate) if rate != "" else None
+    d.metrics = _take(daemon, "metrics", str, d.metrics)
+    d.verbose = _take(daemon, "verbose", bool, d.verbose)
+    traces = _take(raw, "traces", dict, {})
+    t = cfg.traces
+    t.record = _take(traces, "record", bool, t.record)
+    t.share = _take(traces, "share", str, t.share)
+    if t.share not in ("off", "pull", "push"):
+        raise ConfigError(f"traces.share: expected \"off\", \"pull\" or \"push\", got {t.share!r}")
+    t.quiet = float(_take(traces, "quiet", (int, float), t.quiet))
+    t.max_seconds = float(_take(traces, "max_seconds", (int, float), t.max_seconds))
+    t.username = _take(traces, "username", str, t.username)
+    t.password = _take(traces, "password", str, t.password)
+    if bool(t.username) != bool(t.password):
+        raise ConfigError("traces.username and traces.password go together")
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])
-    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry.")):
+    hosts_dir = _take(registry, "hosts_dir", str, str(DEFAULT_HOSTS_DIR))
+    cfg.registry.hosts_dir = Path(hosts_dir) if hosts_dir else None
+    auth_file = _take(registry, "auth_file", str, "")
+    cfg.registry.auth_file = Path(auth_file) if auth_file else None
+    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry."), (traces, "traces.")):
         if table:
             raise ConfigError(f"unknown configuration keys: {', '.join(name + k for k in table)}")
     return cfg

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lazyfs.daemon.control import ControlClient, ControlError
 
-from .config import Config
+from .config import Config, TracesConfig
 from .errors import LayerFSError
 from .layerfs import layer_source
 
@@ -46,14 +46,20 @@ MAX_RESTART_DELAY = 30.0
 class DaemonLayerFS:
     """Attach requests carry ``kind: "lazyfs"``, the image reference (registry host rewritten to
     a configured mirror), the layer digest, the layer's lazyfs annotations (full keys, as in
-    the descriptor) and whether to prefetch its embedded trace."""
+    the descriptor) and whether to prefetch its embedded trace; with the image's manifest digest
+    (the CRI label), also the learned-trace settings: look a trace up in the registry, record
+    the start, push it."""
 
     def __init__(self, control_socket: Path, mountpoint: Path,
-                 mirrors: Mapping[str, list[str]] | None = None, prefetch: bool = True):
+                 mirrors: Mapping[str, list[str]] | None = None, prefetch: bool = True,
+                 background_fetch: bool = False, background_rate: int | None = None,
+                 traces: TracesConfig | None = None):
         self.control_socket = Path(control_socket)
         self.mountpoint = Path(mountpoint)
         self.mirrors = dict(mirrors or {})
         self.prefetch = prefetch
+        self.background = {"background_fetch": True, "background_rate": background_rate} if background_fetch else {}
+        self.traces = traces or TracesConfig()
 
     def request(self, op: str, timeout: float = REQUEST_TIMEOUT, **args) -> dict:
         try:
@@ -78,11 +84,21 @@ class DaemonLayerFS:
         try:
             self.request("attach", kind="lazyfs", name=layer, ref=mirrored(source.image_ref, self.mirrors),
                          digest=source.layer_digest, annotations=source.lazyfs_annotations,
-                         prefetch=self.prefetch)
+                         prefetch=self.prefetch, **self.background, **self._learning(source.manifest_digest))
         except DaemonRequestError as e:
             if e.kind != "exists":  # attached before (by us, before a snapshotter restart)
                 raise
         return self.path(layer)
+
+    def _learning(self, manifest_digest: str) -> dict:
+        t = self.traces
+        args: dict = {"share": t.share, "learned_trace": self.prefetch and t.share != "off", "record_trace": t.record}
+        if manifest_digest.startswith("sha256:"):
+            # CRI names the image manifest; without it (ctr-remote) the daemon resolves the reference
+            args["image_manifest"] = manifest_digest
+        if t.record and t.share == "push" and t.username:
+            args["push_credentials"] = {"username": t.username, "password": t.password}
+        return args
 
     def unmount(self, layer: str) -> None:
         try:
@@ -131,6 +147,15 @@ class DaemonSupervisor:
                "--cache-dir", str(d.cache_dir), "--cache-size", str(d.cache_size)]
         for host in self.cfg.registry.insecure_hosts:
             cmd += ["--insecure-registry", host]
+        registry = self.cfg.registry
+        cmd += ["--hosts-dir", str(registry.hosts_dir) if registry.hosts_dir is not None else ""]
+        if registry.auth_file is not None:
+            cmd += ["--registry-auth", str(registry.auth_file)]
+        if d.metrics:
+            cmd += ["--metrics", d.metrics]
+        if d.verbose:
+            cmd += ["-v"]
+        cmd += ["--record-quiet", str(self.cfg.traces.quiet), "--record-max-seconds", str(self.cfg.traces.max_seconds)]
         if d.policies:
             cmd += ["--policy", ",".join(d.policies)]
         return cmd

@@ -313,6 +313,32 @@ def test_config_policies_reach_the_daemon_command(tmp_path):
     assert "--policy" not in DaemonSupervisor(config.load(None, root=tmp_path), None).command()
 
 
+def test_traces_config_and_attach_arguments(tmp_path):
+    from snapshotter import config
+    from snapshotter.daemon_client import DaemonLayerFS
+    cfg = config.load(None)
+    assert (cfg.traces.record, cfg.traces.share) == (True, "pull")  # the safe defaults: nothing pushed
+    path = tmp_path / "c.toml"
+    path.write_text('[traces]\nrecord = true\nshare = "push"\nquiet = 2\nusername = "u"\npassword = "p"\n')
+    cfg = config.load(path)
+    assert cfg.traces.share == "push" and cfg.traces.quiet == 2.0
+    fs = DaemonLayerFS(tmp_path / "s", tmp_path / "m", traces=cfg.traces)
+    manifest = "sha256:" + "1" * 64
+    assert fs._learning(manifest) == {
+        "image_manifest": manifest, "share": "push", "learned_trace": True, "record_trace": True,
+        "push_credentials": {"username": "u", "password": "p"}}
+    # no manifest digest label (ctr-remote): the daemon resolves the image reference
+    assert fs._learning("") == {"share": "push", "learned_trace": True, "record_trace": True,
+                                "push_credentials": {"username": "u", "password": "p"}}
+    off = DaemonLayerFS(tmp_path / "s", tmp_path / "m", traces=config.TracesConfig(record=False, share="off"))
+    assert off._learning(manifest) == {"image_manifest": manifest, "share": "off", "learned_trace": False,
+                                       "record_trace": False}
+    for bad in ('[traces]\nshare = "always"\n', '[traces]\nusername = "u"\n', '[traces]\nrecrod = true\n'):
+        path.write_text(bad)
+        with pytest.raises(config.ConfigError):
+            config.load(path)
+
+
 def test_mirrored_reference():
     from snapshotter.daemon_client import mirrored
     mirrors = {"docker.io": ["http://127.0.0.1:5000/"], "q.io": ["m:1"]}

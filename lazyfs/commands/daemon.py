@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from lazyfs.config import ConfigError, load_config
+from lazyfs.cliopts import add_registry_arguments, load_with_registry
+from lazyfs.config import ConfigError
 from lazyfs.daemon.mountstate import daemon_command
 from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 
@@ -28,10 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the daemon's FUSE mount goes (one directory per attached layer)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
     parser.add_argument("--cache-size", default=None, help="cache size limit, e.g. 20G (default: config)")
-    parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
-    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                        help="reach this registry over plain HTTP (repeatable)")
+    add_registry_arguments(parser)
     parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
                         help="fetch policies: none, readahead, trace, background, locality, or "
                              "package.module:Class (default: readahead,trace)")
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config, registry = load_with_registry(args)
         if args.policy is not None:
             parse_policy_names(args.policy)
     except (ConfigError, PolicyError) as e:
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or config.cache_dir
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
-                          cache_size=cache_size, metrics=args.metrics, insecure_registries=args.insecure_registry,
+                          cache_size=cache_size, metrics=args.metrics, registry=registry,
                           verbose=args.verbose, policies=args.policy.split(",") if args.policy else None)
     os.execv(sys.executable, argv)
     return 0  # not reached

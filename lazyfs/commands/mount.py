@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lazyfs.config import ConfigError, load_config, parse_size
+from lazyfs.cliopts import add_registry_arguments, load_with_registry
+from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import ControlError, request
 from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState, daemon_command, daemon_running
@@ -48,9 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of starting one for this mount")
     parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit, e.g. 20G (default: config)")
-    parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
-    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                        help="reach this registry over plain HTTP (repeatable)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
     parser.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
@@ -62,15 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
                         help="fetch policies of the mount's daemon: none, readahead, trace, background, "
                              "locality, or package.module:Class (default: readahead,trace)")
+    parser.add_argument("--learned-trace", choices=("off", "pull", "push"), default="pull",
+                        help="pull (default): a layer without a trace of its own prefetches from a trace "
+                             "attached to the image in the registry, and the start is recorded into the "
+                             "cache's trace of the image; push: that trace is also attached to the image "
+                             "in the registry (needs push access); off: neither")
     parser.add_argument("--background-fetch", action="store_true",
                         help="after the prefetch, fetch the rest of the image at the lowest priority")
     parser.add_argument("--background-rate", type=_size, default=None, metavar="BYTES",
                         help="limit the background fetch to this many bytes per second (e.g. 10M)")
+    add_registry_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config, registry = load_with_registry(args)
         mountpoint, startup = _startup_spec(args)
         if args.policy is not None:
             parse_policy_names(args.policy)
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                                           indent=1))
     ready_read, ready_write = os.pipe()
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
-                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose,
+                         metrics=args.metrics, registry=registry, verbose=args.verbose,
                          policies=args.policy.split(",") if args.policy else None)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
@@ -140,7 +144,8 @@ def _mount_point_refusal(state: MountState) -> str | None:
 
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
-                    "insecure_registry": "--insecure-registry", "policy": "--policy"}
+                    "insecure_registry": "--insecure-registry", "hosts_dir": "--hosts-dir",
+                    "registry_auth": "--registry-auth", "policy": "--policy"}
 
 
 def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:
@@ -189,7 +194,7 @@ def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
     # httpx, whose import is most of a cold mount's start-up time.
     image = {"ref": args.target[0], "layer": args.layer, "platform": args.platform,
              "trace": os.path.abspath(args.trace) if args.trace else None, "prefetch": not args.no_prefetch,
-             "background_fetch": args.background_fetch, "background_rate": args.background_rate}
+             "learn": args.learned_trace, "background_fetch": args.background_fetch, "background_rate": args.background_rate}
     return args.target[1], {"source": {"image": args.target[0], "layer": args.layer},
                             "image": image, "stack": {}}
 

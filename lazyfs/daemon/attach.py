@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from lazyfs.config import RegistrySettings
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import CacheError, ChunkCache
 from lazyfs.fetch.policies import FileMap, LayerInfo, PolicySet
@@ -34,6 +36,8 @@ from lazyfs.registry import (
 )
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
 from lazyfs.trace.format import Trace, TraceError
+from lazyfs.daemon.learned import LearnedTraces, learned_chunks
+from lazyfs.trace.prefetch import prefetch_chunks
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,12 @@ class AttachContext:
     cache: ChunkCache
     http: httpx.AsyncClient  # plain blob URLs
     registry_http: httpx.AsyncClient  # registries (redirects are followed by the registry client)
-    insecure_registries: frozenset[str] = frozenset()
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
     policies: PolicySet | None = None  # fetch policies (None: readahead and trace prefetch)
+    learned: LearnedTraces = field(default_factory=LearnedTraces)  # traces found in registries
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -149,8 +154,10 @@ class _Stores:
             key, host = f"{parsed.registry}/{parsed.repository}", parsed.endpoint
         store = self.by_name.get(key)
         if store is None:
-            store = open_store(ref, http=ctx.registry_http, retry=DATA_RETRY,
-                               insecure_registries=ctx.insecure_registries)
+            try:
+                store = open_store(ref, http=ctx.registry_http, retry=DATA_RETRY, **ctx.registry.store_options())
+            except RegistryError as e:  # a bad hosts.toml
+                raise AttachError(str(e)) from e
             self.by_name[key] = store
         return store, host
 
@@ -242,7 +249,7 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     found = await _prefetch_trace(ctx, store, digest, index, request)
     if found is not None:
         trace, embedded = found
-        chunks = await trio.to_thread.run_sync(_trace_chunks, layer, digest, trace, embedded)
+        chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
         if ctx.policies is None:
             if chunks:
                 ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
@@ -256,6 +263,11 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if ctx.policies.wants_files:
             ctx.policies.build_files_soon(layer_info, lambda: file_map(layer))
         info["policies"] = ctx.policies.names
+    if request.get("learned_trace") or request.get("record_trace"):
+        # After the attach, in the background: the look-up must not delay the layer.
+        info[AFTER_ATTACH] = functools.partial(
+            _learn, ctx, store, ref, digest, _given_manifest(request), layer, source,
+            bool(request.get("learned_trace")) and found is None and index.trace is None)
     if request.get("background_fetch") and not (ctx.policies and "background" in ctx.policies.names):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
@@ -264,6 +276,53 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
                            [layer.chunk_ref(n) for n in range(layer.chunk_count)], background_rate)
         info["background_fetch"] = {"rate": background_rate}
     return layer.image, device, info
+
+
+AFTER_ATTACH = "_after_attach"  # info key: what the daemon runs once the layer is attached
+
+
+def _given_manifest(request: dict) -> str | None:
+    manifest = request.get("image_manifest")
+    if manifest is not None and (not isinstance(manifest, str) or not manifest.startswith("sha256:")):
+        raise AttachError("'image_manifest' must be the image manifest's sha256 digest")
+    return manifest
+
+
+async def _learn(ctx: AttachContext, store: ImageStore, ref: str, digest: str, manifest: str | None,
+                 layer: Layer, source: StoreBlobSource, prefetch: bool, info: dict,
+                 on_manifest: Callable[[str], None]) -> None:
+    """Learned traces of an attached layer (``info`` is its live ``list`` entry): find the image
+    manifest it belongs to (``image_manifest``, else what ``ref`` resolves to if the layer is
+    one of its layers), report it (the daemon records the start), and with ``prefetch``
+    prefetch from the trace attached to that image in the registry."""
+    if manifest is None:
+        manifest = await ctx.learned.manifest_of(store, parse_any_reference(ref).object, digest)
+        if manifest is None:
+            return
+    info["image_manifest"] = manifest
+    on_manifest(manifest)
+    if not prefetch:
+        return
+    learned = await _learned_trace_chunks(ctx, store, manifest, digest, layer)
+    if learned is not None:
+        artifact, chunks = learned
+        if chunks and (ctx.policies is None or "trace" in ctx.policies.names):
+            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        info["prefetch_chunks"] = len(chunks)
+        info["learned_trace"] = artifact
+
+
+async def _learned_trace_chunks(ctx: AttachContext, store: ImageStore, manifest: str, digest: str,
+                                layer: Layer) -> tuple[str, list[int]] | None:
+    """(artifact digest, chunks) from a trace attached in the registry to the image whose
+    manifest is ``manifest``; None when there is none or it does not fit the layer. The
+    trace was checked against the image's layers when pulled and only orders chunks that the
+    layer's verified table describes."""
+    pulled = await ctx.learned.lookup(store, manifest)
+    if pulled is None:
+        return None
+    chunks = learned_chunks(pulled.trace, digest, layer.chunk_size, layer.chunk_count)
+    return None if chunks is None else (pulled.artifact, chunks)
 
 
 def _background_rate(request: dict) -> int | None:
@@ -292,40 +351,6 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e
     return None
-
-
-def _trace_chunks(layer: Layer, digest: str, trace: Trace, embedded: bool) -> list[int]:
-    """The layer's chunks to prefetch, in first-access order.
-
-    A trace recorded on this very layer names its chunks by number. An embedded trace was
-    recorded before conversion (another digest, other chunk numbers: convert may reorder
-    files), so its records are followed by path: every chunk of each traced file, in order.
-    """
-    if not embedded:
-        return [n for n in trace.chunks_of(digest) if n < layer.chunk_count]
-    chunks: list[int] = []
-    seen_paths: set[str] = set()
-    seen_chunks: set[int] = set()
-    image, cell = layer.image, layer.chunk_size
-    for access in trace.accesses:
-        if access.path in seen_paths or access.path == "?":
-            continue
-        seen_paths.add(access.path)
-        try:
-            nid = image.resolve(access.path)
-            inode = image.inode(nid)
-            if not inode.is_reg:
-                continue
-            extents = image.map(nid, 0, inode.size)
-        except ErofsError:
-            continue  # the file is in another layer of the image
-        for ext in extents:
-            if ext.device_id == 1 and ext.length:
-                for n in range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1):
-                    if n not in seen_chunks and n < layer.chunk_count:
-                        seen_chunks.add(n)
-                        chunks.append(n)
-    return chunks
 
 
 def file_map(layer: Layer) -> FileMap:

@@ -38,8 +38,9 @@ from lazyfs.daemon import attach as attach_kinds
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.policies import DEFAULT_POLICIES, PolicyError, PolicySet, load_policy, parse_policy_names
 from lazyfs.fetch.cache import ChunkCache
-from lazyfs.config import ConfigError, parse_size
+from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
 from lazyfs.daemon.control import MAX_LINE
+from lazyfs.daemon.learned import LearnedTraces, Recorder, RecordingPolicy
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve.fuse import LazyOperations
@@ -78,10 +79,11 @@ class DaemonOptions:
     cache_dir: Path
     cache_size: int | None = None
     metrics: tuple[str, int] | None = None
-    insecure_registries: frozenset[str] = frozenset()
+    registry: RegistrySettings = RegistrySettings()
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
     policies: tuple[str, ...] = DEFAULT_POLICIES  # fetch policies (lazyfs.fetch.policies)
+    recording: RecordingPolicy = field(default_factory=RecordingPolicy)  # automatic trace recording
     fuse_options: frozenset[str] = frozenset(
         {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
 
@@ -140,6 +142,9 @@ class Daemon:
         self.policies = PolicySet(self.fetcher, self.options.policies)
         self.policies.ctx.background = self.background
         self.fetcher.policies = self.policies
+        self.learned = LearnedTraces()
+        self.learning = Recorder(self.options.cache_dir / "traces", self.options.recording, self._fill_paths,
+                                 self.learned, self._push_store)
         self.recorder: TraceRecorder | None = None
         self.record_to: Path | None = None  # --record-trace: written when the daemon stops
         self.ready = False
@@ -160,7 +165,7 @@ class Daemon:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                insecure_registries=self.options.insecure_registries, background=self.background,
+                registry=self.options.registry, background=self.background, learned=self.learned,
                 policies=self.policies)
             try:
                 async with trio.open_nursery() as nursery:
@@ -168,6 +173,7 @@ class Daemon:
                     nursery.start_soon(self.fetcher.run)
                     self.policies.nursery = nursery
                     nursery.start_soon(self.background.run)
+                    nursery.start_soon(self.learning.run)
                     nursery.start_soon(MetadataTrimmer(self.fs.layers).run)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._run_fuse, nursery)
@@ -208,6 +214,7 @@ class Daemon:
         if self._terminating:
             return
         self._terminating = True
+        await self.learning.finish_all()  # a start cut short by the unmount is still recorded
         await self._unstack()
         pyfuse3.terminate()
 
@@ -280,8 +287,9 @@ class Daemon:
         try:
             requests = await image_attach_requests(
                 image["ref"], layer=image.get("layer"), platform=image.get("platform"),
-                insecure_registries=sorted(self.options.insecure_registries), trace=image.get("trace"),
-                prefetch=image.get("prefetch", True), http=self.attach_context.registry_http)
+                store_options=self.options.registry.store_options(), trace=image.get("trace"),
+                prefetch=image.get("prefetch", True), learn=image.get("learn", "pull"),
+                http=self.attach_context.registry_http)
         except ImageSpecError as e:
             raise StartupError(str(e), usage=True) from e
         for request in requests:
@@ -294,7 +302,7 @@ class Daemon:
 
     def _on_read(self, ino: int, offset: int, length: int) -> None:
         self.read_stats.record(ino, offset, length)
-        if self.recorder is None:
+        if self.recorder is None and not self.learning.active:
             return
         try:
             span = self.fs.device_cells(ino, offset, length)
@@ -303,15 +311,53 @@ class Daemon:
             return
         if span is not None and span[2]:
             layer, nid, cells = span
-            self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
+            key, size = _trace_key(layer), layer.device.chunk_size  # type: ignore[attr-defined]
+            if self.recorder is not None:
+                self.recorder.record(key, size, nid, "", cells)
+            self.learning.on_chunks(key, size, nid, cells)
 
     def _on_use(self, kind: str, ino: int) -> None:
-        if self.recorder is None:
+        if self.recorder is None and not self.learning.active:
             return
         found = self.fs.locate(ino)
         if found is not None:
             layer, nid = found
-            self.recorder.record_file(kind, _trace_key(layer), getattr(layer.device, "chunk_size", 0), nid)
+            key, size = _trace_key(layer), getattr(layer.device, "chunk_size", 0)
+            if self.recorder is not None:
+                self.recorder.record_file(kind, key, size, nid)
+            self.learning.on_file(kind, key, size, nid)
+
+    def _learn_request(self, request: dict) -> tuple:
+        """``record_trace`` in an attach request: the layer joins the recording of its image's
+        start (the image the attach found it in), pushed when it ends if ``share`` is "push"."""
+        if request.get("kind") != "lazyfs":
+            raise RequestError("'record_trace' needs a lazyfs layer")
+        credentials = request.get("push_credentials")
+        if credentials is not None and not (isinstance(credentials, dict) and all(
+                isinstance(credentials.get(k), str) for k in ("username", "password"))):
+            raise RequestError("'push_credentials' must be {\"username\": ..., \"password\": ...}")
+        assert self.attach_context is not None
+        ref, digest = _require_str(request, "ref"), _require_str(request, "digest")
+        try:
+            store, _ = self.attach_context.stores.get(self.attach_context, ref)
+        except attach_kinds.AttachError as e:
+            raise RequestError(str(e), "attach-failed") from e
+        return store, ref, digest, request.get("share") == "push", credentials
+
+    def _push_store(self, ref: str, credentials: dict):
+        """A store for ``ref`` that authenticates with the given credentials (pushing a trace
+        with the snapshotter's configured credentials rather than the Docker config's)."""
+        from lazyfs.registry import Authenticator, CredentialStore, Credentials, Secret, open_store
+        from lazyfs.registry.reference import parse_reference
+
+        assert self.attach_context is not None
+        store = CredentialStore()
+        store.add(parse_reference(ref).registry,
+                  Credentials(credentials["username"], Secret(credentials["password"])))
+        options = self.options.registry.store_options()
+        options.pop("auth_file")
+        return open_store(ref, http=self.attach_context.registry_http, authenticator=Authenticator(store),
+                          **options)
 
     def trace_start(self) -> dict:
         self.recorder = TraceRecorder()
@@ -374,17 +420,34 @@ class Daemon:
         if name in {layer.name for layer in self.fs.layers()}:
             raise RequestError(f"a layer named {name!r} is already attached", "exists")
         assert self.attach_context is not None
+        learn = self._learn_request(request) if request.get("record_trace") else None
         try:
             image, device, info = await attacher(self.attach_context, request)
         except attach_kinds.AttachError as e:
+            log.error("attaching %s failed: %s", name, e)
             raise RequestError(str(e), "attach-failed") from e
+        after = info.pop(attach_kinds.AFTER_ATTACH, None)
         try:
-            self.fs.attach(name, image, device, info)
+            attached = self.fs.attach(name, image, device, info)
         except LayerExists as e:
             raise RequestError(str(e), "exists") from e
         except ValueError as e:
             raise RequestError(str(e)) from e
+        log.info("attached %s (%s %s)", name, kind, info.get("digest") or info.get("meta", ""))
+        if after is not None and self._nursery is not None:
+            self._nursery.start_soon(self._after_attach, after, attached, learn)
         return {"path": str(self.options.fuse_dir / name)}
+
+    async def _after_attach(self, after, attached, learn: tuple | None) -> None:
+        def on_manifest(manifest: str) -> None:
+            if learn is not None and attached.name in {layer.name for layer in self.fs.layers()}:
+                store, ref, *rest = learn
+                self.learning.add_layer(store, ref, manifest, *rest)
+
+        try:
+            await after(attached.info, on_manifest)
+        except Exception:  # a learned trace is an optimisation: it must not take the daemon down
+            log.exception("learned trace of layer %s failed", attached.name)
 
     async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")
@@ -401,6 +464,7 @@ class Daemon:
                                           name.encode("utf-8", "surrogateescape"))
         except OSError as e:  # ENOENT: the entry is not in the kernel's cache
             log.debug("invalidating the entry of %s: %s", name, e)
+        log.info("detached %s", name)
         return {}
 
     async def _mount_image_request(self, request: dict) -> dict:
@@ -442,6 +506,8 @@ class Daemon:
             "prefetch": {"queued": prefetch_queued, "done": prefetch_done,
                          "skipped_cached": fetch["already_cached"].get("prefetch", 0)},
             "background": self.background.progress(),
+            "learned": {"lookups": self.learned.lookups, "found": self.learned.found,
+                        "recordings": self.learning.summary()},
         }
 
     async def handle(self, request: Any) -> dict:
@@ -721,12 +787,22 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit: bytes, or 500M, 20G")
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
+    parser.add_argument("--hosts-dir", default=str(DEFAULT_HOSTS_DIR),
+                        help="containerd hosts.toml directory naming registry mirrors (\"\": none)")
+    parser.add_argument("--registry-auth", type=Path, default=None, help="Docker config.json with credentials")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
     parser.add_argument("--policy", type=_policies, default=DEFAULT_POLICIES, metavar="NAME[,NAME]",
                         help="fetch policies: none, readahead, trace, background, locality, or "
                              f"package.module:Class (default: {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
+    policy = RecordingPolicy()
+    parser.add_argument("--record-quiet", type=float, default=policy.quiet, metavar="SECONDS",
+                        help="a recorded start ends when no new chunk was read for this long")
+    parser.add_argument("--record-max-seconds", type=float, default=policy.max_duration, metavar="SECONDS",
+                        help="a recorded start ends this long after its first read at the latest")
+    parser.add_argument("--record-max-bytes", type=_size, default=policy.max_bytes, metavar="BYTES",
+                        help="the merged trace of an image is cut to its earliest records to this size")
 
 
 def options_from_args(args: argparse.Namespace) -> DaemonOptions:
@@ -736,18 +812,24 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
     return DaemonOptions(
         fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
         cache_size=args.cache_size, metrics=args.metrics,
-        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd,
+        registry=RegistrySettings(insecure=tuple(args.insecure_registry),
+                                  hosts_dir=Path(args.hosts_dir) if args.hosts_dir else None,
+                                  auth_file=args.registry_auth),
+        startup=startup, ready_fd=args.ready_fd,
+        recording=RecordingPolicy(quiet=args.record_quiet, max_duration=args.record_max_seconds,
+                                  max_bytes=args.record_max_bytes),
         policies=tuple(args.policy))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lazyfs.daemon", description=__doc__.splitlines()[0])
     add_daemon_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (default INFO: startup, attach, detach, failures; -v: DEBUG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+    logging.basicConfig(level=logging.INFO - 10 * min(args.verbose, 1),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose < 3:  # one line per HTTP request only when asked for
+    if args.verbose < 2:  # one line per HTTP request only when asked for
         for noisy in ("httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     return run_daemon(options_from_args(args))
