@@ -92,6 +92,7 @@ class TracesConfig:
     share: str = "pull"  # pushing publishes what an image's start reads: only when asked for
     quiet: float = 5.0
     max_seconds: float = 120.0
+    max_bytes: int = 1 << 20  # the merged trace of an image kept by the daemon
     username: str = ""
     password: str = ""
 
@@ -163,6 +164,8 @@ def load(path: Path | None, root: Path | None = None) -> Config:
         raise ConfigError(f"traces.share: expected \"off\", \"pull\" or \"push\", got {t.share!r}")
     t.quiet = float(_take(traces, "quiet", (int, float), t.quiet))
     t.max_seconds = float(_take(traces, "max_seconds", (int, float), t.max_seconds))
+    max_bytes = _take(traces, "max_bytes", (int, str), "")
+    t.max_bytes = parse_size(max_bytes) if max_bytes != "" else t.max_bytes
     t.username = _take(traces, "username", str, t.username)
     t.password = _take(traces, "password", str, t.password)
     if bool(t.username) != bool(t.password):

@@ -155,7 +155,9 @@ class DaemonSupervisor:
             cmd += ["--metrics", d.metrics]
         if d.verbose:
             cmd += ["-v"]
-        cmd += ["--record-quiet", str(self.cfg.traces.quiet), "--record-max-seconds", str(self.cfg.traces.max_seconds)]
+        traces = self.cfg.traces
+        cmd += ["--record-quiet", str(traces.quiet), "--record-max-seconds", str(traces.max_seconds),
+                "--record-max-bytes", str(traces.max_bytes)]
         if d.policies:
             cmd += ["--policy", ",".join(d.policies)]
         return cmd

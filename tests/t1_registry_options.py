@@ -82,7 +82,8 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
                     'background_fetch = true\nbackground_rate = "10MiB"\nverbose = true\nprefetch = false\n'
                     'policies = ["trace", "locality"]\n'
                     f'[registry]\ninsecure_hosts = ["h:1"]\nhosts_dir = "{tmp_path}/certs.d"\n'
-                    f'auth_file = "{tmp_path}/a.json"\n')
+                    f'auth_file = "{tmp_path}/a.json"\n'
+                    '[traces]\nquiet = 2.5\nmax_seconds = 60\nmax_bytes = "2MiB"\n')
     cfg = config.load(path)
     layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint, prefetch=cfg.daemon.prefetch,
                             background_fetch=cfg.daemon.background_fetch,
@@ -102,9 +103,11 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
                                                 auth_file=tmp_path / "a.json")
     # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe)
     # and the FUSE options, which are not settings.
+    assert (options.recording.quiet, options.recording.max_duration, options.recording.max_bytes) == (
+        2.5, 60.0, 2 << 20)
     assert options.policies == ("trace", "locality")
-    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "policies",
-               "recording"}
+    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "recording",
+               "policies"}
     assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd", "fuse_options"}
 
 
