@@ -17,6 +17,7 @@ control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
 prefetch = true                # ask the daemon to prefetch each layer's embedded trace
+policies = []                  # fetch policies, e.g. ["trace", "locality"] ([]: the daemon's default)
 background_fetch = false       # after the prefetch, fetch each lazy layer whole at the lowest priority
 background_rate = ""           # "": unlimited; else bytes per second of that fill, e.g. "10MiB"
 metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
@@ -96,6 +97,7 @@ class DaemonConfig:
         """Where the daemon's FUSE mount goes: the layer directories themselves, or in kernel
         mode the chunk-device files (the layers are EROFS mounts under ``mountpoint``)."""
         return root / "chunk-devices" if self.serve == "kernel" else self.mountpoint
+    policies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -166,6 +168,9 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.serve = _take(daemon, "serve", str, d.serve)
     if d.serve not in SERVE_MODES:
         raise ConfigError(f"daemon.serve: expected one of {', '.join(SERVE_MODES)}, got {d.serve!r}")
+    d.policies = _take(daemon, "policies", list, [])
+    if not all(isinstance(name, str) and name.strip() and "," not in name for name in d.policies):
+        raise ConfigError("daemon.policies must be a list of policy names, e.g. [\"trace\", \"locality\"]")
     d.background_fetch = _take(daemon, "background_fetch", bool, d.background_fetch)
     rate = _take(daemon, "background_rate", (int, str), "")
     d.background_rate = parse_size(rate) if rate != "" else None

@@ -166,6 +166,8 @@ class DaemonSupervisor:
                 "--record-max-bytes", str(traces.max_bytes)]
         if d.allow_suid_dev:
             cmd.append("--allow-suid-dev")
+        if d.policies:
+            cmd += ["--policy", ",".join(d.policies)]
         return cmd
 
     def start(self) -> None:

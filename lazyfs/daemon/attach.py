@@ -21,6 +21,7 @@ import trio
 from lazyfs.config import RegistrySettings
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import CacheError, ChunkCache
+from lazyfs.fetch.policies import FileMap, LayerInfo, PolicySet
 from lazyfs.serve.devices import ChunkGridDevice, RecentChunks, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
@@ -55,6 +56,7 @@ class AttachContext:
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
+    policies: PolicySet | None = None  # fetch policies (None: readahead and trace prefetch)
     learned: LearnedTraces = field(default_factory=LearnedTraces)  # traces found in registries
 
 
@@ -290,23 +292,35 @@ async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, ho
     ref, digest = request["ref"], request["digest"]
     background_rate = _background_rate(request)
     source = StoreBlobSource(store, digest, host)
+    readahead = ctx.policies is None or ctx.policies.readahead
     device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref,
-                             recent=ctx.recent)
+                             recent=ctx.recent, **({} if readahead else {"readahead_bytes": 0}))
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
+    trace_chunks: list[int] = []
     found = await _prefetch_trace(ctx, store, digest, index, request)
     if found is not None:
         trace, embedded = found
         chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
-        if chunks:
-            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        if ctx.policies is None:
+            if chunks:
+                ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        else:
+            trace_chunks = chunks
         info["prefetch_chunks"] = len(chunks)
+    if ctx.policies is not None:
+        layer_info = LayerInfo(_string(request, "name"), source, layer.chunk_count, layer.chunk_ref,
+                               trace_chunks=trace_chunks, background_rate=background_rate)
+        ctx.policies.attach(layer_info)
+        if ctx.policies.wants_files:
+            ctx.policies.build_files_soon(layer_info, lambda: file_map(layer))
+        info["policies"] = ctx.policies.names
     if request.get("learned_trace") or request.get("record_trace"):
         # After the attach, in the background: the look-up must not delay the layer.
         info[AFTER_ATTACH] = functools.partial(
             _learn, ctx, store, ref, digest, _given_manifest(request), layer, source,
             bool(request.get("learned_trace")) and found is None and index.trace is None)
-    if request.get("background_fetch"):
+    if request.get("background_fetch") and not (ctx.policies and "background" in ctx.policies.names):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
         # Queued now, started by the fill once the fetcher is idle: after the prefetch above.
@@ -344,7 +358,7 @@ async def _learn(ctx: AttachContext, store: ImageStore, ref: str, digest: str, m
     learned = await _learned_trace_chunks(ctx, store, manifest, digest, layer)
     if learned is not None:
         artifact, chunks = learned
-        if chunks:
+        if chunks and (ctx.policies is None or "trace" in ctx.policies.names):
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
         info["learned_trace"] = artifact
@@ -389,6 +403,27 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e
     return None
+
+
+def file_map(layer: Layer) -> FileMap:
+    """Each regular file of the layer with its chunk numbers, in directory-walk order (for the
+    fetch policies; built in a worker thread)."""
+    image, cell = layer.image, layer.chunk_size
+    files = []
+    for path, inode in image.walk():
+        if not inode.is_reg or not inode.size:
+            continue
+        chunks: list[int] = []
+        try:
+            extents = image.map(inode.nid, 0, inode.size)
+        except ErofsError:
+            continue
+        for ext in extents:
+            if ext.device_id == 1 and ext.length:
+                chunks.extend(range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1))
+        if chunks:
+            files.append((path.decode("utf-8", "surrogateescape"), [n for n in chunks if n < layer.chunk_count]))
+    return FileMap(files)
 
 
 KINDS: dict[str, Attacher] = {

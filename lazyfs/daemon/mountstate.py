@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,7 @@ class MountState:
 def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
                    metrics: str | None = None, registry: RegistrySettings | None = None,
                    verbose: int = 0, allow_suid_dev: bool = False, serve: str = "fuse",
-                   layers_dir: Path | None = None) -> list[str]:
+                   layers_dir: Path | None = None, policies: Sequence[str] | None = None) -> list[str]:
     """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
     `lazyfs daemon` start it."""
     cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(fuse_dir), "--socket", str(socket),
@@ -157,6 +158,8 @@ def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size:
         cmd += ["--serve", serve]
     if layers_dir is not None:
         cmd += ["--layers-dir", str(layers_dir)]
+    if policies:
+        cmd += ["--policy", ",".join(policies)]
     # The daemon logs at INFO by default (attach, detach, errors); each -v of the command
     # beyond the first makes it more verbose.
     return cmd + ["-v"] * max(0, verbose - 1)

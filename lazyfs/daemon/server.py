@@ -37,6 +37,7 @@ import trio
 
 from lazyfs.daemon import attach as attach_kinds
 from lazyfs.fetch.background import BackgroundFill
+from lazyfs.fetch.policies import DEFAULT_POLICIES, PolicyError, PolicySet, load_policy, parse_policy_names
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
 from lazyfs.daemon.control import MAX_LINE
@@ -90,6 +91,7 @@ class DaemonOptions:
     registry: RegistrySettings = RegistrySettings()
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
+    policies: tuple[str, ...] = DEFAULT_POLICIES  # fetch policies (lazyfs.fetch.policies)
     recording: RecordingPolicy = field(default_factory=RecordingPolicy)  # automatic trace recording
     # The FUSE mount honours setuid bits and device nodes only for a trusted daemon; stacked
     # mounts decide for themselves (see lazyfs.serve.mounts.stack_mount).
@@ -166,6 +168,9 @@ class Daemon:
         self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
+        self.policies = PolicySet(self.fetcher, self.options.policies)
+        self.policies.ctx.background = self.background
+        self.fetcher.policies = self.policies
         self.learned = LearnedTraces()
         self.learning = Recorder(self.options.cache_dir / "traces", self.options.recording, self._fill_paths,
                                  self.learned, self._push_store)
@@ -192,11 +197,13 @@ class Daemon:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                registry=self.options.registry, background=self.background, learned=self.learned)
+                registry=self.options.registry, background=self.background, learned=self.learned,
+                policies=self.policies)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self.fetcher.run)
+                    self.policies.nursery = nursery
                     nursery.start_soon(self.background.run)
                     nursery.start_soon(self.learning.run)
                     nursery.start_soon(MetadataTrimmer(self.fs.layers).run)
@@ -590,6 +597,7 @@ class Daemon:
         if root is not None:  # first the mount that reads the FUSE file or tree
             await trio.to_thread.run_sync(kernel.unmount_layer, root)
         self.fs.detach(name)
+        self.policies.detach(name)
         attached = self.attached.pop(name, None)
         if attached is not None:
             attached.close_meta()
@@ -929,6 +937,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _policies(text: str) -> tuple[str, ...]:
+    try:
+        names = parse_policy_names(text)
+        for name in names:
+            load_policy(name)  # a user's module that does not import fails here, not at start
+    except PolicyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return tuple(names)
+
+
 def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse-dir", required=True, type=Path, help="where the FUSE mount goes")
     parser.add_argument("--socket", required=True, type=Path, help="control socket path")
@@ -947,6 +965,9 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
     parser.add_argument("--loop-direct-io", choices=("on", "off"), default="on" if LOOP_DIRECT_IO else "off",
                         help="kernel mode: whether the chunk device's loop reads its FUSE file with direct I/O")
+    parser.add_argument("--policy", type=_policies, default=DEFAULT_POLICIES, metavar="NAME[,NAME]",
+                        help="fetch policies: none, readahead, trace, background, locality, or "
+                             f"package.module:Class (default: {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
     policy = RecordingPolicy()
@@ -974,7 +995,8 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
         recording=RecordingPolicy(quiet=args.record_quiet, max_duration=args.record_max_seconds,
                                   max_bytes=args.record_max_bytes),
         allow_suid_dev=args.allow_suid_dev,
-        serve=args.serve, layers_dir=args.layers_dir, loop_direct_io=args.loop_direct_io == "on")
+        serve=args.serve, layers_dir=args.layers_dir, loop_direct_io=args.loop_direct_io == "on",
+        policies=tuple(args.policy))
 
 
 def main(argv: list[str] | None = None) -> int:
