@@ -4,7 +4,7 @@ with and without direct I/O), chunk cache warm; prints a table. With --image, wa
 benchmark image in each serving mode instead.
 
     .venv/bin/python tools/bench_serve_modes.py [--big-mib 512] [--chunk-kib 1024]
-    .venv/bin/python tools/bench_serve_modes.py --image debian-python [--runs 5]
+    .venv/bin/python tools/bench_serve_modes.py --image debian-python [--runs 5] [--count-requests]
 
 For each mode a daemon (`python -m lazyfs.daemon`, its own empty chunk cache) serves the layer
 through `lazyfs mount --daemon` from a registry on loopback; per mode: a cold read (every chunk
@@ -24,6 +24,7 @@ is the same workload in an overlay over the image unpacked by umoci (page cache 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -95,7 +96,48 @@ class Daemon:
         self.proc.wait(30)
 
 
-def warm_starts(image_name: str, runs: int) -> int:
+TRACEFS = Path("/sys/kernel/tracing")
+FUSE_SEND = TRACEFS / "events/fuse/fuse_request_send/enable"
+
+
+class FuseRequestCounter:
+    """Counts FUSE requests by opcode with the kernel's fuse:fuse_request_send tracepoint (every
+    FUSE connection on the machine: run nothing else that uses FUSE meanwhile)."""
+
+    def __init__(self) -> None:
+        if not FUSE_SEND.exists():
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=False, capture_output=True)
+        if not FUSE_SEND.exists():
+            raise SystemExit("no fuse:fuse_request_send tracepoint (tracefs, CONFIG_FUSE_FS tracing)")
+
+    def __enter__(self) -> "FuseRequestCounter":
+        (TRACEFS / "tracing_on").write_text("0\n")
+        (TRACEFS / "buffer_size_kb").write_text("32768\n")
+        (TRACEFS / "trace").write_text("")
+        FUSE_SEND.write_text("1\n")
+        (TRACEFS / "tracing_on").write_text("1\n")
+        self.by_opcode: dict[str, int] = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (TRACEFS / "tracing_on").write_text("0\n")
+        FUSE_SEND.write_text("0\n")
+        for line in (TRACEFS / "trace").read_text().splitlines():
+            if "fuse_request_send" in line and "(" in line:
+                opcode = line.rsplit("(", 1)[1].split(")", 1)[0]
+                self.by_opcode[opcode] = self.by_opcode.get(opcode, 0) + 1
+        lost = sum(int(line.split()[-1]) for line in (TRACEFS / "per_cpu/cpu0/stats").read_text().splitlines()
+                   if line.startswith("overrun"))
+        if lost:
+            raise SystemExit(f"the trace buffer overran ({lost} events lost): counts would be low")
+        (TRACEFS / "trace").write_text("")
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_opcode.values())
+
+
+def warm_starts(image_name: str, runs: int, count_requests: bool = False) -> int:
     import re
     import statistics
 
@@ -122,10 +164,15 @@ def warm_starts(image_name: str, runs: int) -> int:
             modes = {"fuse": ["--serve", "fuse"], "kernel": ["--serve", "kernel"]}
             for name, mount_args in modes.items():  # fill each mode's chunk cache
                 start_once(ref, work, work / f"cache-{name}", ready, workload, [*mount_args, "--no-prefetch"], 300)
+            requests: dict[str, dict[str, int]] = {}
             for _ in range(runs):
                 for name, mount_args in modes.items():
-                    total, mount = start_once(ref, work, work / f"cache-{name}", ready, workload,
-                                              [*mount_args, "--no-prefetch"], 300)
+                    with contextlib.ExitStack() as stack:
+                        counter = stack.enter_context(FuseRequestCounter()) if count_requests else None
+                        total, mount = start_once(ref, work, work / f"cache-{name}", ready, workload,
+                                                  [*mount_args, "--no-prefetch"], 300)
+                    if counter is not None:
+                        requests[name] = counter.by_opcode  # the last run's (every run sends about as many)
                     times.setdefault(f"lazyfs mount --serve {name}", []).append(total)
                     times.setdefault(f"  its workload alone ({name})", []).append(total - mount)
                 drop_page_cache()
@@ -140,6 +187,10 @@ def warm_starts(image_name: str, runs: int) -> int:
         median = statistics.median(values)
         print(f"{name:<32} median {median:6.2f} s  {median / reference:5.2f}x  runs "
               + " ".join(f"{v:.2f}" for v in values))
+    for name, by_opcode in requests.items():
+        top = ", ".join(f"{op.removeprefix('FUSE_')} {n}" for op, n in
+                        sorted(by_opcode.items(), key=lambda item: -item[1]))
+        print(f"FUSE requests per start ({name}, mount + workload): {sum(by_opcode.values())}  ({top})")
     return 0
 
 
@@ -149,9 +200,11 @@ def main() -> int:
     parser.add_argument("--chunk-kib", type=int, default=1024)
     parser.add_argument("--image", default=None, help="warm starts of this benchmark image instead")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--count-requests", action="store_true",
+                        help="with --image: count the FUSE requests of each start (fuse:fuse_request_send)")
     args = parser.parse_args()
     if args.image:
-        return warm_starts(args.image, args.runs)
+        return warm_starts(args.image, args.runs, args.count_requests)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
