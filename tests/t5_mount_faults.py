@@ -9,12 +9,14 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import threading
 import time
 
 import pytest
 
+from lazyfs.layer.annotations import from_annotations
 from lazyfs.serve.mounts import is_mounted
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root
@@ -40,10 +42,22 @@ BLOB_RANGES = r"/blobs/sha256:"
 
 
 @pytest.fixture(scope="module")
-def repo(registry):
+def converted():
+    return convert_image(build_image(LAYERS), chunk_size=CHUNK)
+
+
+@pytest.fixture(scope="module")
+def repo(registry, converted):
     require_root()
-    push_to_registry(registry, "t/mount-faults", convert_image(build_image(LAYERS), chunk_size=CHUNK))
+    push_to_registry(registry, "t/mount-faults", converted)
     return "t/mount-faults:v1"
+
+
+def _section_range(layer, section: str) -> str:
+    """The Range header of a layer's metadata or chunk table fetch (from its annotations)."""
+    index = from_annotations(layer.descriptor.annotations, layer.descriptor.size)
+    part = getattr(index, section)
+    return f"^bytes={part.offset}-{part.offset + part.stored_size - 1}$"
 
 
 @pytest.fixture
@@ -101,6 +115,43 @@ def test_faulty_registry_gives_right_bytes_or_eio_and_the_mount_survives(repo, p
         proxy.clear_rules()
         for rel, want in FILES.items():
             assert (mount.path / rel).read_bytes() == want
+
+
+def test_mount_survives_damaged_manifest_metadata_and_chunk_table_fetches(repo, converted, proxy, tmp_path):
+    # The manifest and, for each layer, its metadata and chunk table fetches: each fails a few
+    # times in a different way (a flipped byte, a cut body, a 5xx, a reset) before it is right.
+    for fault in (Fault.corrupt(at=3), Fault.status(503, {"Retry-After": "1"}), Fault.reset()):
+        proxy.add(fault, method="GET", path=r"/manifests/", times=1)
+    for layer in converted.layers:
+        digest = layer.descriptor.digest
+        for section, faults in (("meta", (Fault.corrupt(at=5), Fault.truncate(10), Fault.status(500))),
+                                ("table", (Fault.corrupt(at=0), Fault.reset(after_bytes=3)))):
+            for fault in faults:
+                proxy.add(fault, method="GET", path=f"/blobs/{digest}", range=_section_range(layer, section))
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        assert not proxy.unused_rules()
+        for layer in converted.layers:
+            asked = [r.range for r in proxy.requests if r.path.endswith(layer.descriptor.digest)]
+            # Four tries of the metadata (three damaged), then three of the chunk table.
+            assert [re.fullmatch(_section_range(layer, "meta"), r) is not None for r in asked[:7]] == [True] * 4 + [False] * 3
+            assert all(re.fullmatch(_section_range(layer, "table"), r) for r in asked[4:7])
+        for rel, want in FILES.items():
+            assert (mount.path / rel).read_bytes() == want
+
+
+def test_metadata_that_stays_wrong_fails_the_mount_with_one_clear_error(repo, converted, proxy, tmp_path):
+    digest = converted.layers[1].descriptor.digest
+    proxy.add(Fault.corrupt(at=7), method="GET", path=f"/blobs/{digest}", ranged=True, times=None)
+    (tmp_path / "mnt").mkdir()
+    result = lazyfs_cli("mount", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                        f"{proxy.host}/{repo}", str(tmp_path / "mnt"), check=False)
+    assert result.returncode != 0
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1, error
+    for part in ("layer metadata", "failed verification", "5 attempts", proxy.host, "t/mount-faults", digest):
+        assert part in error, error
+    assert not is_mounted(tmp_path / "mnt")
 
 
 @pytest.mark.expected_log

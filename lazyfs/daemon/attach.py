@@ -30,6 +30,7 @@ from lazyfs.layer.reader import Layer, locate
 from lazyfs.serve.layerfs import DeviceReader
 from lazyfs.registry import (
     ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store, parse_any_reference,
+    sha256_check,
 )
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
 from lazyfs.trace.format import Trace, TraceError
@@ -51,6 +52,8 @@ class AttachContext:
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # manifests, metadata, chunk tables, traces
+    chunk_retry: RetryPolicy = field(default_factory=lambda: CHUNK_RETRY)  # chunk ranges
 
 
 Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
@@ -120,14 +123,15 @@ async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, Device
 class StoreBlobSource:
     """One blob of an image store (registry repository or OCI layout) as a fetcher BlobSource."""
 
-    def __init__(self, store: ImageStore, digest: str, host: str):
+    def __init__(self, store: ImageStore, digest: str, host: str, retry: RetryPolicy):
         self.store = store
         self.digest = digest
         self.name = f"{store.name}@{digest}"
         self.host = host
+        self.retry = retry
 
     async def read_range(self, offset: int, length: int) -> bytes:
-        return await self.store.read_range(self.digest, offset, length)
+        return await self.store.read_range(self.digest, offset, length, what="chunk range", retry=self.retry)
 
 
 @dataclass
@@ -147,27 +151,31 @@ class _Stores:
             key, host = f"{parsed.registry}/{parsed.repository}", parsed.endpoint
         store = self.by_name.get(key)
         if store is None:
-            store = open_store(ref, http=ctx.registry_http, retry=DATA_RETRY,
+            store = open_store(ref, http=ctx.registry_http, retry=ctx.retry,
                                insecure_registries=ctx.insecure_registries)
             self.by_name[key] = store
         return store, host
 
 
 # Chunk reads are retried by the fetcher (per chunk, with its own backoff); the store only
-# retries briefly so that one bad response does not multiply into many requests.
-DATA_RETRY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.5, deadline=30.0)
+# retries briefly so that one bad response does not multiply into many requests. Everything
+# else an attach reads (metadata, chunk table, trace) has the store's full policy.
+CHUNK_RETRY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.5, deadline=30.0)
 
 
-async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, section: Section) -> bytes:
-    """A metadata/table section's stored bytes: from the cache, else by one range read."""
+async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, section: Section,
+                         what: str) -> bytes:
+    """A metadata/table/trace section's stored bytes: from the cache, else by a range read
+    that is repeated until the bytes match the section's sha256 (or the retries run out)."""
     key = section.sha256.hex()
     path = ctx.cache.meta_path(key)
     if path is not None:
         return await trio.to_thread.run_sync(path.read_bytes)
     try:
-        stored = await store.read_range(digest, section.offset, section.stored_size)
+        stored = await store.read_range(digest, section.offset, section.stored_size,
+                                        verify=sha256_check(section.sha256), what=what)
     except RegistryError as e:
-        raise AttachError(f"cannot read the layer metadata of {digest}: {e}") from e
+        raise AttachError(f"layer {digest}: {e}") from e
     try:
         ctx.cache.put_meta(key, stored)
     except CacheError as e:
@@ -219,18 +227,19 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if is_lazyfs(annotations):
             index, trusted = from_annotations(annotations, size), False
         else:
-            tail = await store.read_range(digest, size - FOOTER_FRAME_SIZE, FOOTER_FRAME_SIZE) \
+            tail = await store.read_range(digest, size - FOOTER_FRAME_SIZE, FOOTER_FRAME_SIZE,
+                                          verify=_footer_decodes(size), what="layer footer") \
                 if size >= FOOTER_FRAME_SIZE else b""
             index, trusted = locate(lambda _o, _l: tail, size), True
             log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
-        meta = await _section_bytes(ctx, store, digest, index.meta)
-        table = await _section_bytes(ctx, store, digest, index.table)
+        meta = await _section_bytes(ctx, store, digest, index.meta, "layer metadata")
+        table = await _section_bytes(ctx, store, digest, index.table, "chunk table")
         layer = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
     except LayerFormatError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     except RegistryError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
-    source = StoreBlobSource(store, digest, host)
+    source = StoreBlobSource(store, digest, host, ctx.chunk_retry)
     device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref,
                              recent=ctx.recent)
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
@@ -250,6 +259,20 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
                            [layer.chunk_ref(n) for n in range(layer.chunk_count)], background_rate)
         info["background_fetch"] = {"rate": background_rate}
     return layer.image, device, info
+
+
+def _footer_decodes(size: int):
+    """The footer check of a layer read without annotations: a footer that does not decode
+    (its checksum, most likely, after a fault in transit) is read again."""
+
+    def check(tail: bytes) -> bool:
+        try:
+            locate(lambda _o, _l: tail, size)
+        except LayerFormatError:
+            return False
+        return True
+
+    return check
 
 
 def _background_rate(request: dict) -> int | None:
@@ -273,7 +296,7 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
             except OSError as e:
                 raise AttachError(f"cannot read trace {path}: {e.strerror}") from e
         if request.get("prefetch") and index.trace is not None:
-            stored = await _section_bytes(ctx, store, digest, index.trace)
+            stored = await _section_bytes(ctx, store, digest, index.trace, "embedded trace")
             return Trace.decode(index.trace.open("trace", stored)), True
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e

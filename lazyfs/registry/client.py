@@ -22,6 +22,7 @@ import re
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+import anyio
 import httpx
 
 from .auth import Authenticator
@@ -30,7 +31,9 @@ from .errors import (
 )
 from .manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, OCI_LAYER_GZIP, Descriptor, Manifest, Platform, sha256_digest
 from .reference import Reference, is_digest, validate_digest, validate_tag_or_digest
-from .retry import Retrier, RetryPolicy, TransientFailure, parse_retry_after, run_with_retries
+from .retry import (
+    STREAM_PROGRESS_BYTES, Retrier, RetryPolicy, TransientFailure, bounded, parse_retry_after, run_with_retries,
+)
 from .blobio import download_blob_atomically, fetch_blob_verified, fetch_config, measure_source, read_source
 from .store import BlobSource, RangeCheck
 
@@ -42,6 +45,7 @@ DEFAULT_MONOLITHIC_LIMIT = 16 * 1024 * 1024
 DEFAULT_UPLOAD_CHUNK_SIZE = 8 * 1024 * 1024
 _MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CHECK_ON_LOOP_MAX = 1 << 20
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -228,7 +232,8 @@ class RegistryClient:
         while True:
             try:
                 headers = {"Range": f"bytes={received}-"} if received else {}
-                response = await self._open_blob(digest, headers)
+                response = await bounded(self.retry, lambda: self._open_blob(digest, headers))
+                progress = _Progress(self.retry.attempt_timeout)
                 try:
                     if received and response.status_code == 416:
                         break  # the failure came after the last byte: nothing left to resume
@@ -244,6 +249,7 @@ class RegistryClient:
                             chunk, skip = chunk[cut:], skip - cut
                             if not chunk:
                                 continue
+                        progress.arrived(len(chunk))  # too slow: this piece is fetched again
                         hasher.update(chunk)
                         received += len(chunk)
                         yield chunk
@@ -264,7 +270,8 @@ class RegistryClient:
     async def download_blob(self, digest: str, path: os.PathLike[str] | str) -> int:
         return await download_blob_atomically(self, digest, Path(path))
 
-    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None) -> bytes:
+    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None,
+                         what: str | None = None, retry: RetryPolicy | None = None) -> bytes:
         validate_digest(digest)
         if offset < 0 or length < 0:
             raise ValueError(f"invalid range offset={offset} length={length}")
@@ -288,11 +295,12 @@ class RegistryClient:
                 raise TransientFailure(_describe_transport_error(e)) from None
             finally:
                 await response.aclose()
-            if verify is not None and not verify(data):
+            if verify is not None and not await _passes(verify, data):
                 raise TransientFailure(f"bytes {offset}-{last} failed verification", kind=DigestMismatch)
             return data
 
-        return await run_with_retries(self.retry, attempt, what=f"GET blob {digest} range {offset}-{last}",
+        label = f"GET blob {digest} range {offset}-{last}" if what is None else f"{what} (bytes {offset}-{last})"
+        return await run_with_retries(retry or self.retry, attempt, what=label,
                                       error_factory=self._error_factory(digest))
 
     # -- blobs: writes -------------------------------------------------------------------------
@@ -331,7 +339,7 @@ class RegistryClient:
             await self._finish_upload(location, digest, b"")
 
         await run_with_retries(self.retry, attempt, what=f"push blob {digest}",
-                               error_factory=self._error_factory(digest))
+                               error_factory=self._error_factory(digest), streamed=True)
         return Descriptor(media_type, digest, size)
 
     async def _start_upload(self, digest: str, mount_from: str | None) -> str | None:
@@ -484,6 +492,34 @@ async def _read_capped(response: httpx.Response, cap: int, what: str) -> bytes:
     except httpx.TransportError as e:
         raise TransientFailure(_describe_transport_error(e)) from None
     return bytes(buffer)
+
+
+async def _passes(verify: RangeCheck, data: bytes) -> bool:
+    """The caller's check; hashing megabytes (a layer's metadata) runs in a worker thread."""
+    if len(data) < _CHECK_ON_LOOP_MAX:
+        return verify(data)
+    return await anyio.to_thread.run_sync(verify, data)
+
+
+class _Progress:
+    """Fails a streamed body (TransientFailure) that takes longer than `seconds` for each
+    STREAM_PROGRESS_BYTES: a server that drips bytes holds no stream for ever. Checked as
+    pieces arrive; a body with no bytes at all is ended by the client's read timeout."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.window_start = anyio.current_time()
+        self.window_bytes = 0
+
+    def arrived(self, nbytes: int) -> None:
+        if self.seconds is None:
+            return
+        self.window_bytes += nbytes
+        now = anyio.current_time()
+        if self.window_bytes >= STREAM_PROGRESS_BYTES:
+            self.window_start, self.window_bytes = now, 0
+        elif now - self.window_start > self.seconds:
+            raise TransientFailure(f"too slow: {self.window_bytes} bytes in {now - self.window_start:.0f}s")
 
 
 def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:

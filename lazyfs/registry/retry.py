@@ -20,23 +20,34 @@ from .errors import RegistryError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A streamed blob fails its attempt when this many bytes take longer than attempt_timeout.
+STREAM_PROGRESS_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """`attempts` tries in all; waits grow base_delay * 2**n capped at max_delay, each scaled by a
     random factor in [0.5, 1]; a Retry-After from the server is waited at least (if it fits the
-    deadline). No new attempt starts after `deadline` seconds from the first (None: no limit)."""
+    deadline). No new attempt starts after `deadline` seconds from the first (None: no limit).
+
+    `attempt_timeout` bounds one attempt of a bounded operation (a manifest, a range, a HEAD:
+    connect, headers and body together), so a server that answers a byte a second cannot hold
+    it: the attempt fails and is retried. A streamed whole blob must instead make progress:
+    each STREAM_PROGRESS_BYTES of it (or its end) must arrive within `attempt_timeout`."""
 
     attempts: int = 5
     base_delay: float = 0.25
     max_delay: float = 10.0
     deadline: float | None = 120.0
+    attempt_timeout: float | None = 60.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         if self.base_delay < 0 or self.max_delay < 0:
             raise ValueError("RetryPolicy delays must not be negative")
+        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
+            raise ValueError("RetryPolicy.attempt_timeout must be positive")
 
     def backoff(self, failures: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
         """Seconds to wait after the `failures`-th consecutive failure (1-based)."""
@@ -116,15 +127,27 @@ async def run_with_retries(
     *,
     what: str,
     error_factory: Callable[[str, int | None], RegistryError],
+    streamed: bool = False,
 ) -> T:
     """Call `attempt` until it returns, raises a non-transient error, or the policy is exhausted.
 
     `attempt` raises TransientFailure for retryable problems; anything else propagates at once.
     On exhaustion `error_factory(message, status)` builds the RegistryError that is raised.
+    Each attempt is bounded by the policy's attempt_timeout unless it is `streamed` (a whole
+    blob of any size, whose stream enforces progress instead).
     """
     retrier = Retrier(policy, what, error_factory)
     while True:
         try:
-            return await attempt()
+            return await (attempt() if streamed else bounded(policy, attempt))
         except TransientFailure as failure:
             await retrier.failed(failure)
+
+
+async def bounded(policy: RetryPolicy, attempt: Callable[[], Awaitable[T]]) -> T:
+    """One attempt, failed (as a TransientFailure) if it takes longer than the policy allows."""
+    if policy.attempt_timeout is None:
+        return await attempt()
+    with anyio.move_on_after(policy.attempt_timeout):
+        return await attempt()
+    raise TransientFailure(f"no complete answer within {policy.attempt_timeout:g}s")
