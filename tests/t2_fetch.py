@@ -562,3 +562,32 @@ async def test_fetcher_saves_the_cache_index_periodically_and_on_exit(cache):
         await fetcher.get(source, refs[1:])
     assert index.read_bytes() != saved  # saved again when the fetcher stopped
     assert ChunkCache(cache.root).stats()["entries"] == 2
+
+
+class StalledSource(MemorySource):
+    """Requests hang until ``release`` is set (a registry that accepts and never answers)."""
+
+    def __init__(self, blob: bytes):
+        super().__init__(blob)
+        self.release = trio.Event()
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        await self.release.wait()
+        return await super().read_range(offset, length)
+
+
+async def test_read_waits_at_most_the_read_bound_and_the_fetch_goes_on(cache, autojump_clock):
+    blob, refs, datas = build_blob([4096, 4096])
+    source = StalledSource(blob)
+    async with ChunkFetcher(cache, read_timeout=10.0) as fetcher:
+        started = trio.current_time()
+        with pytest.raises(FetchError, match="not fetched within the 10s read bound"):
+            await fetcher.get(source, refs)
+        assert trio.current_time() - started == pytest.approx(10.0)
+        assert fetcher.stats.read_timeouts == 1
+        assert fetcher.pending_count() == 2  # abandoned, not cancelled: still worth caching
+        source.release.set()
+        await fetcher.wait_idle()
+        assert all(cache.contains(ref.digest) for ref in refs)
+        assert await fetcher.get(source, refs) == datas  # from the cache now
+        assert len(source.requests) == 1

@@ -154,6 +154,37 @@ def test_metadata_that_stays_wrong_fails_the_mount_with_one_clear_error(repo, co
     assert not is_mounted(tmp_path / "mnt")
 
 
+def _wait_until_no_fetch_pending(mount, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while mount.stats()["fetch"]["pending"]:
+        assert time.monotonic() < deadline, "chunk fetches still pending"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", [Fault.stall(), Fault.drip(1.0), Fault.reset()], ids=["stall", "drip", "down"])
+def test_reads_fail_within_the_read_bound_and_succeed_once_the_registry_is_back(repo, proxy, tmp_path, fault):
+    # Small bounds keep the test quick: a read waits 2 s for chunks, a request 0.5 s for an answer.
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "2", "--request-timeout", "0.5", f"{proxy.host}/{repo}",
+                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
+        proxy.add(fault, method="GET", path=BLOB_RANGES, ranged=True, times=None)
+        # Nothing but chunk data needs the registry once the layers are attached.
+        assert sorted(os.listdir(mount.path / "data")) == ["one", "three", "two"]
+        assert {rel: os.stat(mount.path / rel).st_size for rel in FILES} == {rel: len(b) for rel, b in FILES.items()}
+        assert (mount.path / "small/a").read_bytes() == FILES["small/a"]  # inline in the metadata
+        for rel in ("data/one", "data/two"):
+            with pytest.raises(OSError) as excinfo:
+                (mount.path / rel).read_bytes()
+            assert excinfo.value.errno == errno.EIO
+        assert mount.stats()["fetch"]["read_timeouts"] + mount.stats()["fetch"]["failed_chunks"] > 0
+
+        # The registry is back: the same reads succeed (nothing failed is remembered).
+        proxy.clear_rules()
+        _wait_until_no_fetch_pending(mount)
+        for rel, want in FILES.items():
+            assert (mount.path / rel).read_bytes() == want
+        assert any(r.fault == fault.name for r in proxy.requests)
+
+
 @pytest.mark.expected_log
 def test_corrupt_chunks_are_never_served(repo, proxy, tmp_path):
     with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config
-from lazyfs.daemon.mountstate import daemon_command
+from lazyfs.daemon.mountstate import add_timeout_arguments, daemon_command
 
 NAME = "daemon"
 HELP = "run a daemon that serves `lazyfs mount --daemon SOCKET` mounts (in the foreground)"
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="reach this registry over plain HTTP (repeatable)")
+    add_timeout_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
                           cache_size=cache_size, metrics=args.metrics, insecure_registries=args.insecure_registry,
-                          verbose=args.verbose)
+                          verbose=args.verbose, read_timeout=args.read_timeout, request_timeout=args.request_timeout)
     os.execv(sys.executable, argv)
     return 0  # not reached

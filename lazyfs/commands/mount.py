@@ -19,7 +19,9 @@ from pathlib import Path
 
 from lazyfs.config import ConfigError, load_config, parse_size
 from lazyfs.daemon.control import ControlError, request
-from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState, daemon_command, daemon_running
+from lazyfs.daemon.mountstate import (
+    DEFAULT_RUN_DIR, MountState, add_timeout_arguments, daemon_command, daemon_running,
+)
 from lazyfs.serve.mounts import is_mounted
 
 NAME = "mount"
@@ -51,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="reach this registry over plain HTTP (repeatable)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    add_timeout_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
     parser.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
     parser.add_argument("--trace", type=Path, default=None,
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                                           indent=1))
     ready_read, ready_write = os.pipe()
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
-                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose)
+                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose,
+                         read_timeout=args.read_timeout, request_timeout=args.request_timeout)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
@@ -133,7 +137,8 @@ def _mount_point_refusal(state: MountState) -> str | None:
 
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
-                    "insecure_registry": "--insecure-registry"}
+                    "insecure_registry": "--insecure-registry", "read_timeout": "--read-timeout",
+                    "request_timeout": "--request-timeout"}
 
 
 def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:

@@ -25,7 +25,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,13 @@ from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import MAX_LINE
+from lazyfs.daemon.mountstate import DEFAULT_READ_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, add_timeout_arguments
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve.fuse import LazyOperations
 from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
 from lazyfs.serve.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
-from lazyfs.registry import make_http_client
+from lazyfs.registry import RetryPolicy, make_http_client
 from lazyfs.serve.residency import MetadataTrimmer
 from lazyfs.trace.format import Trace, TraceRecorder
 
@@ -80,6 +81,8 @@ class DaemonOptions:
     insecure_registries: frozenset[str] = frozenset()
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # a read waits this long for chunks, then EIO
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # connect/read silence, one attempt's bound
     fuse_options: frozenset[str] = frozenset(
         {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
 
@@ -132,7 +135,8 @@ class Daemon:
         self.cache = ChunkCache(self.options.cache_dir, self.options.cache_size)
         self.fetch_stats = FetchStats()
         self.fetch_log = FetchEventLog()
-        self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
+        self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe,
+                                    read_timeout=self.options.read_timeout)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
         self.recorder: TraceRecorder | None = None
@@ -149,13 +153,16 @@ class Daemon:
 
     async def run(self) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        timeout = httpx.Timeout(30.0, connect=10.0)
+        seconds = self.options.request_timeout
+        timeout = httpx.Timeout(seconds, connect=min(seconds, 10.0))
         async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True) as http, \
-                make_http_client(max_connections=64) as registry_http:
+                make_http_client(timeout=seconds, max_connections=64) as registry_http:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                insecure_registries=self.options.insecure_registries, background=self.background)
+                insecure_registries=self.options.insecure_registries, background=self.background,
+                retry=RetryPolicy(attempt_timeout=seconds),
+                chunk_retry=replace(attach_kinds.CHUNK_RETRY, attempt_timeout=seconds))
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -422,6 +429,7 @@ class Daemon:
 
     def stats(self) -> dict:
         fetch = self.fetch_stats.snapshot()
+        fetch["pending"] = self.fetcher.pending_count()  # queued, in backoff or in flight
         prefetch_queued = fetch["queued"].get("prefetch", 0)
         prefetch_done = fetch["done"].get("prefetch", 0) + fetch["already_cached"].get("prefetch", 0)
         return {
@@ -704,6 +712,7 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
+    add_timeout_arguments(parser, with_defaults=True)
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
 
@@ -715,7 +724,8 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
     return DaemonOptions(
         fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
         cache_size=args.cache_size, metrics=args.metrics,
-        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd)
+        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd,
+        read_timeout=args.read_timeout, request_timeout=args.request_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,6 +147,7 @@ class FetchStats:
         self.source_errors = 0
         self.verify_failures = 0
         self.failed_chunks = 0
+        self.read_timeouts = 0  # reads that gave up waiting (ChunkFetcher.read_timeout)
         self.cache_put_errors = 0
         self.promotions = 0
         self.queued = {p: 0 for p in Priority}
@@ -182,6 +183,7 @@ class FetchStats:
             "source_errors": self.source_errors,
             "verify_failures": self.verify_failures,
             "failed_chunks": self.failed_chunks,
+            "read_timeouts": self.read_timeouts,
             "cache_put_errors": self.cache_put_errors,
             "promotions": self.promotions,
             "queued": {names[p]: n for p, n in self.queued.items()},
@@ -232,6 +234,7 @@ class ChunkFetcher:
         offload_threshold: int = 256 << 10,
         cpu_threads: int = 2,
         index_save_interval: float = 60.0,
+        read_timeout: float | None = None,
     ):
         if per_host_concurrency < 1:
             raise ValueError("per_host_concurrency must be at least 1")
@@ -253,6 +256,9 @@ class ChunkFetcher:
         self.observers: list[FetchObserver] = [on_fetch] if on_fetch is not None else []
         self.offload_threshold = offload_threshold
         self.index_save_interval = index_save_interval
+        # How long get() waits for fetched chunks before it fails (FetchError) instead; the
+        # fetch itself goes on (as a prefetch), so a later read may find the chunk cached.
+        self.read_timeout = read_timeout
         self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
         self._pending: dict[Hashable, _Pending] = {}
         self._hosts: dict[str, _Host] = {}
@@ -325,15 +331,21 @@ class ChunkFetcher:
                         self.stats.hits += 1
                         results[i] = data
                 self._dispatch()
-            while waiting:
-                i, pending = waiting[0]
-                await pending.done.wait()
-                waiting.pop(0)
-                pending.waiters -= 1
-                if pending.error is not None:
-                    err = pending.error
-                    raise FetchError(err.source_name, err.ref, err.attempts, err.reason) from pending.cause
-                results[i] = pending.result
+            with trio.move_on_after(self.read_timeout if self.read_timeout is not None else math.inf):
+                while waiting:
+                    i, pending = waiting[0]
+                    await pending.done.wait()
+                    waiting.pop(0)
+                    pending.waiters -= 1
+                    if pending.error is not None:
+                        err = pending.error
+                        raise FetchError(err.source_name, err.ref, err.attempts, err.reason) from pending.cause
+                    results[i] = pending.result
+            if waiting:
+                self.stats.read_timeouts += 1
+                _, late = waiting[0]
+                raise FetchError(late.source.name, late.ref, late.failures,
+                                 f"not fetched within the {self.read_timeout:g}s read bound")
         finally:
             for _, pending in waiting:  # left early: cancelled, or another chunk failed
                 pending.waiters -= 1

@@ -279,8 +279,11 @@ class RegistryClient:
             return b""
         last = offset + length - 1
 
+        policy = retry or self.retry
+
         async def attempt() -> bytes:
-            response = await self._open_blob(digest, {"Range": f"bytes={offset}-{last}"})
+            response = await bounded(policy, lambda: self._open_blob(digest, {"Range": f"bytes={offset}-{last}"}))
+            progress = _Progress(policy.attempt_timeout)
             try:
                 if response.status_code == 416:
                     raise RegistryError(f"range {offset}-{last} is beyond the end of the blob", status=416,
@@ -288,9 +291,9 @@ class RegistryClient:
                                         repository=self.reference.repository, digest=digest)
                 await self._check(response, (200, 206), f"GET blob {digest} range {offset}-{last}", digest, BlobNotFound)
                 if response.status_code == 206:
-                    data = await _read_partial_content(response, offset, last)
+                    data = await _read_partial_content(response, offset, last, progress)
                 else:
-                    data = await _slice_full_body(response, offset, length)
+                    data = await _slice_full_body(response, offset, length, progress)
             except httpx.TransportError as e:
                 raise TransientFailure(_describe_transport_error(e)) from None
             finally:
@@ -300,8 +303,9 @@ class RegistryClient:
             return data
 
         label = f"GET blob {digest} range {offset}-{last}" if what is None else f"{what} (bytes {offset}-{last})"
-        return await run_with_retries(retry or self.retry, attempt, what=label,
-                                      error_factory=self._error_factory(digest))
+        # Streamed: a long range may take long; it must keep arriving (see _Progress).
+        return await run_with_retries(policy, attempt, what=label, error_factory=self._error_factory(digest),
+                                      streamed=True)
 
     # -- blobs: writes -------------------------------------------------------------------------
 
@@ -531,7 +535,7 @@ def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
     return int(m.group(1)), int(m.group(2)), total
 
 
-async def _read_partial_content(response: httpx.Response, offset: int, last: int) -> bytes:
+async def _read_partial_content(response: httpx.Response, offset: int, last: int, progress: _Progress) -> bytes:
     """The body of a 206: it must start at `offset`; it may end early only at the blob's end."""
     start, end, total = _content_range(response)
     if start != offset or end > last or end < start:
@@ -548,6 +552,7 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     # Read to the end of the body (normally exactly `wanted` bytes) so the connection goes back
     # to the pool; stop early only if the server sends more than it promised.
     async for chunk in response.aiter_bytes():
+        progress.arrived(len(chunk))
         fits = min(len(chunk), wanted - received)
         view[received:received + fits] = chunk[:fits] if fits < len(chunk) else chunk
         received += len(chunk)
@@ -559,7 +564,7 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     return bytes(body)
 
 
-async def _slice_full_body(response: httpx.Response, offset: int, length: int) -> bytes:
+async def _slice_full_body(response: httpx.Response, offset: int, length: int, progress: _Progress) -> bytes:
     """A 200 to a ranged request carries the whole blob: skip to `offset`, keep `length` bytes,
     and stop reading there (the caller closes the connection) rather than buffer the blob."""
     announced = response.headers.get("content-length")
@@ -570,6 +575,7 @@ async def _slice_full_body(response: httpx.Response, offset: int, length: int) -
     position = 0
     buffer = bytearray()
     async for chunk in response.aiter_bytes():
+        progress.arrived(len(chunk))
         chunk_end = position + len(chunk)
         if chunk_end > offset:
             buffer += chunk[max(0, offset - position):]
