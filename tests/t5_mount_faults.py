@@ -93,7 +93,7 @@ def test_faulty_registry_gives_right_bytes_or_eio_and_the_mount_survives(repo, p
         # Transient faults of every kind: retries must hide them, verification must catch them.
         for fault in (Fault.reset(), Fault.reset(after_bytes=1000), Fault.status(503), Fault.status(500),
                       Fault.truncate(777), Fault.corrupt(at=5), Fault.corrupt(at=40000), Fault.delay(0.3),
-                      Fault.ignore_range()):
+                      Fault.ignore_range(), Fault.other_range(CHUNK), Fault.other_range(4096, lie=True)):
             proxy.add(fault, method="GET", path=BLOB_RANGES, ranged=True, times=1)
         for rel, want in FILES.items():
             got = _read_or_eio(mount.path / rel)
@@ -152,6 +152,27 @@ def test_metadata_that_stays_wrong_fails_the_mount_with_one_clear_error(repo, co
     for part in ("layer metadata", "failed verification", "5 attempts", proxy.host, "t/mount-faults", digest):
         assert part in error, error
     assert not is_mounted(tmp_path / "mnt")
+
+
+def test_blob_reads_follow_redirects_to_expiring_storage_urls(repo, proxy, tmp_path):
+    # Every blob GET at the registry is redirected to "storage" (/_cdn/, no credentials); the
+    # storage URLs expire now and then (403): the registry is asked again for a fresh one.
+    proxy.add(Fault.status(403), path=r"^/_cdn/", times=2)
+    proxy.add(Fault.redirect(), method="GET", path=r"^/v2/.*/blobs/", times=None)
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        assert (mount.path / "data/one").read_bytes() == FILES["data/one"]
+        proxy.add(Fault.status(403), path=r"^/_cdn/", times=1)  # expires while mounted
+        for rel, want in FILES.items():
+            assert (mount.path / rel).read_bytes() == want
+    assert not proxy.unused_rules()
+    blob_requests = [r for r in proxy.requests if "/blobs/" in r.path]
+    expired = [i for i, r in enumerate(blob_requests) if r.status == 403]
+    assert len(expired) == 3
+    for i in expired:  # each expired URL sent the next request of that blob back to the registry
+        later = [r for r in blob_requests[i + 1:] if r.path.split("/blobs/")[1] == blob_requests[i].path.split("/blobs/")[1]]
+        assert later and later[0].path.startswith("/v2/")
+    assert not any(r.has_authorization for r in blob_requests if r.path.startswith("/_cdn/"))
 
 
 def _wait_until_no_fetch_pending(mount, timeout: float = 60) -> None:
