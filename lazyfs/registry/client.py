@@ -4,7 +4,9 @@ Every operation is a series of attempts run by the RetryPolicy: connection error
 short or corrupt bodies, 429 and 5xx are retried with backoff (honouring Retry-After); 404
 raises BlobNotFound/ManifestNotFound at once; anything else raises RegistryError. Bytes are
 only returned after verification: manifests fetched by digest and whole blobs against their
-sha256, ranged reads against the Content-Range we asked for and the caller's own check.
+sha256, ranged reads against the Content-Range we asked for and the caller's own check
+(`verify`, e.g. sha256_check). No attempt waits without bound: headers and bounded answers
+within the policy's attempt_timeout, streamed bodies at least 1 MiB per attempt_timeout.
 
 Blob GETs follow redirects (to a CDN, say) without sending our registry credentials there,
 and remember the final URL per blob: later reads of that blob go straight to it until it
