@@ -11,7 +11,7 @@ from __future__ import annotations
 import httpx
 
 from lazyfs.layer.annotations import is_lazyfs
-from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
+from lazyfs.registry import InvalidReference, Platform, RegistryError, RetryPolicy, open_store
 
 
 class ImageSpecError(Exception):
@@ -24,9 +24,9 @@ def layer_name(index: int, digest: str) -> str:
 
 
 async def _resolve(reference: str, platform: str | None, insecure_registries: list[str],
-                   http: httpx.AsyncClient | None) -> list:
+                   http: httpx.AsyncClient | None, retry: RetryPolicy | None) -> list:
     try:
-        store = open_store(reference, http=http, insecure_registries=insecure_registries)
+        store = open_store(reference, http=http, retry=retry, insecure_registries=insecure_registries)
     except InvalidReference as e:
         raise ImageSpecError(f"invalid image reference {reference!r}: {e}") from e
     try:
@@ -40,9 +40,10 @@ async def _resolve(reference: str, platform: str | None, insecure_registries: li
 
 async def image_attach_requests(reference: str, *, layer: str | None = None, platform: str | None = None,
                                 insecure_registries: list[str] | None = None, trace: str | None = None,
-                                prefetch: bool = True, http: httpx.AsyncClient | None = None) -> list[dict]:
+                                prefetch: bool = True, http: httpx.AsyncClient | None = None,
+                                retry: RetryPolicy | None = None) -> list[dict]:
     """The attach requests for the image's layers (or the one `layer` names), base layer first."""
-    layers = await _resolve(reference, platform, list(insecure_registries or []), http)
+    layers = await _resolve(reference, platform, list(insecure_registries or []), http, retry)
     requests = []
     for index, descriptor in enumerate(layers):
         if layer is not None and not _matches(descriptor.digest, layer):

@@ -281,7 +281,8 @@ class Daemon:
             requests = await image_attach_requests(
                 image["ref"], layer=image.get("layer"), platform=image.get("platform"),
                 insecure_registries=sorted(self.options.insecure_registries), trace=image.get("trace"),
-                prefetch=image.get("prefetch", True), http=self.attach_context.registry_http)
+                prefetch=image.get("prefetch", True), http=self.attach_context.registry_http,
+                retry=self.attach_context.retry)
         except ImageSpecError as e:
             raise StartupError(str(e), usage=True) from e
         for request in requests:
@@ -575,6 +576,8 @@ def prometheus_text(stats: dict) -> str:
     metric("fetch_inflight", "gauge", fetch["inflight"], "Range requests in flight.")
     metric("fetch_failed_chunks_total", "counter", fetch["failed_chunks"], "Chunks that failed after retries.")
     metric("fetch_retries_total", "counter", fetch["retries"], "Retried chunk fetches.")
+    metric("fetch_read_timeouts_total", "counter", fetch["read_timeouts"],
+           "Reads that failed at the read bound while their chunks were still being fetched.")
     metric("cache_bytes", "gauge", cache["bytes"], "Bytes in the chunk cache.")
     metric("cache_entries", "gauge", cache["entries"], "Chunks in the chunk cache.")
     for q, value in fetch.get("latency", {}).items():
