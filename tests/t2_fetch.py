@@ -591,3 +591,23 @@ async def test_read_waits_at_most_the_read_bound_and_the_fetch_goes_on(cache, au
         assert all(cache.contains(ref.digest) for ref in refs)
         assert await fetcher.get(source, refs) == datas  # from the cache now
         assert len(source.requests) == 1
+
+
+@pytest.mark.expected_log
+async def test_a_chunk_is_retried_for_as_long_as_the_policy_gives_it(cache, autojump_clock):
+    blob, refs, datas = build_blob([4096])
+    source = MemorySource(blob)
+    down = SourceError(source.name, 0, 1, "connection refused")
+    source.faults = [down] * 6  # an outage: six failed requests, then the registry is back
+    policy = RetryPolicy(attempts=100, initial_delay=1.0, factor=2.0, max_delay=4.0, give_up_after=30.0)
+    async with ChunkFetcher(cache, retry=policy, read_timeout=60.0) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+        assert len(source.requests) == 7
+
+        source.faults = [down] * 100  # for good: given up once 30 s have passed since the first failure
+        other_blob, other_refs, _ = build_blob([4096], seed=1)
+        source.blob = other_blob
+        started = trio.current_time()
+        with pytest.raises(FetchError, match="connection refused"):
+            await fetcher.get(source, other_refs)
+        assert 25.0 <= trio.current_time() - started <= 32.0 + REQUEST_TIME

@@ -88,7 +88,8 @@ def _drop_page_cache(root) -> None:
 
 @pytest.mark.expected_log
 def test_faulty_registry_gives_right_bytes_or_eio_and_the_mount_survives(repo, proxy, tmp_path):
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    # A read of a chunk that cannot be fetched fails after 3 s (a chunk is retried that long).
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "3", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         # Transient faults of every kind: retries must hide them, verification must catch them.
         for fault in (Fault.reset(), Fault.reset(after_bytes=1000), Fault.status(503), Fault.status(500),
@@ -206,9 +207,33 @@ def test_reads_fail_within_the_read_bound_and_succeed_once_the_registry_is_back(
         assert any(r.fault == fault.name for r in proxy.requests)
 
 
+def test_a_read_rides_out_an_outage_shorter_than_the_read_bound(repo, proxy, tmp_path):
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "120", "--request-timeout", "1", f"{proxy.host}/{repo}",
+                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
+        proxy.add(Fault.reset(), method="GET", path=BLOB_RANGES, ranged=True, times=None)  # down
+        outcome: dict = {}
+
+        def read() -> None:
+            try:
+                outcome["data"] = (mount.path / "data/one").read_bytes()
+            except OSError as e:
+                outcome["error"] = e
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while sum(1 for r in proxy.requests if r.fault == "reset") < 6:  # refused again and again
+            assert time.monotonic() < deadline and reader.is_alive(), outcome
+            time.sleep(0.05)
+        proxy.clear_rules()  # back up: the waiting read gets its bytes
+        reader.join(timeout=120)
+        assert not reader.is_alive()
+        assert outcome.get("data") == FILES["data/one"], outcome.get("error")
+
+
 @pytest.mark.expected_log
 def test_corrupt_chunks_are_never_served(repo, proxy, tmp_path):
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "3", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         proxy.add(Fault.corrupt(at=100), method="GET", path=BLOB_RANGES, ranged=True, times=None)
         for rel in ("data/one", "data/two", "data/three"):

@@ -41,6 +41,7 @@ from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import MAX_LINE
 from lazyfs.daemon.mountstate import DEFAULT_READ_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, add_timeout_arguments
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
+from lazyfs.fetch.scheduler import RetryPolicy as ChunkRetryPolicy
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve.fuse import LazyOperations
 from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
@@ -135,8 +136,11 @@ class Daemon:
         self.cache = ChunkCache(self.options.cache_dir, self.options.cache_size)
         self.fetch_stats = FetchStats()
         self.fetch_log = FetchEventLog()
+        # A chunk is retried for as long as a read may wait for it (backoff up to 4 s, jittered).
+        retry = ChunkRetryPolicy(attempts=64, initial_delay=0.1, factor=2.0, max_delay=4.0, jitter=0.25,
+                                 give_up_after=self.options.read_timeout)
         self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe,
-                                    read_timeout=self.options.read_timeout)
+                                    retry=retry, read_timeout=self.options.read_timeout)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
         self.recorder: TraceRecorder | None = None

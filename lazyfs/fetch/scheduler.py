@@ -80,13 +80,19 @@ class ShortRead(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff: failure n (1-based) waits initial_delay * factor**(n-1), capped."""
+    """Exponential backoff: failure n (1-based) waits initial_delay * factor**(n-1), capped.
+
+    A chunk fails for good after ``attempts`` attempts or, with ``give_up_after``, once that
+    many seconds have passed since its first failure (the daemon sets it to its read bound, so
+    that a chunk is retried for as long as a read may wait for it: an outage shorter than the
+    bound delays the read instead of failing it)."""
 
     attempts: int = 4
     initial_delay: float = 0.1
     factor: float = 2.0
     max_delay: float = 5.0
     jitter: float = 0.0  # fraction of the delay added at random, to de-synchronise clients
+    give_up_after: float | None = None
 
     def delay(self, failures: int) -> float:
         base = min(self.max_delay, self.initial_delay * self.factor ** (failures - 1))
@@ -114,6 +120,7 @@ class _Pending:
     error: FetchError | None = None
     cause: BaseException | None = None
     failures: int = 0
+    first_failure: float | None = None  # trio clock
     waiters: int = 0
 
 
@@ -514,7 +521,13 @@ class ChunkFetcher:
     def _failed(self, pending: _Pending, cause: BaseException, reason: str) -> float | None:
         """Count a failed attempt; returns the backoff delay, or None if the chunk failed for good."""
         pending.failures += 1
-        if pending.failures >= self.retry.attempts or self._closing or _is_permanent(cause):
+        now = trio.current_time()
+        if pending.first_failure is None:
+            pending.first_failure = now
+        delay = self.retry.delay(pending.failures)
+        limit = self.retry.give_up_after
+        out_of_time = limit is not None and now + delay - pending.first_failure > limit
+        if pending.failures >= self.retry.attempts or out_of_time or self._closing or _is_permanent(cause):
             log.warning("giving up on chunk at %d+%d of %s after %d attempt(s): %s",
                         pending.ref.offset, pending.ref.stored_length, pending.source.name,
                         pending.failures, reason)
@@ -523,7 +536,6 @@ class ChunkFetcher:
             return None
         self.stats.retries += 1
         pending.state = _State.BACKOFF
-        delay = self.retry.delay(pending.failures)
         log.info("chunk at %d+%d of %s: attempt %d failed (%s); retrying in %.3fs",
                  pending.ref.offset, pending.ref.stored_length, pending.source.name,
                  pending.failures, reason, delay)
