@@ -13,10 +13,14 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.mountstate import MountState
 from lazyfs.layer.annotations import from_annotations
+from lazyfs.layer.format import FOOTER_FRAME_SIZE
 from lazyfs.serve.mounts import is_mounted
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root
@@ -174,6 +178,28 @@ def test_blob_reads_follow_redirects_to_expiring_storage_urls(repo, proxy, tmp_p
         later = [r for r in blob_requests[i + 1:] if r.path.split("/blobs/")[1] == blob_requests[i].path.split("/blobs/")[1]]
         assert later and later[0].path.startswith("/v2/")
     assert not any(r.has_authorization for r in blob_requests if r.path.startswith("/_cdn/"))
+
+
+@pytest.mark.expected_log
+def test_attach_without_annotations_reads_the_footer_again_until_it_decodes(repo, converted, proxy, tmp_path):
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        socket = str(MountState.for_mountpoint(mount.path, mount.run_dir).socket)
+        layer = converted.layers[0].descriptor
+        footer = f"^bytes={layer.size - FOOTER_FRAME_SIZE}-{layer.size - 1}$"
+        for fault in (Fault.corrupt(at=100), Fault.truncate(50), Fault.other_range(-1, lie=True)):
+            proxy.add(fault, method="GET", path=f"/blobs/{layer.digest}", range=footer)
+        reply = request(socket, "attach", name="bare", kind="lazyfs", ref=f"{proxy.host}/{repo}",
+                        digest=layer.digest, size=layer.size, annotations={})
+        assert not proxy.unused_rules()
+        assert (Path(reply["path"]) / "data/one").read_bytes() == FILES["data/one"]
+
+        # A blob without a footer at all is still refused with the reason, after the retries.
+        config = converted.config_descriptor
+        with pytest.raises(ControlError) as excinfo:
+            request(socket, "attach", name="config", kind="lazyfs", ref=f"{proxy.host}/{repo}",
+                    digest=config.digest, size=config.size, annotations={})
+        assert "lazyfs" in str(excinfo.value) and config.digest in str(excinfo.value)
 
 
 def _wait_until_no_fetch_pending(mount, timeout: float = 60) -> None:

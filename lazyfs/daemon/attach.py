@@ -29,8 +29,8 @@ from lazyfs.layer.format import FOOTER_FRAME_SIZE, Section
 from lazyfs.layer.reader import Layer, locate
 from lazyfs.serve.layerfs import DeviceReader
 from lazyfs.registry import (
-    ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store, parse_any_reference,
-    sha256_check,
+    DigestMismatch, ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store,
+    parse_any_reference, sha256_check,
 )
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
 from lazyfs.trace.format import Trace, TraceError
@@ -227,9 +227,7 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
         if is_lazyfs(annotations):
             index, trusted = from_annotations(annotations, size), False
         else:
-            tail = await store.read_range(digest, size - FOOTER_FRAME_SIZE, FOOTER_FRAME_SIZE,
-                                          verify=_footer_decodes(size), what="layer footer") \
-                if size >= FOOTER_FRAME_SIZE else b""
+            tail = await _footer_bytes(store, digest, size)
             index, trusted = locate(lambda _o, _l: tail, size), True
             log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
         meta = await _section_bytes(ctx, store, digest, index.meta, "layer metadata")
@@ -261,18 +259,25 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     return layer.image, device, info
 
 
-def _footer_decodes(size: int):
-    """The footer check of a layer read without annotations: a footer that does not decode
-    (its checksum, most likely, after a fault in transit) is read again."""
+async def _footer_bytes(store: ImageStore, digest: str, size: int) -> bytes:
+    """The last bytes of a blob read without annotations: read again while they do not decode
+    as a footer (a fault in transit fails its CRC32C); a blob that never has one is read once
+    more, unchecked, so that decoding it says why (not a lazyfs layer, another version...)."""
+    if size < FOOTER_FRAME_SIZE:
+        return b""
 
-    def check(tail: bytes) -> bool:
+    def decodes(tail: bytes) -> bool:
         try:
             locate(lambda _o, _l: tail, size)
         except LayerFormatError:
             return False
         return True
 
-    return check
+    offset = size - FOOTER_FRAME_SIZE
+    try:
+        return await store.read_range(digest, offset, FOOTER_FRAME_SIZE, verify=decodes, what="layer footer")
+    except DigestMismatch:
+        return await store.read_range(digest, offset, FOOTER_FRAME_SIZE, what="layer footer")
 
 
 def _background_rate(request: dict) -> int | None:

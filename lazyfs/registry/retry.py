@@ -30,10 +30,11 @@ class RetryPolicy:
     random factor in [0.5, 1]; a Retry-After from the server is waited at least (if it fits the
     deadline). No new attempt starts after `deadline` seconds from the first (None: no limit).
 
-    `attempt_timeout` bounds one attempt of a bounded operation (a manifest, a range, a HEAD:
-    connect, headers and body together), so a server that answers a byte a second cannot hold
-    it: the attempt fails and is retried. A streamed whole blob must instead make progress:
-    each STREAM_PROGRESS_BYTES of it (or its end) must arrive within `attempt_timeout`."""
+    `attempt_timeout` bounds one attempt of a small operation (a manifest, a HEAD: connect,
+    headers and body together) and the wait for any answer's headers, so a server that answers a
+    byte a second cannot hold it: the attempt fails and is retried. A body that is streamed (a
+    range, a whole blob) must instead keep arriving: each STREAM_PROGRESS_BYTES of it (or its
+    end) within `attempt_timeout`."""
 
     attempts: int = 5
     base_delay: float = 0.25
