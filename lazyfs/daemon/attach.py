@@ -104,7 +104,7 @@ async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, Device
         image.close()
         raise AttachError(f"{meta} has {len(image.devices)} extra devices; a plain image needs exactly one (--blobdev)")
     if blob.startswith(("http://", "https://")):
-        source = HttpBlobSource(blob, ctx.http)
+        source = HttpBlobSource(blob, ctx.http, progress_timeout=ctx.retry.attempt_timeout)
         size = await _http_size(ctx.http, blob)
     else:
         try:

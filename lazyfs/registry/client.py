@@ -34,7 +34,7 @@ from .errors import (
 from .manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, OCI_LAYER_GZIP, Descriptor, Manifest, Platform, sha256_digest
 from .reference import Reference, is_digest, validate_digest, validate_tag_or_digest
 from .retry import (
-    STREAM_PROGRESS_BYTES, Retrier, RetryPolicy, TransientFailure, bounded, parse_retry_after, run_with_retries,
+    Retrier, RetryPolicy, StreamProgress, TransientFailure, bounded, parse_retry_after, run_with_retries,
 )
 from .blobio import download_blob_atomically, fetch_blob_verified, fetch_config, measure_source, read_source
 from .store import BlobSource, RangeCheck
@@ -235,7 +235,7 @@ class RegistryClient:
             try:
                 headers = {"Range": f"bytes={received}-"} if received else {}
                 response = await bounded(self.retry, lambda: self._open_blob(digest, headers))
-                progress = _Progress(self.retry.attempt_timeout)
+                progress = StreamProgress(self.retry.attempt_timeout)
                 try:
                     if received and response.status_code == 416:
                         break  # the failure came after the last byte: nothing left to resume
@@ -285,7 +285,7 @@ class RegistryClient:
 
         async def attempt() -> bytes:
             response = await bounded(policy, lambda: self._open_blob(digest, {"Range": f"bytes={offset}-{last}"}))
-            progress = _Progress(policy.attempt_timeout)
+            progress = StreamProgress(policy.attempt_timeout)
             try:
                 if response.status_code == 416:
                     raise RegistryError(f"range {offset}-{last} is beyond the end of the blob", status=416,
@@ -305,7 +305,7 @@ class RegistryClient:
             return data
 
         label = f"GET blob {digest} range {offset}-{last}" if what is None else f"{what} (bytes {offset}-{last})"
-        # Streamed: a long range may take long; it must keep arriving (see _Progress).
+        # Streamed: a long range may take long; it must keep arriving (see StreamProgress).
         return await run_with_retries(policy, attempt, what=label, error_factory=self._error_factory(digest),
                                       streamed=True)
 
@@ -507,27 +507,6 @@ async def _passes(verify: RangeCheck, data: bytes) -> bool:
     return await anyio.to_thread.run_sync(verify, data)
 
 
-class _Progress:
-    """Fails a streamed body (TransientFailure) that takes longer than `seconds` for each
-    STREAM_PROGRESS_BYTES: a server that drips bytes holds no stream for ever. Checked as
-    pieces arrive; a body with no bytes at all is ended by the client's read timeout."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.window_start = anyio.current_time()
-        self.window_bytes = 0
-
-    def arrived(self, nbytes: int) -> None:
-        if self.seconds is None:
-            return
-        self.window_bytes += nbytes
-        now = anyio.current_time()
-        if self.window_bytes >= STREAM_PROGRESS_BYTES:
-            self.window_start, self.window_bytes = now, 0
-        elif now - self.window_start > self.seconds:
-            raise TransientFailure(f"too slow: {self.window_bytes} bytes in {now - self.window_start:.0f}s")
-
-
 def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
     header = response.headers.get("content-range", "")
     m = _CONTENT_RANGE_RE.fullmatch(header.strip())
@@ -537,7 +516,7 @@ def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
     return int(m.group(1)), int(m.group(2)), total
 
 
-async def _read_partial_content(response: httpx.Response, offset: int, last: int, progress: _Progress) -> bytes:
+async def _read_partial_content(response: httpx.Response, offset: int, last: int, progress: StreamProgress) -> bytes:
     """The body of a 206: it must start at `offset`; it may end early only at the blob's end."""
     start, end, total = _content_range(response)
     if start != offset or end > last or end < start:
@@ -566,7 +545,7 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     return bytes(body)
 
 
-async def _slice_full_body(response: httpx.Response, offset: int, length: int, progress: _Progress) -> bytes:
+async def _slice_full_body(response: httpx.Response, offset: int, length: int, progress: StreamProgress) -> bytes:
     """A 200 to a ranged request carries the whole blob: skip to `offset`, keep `length` bytes,
     and stop reading there (the caller closes the connection) rather than buffer the blob."""
     announced = response.headers.get("content-length")

@@ -72,6 +72,27 @@ class TransientFailure(Exception):
         self.kind = kind
 
 
+class StreamProgress:
+    """Fails a streamed body (TransientFailure) that takes longer than `seconds` for each
+    STREAM_PROGRESS_BYTES: a server that drips bytes holds no stream for ever. Checked as
+    pieces arrive; a body with no bytes at all is ended by the client's read timeout."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.window_start = anyio.current_time()
+        self.window_bytes = 0
+
+    def arrived(self, nbytes: int) -> None:
+        if self.seconds is None:
+            return
+        self.window_bytes += nbytes
+        now = anyio.current_time()
+        if self.window_bytes >= STREAM_PROGRESS_BYTES:
+            self.window_start, self.window_bytes = now, 0
+        elif now - self.window_start > self.seconds:
+            raise TransientFailure(f"too slow: {self.window_bytes} bytes in {now - self.window_start:.0f}s")
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Retry-After is either delta-seconds or an HTTP date."""
     if not value:
