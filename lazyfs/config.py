@@ -5,6 +5,11 @@
     dir = "/var/cache/lazyfs"
     size = "20G"          # bytes, or with a K/M/G/T suffix
 
+    [registry]            # for every command that talks to a registry, and the daemon
+    insecure = ["127.0.0.1:5000"]          # plain HTTP (loopback registries always are)
+    hosts_dir = "/etc/containerd/certs.d"  # containerd hosts.toml files: mirrors (the default)
+    auth_file = "/root/.docker/config.json"  # credentials (default: $DOCKER_CONFIG, ~/.docker)
+
 Command-line options override the file; a missing file means the built-in defaults.
 """
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 DEFAULT_CONFIG = Path("/etc/lazyfs/lazyfs.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/lazyfs")
+DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")  # containerd's own default (lazyfs.registry.hosts)
 
 
 class ConfigError(Exception):
@@ -40,9 +46,31 @@ def parse_size(text: str | int) -> int:
 
 
 @dataclass(frozen=True)
+class RegistrySettings:
+    """How to reach registries: what every command that talks to one, and the daemon, share."""
+
+    insecure: tuple[str, ...] = ()
+    hosts_dir: Path | None = DEFAULT_HOSTS_DIR  # None: no hosts.toml lookup
+    auth_file: Path | None = None  # None: $DOCKER_CONFIG/config.json or ~/.docker/config.json
+
+    def store_options(self) -> dict:
+        """Keyword arguments of lazyfs.registry.open_store."""
+        return {"insecure_registries": self.insecure, "hosts_dir": self.hosts_dir, "auth_file": self.auth_file}
+
+    def daemon_arguments(self) -> list[str]:
+        """The same settings as arguments of `python -m lazyfs.daemon`."""
+        argv = [arg for host in self.insecure for arg in ("--insecure-registry", host)]
+        argv += ["--hosts-dir", str(self.hosts_dir) if self.hosts_dir is not None else ""]
+        if self.auth_file is not None:
+            argv += ["--registry-auth", str(self.auth_file)]
+        return argv
+
+
+@dataclass(frozen=True)
 class Config:
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_size: int | None = None
+    registry: RegistrySettings = RegistrySettings()
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -61,4 +89,22 @@ def load_config(path: Path | None = None) -> Config:
     return Config(
         cache_dir=Path(cache.get("dir", DEFAULT_CACHE_DIR)),
         cache_size=parse_size(size) if size is not None else None,
+        registry=_registry_settings(data.get("registry", {}), path),
     )
+
+
+def _registry_settings(table, path: Path) -> RegistrySettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [registry] must be a table")
+    unknown = set(table) - {"insecure", "hosts_dir", "auth_file"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown [registry] keys: {', '.join(sorted(unknown))}")
+    insecure = table.get("insecure", [])
+    if not isinstance(insecure, list) or not all(isinstance(h, str) for h in insecure):
+        raise ConfigError(f"{path}: [registry] insecure must be a list of host[:port] strings")
+    for key in ("hosts_dir", "auth_file"):
+        if not isinstance(table.get(key, ""), str):
+            raise ConfigError(f"{path}: [registry] {key} must be a path")
+    hosts_dir = table.get("hosts_dir", str(DEFAULT_HOSTS_DIR))
+    return RegistrySettings(insecure=tuple(insecure), hosts_dir=Path(hosts_dir) if hosts_dir else None,
+                            auth_file=Path(table["auth_file"]) if table.get("auth_file") else None)

@@ -13,12 +13,22 @@ control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
 prefetch = true                # ask the daemon to prefetch each layer's embedded trace
+background_fetch = false       # after the prefetch, fetch each lazy layer whole at the lowest priority
+background_rate = ""           # "": unlimited; else bytes per second of that fill, e.g. "10MiB"
+metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
+verbose = false                # the daemon logs at DEBUG (default INFO: attach, detach, failures)
 
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
+hosts_dir = "/etc/containerd/certs.d"        # containerd hosts.toml files: mirrors ("" for none)
+auth_file = ""                               # Docker config.json; "": $DOCKER_CONFIG or ~/.docker
 [registry.mirrors]                           # lazy layers of docker.io images come from here
 "docker.io" = ["mirror.example:5000"]
 ```
+
+These are all the daemon's settings: the FUSE directory, control socket, cache, metrics,
+verbosity and registry access are its command line; prefetch and background fetch go with
+each attach request.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from pathlib import Path
 
 DEFAULT_ROOT = Path("/var/lib/lazyfs-snapshotter")
 DEFAULT_SOCKET = Path("/run/lazyfs-snapshotter/snapshotter.sock")
+DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")  # containerd's
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
@@ -57,12 +68,18 @@ class DaemonConfig:
     cache_dir: Path = Path()
     cache_size: int = 10 * 1024**3
     prefetch: bool = True
+    background_fetch: bool = False
+    background_rate: int | None = None
+    metrics: str = ""
+    verbose: bool = False
 
 
 @dataclass
 class RegistryConfig:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     insecure_hosts: list[str] = field(default_factory=list)
+    hosts_dir: Path | None = DEFAULT_HOSTS_DIR
+    auth_file: Path | None = None
 
 
 @dataclass
@@ -107,9 +124,18 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.cache_dir = Path(_take(daemon, "cache_dir", str, "") or cfg.root / "cache")
     d.cache_size = parse_size(_take(daemon, "cache_size", (int, str), d.cache_size))
     d.prefetch = _take(daemon, "prefetch", bool, d.prefetch)
+    d.background_fetch = _take(daemon, "background_fetch", bool, d.background_fetch)
+    rate = _take(daemon, "background_rate", (int, str), "")
+    d.background_rate = parse_size(rate) if rate != "" else None
+    d.metrics = _take(daemon, "metrics", str, d.metrics)
+    d.verbose = _take(daemon, "verbose", bool, d.verbose)
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])
+    hosts_dir = _take(registry, "hosts_dir", str, str(DEFAULT_HOSTS_DIR))
+    cfg.registry.hosts_dir = Path(hosts_dir) if hosts_dir else None
+    auth_file = _take(registry, "auth_file", str, "")
+    cfg.registry.auth_file = Path(auth_file) if auth_file else None
     for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry.")):
         if table:
             raise ConfigError(f"unknown configuration keys: {', '.join(name + k for k in table)}")

@@ -49,11 +49,13 @@ class DaemonLayerFS:
     the descriptor) and whether to prefetch its embedded trace."""
 
     def __init__(self, control_socket: Path, mountpoint: Path,
-                 mirrors: Mapping[str, list[str]] | None = None, prefetch: bool = True):
+                 mirrors: Mapping[str, list[str]] | None = None, prefetch: bool = True,
+                 background_fetch: bool = False, background_rate: int | None = None):
         self.control_socket = Path(control_socket)
         self.mountpoint = Path(mountpoint)
         self.mirrors = dict(mirrors or {})
         self.prefetch = prefetch
+        self.background = {"background_fetch": True, "background_rate": background_rate} if background_fetch else {}
 
     def request(self, op: str, timeout: float = REQUEST_TIMEOUT, **args) -> dict:
         try:
@@ -78,7 +80,7 @@ class DaemonLayerFS:
         try:
             self.request("attach", kind="lazyfs", name=layer, ref=mirrored(source.image_ref, self.mirrors),
                          digest=source.layer_digest, annotations=source.lazyfs_annotations,
-                         prefetch=self.prefetch)
+                         prefetch=self.prefetch, **self.background)
         except DaemonRequestError as e:
             if e.kind != "exists":  # attached before (by us, before a snapshotter restart)
                 raise
@@ -131,6 +133,14 @@ class DaemonSupervisor:
                "--cache-dir", str(d.cache_dir), "--cache-size", str(d.cache_size)]
         for host in self.cfg.registry.insecure_hosts:
             cmd += ["--insecure-registry", host]
+        registry = self.cfg.registry
+        cmd += ["--hosts-dir", str(registry.hosts_dir) if registry.hosts_dir is not None else ""]
+        if registry.auth_file is not None:
+            cmd += ["--registry-auth", str(registry.auth_file)]
+        if d.metrics:
+            cmd += ["--metrics", d.metrics]
+        if d.verbose:
+            cmd += ["-v"]
         return cmd
 
     def start(self) -> None:

@@ -2,13 +2,15 @@
 
 Starts (or adopts) and supervises the lazyfs daemon when lazy layers are enabled, re-attaches
 the lazy layers of committed snapshots, and serves until SIGTERM/SIGINT. Stopping the
-snapshotter leaves the daemon running, so running containers keep their lazy layers.
+snapshotter leaves the daemon running, so running containers keep their lazy layers;
+``lazyfs-snapshotter stop`` stops both (snapshotter.stop).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,8 +24,35 @@ from .snapshots import Snapshotter
 log = logging.getLogger(__name__)
 
 
+def parse_stop_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="lazyfs-snapshotter stop",
+        description="stop the snapshotter and its lazyfs daemon (uninstall, node drain); refuses while "
+                    "mounts use lazy layers unless --force")
+    p.add_argument("--config", type=Path, help="TOML configuration file (default: built-in defaults)")
+    p.add_argument("--root", type=Path, help="state directory (overrides the config)")
+    p.add_argument("--force", action="store_true", help="stop even while mounts use lazy layers (they lose them)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each process before SIGKILL")
+    return p.parse_args(argv)
+
+
+def stop_main(argv: list[str]) -> int:
+    from .stop import stop
+
+    args = parse_stop_args(argv)
+    try:
+        cfg = config_mod.load(args.config, root=args.root)
+    except config_mod.ConfigError as e:
+        print(f"lazyfs-snapshotter stop: {e}", file=sys.stderr)
+        return 2
+    status, message = stop(cfg, force=args.force, timeout=args.timeout)
+    print(f"lazyfs-snapshotter stop: {message}", file=sys.stderr if status else sys.stdout)
+    return status
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        epilog="`lazyfs-snapshotter stop [--force]` stops the snapshotter and its daemon.",
         prog="lazyfs-snapshotter",
         description="containerd remote snapshotter serving lazyfs layers lazily "
                     "(configure containerd with proxy_plugins.lazyfs pointing at --socket)")
@@ -38,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stop"]:
+        return stop_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg = config_mod.load(args.config, root=args.root)
@@ -61,15 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     layerfs = None
     if cfg.daemon.enabled:
         layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint,
-                                mirrors=cfg.registry.mirrors, prefetch=cfg.daemon.prefetch)
+                                mirrors=cfg.registry.mirrors, prefetch=cfg.daemon.prefetch,
+                                background_fetch=cfg.daemon.background_fetch,
+                                background_rate=cfg.daemon.background_rate)
     snapshotter = Snapshotter(cfg.root, layerfs)
     if layerfs is not None:
         supervisor = DaemonSupervisor(cfg, layerfs, on_restart=snapshotter.reattach_lazy_layers)
         supervisor.start()
         log.info("re-attached %d lazy layers", snapshotter.reattach_lazy_layers())
     server = serve(snapshotter, cfg.socket)
+    pid_file = cfg.root / "snapshotter.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
     log.info("serving containerd snapshots on %s (root %s)", cfg.socket, cfg.root)
     stop.wait()
+    pid_file.unlink(missing_ok=True)
     log.info("stopping")
     server.stop(grace=5).wait()
     if supervisor is not None:

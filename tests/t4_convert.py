@@ -516,6 +516,21 @@ def test_convert_cli_embeds_a_trace(tmp_path, capsys):
     assert inspect_json(dst)["images"][0]["layers"][0]["trace"] is True
 
 
+def test_inspect_piped_shows_full_values(tmp_path):
+    import subprocess
+    import sys
+
+    image = build_image([[file("f", b"x" * 100_000)], [file("g", b"y" * 5)]])
+    trio.run(push, f"oci:{tmp_path / 'src'}:v1", image)
+    dst = f"oci:{tmp_path / 'a-long-directory-name-that-would-not-fit' / 'dst'}:v1"
+    assert convert_cli(f"oci:{tmp_path / 'src'}:v1", dst) == 0
+    shown = subprocess.run([sys.executable, "-m", "lazyfs.cli", "inspect", dst], capture_output=True, text=True,
+                           check=True, env={**os.environ, "COLUMNS": "80"}).stdout
+    for desc in manifest_of(dst).layers:  # whole digests, on one line each
+        assert any(desc.digest[7:] in line and "lazyfs v1" in line for line in shown.splitlines()), shown
+    assert "…" not in shown and max(len(line) for line in shown.splitlines()) > 80
+
+
 def test_convert_cli_errors(registry, registry_repo, tmp_path, capsys):
     assert convert_cli(f"{registry.host}/{registry_repo}:missing", f"oci:{tmp_path / 'o'}:x") == 1
     assert "lazyfs convert:" in capsys.readouterr().err

@@ -98,11 +98,12 @@ def _blob_requests(proxy) -> list:
 
 def test_record_names_exactly_the_files_read_and_prefetch_leaves_no_on_demand_fetch(registry, tmp_path):
     require_root()
-    _push(registry, "t/trace-record:v1", _layers())
+    converted = _push(registry, "t/trace-record:v1", _layers())
     image = f"{registry.host}/t/trace-record:v1"
     out = tmp_path / "start.trace"
-    result = lazyfs_cli("trace", "record", "--cache-dir", str(tmp_path / "cache-rec"), "-o", str(out),
-                        "--timeout", "60", image, "--", *WORKLOAD)
+    # The order the docs give: IMAGE, then the options, then the workload after --.
+    result = lazyfs_cli("trace", "record", image, "-o", str(out), "--timeout", "60",
+                        "--cache-dir", str(tmp_path / "cache-rec"), "--", *WORKLOAD)
     assert "exited with status 0" in result.stdout, result.stdout + result.stderr
     trace = Trace.decode(out.read_bytes())
     assert _regular_files(trace) == {"/bin/busybox", *(f"/{p}" for p in READS)}
@@ -117,6 +118,20 @@ def test_record_names_exactly_the_files_read_and_prefetch_leaves_no_on_demand_fe
     assert summary.files_read == 3 and summary.chunks == len({(a.layer, n) for a in trace.accesses
                                                              for n in range(a.first, a.last + 1)})
     assert f"{summary.chunks}" in lazyfs_cli("trace", "stats", str(out)).stdout
+    # With the image: the stored bytes a prefetch of this trace fetches (distinct frames of
+    # its chunks) and the file bytes those chunks hold, from the layers' chunk tables.
+    [row] = json.loads(lazyfs_cli("trace", "stats", "--json", "--image", image, str(out)).stdout)
+    expected_stored = expected_file = 0
+    for layer in converted.layers:
+        blob = tmp_path / "blob"
+        blob.write_bytes(layer.blob)
+        with open(blob, "rb") as f:
+            table = open_blob_file(f).table
+        wanted = set(trace.chunks_of(layer.digest))
+        expected_file += sum(table[n].length for n in wanted)
+        expected_stored += sum(stored for _, stored in {(table[n].offset, table[n].stored_length) for n in wanted})
+    assert (row["stored_bytes"], row["file_bytes"]) == (expected_stored, expected_file) and expected_stored > 0
+    assert row["file_bytes"] < summary.chunks * CHUNK  # the old "bytes": chunks x chunk size
     shown = lazyfs_cli("trace", "show", str(out)).stdout
     assert "/data/b" in shown and "open" in shown
     assert lazyfs_cli("trace", "show", "--raw", str(out)).stdout.encode() == trace.encode()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,24 +23,15 @@ from lazyfs.bench.report import build_report
 from lazyfs.bench.results import FIELDS
 from lazyfs.bench.runner import ExperimentRefused, Runner
 from tests.fixtures.common import require_root, require_tool
-from tests.fixtures.images import build_image, directory, file, symlink
+from tests.fixtures.images import build_image, busybox_layer, directory, file
 from tests.fixtures.lazyimage import push_to_store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BIG = 24 << 20
 
 
-def busybox_layer() -> list:
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.fail("busybox (busybox-static) is not installed: tools/install.sh installs it")
-    entries = [directory("bin"), file("bin/busybox", Path(busybox).read_bytes(), mode=0o755)]
-    entries += [symlink(f"bin/{name}", "busybox") for name in ("sh", "cat", "head")]
-    return entries + [directory(d) for d in ("proc", "sys", "dev", "tmp", "etc")]
-
-
 def make_image(oci_dir: Path) -> str:
-    image = build_image([busybox_layer(),
+    image = build_image([busybox_layer(("sh", "cat", "head")),
                          [directory("data"), file("data/big.bin", os.urandom(BIG)),
                           file("data/ready.txt", b"ready\n")]])
     push_to_store(f"oci:{oci_dir}:v1", image)

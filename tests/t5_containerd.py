@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,9 @@ from snapshotter.daemon_client import stop_daemon
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
 from tests.fixtures.containerd import unmount_below
-from tests.fixtures.images import build_image, directory, file, push_image, symlink, whiteout
+from tests.fixtures.images import build_image, directory, file, push_image, whiteout
+from tests.fixtures.images import busybox_layer as busybox_layer_with
+from tests.fixtures.lazyimage import convert_with_cli, layer_sizes
 
 SNAPSHOTTER = "lazyfs"
 START_TIMEOUT = 20.0
@@ -100,15 +101,9 @@ def snapshotter_proc(containerd, registry, tmp_path):
 
 
 def busybox_layer() -> list:
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.fail("busybox (busybox-static) is not installed: tools/install.sh installs it")
-    data = Path(busybox).read_bytes()
-    entries = [directory("bin"), file("bin/busybox", data, mode=0o755)]
-    entries += [symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat", "ls", "sleep", "dd", "sha256sum")]
-    entries += [directory("etc"), file("etc/gone", b"removed by the next layer\n"),
-                directory("proc"), directory("sys"), directory("dev"), directory("tmp")]
-    return entries
+    return busybox_layer_with(("sh", "cat", "ls", "sleep", "dd", "sha256sum"),
+                              dirs=("etc", "proc", "sys", "dev", "tmp")) + [
+        file("etc/gone", b"removed by the next layer\n")]
 
 
 async def push(registry, repo: str, image) -> str:
@@ -243,23 +238,6 @@ def test_daemon_killed_is_restarted(snapshotter_proc):
 
 # -- lazy layers ---------------------------------------------------------------------------
 
-def lazyfs_convert(src: str, dst: str) -> None:
-    exe = Path(sys.executable).parent / "lazyfs"
-    p = subprocess.run([str(exe), "convert", "-q", src, dst], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, f"lazyfs convert failed: {p.stderr or p.stdout}"
-
-
-def blob_bytes(registry, since: int) -> dict[str, int]:
-    """Bytes the registry sent per blob digest since log position ``since``."""
-    sent: dict[str, int] = {}
-    for r in registry.requests(since):
-        path = r.path.split("?")[0]
-        if "/blobs/sha256:" in path and r.method == "GET":
-            digest = path.rsplit("/", 1)[1]
-            sent[digest] = sent.get(digest, 0) + r.bytes_written
-    return sent
-
-
 def daemon_layers(snapshotter_proc) -> set[str]:
     from snapshotter.daemon_client import DaemonLayerFS
     fs = DaemonLayerFS(snapshotter_proc.root / "daemon.sock", snapshotter_proc.root / "mnt")
@@ -287,7 +265,7 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
                          [file("hello.txt", b"hello lazily\n"), file("big.bin", big)]])
     src = await push(registry, registry_repo, image)
     dst = f"{registry.host}/{registry_repo}-lazy:v1"
-    await trio.to_thread.run_sync(lazyfs_convert, src, dst)
+    await trio.to_thread.run_sync(convert_with_cli, src, dst)
     start = registry.mark()
 
     await trio.to_thread.run_sync(lambda: containerd.pull(dst, snapshotter=SNAPSHOTTER, remote=True))
@@ -301,7 +279,7 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
     sizes = await layer_sizes(dst, registry.host)
     assert digests == set(sizes)
     registry.mark()
-    sent = blob_bytes(registry, start)
+    sent = registry.blob_bytes(start)
     fetched = sum(sent.get(d, 0) for d in digests)
     print(f"lazy pull + run fetched {fetched} of {sum(sizes.values())} layer bytes")
     assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
@@ -357,15 +335,6 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
     assert daemon_layers(snapshotter_proc) == set()
 
 
-async def layer_sizes(ref: str, host: str) -> dict[str, int]:
-    store = open_store(ref, insecure_registries=[host])
-    try:
-        manifest = await store.get_manifest()
-    finally:
-        await store.aclose()
-    return {layer["digest"]: layer["size"] for layer in json.loads(manifest.data)["layers"]}
-
-
 async def test_mixed_image_ordinary_and_lazy_layers(containerd, registry, registry_repo,
                                                     snapshotter_proc):
     """An ordinary gzip base layer under a lazyfs layer: the first is unpacked, the second
@@ -374,7 +343,7 @@ async def test_mixed_image_ordinary_and_lazy_layers(containerd, registry, regist
     image = build_image([base, [file("app.txt", b"lazy app on an unpacked base\n")]])
     src = await push(registry, registry_repo, image)
     converted_ref = f"{registry.host}/{registry_repo}-mixed:lazy"
-    await trio.to_thread.run_sync(lazyfs_convert, src, converted_ref)
+    await trio.to_thread.run_sync(convert_with_cli, src, converted_ref)
 
     store = open_store(converted_ref, insecure_registries=[registry.host])
     try:

@@ -39,6 +39,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
-# Generated code (containerd API stubs) is rebuilt every time: cheap, and never stale.
+# Generated code (containerd API stubs, the tests' CRI client) is rebuilt every time: cheap,
+# and never stale.
 if [ -f snapshotter/api/build.py ]; then .venv/bin/python snapshotter/api/build.py; fi
+if [ -f tests/cri/build.py ]; then .venv/bin/python tests/cri/build.py; fi
 echo "lazyfs installed in .venv"

@@ -31,6 +31,7 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 CTR_TIMEOUT = 600.0
 NAMESPACE = "lazyfs-bench"
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 
 
 class SystemError_(BenchError):
@@ -201,15 +202,23 @@ class Containerd:
         self.log_path = self.base / "containerd.log"
         self.process: subprocess.Popen | None = None
 
+    # No Kubernetes CRI (a subclass turns it on), no snapshotters or tracing this host lacks.
+    disabled_plugins: tuple[str, ...] = (
+        CRI_PLUGIN, "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+        "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
+        "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing")
+
+    def plugins_config(self) -> str:
+        """TOML appended to the configuration: settings of enabled plugins (none here)."""
+        return ""
+
     def config(self) -> str:
+        disabled = ", ".join(json.dumps(p) for p in self.disabled_plugins)
         return f"""\
 version = 2
 root = "{self.root}"
 state = "{self.state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp",
-                    "io.containerd.internal.v1.tracing"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{self.address}"
@@ -227,7 +236,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   [proxy_plugins.lazyfs]
     type = "snapshot"
     address = "{self.snapshotter_socket}"
-"""
+""" + self.plugins_config()
 
     @property
     def pid(self) -> int | None:

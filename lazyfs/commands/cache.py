@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from lazyfs.output import console
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import ConfigError, load_config, parse_size
 
@@ -56,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
     for key in ("evicted", "removed", "entries", "bytes", "limit_bytes"):
         if key in result and result[key] != -1:
             table.add_row(key.replace("_", " "), f"{result[key]:,}")
-    Console().print(table)
+    console().print(table)
     return 0

@@ -11,6 +11,8 @@ import trio
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from lazyfs.cliopts import add_registry_arguments, load_with_registry
+from lazyfs.config import ConfigError
 from lazyfs.image.convert import ConvertError, ConvertOptions, convert_image
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.format import DEFAULT_CHUNK_SIZE, DEFAULT_INLINE_THRESHOLD, check_chunk_size
@@ -63,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-order", action="store_true",
                         help="with --trace: embed the trace only, keeping each layer's tar order (and diff_id)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_registry_arguments(parser)
 
 
 class RichProgress:
@@ -96,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
         console.print("lazyfs convert: --inline-threshold must be in [0, 4096]")
         return 2
     try:
+        _, registry = load_with_registry(args)
         dst_ref = parse_any_reference(args.dst)
         parse_any_reference(args.src)
-    except InvalidReference as e:
+    except (InvalidReference, ConfigError) as e:
         console.print(f"lazyfs convert: {e}")
         return 2
     if getattr(dst_ref, "digest", None) is not None:
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
                              trace_order=not args.keep_order)
 
     async def main() -> str:
-        src, dst = open_store(args.src), open_store(args.dst)
+        src = open_store(args.src, **registry.store_options())
+        dst = open_store(args.dst, **registry.store_options())
         try:
             if args.quiet:
                 result = await convert_image(src, dst, tag=dst_ref.tag, options=options)

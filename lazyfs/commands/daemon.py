@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from lazyfs.config import ConfigError, load_config
+from lazyfs.cliopts import add_registry_arguments, load_with_registry
+from lazyfs.config import ConfigError
 from lazyfs.daemon.mountstate import add_timeout_arguments, daemon_command
 
 NAME = "daemon"
@@ -27,23 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the daemon's FUSE mount goes (one directory per attached layer)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
     parser.add_argument("--cache-size", default=None, help="cache size limit, e.g. 20G (default: config)")
-    parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
-    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                        help="reach this registry over plain HTTP (repeatable)")
+    add_registry_arguments(parser)
     add_timeout_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config, registry = load_with_registry(args)
     except ConfigError as e:
         print(f"lazyfs daemon: {e}", file=sys.stderr)
         return 2
     cache_dir = args.cache_dir or config.cache_dir
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
-                          cache_size=cache_size, metrics=args.metrics, insecure_registries=args.insecure_registry,
+                          cache_size=cache_size, metrics=args.metrics, registry=registry,
                           verbose=args.verbose, read_timeout=args.read_timeout, request_timeout=args.request_timeout)
     os.execv(sys.executable, argv)
     return 0  # not reached

@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lazyfs.config import ConfigError, load_config, parse_size
+from lazyfs.cliopts import add_registry_arguments, load_with_registry
+from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import ControlError, request
 from lazyfs.daemon.mountstate import (
     DEFAULT_RUN_DIR, MountState, add_timeout_arguments, daemon_command, daemon_running,
@@ -49,9 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of starting one for this mount")
     parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit, e.g. 20G (default: config)")
-    parser.add_argument("--config", type=Path, default=None, help="configuration file (cache defaults)")
-    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                        help="reach this registry over plain HTTP (repeatable)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     add_timeout_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
@@ -65,11 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after the prefetch, fetch the rest of the image at the lowest priority")
     parser.add_argument("--background-rate", type=_size, default=None, metavar="BYTES",
                         help="limit the background fetch to this many bytes per second (e.g. 10M)")
+    add_registry_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config, registry = load_with_registry(args)
         mountpoint, startup = _startup_spec(args)
     except (_UsageError, ConfigError) as e:
         print(f"lazyfs mount: {e}", file=sys.stderr)
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                                           indent=1))
     ready_read, ready_write = os.pipe()
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
-                         metrics=args.metrics, insecure_registries=args.insecure_registry, verbose=args.verbose,
+                         metrics=args.metrics, registry=registry, verbose=args.verbose,
                          read_timeout=args.read_timeout, request_timeout=args.request_timeout)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
@@ -137,7 +136,8 @@ def _mount_point_refusal(state: MountState) -> str | None:
 
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
-                    "insecure_registry": "--insecure-registry", "read_timeout": "--read-timeout",
+                    "insecure_registry": "--insecure-registry", "hosts_dir": "--hosts-dir",
+                    "registry_auth": "--registry-auth", "read_timeout": "--read-timeout",
                     "request_timeout": "--request-timeout"}
 
 

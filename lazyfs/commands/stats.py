@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from rich.console import Console
+
+from lazyfs.output import console
 from lazyfs.daemon.control import ControlError, request
 from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**stats, "attached": layers}, indent=2))
         return 0
-    render(stats, layers, Console())
+    render(stats, layers, console())
     return 0
 
 

@@ -6,13 +6,16 @@
                                                mount IMAGE, run CMD in a sandbox over it
                                                (lazyfs.trace.sandbox), write the trace of its start
     lazyfs trace show [--raw] FILE             one row per record
-    lazyfs trace stats FILE ...                files, chunks, bytes and time span
+    lazyfs trace stats [--image IMAGE] FILE ...
+                                               files, chunks and time span; with the image: the
+                                               file bytes read and the stored bytes a prefetch fetches
     lazyfs trace merge -o FILE TRACE ...       union of several runs, earliest first use first
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -21,9 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from lazyfs.cliopts import add_registry_arguments
+from lazyfs.output import console
 from lazyfs.daemon.control import ControlError, request
 from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState
 from lazyfs.trace.format import Trace, TraceError, merge
@@ -32,8 +36,30 @@ NAME = "trace"
 HELP = "record, show, merge and summarise access traces"
 
 
+class _ActionParser(argparse.ArgumentParser):
+    """The parser of one `lazyfs trace` action. For `record`, the arguments after the first
+    ``--`` are the workload, kept verbatim.
+
+    argparse cannot have a positional IMAGE, options, and then ``-- CMD ...``: a REMAINDER
+    positional swallows the options that follow IMAGE (``IMAGE -o FILE -- CMD`` then failed
+    with "-o/--output is required"). Splitting at ``--`` first lets IMAGE and the options come
+    in any order before it.
+    """
+
+    workload_after_dashes = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.workload_after_dashes:
+            return super().parse_known_args(args, namespace)
+        args = list(args if args is not None else [])
+        cut = args.index("--") if "--" in args else len(args)
+        namespace, extras = super().parse_known_args(args[:cut], namespace)
+        namespace.workload = args[cut + 1:]
+        return namespace, extras
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", required=True)
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=_ActionParser)
     for name, help_ in (("start", "start recording on a running mount"),
                         ("stop", "stop recording on a running mount and write the trace")):
         sub = actions.add_parser(name, help=help_)
@@ -42,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--socket", type=Path, default=None, help="talk to this control socket instead")
         sub.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
 
-    record = actions.add_parser("record", help="run a workload on a fresh mount of an image and trace its start")
+    record = actions.add_parser("record", help="run a workload on a fresh mount of an image and trace its start",
+                                usage="%(prog)s IMAGE -o FILE [options] -- CMD [ARG ...]")
+    record.workload_after_dashes = True
     record.add_argument("image", help="registry reference or oci:DIR[:TAG] of a converted image")
     record.add_argument("-o", "--output", type=Path, required=True, help="write the trace here")
     record.add_argument("--ready-line", default=None, metavar="REGEX",
@@ -51,18 +79,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this long (with --ready-line: a failure)")
     record.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="workload environment")
     record.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory of the mount")
-    record.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
-                        help="reach this registry over plain HTTP (repeatable)")
     record.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
     record.add_argument("--quiet", "-q", action="store_true", help="do not echo the workload's output")
-    record.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    add_registry_arguments(record)
 
     show = actions.add_parser("show", help="print a trace as a table (or its raw text)")
     show.add_argument("trace", type=Path)
     show.add_argument("--raw", action="store_true", help="print the file's records as they are")
 
-    stats = actions.add_parser("stats", help="files, chunks, bytes and time span of traces")
+    stats = actions.add_parser("stats", help="files, chunks and time span of traces; with --image, their bytes")
     stats.add_argument("traces", type=Path, nargs="+")
+    stats.add_argument("--image", default=None, metavar="IMAGE",
+                       help="the converted image the traces are for (registry reference or oci:DIR[:TAG]): "
+                            "report the file bytes read and the stored bytes a prefetch fetches")
+    stats.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    add_registry_arguments(stats)
 
     merged = actions.add_parser("merge", help="merge the traces of several runs into one")
     merged.add_argument("traces", type=Path, nargs="+")
@@ -122,7 +154,7 @@ def _control(args: argparse.Namespace) -> int:
 def _record(args: argparse.Namespace) -> int:
     from lazyfs.trace.sandbox import run_workload
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.workload
     if not command:
         print("lazyfs trace record: give the workload after --", file=sys.stderr)
         return 2
@@ -142,6 +174,12 @@ def _record(args: argparse.Namespace) -> int:
         mount += ["--platform", args.platform]
     for host in args.insecure_registry:
         mount += ["--insecure-registry", host]
+    if args.hosts_dir is not None:
+        mount += ["--hosts-dir", args.hosts_dir]
+    if args.registry_auth is not None:
+        mount += ["--registry-auth", str(args.registry_auth)]
+    if args.config is not None:
+        mount += ["--config", str(args.config)]
     mounted = False
     try:
         result = subprocess.run([*mount, args.image, str(mountpoint)], capture_output=True, text=True)
@@ -192,7 +230,7 @@ def _show(args: argparse.Namespace) -> int:
     rows += [(f.ms, 0, f.kind, f.layer, f.nid, "", f.path) for f in trace.files]
     for ms, _, kind, layer, nid, chunks, path in sorted(rows, key=lambda row: (row[0], row[1])):
         table.add_row(str(ms), kind, _short(layer), str(nid), chunks, path)
-    Console().print(table)
+    console().print(table)
     return 0
 
 
@@ -202,15 +240,77 @@ def _short(digest: str) -> str:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    """Chunks x chunk size says little about bytes (a 10 KB file's chunk counts as a whole
+    chunk, compression is ignored); the bytes come from the image's chunk tables."""
+    traces = [(path, _read(path)) for path in args.traces]
+    costs = _trace_costs(args, [trace for _, trace in traces]) if args.image else None
+    if costs is not None and not isinstance(costs, list):
+        return costs
+    if args.json:
+        rows = []
+        for index, (path, trace) in enumerate(traces):
+            s = trace.stats()
+            row = {"trace": str(path), "layers": s.layers, "files": s.files, "files_read": s.files_read,
+                   "chunks": s.chunks, "span_ms": s.span_ms}
+            if costs is not None:
+                row.update(file_bytes=sum(c["file_bytes"] for c in costs[index]),
+                           stored_bytes=sum(c["stored_bytes"] for c in costs[index]), image_layers=costs[index])
+            rows.append(row)
+        print(json.dumps(rows, indent=1))
+        return 0
+    columns = ["trace", "layers", "files", "files read", "chunks", "span"]
+    if costs is not None:
+        columns += ["file bytes read", "stored bytes (prefetch)"]
     table = Table()
-    for column in ("trace", "layers", "files", "files read", "chunks", "bytes", "span"):
-        table.add_column(column, justify="left" if column == "trace" else "right")
-    for path in args.traces:
-        s = _read(path).stats()
-        table.add_row(str(path), str(s.layers), str(s.files), str(s.files_read), str(s.chunks),
-                      f"{s.bytes / (1 << 20):.1f} MiB", f"{s.span_ms / 1000:.3f} s")
-    Console().print(table)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "trace" else "right", no_wrap=True)
+    for index, (path, trace) in enumerate(traces):
+        s = trace.stats()
+        row = [str(path), str(s.layers), str(s.files), str(s.files_read), str(s.chunks), f"{s.span_ms / 1000:.3f} s"]
+        if costs is not None:
+            layers = costs[index]
+            row += [_mb(sum(c["file_bytes"] for c in layers)), _mb(sum(c["stored_bytes"] for c in layers))]
+        table.add_row(*row)
+    console().print(table)
+    if costs is None:
+        print("(give --image IMAGE for the file bytes read and the stored bytes a prefetch fetches)",
+              file=sys.stderr)
     return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _trace_costs(args: argparse.Namespace, traces: list[Trace]) -> list[list[dict]] | int:
+    """Per trace, what its prefetch costs on each lazyfs layer of --image; or an exit status."""
+    import trio
+
+    from lazyfs.config import ConfigError
+    from lazyfs.cliopts import load_with_registry
+    from lazyfs.image.info import trace_cost
+    from lazyfs.layer.errors import LayerFormatError
+    from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
+
+    try:
+        _, registry = load_with_registry(args)
+        platform = Platform.parse(args.platform) if args.platform else None
+    except (ConfigError, ValueError) as e:
+        print(f"lazyfs trace stats: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> list[list[dict]]:
+        store = open_store(args.image, **registry.store_options())
+        try:
+            return [await trace_cost(store, trace, platform) for trace in traces]
+        finally:
+            await store.aclose()
+
+    try:
+        return trio.run(main)
+    except (RegistryError, InvalidReference, LayerFormatError, OSError) as e:
+        print(f"lazyfs trace stats: {e}", file=sys.stderr)
+        return 1
 
 
 def _merge(args: argparse.Namespace) -> int:

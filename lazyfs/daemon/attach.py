@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from lazyfs.config import RegistrySettings
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import CacheError, ChunkCache
 from lazyfs.serve.devices import ChunkGridDevice, RecentChunks, plain_blob_device
@@ -34,6 +35,7 @@ from lazyfs.registry import (
 )
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
 from lazyfs.trace.format import Trace, TraceError
+from lazyfs.trace.prefetch import prefetch_chunks
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class AttachContext:
     cache: ChunkCache
     http: httpx.AsyncClient  # plain blob URLs
     registry_http: httpx.AsyncClient  # registries (redirects are followed by the registry client)
-    insecure_registries: frozenset[str] = frozenset()
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
@@ -151,8 +153,10 @@ class _Stores:
             key, host = f"{parsed.registry}/{parsed.repository}", parsed.endpoint
         store = self.by_name.get(key)
         if store is None:
-            store = open_store(ref, http=ctx.registry_http, retry=ctx.retry,
-                               insecure_registries=ctx.insecure_registries)
+            try:
+                store = open_store(ref, http=ctx.registry_http, retry=ctx.retry, **ctx.registry.store_options())
+            except RegistryError as e:  # a bad hosts.toml
+                raise AttachError(str(e)) from e
             self.by_name[key] = store
         return store, host
 
@@ -245,7 +249,7 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
     found = await _prefetch_trace(ctx, store, digest, index, request)
     if found is not None:
         trace, embedded = found
-        chunks = await trio.to_thread.run_sync(_trace_chunks, layer, digest, trace, embedded)
+        chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
         if chunks:
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
@@ -306,40 +310,6 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e
     return None
-
-
-def _trace_chunks(layer: Layer, digest: str, trace: Trace, embedded: bool) -> list[int]:
-    """The layer's chunks to prefetch, in first-access order.
-
-    A trace recorded on this very layer names its chunks by number. An embedded trace was
-    recorded before conversion (another digest, other chunk numbers: convert may reorder
-    files), so its records are followed by path: every chunk of each traced file, in order.
-    """
-    if not embedded:
-        return [n for n in trace.chunks_of(digest) if n < layer.chunk_count]
-    chunks: list[int] = []
-    seen_paths: set[str] = set()
-    seen_chunks: set[int] = set()
-    image, cell = layer.image, layer.chunk_size
-    for access in trace.accesses:
-        if access.path in seen_paths or access.path == "?":
-            continue
-        seen_paths.add(access.path)
-        try:
-            nid = image.resolve(access.path)
-            inode = image.inode(nid)
-            if not inode.is_reg:
-                continue
-            extents = image.map(nid, 0, inode.size)
-        except ErofsError:
-            continue  # the file is in another layer of the image
-        for ext in extents:
-            if ext.device_id == 1 and ext.length:
-                for n in range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1):
-                    if n not in seen_chunks and n < layer.chunk_count:
-                        seen_chunks.add(n)
-                        chunks.append(n)
-    return chunks
 
 
 KINDS: dict[str, Attacher] = {

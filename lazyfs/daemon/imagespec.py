@@ -23,11 +23,11 @@ def layer_name(index: int, digest: str) -> str:
     return f"{index:03d}-{digest.partition(':')[2][:16]}"
 
 
-async def _resolve(reference: str, platform: str | None, insecure_registries: list[str],
+async def _resolve(reference: str, platform: str | None, store_options: dict,
                    http: httpx.AsyncClient | None, retry: RetryPolicy | None) -> list:
     try:
-        store = open_store(reference, http=http, retry=retry, insecure_registries=insecure_registries)
-    except InvalidReference as e:
+        store = open_store(reference, http=http, retry=retry, **store_options)
+    except (InvalidReference, RegistryError) as e:
         raise ImageSpecError(f"invalid image reference {reference!r}: {e}") from e
     try:
         manifest = await store.resolve_manifest(platform=Platform.parse(platform) if platform else None)
@@ -39,11 +39,11 @@ async def _resolve(reference: str, platform: str | None, insecure_registries: li
 
 
 async def image_attach_requests(reference: str, *, layer: str | None = None, platform: str | None = None,
-                                insecure_registries: list[str] | None = None, trace: str | None = None,
+                                store_options: dict | None = None, trace: str | None = None,
                                 prefetch: bool = True, http: httpx.AsyncClient | None = None,
                                 retry: RetryPolicy | None = None) -> list[dict]:
     """The attach requests for the image's layers (or the one `layer` names), base layer first."""
-    layers = await _resolve(reference, platform, list(insecure_registries or []), http, retry)
+    layers = await _resolve(reference, platform, store_options or {}, http, retry)
     requests = []
     for index, descriptor in enumerate(layers):
         if layer is not None and not _matches(descriptor.digest, layer):

@@ -29,10 +29,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazyfs.config import RegistrySettings
 from lazyfs.daemon.control import ControlError, request
 from lazyfs.serve.mounts import is_mounted, is_stale, unmount_fuse, unmount_path
 
@@ -162,8 +162,8 @@ def add_timeout_arguments(parser: argparse.ArgumentParser, with_defaults: bool =
 
 
 def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
-                   metrics: str | None = None, insecure_registries: Sequence[str] = (),
-                   verbose: int = 1, read_timeout: float | None = None,
+                   metrics: str | None = None, registry: RegistrySettings | None = None,
+                   verbose: int = 0, read_timeout: float | None = None,
                    request_timeout: float | None = None) -> list[str]:
     """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
     `lazyfs daemon` start it."""
@@ -173,13 +173,15 @@ def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size:
         cmd += ["--cache-size", str(cache_size)]
     if metrics:
         cmd += ["--metrics", metrics]
-    for host in insecure_registries:
-        cmd += ["--insecure-registry", host]
+    if registry is not None:
+        cmd += registry.daemon_arguments()
     if read_timeout is not None:
         cmd += ["--read-timeout", str(read_timeout)]
     if request_timeout is not None:
         cmd += ["--request-timeout", str(request_timeout)]
-    return cmd + ["-v"] * max(1, verbose)
+    # The daemon logs at INFO by default (attach, detach, errors); each -v of the command
+    # beyond the first makes it more verbose.
+    return cmd + ["-v"] * max(0, verbose - 1)
 
 
 def daemon_running(pid: int) -> bool:

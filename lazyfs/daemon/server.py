@@ -37,7 +37,7 @@ import trio
 from lazyfs.daemon import attach as attach_kinds
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import ChunkCache
-from lazyfs.config import ConfigError, parse_size
+from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
 from lazyfs.daemon.control import MAX_LINE
 from lazyfs.daemon.mountstate import DEFAULT_READ_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, add_timeout_arguments
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
@@ -79,7 +79,7 @@ class DaemonOptions:
     cache_dir: Path
     cache_size: int | None = None
     metrics: tuple[str, int] | None = None
-    insecure_registries: frozenset[str] = frozenset()
+    registry: RegistrySettings = RegistrySettings()
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
     read_timeout: float = DEFAULT_READ_TIMEOUT  # a read waits this long for chunks, then EIO
@@ -164,7 +164,7 @@ class Daemon:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                insecure_registries=self.options.insecure_registries, background=self.background,
+                registry=self.options.registry, background=self.background,
                 retry=RetryPolicy(attempt_timeout=seconds),
                 chunk_retry=replace(attach_kinds.CHUNK_RETRY, attempt_timeout=seconds))
             try:
@@ -284,7 +284,7 @@ class Daemon:
         try:
             requests = await image_attach_requests(
                 image["ref"], layer=image.get("layer"), platform=image.get("platform"),
-                insecure_registries=sorted(self.options.insecure_registries), trace=image.get("trace"),
+                store_options=self.options.registry.store_options(), trace=image.get("trace"),
                 prefetch=image.get("prefetch", True), http=self.attach_context.registry_http,
                 retry=self.attach_context.retry)
         except ImageSpecError as e:
@@ -382,6 +382,7 @@ class Daemon:
         try:
             image, device, info = await attacher(self.attach_context, request)
         except attach_kinds.AttachError as e:
+            log.error("attaching %s failed: %s", name, e)
             raise RequestError(str(e), "attach-failed") from e
         try:
             self.fs.attach(name, image, device, info)
@@ -389,6 +390,7 @@ class Daemon:
             raise RequestError(str(e), "exists") from e
         except ValueError as e:
             raise RequestError(str(e)) from e
+        log.info("attached %s (%s %s)", name, kind, info.get("digest") or info.get("meta", ""))
         return {"path": str(self.options.fuse_dir / name)}
 
     async def detach(self, request: dict) -> dict:
@@ -405,6 +407,7 @@ class Daemon:
                                           name.encode("utf-8", "surrogateescape"))
         except OSError as e:  # ENOENT: the entry is not in the kernel's cache
             log.debug("invalidating the entry of %s: %s", name, e)
+        log.info("detached %s", name)
         return {}
 
     async def _mount_image_request(self, request: dict) -> dict:
@@ -718,6 +721,9 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit: bytes, or 500M, 20G")
     parser.add_argument("--metrics", type=parse_host_port, default=None, help="serve Prometheus text at HOST:PORT")
     parser.add_argument("--insecure-registry", action="append", default=[], help="registry host reached over plain HTTP")
+    parser.add_argument("--hosts-dir", default=str(DEFAULT_HOSTS_DIR),
+                        help="containerd hosts.toml directory naming registry mirrors (\"\": none)")
+    parser.add_argument("--registry-auth", type=Path, default=None, help="Docker config.json with credentials")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
     add_timeout_arguments(parser, with_defaults=True)
     parser.add_argument("--ready-fd", type=int, default=None,
@@ -731,18 +737,22 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
     return DaemonOptions(
         fuse_dir=args.fuse_dir, socket_path=args.socket, cache_dir=args.cache_dir,
         cache_size=args.cache_size, metrics=args.metrics,
-        insecure_registries=frozenset(args.insecure_registry), startup=startup, ready_fd=args.ready_fd,
-        read_timeout=args.read_timeout, request_timeout=args.request_timeout)
+        registry=RegistrySettings(insecure=tuple(args.insecure_registry),
+                                  hosts_dir=Path(args.hosts_dir) if args.hosts_dir else None,
+                                  auth_file=args.registry_auth),
+        startup=startup, ready_fd=args.ready_fd, read_timeout=args.read_timeout,
+        request_timeout=args.request_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lazyfs.daemon", description=__doc__.splitlines()[0])
     add_daemon_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (default INFO: startup, attach, detach, failures; -v: DEBUG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+    logging.basicConfig(level=logging.INFO - 10 * min(args.verbose, 1),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose < 3:  # one line per HTTP request only when asked for
+    if args.verbose < 2:  # one line per HTTP request only when asked for
         for noisy in ("httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     return run_daemon(options_from_args(args))

@@ -10,11 +10,13 @@ See docs/parts/registry.md for auth, retries, redirects and errors.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import httpx
 
 from .auth import Authenticator, CredentialStore, Credentials, Secret
 from .client import RegistryClient, is_insecure_registry, make_http_client
+from .hosts import DEFAULT_HOSTS_DIR, HostsConfigError, RegistryHost, registry_hosts
 from .errors import (
     AuthenticationError, BlobNotFound, DigestMismatch, InvalidReference, ManifestNotFound, NoMatchingPlatform,
     RegistryError,
@@ -33,29 +35,34 @@ def open_store(
     authenticator: Authenticator | None = None,
     retry: RetryPolicy | None = None,
     insecure_registries: Iterable[str] = (),
+    hosts_dir: Path | None = None,
+    auth_file: Path | None = None,
 ) -> RegistryClient | OCILayoutStore:
     """The store a reference string names: `oci:DIR[:TAG]` is a local layout, anything else a
-    registry repository. Without an `authenticator`, credentials come from the Docker
-    config.json ($DOCKER_CONFIG or ~/.docker). Without `http`, the store owns a new client
-    (closed by aclose())."""
+    registry repository. Without an `authenticator`, credentials come from `auth_file` (a
+    Docker config.json; default $DOCKER_CONFIG or ~/.docker). `hosts_dir` is a containerd
+    certs.d directory naming mirrors (lazyfs.registry.hosts); None: none. Without `http`,
+    the store owns a new client (closed by aclose())."""
     parsed = parse_any_reference(reference)
     if isinstance(parsed, LayoutReference):
         return OCILayoutStore(parsed.path, parsed.object, retry=retry)
     if authenticator is None:
-        authenticator = Authenticator(CredentialStore.from_docker_config())
+        authenticator = Authenticator(CredentialStore.from_docker_config(auth_file))
+    insecure = is_insecure_registry(parsed.registry, insecure_registries)
     return RegistryClient(
         parsed,
         http if http is not None else make_http_client(),
         authenticator=authenticator,
         retry=retry,
-        insecure=is_insecure_registry(parsed.registry, insecure_registries),
+        insecure=insecure,
         owns_http=http is None,
+        hosts=registry_hosts(parsed.registry, parsed.endpoint, hosts_dir=hosts_dir, insecure=insecure),
     )
 
 
 __all__ = [
-    "AuthenticationError", "Authenticator", "BlobNotFound", "CredentialStore", "Credentials", "Descriptor",
-    "DigestMismatch", "ImageStore", "InvalidReference", "LayoutReference", "Manifest", "ManifestNotFound",
+    "AuthenticationError", "Authenticator", "BlobNotFound", "CredentialStore", "Credentials", "DEFAULT_HOSTS_DIR",
+    "Descriptor", "DigestMismatch", "HostsConfigError", "RegistryHost", "registry_hosts", "ImageStore", "InvalidReference", "LayoutReference", "Manifest", "ManifestNotFound",
     "NoMatchingPlatform", "OCILayoutStore", "Platform", "Reference", "RegistryClient", "RegistryError",
     "RangeCheck", "RetryPolicy", "Secret", "is_insecure_registry", "make_http_client", "open_store", "parse_any_reference",
     "parse_layout_reference", "parse_reference", "sha256_check",

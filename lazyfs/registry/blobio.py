@@ -47,7 +47,7 @@ async def fetch_blob_verified(store, digest: str, max_size: int, what: str = "bl
         return bytes(buffer)
 
     return await run_with_retries(store.retry, attempt, what=f"GET {what} {digest}",
-                                  error_factory=_store_error_factory(store, digest), streamed=True)
+                                  error_factory=_store_error_factory(store, digest))
 
 
 async def download_blob_atomically(store, digest: str, path: Path) -> int:
@@ -68,7 +68,7 @@ async def download_blob_atomically(store, digest: str, path: Path) -> int:
 
     try:
         return await run_with_retries(store.retry, attempt, what=f"download blob {digest}",
-                                      error_factory=_store_error_factory(store, digest), streamed=True)
+                                      error_factory=_store_error_factory(store, digest))
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -5,8 +5,8 @@ short or corrupt bodies, 429 and 5xx are retried with backoff (honouring Retry-A
 raises BlobNotFound/ManifestNotFound at once; anything else raises RegistryError. Bytes are
 only returned after verification: manifests fetched by digest and whole blobs against their
 sha256, ranged reads against the Content-Range we asked for and the caller's own check
-(`verify`, e.g. sha256_check). No attempt waits without bound: headers and bounded answers
-within the policy's attempt_timeout, streamed bodies at least 1 MiB per attempt_timeout.
+(`verify`, e.g. sha256_check). No request waits without bound: its answer (headers) within the
+policy's attempt_timeout, then its body at least 1 MiB per attempt_timeout.
 
 Blob GETs follow redirects (to a CDN, say) without sending our registry credentials there,
 and remember the final URL per blob: later reads of that blob go straight to it until it
@@ -19,22 +19,26 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
-from collections.abc import AsyncIterator, Iterable
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import anyio
 import httpx
 
 from .auth import Authenticator
+from .hosts import HostHealth, RegistryHost
 from .errors import (
     AuthenticationError, BlobNotFound, DigestMismatch, ManifestNotFound, RegistryError,
 )
 from .manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, OCI_LAYER_GZIP, Descriptor, Manifest, Platform, sha256_digest
 from .reference import Reference, is_digest, validate_digest, validate_tag_or_digest
 from .retry import (
-    Retrier, RetryPolicy, StreamProgress, TransientFailure, bounded, parse_retry_after, run_with_retries,
+    Retrier, RetryPolicy, StreamProgress, TransientFailure, parse_retry_after, run_with_retries,
 )
 from .blobio import download_blob_atomically, fetch_blob_verified, fetch_config, measure_source, read_source
 from .store import BlobSource, RangeCheck
@@ -95,6 +99,7 @@ class RegistryClient:
         monolithic_limit: int = DEFAULT_MONOLITHIC_LIMIT,
         upload_chunk_size: int = DEFAULT_UPLOAD_CHUNK_SIZE,
         owns_http: bool = False,
+        hosts: Sequence[RegistryHost] | None = None,
     ) -> None:
         self.reference = reference
         self.retry = retry or RetryPolicy()
@@ -104,8 +109,15 @@ class RegistryClient:
         if insecure is None:
             insecure = is_insecure_registry(reference.registry)
         scheme = "http" if insecure else "https"
-        self._origin = f"{scheme}://{reference.endpoint}"
-        self._base = f"{self._origin}/v2/{reference.repository}"
+        # Reads go to the hosts in order (mirrors first, lazyfs.registry.hosts); uploads and
+        # redirect targets are relative to the last one, the registry's server.
+        self.hosts = list(hosts) if hosts else [RegistryHost(f"{scheme}://{reference.endpoint}/v2")]
+        server = self.hosts[-1]
+        self._origin = f"{server.api_root.split('://', 1)[0]}://{server.netloc}"
+        self._base = f"{server.api_root}/{reference.repository}"
+        self._health = HostHealth()
+        self._unasked = UnaskedBytes()
+        self._tls_clients: dict[RegistryHost, httpx.AsyncClient] = {}
         self.monolithic_limit = monolithic_limit
         self.upload_chunk_size = upload_chunk_size
         self._blob_locations: dict[str, str] = {}
@@ -124,6 +136,10 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._unasked.close()
+        for client in self._tls_clients.values():
+            await client.aclose()
+        self._tls_clients.clear()
         if self._owns_http:
             await self._http.aclose()
 
@@ -143,11 +159,13 @@ class RegistryClient:
         by_digest = is_digest(target)
 
         async def attempt() -> Manifest:
-            response = await self._send("GET", f"{self._base}/manifests/{target}", stream=True,
-                                        headers={"Accept": MANIFEST_ACCEPT})
+            response = await self._send_via_hosts("pull" if by_digest else "resolve", "GET",
+                                                  f"/manifests/{target}", stream=True,
+                                                  headers={"Accept": MANIFEST_ACCEPT})
             try:
                 await self._check(response, (200,), f"GET manifest {target}", target, ManifestNotFound)
-                data = await _read_capped(response, MAX_MANIFEST_SIZE, f"manifest {target}")
+                data = await _read_capped(response, MAX_MANIFEST_SIZE, f"manifest {target}",
+                                          self.retry.attempt_timeout)
             finally:
                 await response.aclose()
             digest = sha256_digest(data)
@@ -201,11 +219,13 @@ class RegistryClient:
 
     # -- blobs: reads --------------------------------------------------------------------------
 
-    async def blob_size(self, digest: str) -> int | None:
+    async def blob_size(self, digest: str, *, capability: str = "pull") -> int | None:
+        """The blob's size, asking the hosts with `capability` ("push": whether an upload is
+        needed, which a mirror cannot answer for the registry)."""
         validate_digest(digest)
 
         async def attempt() -> int | None:
-            response = await self._send("HEAD", f"{self._base}/blobs/{digest}")
+            response = await self._send_via_hosts(capability, "HEAD", f"/blobs/{digest}")
             hops = 0
             while response.status_code in _REDIRECT_STATUSES and hops < _MAX_REDIRECTS:
                 hops += 1
@@ -234,7 +254,7 @@ class RegistryClient:
         while True:
             try:
                 headers = {"Range": f"bytes={received}-"} if received else {}
-                response = await bounded(self.retry, lambda: self._open_blob(digest, headers))
+                response = await self._open_blob(digest, headers)
                 progress = StreamProgress(self.retry.attempt_timeout)
                 try:
                     if received and response.status_code == 416:
@@ -280,11 +300,16 @@ class RegistryClient:
         if length == 0:
             return b""
         last = offset + length - 1
+        kept = self._unasked.get(digest, offset, length)
+        if kept is not None:
+            if verify is None or await _passes(verify, kept):
+                return kept
+            self._unasked.drop(digest)
 
         policy = retry or self.retry
 
         async def attempt() -> bytes:
-            response = await bounded(policy, lambda: self._open_blob(digest, {"Range": f"bytes={offset}-{last}"}))
+            response = await self._open_blob(digest, {"Range": f"bytes={offset}-{last}"})
             progress = StreamProgress(policy.attempt_timeout)
             try:
                 if response.status_code == 416:
@@ -295,19 +320,32 @@ class RegistryClient:
                 if response.status_code == 206:
                     data = await _read_partial_content(response, offset, last, progress)
                 else:
-                    data = await _slice_full_body(response, offset, length, progress)
+                    # A 200 carries the whole blob (a pull-through cache that has not cached
+                    # it yet answers so): the bytes before ours came too; keep them.
+                    spool = self._unasked.spool()
+                    try:
+                        data, received = await _read_full_body_head(response, offset, length, spool, progress)
+                    except BaseException:
+                        spool.close()
+                        raise
+                    self._unasked.keep(digest, spool, received)
             except httpx.TransportError as e:
+                self._blame(response)
                 raise TransientFailure(_describe_transport_error(e)) from None
+            except TransientFailure:
+                self._blame(response)
+                raise
             finally:
                 await response.aclose()
             if verify is not None and not await _passes(verify, data):
+                self._unasked.drop(digest)
+                self._blame(response)
                 raise TransientFailure(f"bytes {offset}-{last} failed verification", kind=DigestMismatch)
             return data
 
         label = f"GET blob {digest} range {offset}-{last}" if what is None else f"{what} (bytes {offset}-{last})"
         # Streamed: a long range may take long; it must keep arriving (see StreamProgress).
-        return await run_with_retries(policy, attempt, what=label, error_factory=self._error_factory(digest),
-                                      streamed=True)
+        return await run_with_retries(policy, attempt, what=label, error_factory=self._error_factory(digest))
 
     # -- blobs: writes -------------------------------------------------------------------------
 
@@ -316,7 +354,7 @@ class RegistryClient:
         mount_from: str | None = None,
     ) -> Descriptor:
         size, digest = await measure_source(source, digest)
-        existing = await self.blob_size(digest)
+        existing = await self.blob_size(digest, capability="push")
         if existing is not None:
             log.debug("blob %s already in %s", digest, self.name)
             return Descriptor(media_type, digest, existing)
@@ -345,7 +383,7 @@ class RegistryClient:
             await self._finish_upload(location, digest, b"")
 
         await run_with_retries(self.retry, attempt, what=f"push blob {digest}",
-                               error_factory=self._error_factory(digest), streamed=True)
+                               error_factory=self._error_factory(digest))
         return Descriptor(media_type, digest, size)
 
     async def _start_upload(self, digest: str, mount_from: str | None) -> str | None:
@@ -392,25 +430,88 @@ class RegistryClient:
     def _absolute(self, location: str) -> str:
         return str(httpx.URL(self._origin).join(location))
 
+    async def _send_via_hosts(
+        self, capability: str, method: str, path: str, *, headers: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """A read request to the first host (mirror or server) that has the capability and
+        answers it. A host that cannot be reached, fails, or lacks the object is passed over
+        for the next; the last host's answer (or failure) is the result."""
+        if capability == "push":  # uploads go to the server, so the question of what it has does too
+            candidates = self.hosts[-1:]
+        else:
+            candidates = [host for host in self.hosts if capability in host.capabilities] or self.hosts[-1:]
+        now = time.monotonic()
+        usable = [host for host in candidates if self._health.usable(host, now)]
+        ordered = usable + [host for host in candidates if host not in usable]  # failed ones as a last resort
+        for position, host in enumerate(ordered):
+            last = position == len(ordered) - 1
+            try:
+                response = await self._send(method, host.url(self.reference.repository, path), headers=headers,
+                                            stream=stream, host=host)
+            except (TransientFailure, AuthenticationError) as failure:
+                if last:
+                    raise
+                if isinstance(failure, TransientFailure):
+                    self._health.failed(host, time.monotonic())
+                log.info("%s %s via %s failed (%s); trying the next host", method, path, host.netloc,
+                         getattr(failure, "reason", failure))
+                continue
+            status = response.status_code
+            if last or status < 400 or status == 416:
+                self._health.succeeded(host)
+                return response
+            await response.aclose()
+            if status >= 500 or status == 429:
+                self._health.failed(host, time.monotonic())
+            log.info("%s %s via %s answered HTTP %d; trying the next host", method, path, host.netloc, status)
+        raise AssertionError("unreachable: the last host's answer is returned")
+
+    def _blame(self, response: httpx.Response) -> None:
+        """A mirror whose answer was cut short or corrupt goes last for a while (the retry then
+        asks the next host): one bad mirror must not fail every read."""
+        url = response.request.url
+        netloc = f"{url.host}:{url.port}" if url.port else url.host
+        for host in self.hosts[:-1]:
+            if host.netloc == netloc:
+                self._health.failed(host, time.monotonic())
+
+    def _http_for(self, host: RegistryHost | None) -> httpx.AsyncClient:
+        """The injected client, or for a host with its own TLS settings (skip_verify, ca,
+        client certificates) or connect timeout (dial_timeout) a client of its own."""
+        if host is None or not host.needs_own_client:
+            return self._http
+        client = self._tls_clients.get(host)
+        if client is None:
+            timeout = self._http.timeout
+            if host.dial_timeout is not None:
+                timeout = httpx.Timeout(timeout.read, connect=host.dial_timeout)
+            client = httpx.AsyncClient(verify=host.ssl_context(), timeout=timeout, follow_redirects=False)
+            self._tls_clients[host] = client
+        return client
+
     async def _send(
         self, method: str, url: str, *, push: bool = False, extra_scopes: Iterable[str] = (),
         headers: dict[str, str] | None = None, content: bytes | None = None, stream: bool = False,
+        host: RegistryHost | None = None,
     ) -> httpx.Response:
-        """One request to the registry with authentication (answering one 401 challenge)."""
-        registry = self.reference.registry
+        """One request to the registry (or a host standing in for it) with authentication
+        (answering one 401 challenge). A mirror's credentials are those of its own name."""
+        registry = host.netloc if host is not None and host.is_mirror else self.reference.registry
+        http = self._http_for(host)
         scopes = self._scopes(push, extra_scopes)
-        request_headers = dict(headers or {})
+        request_headers = {**dict(host.headers if host else ()), **(headers or {})}
         authorization = self._auth.authorization(registry, scopes)
         if authorization:
             request_headers["Authorization"] = authorization
-        response = await self._transmit(method, url, request_headers, content, stream)
+        response = await self._transmit(method, url, request_headers, content, stream, http)
         if response.status_code != 401:
             return response
         challenge = response.headers.get("www-authenticate")
         await response.aclose()
         request_headers["Authorization"] = await self._auth.respond(
-            self._http, registry, challenge, scopes, repository=self.reference.repository, rejected=authorization)
-        response = await self._transmit(method, url, request_headers, content, stream)
+            http, registry, challenge, scopes, repository=self.reference.repository, rejected=authorization)
+        response = await self._transmit(method, url, request_headers, content, stream, http)
         if response.status_code == 401:
             await response.aclose()
             raise AuthenticationError(f"{method} refused after authenticating", status=401,
@@ -419,12 +520,18 @@ class RegistryClient:
 
     async def _transmit(
         self, method: str, url: str, headers: dict[str, str], content: bytes | None, stream: bool,
+        http: httpx.AsyncClient | None = None,
     ) -> httpx.Response:
-        request = self._http.build_request(method, url, headers=headers, content=content)
+        http = http or self._http
+        request = http.build_request(method, url, headers=headers, content=content)
+        seconds = self.retry.attempt_timeout
         try:
-            return await self._http.send(request, stream=stream, follow_redirects=False)
+            # Bounded as a whole: a server that drips its headers is not held by a read timeout.
+            with anyio.move_on_after(seconds if seconds is not None else math.inf):
+                return await http.send(request, stream=stream, follow_redirects=False)
         except httpx.TransportError as e:
             raise TransientFailure(f"{method} {request.url.path}: {_describe_transport_error(e)}") from None
+        raise TransientFailure(f"{method} {request.url.path}: no answer within {seconds:g}s")
 
     async def _open_blob(self, digest: str, headers: dict[str, str]) -> httpx.Response:
         """A streaming GET of a blob, through the remembered redirect target if there is one."""
@@ -441,7 +548,7 @@ class RegistryClient:
                          response.status_code)
                 await response.aclose()
             self._blob_locations.pop(digest, None)
-        response = await self._send("GET", f"{self._base}/blobs/{digest}", headers=headers, stream=True)
+        response = await self._send_via_hosts("pull", "GET", f"/blobs/{digest}", headers=headers, stream=True)
         hops = 0
         while response.status_code in _REDIRECT_STATUSES:
             target = _redirect_target(response)
@@ -488,10 +595,12 @@ class RegistryClient:
         return make
 
 
-async def _read_capped(response: httpx.Response, cap: int, what: str) -> bytes:
+async def _read_capped(response: httpx.Response, cap: int, what: str, seconds: float | None = None) -> bytes:
     buffer = bytearray()
+    progress = StreamProgress(seconds)
     try:
         async for chunk in response.aiter_bytes():
+            progress.arrived(len(chunk))
             buffer += chunk
             if len(buffer) > cap:
                 raise RegistryError(f"{what} is larger than {cap} bytes")
@@ -545,29 +654,82 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     return bytes(body)
 
 
-async def _slice_full_body(response: httpx.Response, offset: int, length: int, progress: StreamProgress) -> bytes:
-    """A 200 to a ranged request carries the whole blob: skip to `offset`, keep `length` bytes,
-    and stop reading there (the caller closes the connection) rather than buffer the blob."""
+# After the range asked for, a whole-blob answer is read on to the blob's end when at most
+# this much is left: a lazy layer's metadata, table and footer are its last bytes, read one
+# after the other at attach, and each would otherwise bring the whole blob again.
+READ_ON_TO_END = 8 << 20
+
+
+async def _read_full_body_head(response: httpx.Response, offset: int, length: int, spool,
+                               progress: StreamProgress) -> tuple[bytes, int]:
+    """A 200 to a ranged request carries the whole blob: (the `length` bytes at `offset`
+    (fewer at the blob's end), how many bytes of the body were read). Every byte read also goes
+    to `spool` (a file), not to memory. Reading stops at the end of the range (the caller
+    closes the connection), or at the blob's end if that is at most READ_ON_TO_END further,
+    rather than download the rest of the blob."""
     announced = response.headers.get("content-length")
     total = int(announced) if announced and announced.isdigit() else None
     if total is not None and offset >= total:
         raise RegistryError(f"range starts at {offset}, beyond the blob's {total} bytes", status=200)
     wanted = length if total is None else min(length, total - offset)
+    stop_at = offset + wanted
+    if total is not None and total - stop_at <= READ_ON_TO_END:
+        stop_at = total
     position = 0
     buffer = bytearray()
     async for chunk in response.aiter_bytes():
         progress.arrived(len(chunk))
+        spool.write(chunk)  # page-cache writes of one body piece at a time
         chunk_end = position + len(chunk)
-        if chunk_end > offset:
-            buffer += chunk[max(0, offset - position):]
+        if chunk_end > offset and len(buffer) < wanted:
+            buffer += chunk[max(0, offset - position):offset + wanted - position]
         position = chunk_end
-        if len(buffer) >= wanted:
+        if position >= stop_at:
             break
     if len(buffer) < wanted:
         raise TransientFailure(f"short body: {len(buffer)} of {wanted} bytes at offset {offset}")
-    if total is None and len(buffer) < length:
-        raise TransientFailure("body of unknown length ended before the requested range")
-    return bytes(buffer[:wanted])
+    return bytes(buffer), position
+
+
+class UnaskedBytes:
+    """Blob bytes that came unasked with a whole-blob answer (a 200 to a Range request, as a
+    pull-through cache gives for a blob it has not cached yet): everything before the range
+    asked for, kept in unnamed temporary files so that later ranged reads within them need no
+    request. Bounded in bytes (oldest dropped first); callers verify what is served from here
+    as they verify what the registry sends."""
+
+    def __init__(self, limit: int = 1 << 30):
+        self.limit = limit
+        self._kept: dict[str, tuple[object, int]] = {}  # digest -> (file holding [0, end), end)
+
+    def spool(self):
+        return tempfile.TemporaryFile()
+
+    def keep(self, digest: str, spool, end: int) -> None:
+        """Keep the first `end` bytes of the blob, written to `spool`."""
+        spool.flush()
+        if end > self.limit or end <= self._kept.get(digest, (None, 0))[1]:
+            spool.close()
+            return
+        self.drop(digest)
+        while self._kept and sum(size for _, size in self._kept.values()) + end > self.limit:
+            self.drop(next(iter(self._kept)))
+        self._kept[digest] = (spool, end)
+
+    def drop(self, digest: str) -> None:
+        kept = self._kept.pop(digest, None)
+        if kept is not None:
+            kept[0].close()
+
+    def get(self, digest: str, offset: int, length: int) -> bytes | None:
+        kept = self._kept.get(digest)
+        if kept is None or offset + length > kept[1]:
+            return None
+        return os.pread(kept[0].fileno(), length, offset)
+
+    def close(self) -> None:
+        for digest in list(self._kept):
+            self.drop(digest)
 
 
 def _redirect_target(response: httpx.Response) -> str:

@@ -30,11 +30,10 @@ class RetryPolicy:
     random factor in [0.5, 1]; a Retry-After from the server is waited at least (if it fits the
     deadline). No new attempt starts after `deadline` seconds from the first (None: no limit).
 
-    `attempt_timeout` bounds one attempt of a small operation (a manifest, a HEAD: connect,
-    headers and body together) and the wait for any answer's headers, so a server that answers a
-    byte a second cannot hold it: the attempt fails and is retried. A body that is streamed (a
-    range, a whole blob) must instead keep arriving: each STREAM_PROGRESS_BYTES of it (or its
-    end) within `attempt_timeout`."""
+    `attempt_timeout` bounds each request's wait for its answer (the headers; the whole answer
+    when it has no body to stream) and then each STREAM_PROGRESS_BYTES of its body (or its end)
+    when it is streamed (`StreamProgress`): a server that never answers or drips a byte a
+    second fails the attempt, which is retried (with mirrors, from the next host)."""
 
     attempts: int = 5
     base_delay: float = 0.25
@@ -149,27 +148,15 @@ async def run_with_retries(
     *,
     what: str,
     error_factory: Callable[[str, int | None], RegistryError],
-    streamed: bool = False,
 ) -> T:
     """Call `attempt` until it returns, raises a non-transient error, or the policy is exhausted.
 
     `attempt` raises TransientFailure for retryable problems; anything else propagates at once.
     On exhaustion `error_factory(message, status)` builds the RegistryError that is raised.
-    Each attempt is bounded by the policy's attempt_timeout unless it is `streamed` (a whole
-    blob of any size, whose stream enforces progress instead).
     """
     retrier = Retrier(policy, what, error_factory)
     while True:
         try:
-            return await (attempt() if streamed else bounded(policy, attempt))
+            return await attempt()
         except TransientFailure as failure:
             await retrier.failed(failure)
-
-
-async def bounded(policy: RetryPolicy, attempt: Callable[[], Awaitable[T]]) -> T:
-    """One attempt, failed (as a TransientFailure) if it takes longer than the policy allows."""
-    if policy.attempt_timeout is None:
-        return await attempt()
-    with anyio.move_on_after(policy.attempt_timeout):
-        return await attempt()
-    raise TransientFailure(f"no complete answer within {policy.attempt_timeout:g}s")
