@@ -17,6 +17,8 @@ background_fetch = false       # after the prefetch, fetch each lazy layer whole
 background_rate = ""           # "": unlimited; else bytes per second of that fill, e.g. "10MiB"
 metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
 verbose = false                # the daemon logs at DEBUG (default INFO: attach, detach, failures)
+read_timeout = 60              # seconds a read waits for data not fetched yet, then EIO
+request_timeout = 30           # seconds a registry request may stay silent (or take per MiB)
 
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
@@ -27,7 +29,7 @@ auth_file = ""                               # Docker config.json; "": $DOCKER_C
 ```
 
 These are all the daemon's settings: the FUSE directory, control socket, cache, metrics,
-verbosity and registry access are its command line; prefetch and background fetch go with
+verbosity, time bounds and registry access are its command line; prefetch and background fetch go with
 each attach request.
 """
 
@@ -72,6 +74,8 @@ class DaemonConfig:
     background_rate: int | None = None
     metrics: str = ""
     verbose: bool = False
+    read_timeout: float | None = None  # None: the daemon's default
+    request_timeout: float | None = None
 
 
 @dataclass
@@ -98,6 +102,14 @@ def _take(table: dict, key: str, kind: type, default):
     if not isinstance(value, kind):
         raise ConfigError(f"{key}: expected {getattr(kind, '__name__', 'a size')}, got {value!r}")
     return value
+
+
+def _seconds(value, key: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ConfigError(f"daemon.{key}: expected a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def load(path: Path | None, root: Path | None = None) -> Config:
@@ -129,6 +141,9 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.background_rate = parse_size(rate) if rate != "" else None
     d.metrics = _take(daemon, "metrics", str, d.metrics)
     d.verbose = _take(daemon, "verbose", bool, d.verbose)
+    d.read_timeout = _seconds(_take(daemon, "read_timeout", (int, float), d.read_timeout), "read_timeout")
+    d.request_timeout = _seconds(_take(daemon, "request_timeout", (int, float), d.request_timeout),
+                                 "request_timeout")
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])

@@ -80,6 +80,7 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     path = tmp_path / "sn.toml"
     path.write_text(f'root = "{tmp_path}"\n[daemon]\ncache_size = "1GiB"\nmetrics = "127.0.0.1:9100"\n'
                     'background_fetch = true\nbackground_rate = "10MiB"\nverbose = true\nprefetch = false\n'
+                    'read_timeout = 20\nrequest_timeout = 2.5\n'
                     f'[registry]\ninsecure_hosts = ["h:1"]\nhosts_dir = "{tmp_path}/certs.d"\n'
                     f'auth_file = "{tmp_path}/a.json"\n')
     cfg = config.load(path)
@@ -97,11 +98,13 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     assert (options.fuse_dir, options.socket_path, options.cache_dir, options.cache_size) == (
         tmp_path / "mnt", tmp_path / "daemon.sock", tmp_path / "cache", 1 << 30)
     assert options.metrics == ("127.0.0.1", 9100)
+    assert (options.read_timeout, options.request_timeout) == (20.0, 2.5)
     assert options.registry == RegistrySettings(insecure=("h:1",), hosts_dir=tmp_path / "certs.d",
                                                 auth_file=tmp_path / "a.json")
     # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe)
     # and the FUSE options, which are not settings.
-    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry"}
+    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "read_timeout",
+               "request_timeout"}
     assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd", "fuse_options"}
 
 
