@@ -29,8 +29,9 @@ Faults (each applies to one request):
     Fault.drip(interval)            forward; send the headers, then the body one byte every
                                     `interval` seconds
     Fault.other_range(shift, lie=False)
-                                    forward with the Range moved `shift` bytes on: the answer is
-                                    206 for another range (with its true Content-Range, or with
+                                    forward with the Range moved `shift` bytes on (back, if
+                                    that one is past the blob's end): the answer is 206 for
+                                    another range (with its true Content-Range, or with
                                     lie=True the Content-Range that was asked for)
 
 The "CDN": a request whose path starts with /_cdn/ is forwarded to the upstream with the prefix
@@ -311,6 +312,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             upstream.request(self.command, path, body=body, headers=headers)
             response = upstream.getresponse()
+            if response.status == 416 and headers.get("Range") != asked_range:
+                # Moved past the blob's end: another range of the blob is the other way.
+                upstream.close()  # (not reading the 416's body: its Content-Length is the blob's)
+                headers["Range"] = _shift_range(asked_range, -fault.byte_count)
+                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                upstream.request(self.command, path, body=body, headers=headers)
+                response = upstream.getresponse()
             self._relay(record, response, fault, asked_range)
         except OSError:
             self._reset()
