@@ -17,8 +17,20 @@ background_fetch = false       # after the prefetch, fetch each lazy layer whole
 background_rate = ""           # "": unlimited; else bytes per second of that fill, e.g. "10MiB"
 metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
 verbose = false                # the daemon logs at DEBUG (default INFO: attach, detach, failures)
+allow_suid_dev = false         # true: the daemon's FUSE mount honours setuid bits and device nodes
+                               # (containers never need it: their overlay mounts decide)
 read_timeout = 60              # seconds a read waits for data not fetched yet, then EIO
 request_timeout = 30           # seconds a registry request may stay silent (or take per MiB)
+
+[traces]                       # learned traces (see docs/design.md, "Learned traces")
+record = true                  # record each image's start (kept in the daemon's cache, traces/)
+share = "pull"                 # "off": neither look up nor push; "pull": a layer without a trace
+                               # of its own prefetches from a trace attached to its image in the
+                               # registry; "push": also attach each recorded trace to the image
+quiet = 5.0                    # a recorded start ends after this many seconds without a new chunk
+max_seconds = 120.0            # ... or this long after its first read
+username = ""                  # push credentials; "" = the Docker config.json of the daemon's user
+password = ""
 
 [registry]
 insecure_hosts = ["127.0.0.1:5000"]          # plain HTTP (passed to the daemon)
@@ -74,8 +86,20 @@ class DaemonConfig:
     background_rate: int | None = None
     metrics: str = ""
     verbose: bool = False
+    allow_suid_dev: bool = False
     read_timeout: float | None = None  # None: the daemon's default
     request_timeout: float | None = None
+
+
+@dataclass
+class TracesConfig:
+    record: bool = True
+    share: str = "pull"  # pushing publishes what an image's start reads: only when asked for
+    quiet: float = 5.0
+    max_seconds: float = 120.0
+    max_bytes: int = 1 << 20  # the merged trace of an image kept by the daemon
+    username: str = ""
+    password: str = ""
 
 
 @dataclass
@@ -93,6 +117,7 @@ class Config:
     log_level: str = "info"
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    traces: TracesConfig = field(default_factory=TracesConfig)
 
 
 def _take(table: dict, key: str, kind: type, default):
@@ -141,6 +166,21 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.background_rate = parse_size(rate) if rate != "" else None
     d.metrics = _take(daemon, "metrics", str, d.metrics)
     d.verbose = _take(daemon, "verbose", bool, d.verbose)
+    traces = _take(raw, "traces", dict, {})
+    t = cfg.traces
+    t.record = _take(traces, "record", bool, t.record)
+    t.share = _take(traces, "share", str, t.share)
+    if t.share not in ("off", "pull", "push"):
+        raise ConfigError(f"traces.share: expected \"off\", \"pull\" or \"push\", got {t.share!r}")
+    t.quiet = float(_take(traces, "quiet", (int, float), t.quiet))
+    t.max_seconds = float(_take(traces, "max_seconds", (int, float), t.max_seconds))
+    max_bytes = _take(traces, "max_bytes", (int, str), "")
+    t.max_bytes = parse_size(max_bytes) if max_bytes != "" else t.max_bytes
+    t.username = _take(traces, "username", str, t.username)
+    t.password = _take(traces, "password", str, t.password)
+    if bool(t.username) != bool(t.password):
+        raise ConfigError("traces.username and traces.password go together")
+    d.allow_suid_dev = _take(daemon, "allow_suid_dev", bool, d.allow_suid_dev)
     d.read_timeout = _seconds(_take(daemon, "read_timeout", (int, float), d.read_timeout), "read_timeout")
     d.request_timeout = _seconds(_take(daemon, "request_timeout", (int, float), d.request_timeout),
                                  "request_timeout")
@@ -151,7 +191,7 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     cfg.registry.hosts_dir = Path(hosts_dir) if hosts_dir else None
     auth_file = _take(registry, "auth_file", str, "")
     cfg.registry.auth_file = Path(auth_file) if auth_file else None
-    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry.")):
+    for table, name in ((raw, ""), (daemon, "daemon."), (registry, "registry."), (traces, "traces.")):
         if table:
             raise ConfigError(f"unknown configuration keys: {', '.join(name + k for k in table)}")
     return cfg

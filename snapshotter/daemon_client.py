@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lazyfs.daemon.control import ControlClient, ControlError
 
-from .config import Config
+from .config import Config, TracesConfig
 from .errors import LayerFSError
 from .layerfs import layer_source
 
@@ -46,16 +46,20 @@ MAX_RESTART_DELAY = 30.0
 class DaemonLayerFS:
     """Attach requests carry ``kind: "lazyfs"``, the image reference (registry host rewritten to
     a configured mirror), the layer digest, the layer's lazyfs annotations (full keys, as in
-    the descriptor) and whether to prefetch its embedded trace."""
+    the descriptor) and whether to prefetch its embedded trace; with the image's manifest digest
+    (the CRI label), also the learned-trace settings: look a trace up in the registry, record
+    the start, push it."""
 
     def __init__(self, control_socket: Path, mountpoint: Path,
                  mirrors: Mapping[str, list[str]] | None = None, prefetch: bool = True,
-                 background_fetch: bool = False, background_rate: int | None = None):
+                 background_fetch: bool = False, background_rate: int | None = None,
+                 traces: TracesConfig | None = None):
         self.control_socket = Path(control_socket)
         self.mountpoint = Path(mountpoint)
         self.mirrors = dict(mirrors or {})
         self.prefetch = prefetch
         self.background = {"background_fetch": True, "background_rate": background_rate} if background_fetch else {}
+        self.traces = traces or TracesConfig()
 
     def request(self, op: str, timeout: float = REQUEST_TIMEOUT, **args) -> dict:
         try:
@@ -80,11 +84,21 @@ class DaemonLayerFS:
         try:
             self.request("attach", kind="lazyfs", name=layer, ref=mirrored(source.image_ref, self.mirrors),
                          digest=source.layer_digest, annotations=source.lazyfs_annotations,
-                         prefetch=self.prefetch, **self.background)
+                         prefetch=self.prefetch, **self.background, **self._learning(source.manifest_digest))
         except DaemonRequestError as e:
             if e.kind != "exists":  # attached before (by us, before a snapshotter restart)
                 raise
         return self.path(layer)
+
+    def _learning(self, manifest_digest: str) -> dict:
+        t = self.traces
+        args: dict = {"share": t.share, "learned_trace": self.prefetch and t.share != "off", "record_trace": t.record}
+        if manifest_digest.startswith("sha256:"):
+            # CRI names the image manifest; without it (ctr-remote) the daemon resolves the reference
+            args["image_manifest"] = manifest_digest
+        if t.record and t.share == "push" and t.username:
+            args["push_credentials"] = {"username": t.username, "password": t.password}
+        return args
 
     def unmount(self, layer: str) -> None:
         try:
@@ -145,6 +159,11 @@ class DaemonSupervisor:
             cmd += ["--request-timeout", str(d.request_timeout)]
         if d.verbose:
             cmd += ["-v"]
+        traces = self.cfg.traces
+        cmd += ["--record-quiet", str(traces.quiet), "--record-max-seconds", str(traces.max_seconds),
+                "--record-max-bytes", str(traces.max_bytes)]
+        if d.allow_suid_dev:
+            cmd.append("--allow-suid-dev")
         return cmd
 
     def start(self) -> None:

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint,
                                 mirrors=cfg.registry.mirrors, prefetch=cfg.daemon.prefetch,
                                 background_fetch=cfg.daemon.background_fetch,
-                                background_rate=cfg.daemon.background_rate)
+                                background_rate=cfg.daemon.background_rate, traces=cfg.traces)
     snapshotter = Snapshotter(cfg.root, layerfs)
     if layerfs is not None:
         supervisor = DaemonSupervisor(cfg, layerfs, on_restart=snapshotter.reattach_lazy_layers)

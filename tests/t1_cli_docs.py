@@ -65,7 +65,8 @@ def _uncommented(line: str) -> str:
 
 
 def _inline_commands(prose: str) -> list[str]:
-    spans = re.findall(r"`(lazyfs(?:-snapshotter)? [^`]+)`", prose)
+    # `lazyfs convert: ...` is a quoted error message, not a command line.
+    spans = re.findall(r"`(lazyfs(?:-snapshotter)? (?![\w-]+:)[^`]+)`", prose)
     return [" ".join(span.split()) for span in spans]
 
 

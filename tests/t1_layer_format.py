@@ -323,9 +323,11 @@ def test_duplicates_later_wins(tmp_path):
         assert img.read(img.resolve(b"e"), 0, 20) == b"now a file"
 
 
-@pytest.mark.parametrize("tar_format", ["gnu", "pax"])
-def test_sparse_file_expanded(tmp_path, tar_format):
+@pytest.mark.parametrize("sparse_version", ["0.0", "0.1", "1.0"])
+def test_sparse_file_expanded(tmp_path, sparse_version):
+    """GNU tar's PAX sparse formats are read (as Go's archive/tar does) and written expanded."""
     require_tool("tar")
+    tar_format = "pax"
     data_dir = tmp_path / "src"
     data_dir.mkdir()
     with open(data_dir / "sparse", "wb") as f:
@@ -336,8 +338,8 @@ def test_sparse_file_expanded(tmp_path, tar_format):
     (data_dir / "after").write_bytes(after)
     (data_dir / "small").write_bytes(b"small\n")
     tar_path = tmp_path / "sparse.tar"
-    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", str(tar_path), "-C", str(data_dir),
-                    "small", "sparse", "after"], check=True)
+    subprocess.run(["tar", "--sparse", f"--sparse-version={sparse_version}", f"--format={tar_format}", "-cf",
+                    str(tar_path), "-C", str(data_dir), "small", "sparse", "after"], check=True)
     blob, result = convert(tar_path.read_bytes(), chunk_size=CHUNK)
     layer, f = open_layer(blob, tmp_path)
     expect = b"head" + bytes(5 * CHUNK - 4) + b"tail"
@@ -356,6 +358,20 @@ def test_sparse_file_expanded(tmp_path, tar_format):
     assert result.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest() != result.source_diff_id
     listing = subprocess.run(["tar", "-tvf", "-"], input=tar, capture_output=True, check=True).stdout
     assert listing.count(b"\n") == 3
+
+
+def test_old_gnu_sparse_refused(tmp_path):
+    """Go's reader returns an old GNU sparse entry as type 'S', which containerd refuses."""
+    require_tool("tar")
+    (tmp_path / "sparse").write_bytes(b"x")
+    with open(tmp_path / "sparse", "r+b") as f:
+        f.seek(3 * CHUNK)
+        f.write(b"y")
+    tar_path = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(tar_path), "-C", str(tmp_path), "sparse"],
+                   check=True)
+    with pytest.raises(LayerFormatError, match="old GNU sparse"):
+        convert(tar_path.read_bytes(), chunk_size=CHUNK)
 
 
 @pytest.mark.parametrize(
@@ -533,7 +549,10 @@ def layer_trees(draw):
                              uid=draw(st.integers(0, 70000)), pax={"mtime": f"1600000000.{ns:09d}"}), data))
         files.append(name)
     for j, target in enumerate(files[: draw(st.integers(0, len(files)))]):
-        members.append((dict(name=f"hl{j}", type=tarfile.LNKTYPE, linkname=target), None))
+        # A hard link's header carries its target's metadata, as tar writers make it (an
+        # applier sets the shared inode from the link's header too).
+        meta = next({k: kw[k] for k in ("mode", "uid", "pax")} for kw, _ in members if kw["name"] == target)
+        members.append((dict(name=f"hl{j}", type=tarfile.LNKTYPE, linkname=target, **meta), None))
     if files and draw(st.booleans()):
         members.append((dict(name="sym", type=tarfile.SYMTYPE, linkname=files[0]), None))
     return members

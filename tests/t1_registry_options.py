@@ -80,9 +80,10 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     path = tmp_path / "sn.toml"
     path.write_text(f'root = "{tmp_path}"\n[daemon]\ncache_size = "1GiB"\nmetrics = "127.0.0.1:9100"\n'
                     'background_fetch = true\nbackground_rate = "10MiB"\nverbose = true\nprefetch = false\n'
-                    'read_timeout = 20\nrequest_timeout = 2.5\n'
+                    'allow_suid_dev = true\nread_timeout = 20\nrequest_timeout = 2.5\n'
                     f'[registry]\ninsecure_hosts = ["h:1"]\nhosts_dir = "{tmp_path}/certs.d"\n'
-                    f'auth_file = "{tmp_path}/a.json"\n')
+                    f'auth_file = "{tmp_path}/a.json"\n'
+                    '[traces]\nquiet = 2.5\nmax_seconds = 60\nmax_bytes = "2MiB"\n')
     cfg = config.load(path)
     layerfs = DaemonLayerFS(cfg.daemon.control_socket, cfg.daemon.mountpoint, prefetch=cfg.daemon.prefetch,
                             background_fetch=cfg.daemon.background_fetch,
@@ -101,11 +102,13 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     assert (options.read_timeout, options.request_timeout) == (20.0, 2.5)
     assert options.registry == RegistrySettings(insecure=("h:1",), hosts_dir=tmp_path / "certs.d",
                                                 auth_file=tmp_path / "a.json")
-    # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe)
-    # and the FUSE options, which are not settings.
-    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "read_timeout",
-               "request_timeout"}
-    assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd", "fuse_options"}
+    assert options.allow_suid_dev is True and {"nosuid", "nodev"}.isdisjoint(options.fuse_options)
+    assert (options.recording.quiet, options.recording.max_duration, options.recording.max_bytes) == (
+        2.5, 60.0, 2 << 20)
+    # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe).
+    covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "recording",
+               "allow_suid_dev", "read_timeout", "request_timeout"}
+    assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd"}
 
 
 # -- hosts.toml ----------------------------------------------------------------------------

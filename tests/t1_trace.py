@@ -72,3 +72,59 @@ def test_stats_and_merge_conflicts():
     with pytest.raises(TraceError, match="chunk size"):
         merge([trace, Trace({LAYER: 2000})])
     assert merge([trace]).stats() == stats
+
+
+# -- untrusted traces (from a registry) and the size cap ---------------------------------------
+
+OTHER = "sha256:" + "b" * 64
+
+
+def _good() -> Trace:
+    return Trace({LAYER: 65536}, [Access(1, LAYER, 3, 0, 4, "/a"), Access(2, LAYER, 4, 9, 9, "/b")],
+                 [FileEvent(0, "open", LAYER, 3, "/a")])
+
+
+def test_untrusted_trace_accepted_when_it_names_only_the_image_layers():
+    from lazyfs.trace.format import decode_untrusted
+    assert decode_untrusted(_good().encode(), [LAYER, OTHER]) == _good()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t.layers.update({OTHER: 65536}), "not a layer of the image"),
+    (lambda t: t.accesses.append(Access(3, OTHER, 1, 0, 0, "/x")), "not a layer of the image"),
+    (lambda t: t.files.append(FileEvent(3, "open", "plain:x", 1, "/x")), "not a layer digest"),
+    (lambda t: t.layers.update({LAYER: 65535}), "chunk size"),
+    (lambda t: t.layers.update({LAYER: 128 << 20}), "chunk size"),
+    (lambda t: t.accesses.append(Access(-1, LAYER, 1, 0, 0, "/x")), "negative"),
+    (lambda t: t.accesses.append(Access(1, LAYER, -1, 0, 0, "/x")), "negative"),
+    (lambda t: t.accesses.append(Access(1, LAYER, 1, 0, 0, "/" + "x" * 5000)), "long path"),
+    (lambda t: t.accesses.append(Access(1, LAYER, 1, 0, 2_000_000, "/x")), "more than"),
+])
+def test_untrusted_trace_refused(mutate, message):
+    from lazyfs.trace.format import decode_untrusted
+    trace = _good()
+    mutate(trace)
+    with pytest.raises(TraceError, match=message):
+        decode_untrusted(trace.encode(), [LAYER])
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xfe", "UTF-8"), (b"lazyfs-trace\t2\n", "version 1"), (b"lazyfs-trace\t1\naccess\t1\n", "line 2"),
+    (b"lazyfs-trace\t1\n" + b"\n" * 200_001, "records"), (b"x" * (8 << 20) + b"y", "limit"),
+])
+def test_untrusted_garbage_refused(data, message):
+    from lazyfs.trace.format import decode_untrusted
+    with pytest.raises(TraceError, match=message):
+        decode_untrusted(data, [LAYER])
+
+
+@given(st.integers(60, 2000))
+def test_cap_keeps_the_earliest_records_within_the_size(limit):
+    from lazyfs.trace.format import cap
+    trace = Trace({LAYER: 65536}, [Access(ms, LAYER, ms, ms, ms, f"/f{ms}") for ms in range(50)],
+                  [FileEvent(ms, "open", LAYER, ms, f"/f{ms}") for ms in range(0, 50, 3)])
+    capped = cap(trace, limit)
+    assert len(capped.encode()) <= max(limit, len(Trace({LAYER: 65536}).encode()))
+    kept = [a.ms for a in capped.accesses]
+    assert kept == list(range(len(kept)))  # a prefix in time order
+    assert cap(trace, 10**6) == trace

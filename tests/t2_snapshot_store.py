@@ -284,6 +284,7 @@ def test_reattach_after_restart(tmp_path, fake_fs):
 
 def test_config_defaults_and_overrides(tmp_path):
     from snapshotter import config
+    from snapshotter.daemon_client import DaemonSupervisor
     cfg = config.load(None, root=tmp_path / "r")
     assert cfg.daemon.mountpoint == tmp_path / "r" / "mnt"
     assert cfg.daemon.control_socket == tmp_path / "r" / "daemon.sock"
@@ -294,7 +295,38 @@ def test_config_defaults_and_overrides(tmp_path):
     cfg = config.load(path)
     assert cfg.root == Path("/x") and cfg.daemon.cache_size == 512 << 20
     assert cfg.daemon.prefetch is False and cfg.registry.mirrors == {"docker.io": ["127.0.0.1:5000"]}
-    for bad in ('nope = 1\n', '[daemon]\ncache_size = "lots"\n', 'root = 3\n', 'root = "\n'):
+    assert cfg.daemon.allow_suid_dev is False
+    assert "--allow-suid-dev" not in DaemonSupervisor(cfg, None).command()
+    path.write_text('[daemon]\nallow_suid_dev = true\n')
+    assert "--allow-suid-dev" in DaemonSupervisor(config.load(path), None).command()
+    for bad in ('nope = 1\n', '[daemon]\ncache_size = "lots"\n', 'root = 3\n', 'root = "\n',
+                '[daemon]\nallow_suid_dev = "yes"\n'):
+        path.write_text(bad)
+        with pytest.raises(config.ConfigError):
+            config.load(path)
+
+
+def test_traces_config_and_attach_arguments(tmp_path):
+    from snapshotter import config
+    from snapshotter.daemon_client import DaemonLayerFS
+    cfg = config.load(None)
+    assert (cfg.traces.record, cfg.traces.share) == (True, "pull")  # the safe defaults: nothing pushed
+    path = tmp_path / "c.toml"
+    path.write_text('[traces]\nrecord = true\nshare = "push"\nquiet = 2\nusername = "u"\npassword = "p"\n')
+    cfg = config.load(path)
+    assert cfg.traces.share == "push" and cfg.traces.quiet == 2.0
+    fs = DaemonLayerFS(tmp_path / "s", tmp_path / "m", traces=cfg.traces)
+    manifest = "sha256:" + "1" * 64
+    assert fs._learning(manifest) == {
+        "image_manifest": manifest, "share": "push", "learned_trace": True, "record_trace": True,
+        "push_credentials": {"username": "u", "password": "p"}}
+    # no manifest digest label (ctr-remote): the daemon resolves the image reference
+    assert fs._learning("") == {"share": "push", "learned_trace": True, "record_trace": True,
+                                "push_credentials": {"username": "u", "password": "p"}}
+    off = DaemonLayerFS(tmp_path / "s", tmp_path / "m", traces=config.TracesConfig(record=False, share="off"))
+    assert off._learning(manifest) == {"image_manifest": manifest, "share": "off", "learned_trace": False,
+                                       "record_trace": False}
+    for bad in ('[traces]\nshare = "always"\n', '[traces]\nusername = "u"\n', '[traces]\nrecrod = true\n'):
         path.write_text(bad)
         with pytest.raises(config.ConfigError):
             config.load(path)

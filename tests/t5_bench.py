@@ -41,7 +41,7 @@ def make_image(oci_dir: Path) -> str:
 EXPERIMENT = """\
 name = "t5-small"
 repetitions = 2
-modes = ["overlayfs", "lazy", "lazy-prefetch", "lazy-ordered"]
+modes = ["overlayfs", "lazy", "lazy-prefetch", "lazy-ordered", "learned"]
 timeout_s = 60
 registry_root = "{registry}"
 
@@ -77,7 +77,7 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
 
     records = Runner(experiment, results, cache_dir=tmp_path / "cache").run()
 
-    assert len(records) == 8
+    assert len(records) == 10
     for r in records:
         assert r["status"] == "ok", r["error"]
         assert set(FIELDS) <= set(r)
@@ -86,9 +86,9 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
         assert r["cache_files_at_start"] == 0  # cold: the check ran and found the cache empty
         assert r["page_cache_after_kib"] <= r["page_cache_before_kib"]
         assert r["output_tail"].endswith("ready")
-    assert len({r["daemon_pid"] for r in records}) == 8  # a new daemon for every run
+    assert len({r["daemon_pid"] for r in records}) == 10  # a new daemon for every run
     by_mode = {m: [r for r in records if r["mode"] == m]
-               for m in ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered")}
+               for m in ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered", "learned")}
     full = max(r["registry_blob_bytes"] for r in by_mode["overlayfs"])
     assert full >= BIG  # random data does not compress: a full pull moves all of it
     for r in by_mode["lazy"]:
@@ -105,15 +105,22 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
         assert r["lazyfs_stats"]["prefetch"]["queued"] >= BIG >> 20
         assert any(e["priority"] == "prefetch" for e in json.loads(
             (results / "events" / f"{r['run_id']}.json").read_text()))
+    for r in by_mode["learned"]:
+        # the image without a trace; the trace attached to it in the registry is found and
+        # its chunks (by number: the 4 KiB read of big.bin is one chunk) prefetched
+        assert r["lazyfs_stats"]["learned"]["found"] == 1
+        assert r["lazyfs_stats"]["prefetch"]["queued"] >= 1
+    for r in by_mode["lazy"]:
+        assert r["lazyfs_stats"]["learned"]["found"] == 0  # its repository has no trace
     for r in by_mode["overlayfs"]:
         assert r["workload_read_bytes"] is None  # no FUSE layer to count reads on
         assert r["lazyfs_fetched_bytes"] == 0
 
     # CSV and JSON agree with the run records; configuration and versions are recorded
     csv_lines = (results / "runs.csv").read_text().splitlines()
-    assert csv_lines[0].split(",") == list(FIELDS) and len(csv_lines) == 9
+    assert csv_lines[0].split(",") == list(FIELDS) and len(csv_lines) == 11
     saved = json.loads((results / "results.json").read_text())
-    assert len(saved["runs"]) == 8 and saved["config"]["fingerprint"] == experiment.fingerprint()
+    assert len(saved["runs"]) == 10 and saved["config"]["fingerprint"] == experiment.fingerprint()
     env = saved["config"]["environments"][0]
     assert env["tools"]["containerd"] and env["kernel"] and env["packages"]["trio"]
     variants = saved["config"]["images"]["tiny"]
@@ -136,7 +143,7 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
     # the report: summary and valid plots
     report = build_report(results, tmp_path / "report")
     rows = {row["mode"]: row for row in report.summary}
-    assert all(rows[m]["ok"] == 2 for m in ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered"))
+    assert all(rows[m]["ok"] == 2 for m in ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered", "learned"))
     assert rows["lazy"]["registry_bytes"] < rows["overlayfs"]["registry_bytes"]
     assert rows["lazy"]["ready_min"] <= rows["lazy"]["ready_s"] <= rows["lazy"]["ready_max"]
     names = {p.name for p in report.plots}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from snapshotter.daemon_client import stop_daemon
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
 from tests.fixtures.containerd import unmount_below
-from tests.fixtures.images import build_image, directory, file, push_image, whiteout
+from tests.fixtures.images import build_image, device, directory, file, push_image, whiteout
 from tests.fixtures.images import busybox_layer as busybox_layer_with
 from tests.fixtures.lazyimage import convert_with_cli, layer_sizes
 
@@ -101,7 +103,7 @@ def snapshotter_proc(containerd, registry, tmp_path):
 
 
 def busybox_layer() -> list:
-    return busybox_layer_with(("sh", "cat", "ls", "sleep", "dd", "sha256sum"),
+    return busybox_layer_with(("sh", "cat", "ls", "sleep", "dd", "sha256sum", "su"),
                               dirs=("etc", "proc", "sys", "dev", "tmp")) + [
         file("etc/gone", b"removed by the next layer\n")]
 
@@ -374,3 +376,84 @@ async def test_mixed_image_ordinary_and_lazy_layers(containerd, registry, regist
     containerd.ctr("image", "rm", "--sync", mixed)
     assert snapshotter_proc.metadata() == []
     assert daemon_layers(snapshotter_proc) == set()
+
+
+def setuid_probe_layer() -> list:
+    """busybox, a setuid-root id(1) with the libraries it loads, and a 0666 /dev/null node."""
+    id_binary = Path(shutil.which("id") or "/usr/bin/id")
+    libraries = subprocess.run(["ldd", str(id_binary)], capture_output=True, text=True, check=True).stdout
+    paths = sorted({word for word in libraries.split() if word.startswith("/")})
+    entries = busybox_layer() + [directory("usr"), directory("usr/bin"),
+                                 file("usr/bin/id", id_binary.read_bytes(), mode=0o4755),
+                                 directory("devices"), device("devices/null", "char", 1, 3, mode=0o666),
+                                 file("etc/passwd", b"root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n"),
+                                 file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")]
+    made = {"usr", "usr/bin", "devices", "bin", "etc", "proc", "sys", "dev", "tmp"}
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent not in made:
+                made.add(parent)
+                entries.append(directory(parent))
+        entries.append(file("/".join(parts), Path(path).read_bytes(), mode=0o755))
+    return entries
+
+
+# Run as nobody (su), the setuid id(1) reports euid 0 when the rootfs honours setuid bits; as
+# root, writing the image's own /dev/null node works when the rootfs honours device nodes.
+SETUID_PROBE = ("su -s /bin/sh nobody -c '/usr/bin/id -u' 2>&1; "
+                "echo x > /devices/null && echo device-usable")
+
+
+async def test_setuid_and_device_nodes_in_containers_as_with_overlayfs(containerd, registry, registry_repo,
+                                                                       snapshotter_proc):
+    """The daemon's FUSE mount is nosuid,nodev, yet a container from lazy layers sees setuid
+    bits and device nodes exactly as one from containerd's overlayfs snapshotter: the
+    container's rootfs overlay is a mount of its own (ctr's --read-only too: a read-only
+    overlay with an upperdir). A view of a one-layer image is a bind mount of the FUSE layer
+    directory, which containerd remounts with its own flags."""
+    fuse_options = next(line.split()[5] for line in open("/proc/self/mountinfo")
+                        if line.split()[4] == str(snapshotter_proc.root / "mnt"))
+    assert {"nosuid", "nodev"} <= set(fuse_options.split(","))
+    src = await push(registry, registry_repo, build_image([setuid_probe_layer()]))
+    dst = f"{registry.host}/{registry_repo}-lazy:v1"
+    await trio.to_thread.run_sync(convert_with_cli, src, dst)
+    await trio.to_thread.run_sync(lambda: containerd.pull(src))
+    await trio.to_thread.run_sync(lambda: containerd.pull(dst, snapshotter=SNAPSHOTTER, remote=True))
+
+    def run(ref: str, name: str, snapshotter: str, *flags: str) -> str:
+        # --allow-new-privs: ctr sets no_new_privs by default, which would hide setuid bits.
+        return containerd.ctr("run", "--rm", "--allow-new-privs", *flags, "--snapshotter", snapshotter, ref, name,
+                              "/bin/sh", "-c", SETUID_PROBE, timeout=60).stdout
+
+    expected = "0\ndevice-usable\n"
+    assert await trio.to_thread.run_sync(run, src, "t5-suid-overlayfs", "overlayfs") == expected
+    assert await trio.to_thread.run_sync(run, src, "t5-suid-overlayfs-ro", "overlayfs", "--read-only") == expected
+    assert await trio.to_thread.run_sync(run, dst, "t5-suid-lazy", SNAPSHOTTER) == expected
+    assert await trio.to_thread.run_sync(run, dst, "t5-suid-lazy-ro", SNAPSHOTTER, "--read-only") == expected
+    assert [s.lazy_layer is not None for s in snapshotter_proc.metadata() if s.kind == Kind.COMMITTED] == [True]
+
+    # A view of the one-layer image (`ctr images mount` without --rw), seen from the host as
+    # nobody: a bind mount of the FUSE layer directory, remounted read-only by containerd.
+    public = Path(tempfile.mkdtemp(prefix="lazyfs-view-"))
+    os.chmod(public, 0o755)
+    try:
+        seen = {}
+        for ref, snapshotter in ((src, "overlayfs"), (dst, SNAPSHOTTER)):
+            target = public / snapshotter
+            target.mkdir()
+            containerd.ctr("images", "mount", "--snapshotter", snapshotter, ref, str(target))
+            try:
+                euid = subprocess.run(["runuser", "-u", "nobody", "--", str(target / "usr/bin/id"), "-u"],
+                                      capture_output=True, text=True, timeout=30).stdout
+                device = subprocess.run(["runuser", "-u", "nobody", "--", "sh", "-c",
+                                         f"echo x > {target / 'devices/null'} && echo device-usable"],
+                                        capture_output=True, text=True, timeout=30).stdout
+                seen[snapshotter] = euid + device
+            finally:
+                containerd.ctr("images", "unmount", "--rm", str(target))
+        # containerd remounts the bind read-only with its own flags, which drops nosuid,nodev
+        assert seen[SNAPSHOTTER] == seen["overlayfs"] == expected, seen
+    finally:
+        shutil.rmtree(public, ignore_errors=True)

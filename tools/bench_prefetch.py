@@ -8,10 +8,14 @@ delay proxy). The workload runs chrooted in a private overlay of the mount (lazy
 as `lazyfs trace record` runs it. Cells, each started from a cold state (empty lazyfs cache,
 page cache dropped) unless said otherwise:
 
-    (a) lazy        no prefetch
+    (a) lazy        no prefetch, no recording (--learned-trace off)
+    (r) recording   as (a), but the daemon records the start (the default of `lazyfs mount`):
+                    (r)/(a) is the cost of recording
     (b) prefetch    the trace recorded by `lazyfs trace record`, given with --trace
     (c) ordered     the image converted with --trace (trace embedded; traced files first when
                     the converter lays layers out in trace order), embedded trace prefetched
+    (e) learned     the image of (a), in a repository where that trace is attached to it as a
+                    learned trace (`lazyfs trace push`): the daemon finds it and prefetches
     (d) warm        the chunk cache from an earlier start kept, page cache dropped
     ideal           (d) + the stored bytes of the chunks the trace names / link rate
 
@@ -154,13 +158,19 @@ def main() -> int:
                 raise SystemExit(f"lazyfs trace record failed:\n{proc.stderr}{proc.stdout}")
             shutil.rmtree(work / "cache-record", ignore_errors=True)
             trace = Trace.decode(trace_file.read_bytes())
+            push(lazy, registry.endpoint, "bench/prefetch-learned", "lazy")
+            learned_ref = lazy.registry_ref(registry.endpoint)
+            lazyfs("trace", "push", learned_ref, str(trace_file))
+            lazy.repository, lazy.registry_tag = "bench/prefetch", "lazy"
             ordered = convert_cached(source, CHUNK, trace=trace_file)
             push(ordered, registry.endpoint, "bench/prefetch", "ordered")
             ordered_ref = ordered.registry_ref(registry.endpoint)
 
-            cells = {"(a) lazy": (image, ["--no-prefetch"]),
+            cells = {"(a) lazy": (image, ["--no-prefetch", "--learned-trace", "off"]),
+                     "(r) recording": (image, ["--no-prefetch"]),
                      "(b) prefetch": (image, ["--trace", str(trace_file)]),
-                     "(c) ordered": (ordered_ref, [])}
+                     "(c) ordered": (ordered_ref, []),
+                     "(e) learned": (learned_ref, [])}
             warm_cache = work / "cache-warm"
             start_once(image, work, warm_cache, ready, workload, ["--no-prefetch"], args.timeout,
                        args.shared_daemon)  # fills it

@@ -15,6 +15,7 @@ measuring something else under the mode's name.
 | warm | lazyfs | converted | chunk cache filled by one earlier start of the same workload |
 | lazy-prefetch | lazyfs | converted with the workload's trace embedded (--keep-order) | cold; the trace is prefetched |
 | lazy-ordered | lazyfs | converted in trace order, trace embedded | cold; the trace is prefetched |
+| learned | lazyfs | converted (no trace), with a learned trace attached in the registry | cold; the daemon finds and prefetches it |
 """
 
 from __future__ import annotations
@@ -197,8 +198,49 @@ class LazyOrderedMode(_TraceMode):
     ordered = True
 
 
+class LearnedMode(Mode):
+    """The second node's cold start: the image converted without a trace, and in the registry
+    a trace of the workload's start attached to it as a learned trace (lazyfs.trace.share), as
+    the first node to start it would have pushed. On attach the daemon finds the trace and
+    prefetches from it. The converted image is pushed to a repository of its own
+    (``...-learned``), so the referrers of the ``lazy`` mode's image stay empty."""
+    name = "learned"
+
+    def image_for(self, ctx: PrepareContext, env: BenchEnv, source: SourceImage,
+                  workload: Workload) -> OciImage:
+        key = f"learned/{workload.name}"
+        if key not in source.variants:
+            trace = record_trace(ctx, env, source, workload)  # recorded on the lazy variant itself
+            image = dataclasses.replace(source.variants[LAZY])
+            repository, tag = registry_names(source, LAZY, ctx.chunk_size)
+            push(image, env.endpoint, repository + "-learned", tag)
+            _attach_trace(image.registry_ref(env.endpoint), trace)
+            source.variants[key] = image
+        return source.variants[key]
+
+
+def _attach_trace(ref: str, trace_path: Path) -> None:
+    import trio
+
+    from lazyfs.registry import open_store
+    from lazyfs.trace import share
+    from lazyfs.trace.format import Trace
+
+    trace = Trace.decode(trace_path.read_bytes())
+
+    async def attach() -> None:
+        endpoint = ref.split("/", 1)[0]
+        store = open_store(ref, insecure_registries=[endpoint])
+        try:
+            await share.push_trace(store, await share.image_manifest(store), trace)
+        finally:
+            await store.aclose()
+
+    trio.run(attach)
+
+
 MODES: dict[str, type[Mode]] = {m.name: m for m in
-                                (OverlayfsMode, LazyMode, WarmMode, LazyPrefetchMode, LazyOrderedMode)}
+                                (OverlayfsMode, LazyMode, WarmMode, LazyPrefetchMode, LazyOrderedMode, LearnedMode)}
 
 
 def make_mode(name: str) -> Mode:

@@ -19,9 +19,9 @@ from pathlib import Path
 from .errors import BenchError
 from .results import OK, UNAVAILABLE, load_results
 
-MODE_ORDER = ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered", "warm")
+MODE_ORDER = ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered", "learned", "warm")
 MODE_COLOURS = {"overlayfs": "#7f7f7f", "lazy": "#1f77b4", "lazy-prefetch": "#2ca02c",
-                "lazy-ordered": "#9467bd", "warm": "#ff7f0e"}
+                "lazy-ordered": "#9467bd", "learned": "#17becf", "warm": "#ff7f0e"}
 PRIORITY_COLOURS = {"on_demand": "#d62728", "readahead": "#ff7f0e", "prefetch": "#2ca02c", "background": "#1f77b4"}
 MB = 1e6
 

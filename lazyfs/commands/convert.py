@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -18,6 +20,8 @@ from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.format import DEFAULT_CHUNK_SIZE, DEFAULT_INLINE_THRESHOLD, check_chunk_size
 from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store, parse_any_reference
 from lazyfs.trace.format import Trace, TraceError
+
+log = logging.getLogger(__name__)
 
 NAME = "convert"
 HELP = "convert an image (registry reference or oci:DIR[:TAG]) to lazyfs layers and push it to DST"
@@ -93,37 +97,47 @@ class RichProgress:
             self._progress.update(task, completed=self._totals[digest])
 
 
+def _fail(message: str, code: int = 1) -> int:
+    """One line on stderr, never wrapped or styled (rich would wrap at 80 columns off a
+    terminal and read [brackets] in a file name as markup)."""
+    print(f"lazyfs convert: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # before the signal handlers below are in place
+        return _fail("interrupted", 128 + signal.SIGINT)
+
+
+def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if not 0 <= args.inline_threshold <= 4096:
-        console.print("lazyfs convert: --inline-threshold must be in [0, 4096]")
-        return 2
+        return _fail("--inline-threshold must be in [0, 4096]", 2)
     try:
         _, registry = load_with_registry(args)
         dst_ref = parse_any_reference(args.dst)
         parse_any_reference(args.src)
     except (InvalidReference, ConfigError) as e:
-        console.print(f"lazyfs convert: {e}")
-        return 2
+        return _fail(str(e), 2)
     if getattr(dst_ref, "digest", None) is not None:
-        console.print("lazyfs convert: DST cannot be a digest (the converted image has a new one)")
-        return 2
+        return _fail("DST cannot be a digest (the converted image has a new one)", 2)
     if args.keep_order and args.trace is None:
-        console.print("lazyfs convert: --keep-order needs --trace")
-        return 2
+        return _fail("--keep-order needs --trace", 2)
     trace = None
     if args.trace is not None:
         try:
             trace = args.trace.read_bytes()
             Trace.decode(trace)
         except (OSError, TraceError) as e:
-            console.print(f"lazyfs convert: --trace {args.trace}: {e}")
-            return 2
+            return _fail(f"--trace {args.trace}: {e}", 2)
     options = ConvertOptions(chunk_size=args.chunk_size, inline_threshold=args.inline_threshold,
                              platform=args.platform, threads=args.threads, trace=trace,
                              trace_order=not args.keep_order)
+    interrupted: list[int] = []
 
-    async def main() -> str:
+    async def convert() -> str:
         src = open_store(args.src, **registry.store_options())
         dst = open_store(args.dst, **registry.store_options())
         try:
@@ -137,13 +151,56 @@ def run(args: argparse.Namespace) -> int:
                                                  progress=RichProgress(bars))
             return result.digest
         finally:
-            await src.aclose()
-            await dst.aclose()
+            with trio.move_on_after(2, shield=True):
+                await src.aclose()
+                await dst.aclose()
+
+    async def watch_signals(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # SIGINT and SIGTERM cancel the conversion: its build thread stops at the next chunk
+        # and the staging directory is removed on the way out.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                interrupted.append(signum)
+                scope.cancel()
+                return
+
+    async def main() -> str | None:
+        digest = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch_signals, nursery.cancel_scope)
+            digest = await convert()
+            nursery.cancel_scope.cancel()
+        return digest
 
     try:
-        digest = trio.run(main)
+        digest = _unwrap(trio.run, main)
     except (ConvertError, RegistryError, LayerFormatError, OSError) as e:
-        console.print(f"lazyfs convert: {e}")
-        return 1
+        return _fail(str(e))
+    except Exception as e:  # a bug, not bad input: still one line; -v logs the traceback
+        log.debug("lazyfs convert failed", exc_info=True)
+        return _fail(f"internal error: {type(e).__name__}: {e}")
+    if interrupted:
+        return _fail(f"interrupted by {signal.Signals(interrupted[0]).name}",
+                     128 + interrupted[0])
     print(digest, file=sys.stdout)
     return 0
+
+
+def _unwrap(fn, *args):
+    """fn(*args), re-raising the first real error of an exception group (trio's nurseries
+    wrap them) as itself."""
+    try:
+        return fn(*args)
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+
+        def walk(e: BaseException) -> None:
+            if isinstance(e, BaseExceptionGroup):
+                for inner in e.exceptions:
+                    walk(inner)
+            else:
+                leaves.append(e)
+
+        walk(group)
+        raise next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0]) from None

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-size", default=None, help="cache size limit, e.g. 20G (default: config)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     add_registry_arguments(parser)
+    parser.add_argument("--allow-suid-dev", action="store_true",
+                        help="trusted images only: setuid bits and device nodes work on the FUSE mount "
+                             "(default: nosuid,nodev; image mounts opt in one by one with `lazyfs mount "
+                             "--allow-suid-dev`)")
     add_timeout_arguments(parser)
 
 
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     cache_size = args.cache_size if args.cache_size is not None else config.cache_size
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
                           cache_size=cache_size, metrics=args.metrics, registry=registry,
-                          verbose=args.verbose, read_timeout=args.read_timeout, request_timeout=args.request_timeout)
+                          verbose=args.verbose, allow_suid_dev=args.allow_suid_dev,
+                          read_timeout=args.read_timeout, request_timeout=args.request_timeout)
     os.execv(sys.executable, argv)
     return 0  # not reached

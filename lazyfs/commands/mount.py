@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
     parser.add_argument("--record-trace", type=Path, default=None, metavar="FILE",
                         help="record an access trace from the mount on; written to FILE when unmounted")
+    parser.add_argument("--learned-trace", choices=("off", "pull", "push"), default="pull",
+                        help="pull (default): a layer without a trace of its own prefetches from a trace "
+                             "attached to the image in the registry, and the start is recorded into the "
+                             "cache's trace of the image; push: that trace is also attached to the image "
+                             "in the registry (needs push access); off: neither")
+    parser.add_argument("--allow-suid-dev", action="store_true",
+                        help="trust the image: its setuid/setgid bits, file capabilities and device nodes "
+                             "take effect on the mount (default: mounted nosuid,nodev)")
     parser.add_argument("--background-fetch", action="store_true",
                         help="after the prefetch, fetch the rest of the image at the lowest priority")
     parser.add_argument("--background-rate", type=_size, default=None, metavar="BYTES",
@@ -97,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     ready_read, ready_write = os.pipe()
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
                          metrics=args.metrics, registry=registry, verbose=args.verbose,
-                         read_timeout=args.read_timeout, request_timeout=args.request_timeout)
+                         allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
+                         request_timeout=args.request_timeout)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
@@ -179,15 +188,16 @@ def _startup_spec(args: argparse.Namespace) -> tuple[str, dict]:
             raise _UsageError("with --meta/--blob give only the mount point")
         blob = args.blob if args.blob.startswith(("http://", "https://")) else os.path.abspath(args.blob)
         attach = {"name": "layer", "kind": "plain", "meta": os.path.abspath(args.meta), "blob": blob}
-        return args.target[0], {"source": {"meta": attach["meta"], "blob": blob},
-                                "attach": [attach], "stack": {"layers": ["layer"]}}
+        return args.target[0], {"source": {"meta": attach["meta"], "blob": blob}, "attach": [attach],
+                                "stack": {"layers": ["layer"], "allow_suid_dev": args.allow_suid_dev}}
     if len(args.target) != 2:
         raise _UsageError("usage: lazyfs mount IMAGE MOUNTPOINT (or --meta META --blob BLOB MOUNTPOINT)")
     # The daemon resolves the image (lazyfs.daemon.imagespec): this process stays free of trio and
     # httpx, whose import is most of a cold mount's start-up time.
     image = {"ref": args.target[0], "layer": args.layer, "platform": args.platform,
              "trace": os.path.abspath(args.trace) if args.trace else None, "prefetch": not args.no_prefetch,
-             "background_fetch": args.background_fetch, "background_rate": args.background_rate}
+             "learn": args.learned_trace, "background_fetch": args.background_fetch, "background_rate": args.background_rate,
+             "allow_suid_dev": args.allow_suid_dev}
     return args.target[1], {"source": {"image": args.target[0], "layer": args.layer},
                             "image": image, "stack": {}}
 

@@ -10,6 +10,9 @@
                                                files, chunks and time span; with the image: the
                                                file bytes read and the stored bytes a prefetch fetches
     lazyfs trace merge -o FILE TRACE ...       union of several runs, earliest first use first
+    lazyfs trace push IMAGE TRACE              attach TRACE to IMAGE in its registry (or OCI layout)
+    lazyfs trace pull IMAGE [-o FILE]          the newest trace attached to IMAGE, verified
+                                               (lazyfs.trace.share)
 """
 
 from __future__ import annotations
@@ -96,6 +99,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("--json", action="store_true", help="print JSON")
     add_registry_arguments(stats)
 
+    push = actions.add_parser("push", help="attach a trace to an image in its registry or OCI layout")
+    push.add_argument("image", help="registry reference or oci:DIR[:TAG] of a converted image")
+    push.add_argument("trace", type=Path, help="the trace file (recorded on this image)")
+    pull = actions.add_parser("pull", help="fetch and verify the newest trace attached to an image")
+    pull.add_argument("image", help="registry reference or oci:DIR[:TAG] of a converted image")
+    pull.add_argument("-o", "--output", type=Path, default=None, help="write it here (default: stdout)")
+    for sub in (push, pull):
+        sub.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
+        add_registry_arguments(sub)
+
     merged = actions.add_parser("merge", help="merge the traces of several runs into one")
     merged.add_argument("traces", type=Path, nargs="+")
     merged.add_argument("-o", "--output", type=Path, required=True)
@@ -111,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
             return _show(args)
         if args.action == "stats":
             return _stats(args)
+        if args.action in ("push", "pull"):
+            return _share(args)
         return _merge(args)
     except TraceError as e:
         print(f"lazyfs trace: {e}", file=sys.stderr)
@@ -129,8 +144,12 @@ def _read(path: Path) -> Trace:
 
 
 def _write(path: Path, trace: Trace) -> None:
+    _write_bytes(path, trace.encode())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(trace.encode())
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -167,7 +186,8 @@ def _record(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="lazyfs-trace-record-"))
     mountpoint, run_dir = work / "root", work / "run"
     mountpoint.mkdir()
-    mount = [sys.executable, "-m", "lazyfs.cli", "mount", "--no-prefetch", "--run-dir", str(run_dir)]
+    mount = [sys.executable, "-m", "lazyfs.cli", "mount", "--no-prefetch", "--learned-trace", "off",
+             "--run-dir", str(run_dir)]
     if args.cache_dir is not None:
         mount += ["--cache-dir", str(args.cache_dir)]
     if args.platform is not None:
@@ -318,4 +338,48 @@ def _merge(args: argparse.Namespace) -> int:
     _write(args.output, merged)
     s = merged.stats()
     print(f"{len(args.traces)} traces merged: {s.files} files, {s.chunks} chunks written to {args.output}")
+    return 0
+
+
+def _share(args: argparse.Namespace) -> int:
+    import trio
+
+    from lazyfs.cliopts import load_with_registry
+    from lazyfs.config import ConfigError
+    from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
+    from lazyfs.trace import share
+    from lazyfs.trace.format import decode_untrusted
+
+    try:
+        _, registry = load_with_registry(args)
+        platform = Platform.parse(args.platform) if args.platform else None
+        store = open_store(args.image, **registry.store_options())
+    except (ValueError, InvalidReference, ConfigError) as e:
+        print(f"lazyfs trace {args.action}: {e}", file=sys.stderr)
+        return 2
+    local = _read(args.trace) if args.action == "push" else None
+
+    async def main() -> str:
+        try:
+            subject = await share.image_manifest(store, platform=platform)
+            if local is not None:
+                # What a reader will accept, checked before anything is stored.
+                decode_untrusted(local.encode(), [layer.digest for layer in subject.layers])
+                digest = await share.push_trace(store, subject, local)
+                return f"trace pushed to {store.name} as {digest}, attached to {subject.digest}"
+            pulled = await share.pull_trace(store, subject)
+            if args.output is None:
+                sys.stdout.write(pulled.data.decode())
+            else:
+                _write_bytes(args.output, pulled.data)
+            return f"trace {pulled.artifact} of {subject.digest} (created {pulled.created or '?'}) verified"
+        finally:
+            await store.aclose()
+
+    try:
+        message = trio.run(main)
+    except (RegistryError, share.ShareError) as e:
+        print(f"lazyfs trace {args.action}: {e}", file=sys.stderr)
+        return 1
+    print(message, file=sys.stderr if args.action == "pull" and args.output is None else sys.stdout)
     return 0

@@ -163,7 +163,7 @@ def add_timeout_arguments(parser: argparse.ArgumentParser, with_defaults: bool =
 
 def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
                    metrics: str | None = None, registry: RegistrySettings | None = None,
-                   verbose: int = 0, read_timeout: float | None = None,
+                   verbose: int = 0, allow_suid_dev: bool = False, read_timeout: float | None = None,
                    request_timeout: float | None = None) -> list[str]:
     """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
     `lazyfs daemon` start it."""
@@ -175,6 +175,8 @@ def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size:
         cmd += ["--metrics", metrics]
     if registry is not None:
         cmd += registry.daemon_arguments()
+    if allow_suid_dev:
+        cmd.append("--allow-suid-dev")
     if read_timeout is not None:
         cmd += ["--read-timeout", str(read_timeout)]
     if request_timeout is not None:

@@ -16,6 +16,7 @@ knows at once when the mount is usable or why it failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -39,13 +40,16 @@ from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
 from lazyfs.daemon.control import MAX_LINE
+from lazyfs.daemon.learned import LearnedTraces, Recorder, RecordingPolicy
 from lazyfs.daemon.mountstate import DEFAULT_READ_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, add_timeout_arguments
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
 from lazyfs.fetch.scheduler import RetryPolicy as ChunkRetryPolicy
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve.fuse import LazyOperations
 from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
-from lazyfs.serve.mounts import MountError, is_mounted, is_stale, set_read_ahead, stack_mount, unmount_fuse, unmount_path
+from lazyfs.serve.mounts import (
+    MountError, is_mounted, is_stale, mount_flags, set_read_ahead, stack_mount, unmount_fuse, unmount_path,
+)
 from lazyfs.registry import RetryPolicy, make_http_client
 from lazyfs.serve.residency import MetadataTrimmer
 from lazyfs.trace.format import Trace, TraceRecorder
@@ -83,9 +87,16 @@ class DaemonOptions:
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
     read_timeout: float = DEFAULT_READ_TIMEOUT  # a read waits this long for chunks, then EIO
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # connect/read silence, one attempt's bound
-    fuse_options: frozenset[str] = frozenset(
-        {"ro", "default_permissions", "allow_other", "suid", "dev", "fsname=lazyfs", "subtype=lazyfs"})
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # connect/read silence, per request and per MiB
+    recording: RecordingPolicy = field(default_factory=RecordingPolicy)  # automatic trace recording
+    # The FUSE mount honours setuid bits and device nodes only for a trusted daemon; stacked
+    # mounts decide for themselves (see lazyfs.serve.mounts.stack_mount).
+    allow_suid_dev: bool = False
+
+    @property
+    def fuse_options(self) -> set[str]:
+        return {"ro", "default_permissions", "allow_other", "fsname=lazyfs", "subtype=lazyfs",
+                *mount_flags(self.allow_suid_dev).split(",")}
 
 
 @dataclass
@@ -143,6 +154,9 @@ class Daemon:
                                     retry=retry, read_timeout=self.options.read_timeout)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
+        self.learned = LearnedTraces()
+        self.learning = Recorder(self.options.cache_dir / "traces", self.options.recording, self._fill_paths,
+                                 self.learned, self._push_store)
         self.recorder: TraceRecorder | None = None
         self.record_to: Path | None = None  # --record-trace: written when the daemon stops
         self.ready = False
@@ -164,7 +178,7 @@ class Daemon:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
-                registry=self.options.registry, background=self.background,
+                registry=self.options.registry, background=self.background, learned=self.learned,
                 retry=RetryPolicy(attempt_timeout=seconds),
                 chunk_retry=replace(attach_kinds.CHUNK_RETRY, attempt_timeout=seconds))
             try:
@@ -172,6 +186,7 @@ class Daemon:
                     self._nursery = nursery
                     nursery.start_soon(self.fetcher.run)
                     nursery.start_soon(self.background.run)
+                    nursery.start_soon(self.learning.run)
                     nursery.start_soon(MetadataTrimmer(self.fs.layers).run)
                     nursery.start_soon(self._watch_signals)
                     nursery.start_soon(self._run_fuse, nursery)
@@ -212,6 +227,7 @@ class Daemon:
         if self._terminating:
             return
         self._terminating = True
+        await self.learning.finish_all()  # a start cut short by the unmount is still recorded
         await self._unstack()
         pyfuse3.terminate()
 
@@ -230,18 +246,20 @@ class Daemon:
             return
         await self._attach_all(spec.get("attach", []))
         if stack:
-            await self._stack([self.options.fuse_dir / name for name in stack["layers"]], Path(stack["mountpoint"]))
+            await self._stack([self.options.fuse_dir / name for name in stack["layers"]], Path(stack["mountpoint"]),
+                              _trusted(stack))
 
     async def mount_image(self, image: dict, mountpoint: Path, prefix: str = "") -> list[str]:
         """Attach every layer of the image (named ``prefix`` + ``NNN-<digest>``) and stack them
         read-only at mountpoint; the layer names, topmost first. On failure nothing stays."""
+        allow_suid_dev = _trusted(image)
         requests = await self._image_requests(image)
         for request in requests:
             request["name"] = prefix + request["name"]
         names = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
         try:
             await self._attach_all(requests)
-            await self._stack([self.options.fuse_dir / name for name in names], mountpoint)
+            await self._stack([self.options.fuse_dir / name for name in names], mountpoint, allow_suid_dev)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for name in names:
@@ -271,8 +289,8 @@ class Daemon:
             for request in requests:
                 nursery.start_soon(self.attach, request)
 
-    async def _stack(self, lower: list[Path], target: Path) -> None:
-        await trio.to_thread.run_sync(stack_mount, lower, target)
+    async def _stack(self, lower: list[Path], target: Path, allow_suid_dev: bool) -> None:
+        await trio.to_thread.run_sync(functools.partial(stack_mount, lower, target, allow_suid_dev=allow_suid_dev))
         self.stacked.append(target)
 
     async def _image_requests(self, image: dict) -> list[dict]:
@@ -285,8 +303,8 @@ class Daemon:
             requests = await image_attach_requests(
                 image["ref"], layer=image.get("layer"), platform=image.get("platform"),
                 store_options=self.options.registry.store_options(), trace=image.get("trace"),
-                prefetch=image.get("prefetch", True), http=self.attach_context.registry_http,
-                retry=self.attach_context.retry)
+                prefetch=image.get("prefetch", True), learn=image.get("learn", "pull"),
+                http=self.attach_context.registry_http, retry=self.attach_context.retry)
         except ImageSpecError as e:
             raise StartupError(str(e), usage=True) from e
         for request in requests:
@@ -299,7 +317,7 @@ class Daemon:
 
     def _on_read(self, ino: int, offset: int, length: int) -> None:
         self.read_stats.record(ino, offset, length)
-        if self.recorder is None:
+        if self.recorder is None and not self.learning.active:
             return
         try:
             span = self.fs.device_cells(ino, offset, length)
@@ -308,15 +326,53 @@ class Daemon:
             return
         if span is not None and span[2]:
             layer, nid, cells = span
-            self.recorder.record(_trace_key(layer), layer.device.chunk_size, nid, "", cells)  # type: ignore[attr-defined]
+            key, size = _trace_key(layer), layer.device.chunk_size  # type: ignore[attr-defined]
+            if self.recorder is not None:
+                self.recorder.record(key, size, nid, "", cells)
+            self.learning.on_chunks(key, size, nid, cells)
 
     def _on_use(self, kind: str, ino: int) -> None:
-        if self.recorder is None:
+        if self.recorder is None and not self.learning.active:
             return
         found = self.fs.locate(ino)
         if found is not None:
             layer, nid = found
-            self.recorder.record_file(kind, _trace_key(layer), getattr(layer.device, "chunk_size", 0), nid)
+            key, size = _trace_key(layer), getattr(layer.device, "chunk_size", 0)
+            if self.recorder is not None:
+                self.recorder.record_file(kind, key, size, nid)
+            self.learning.on_file(kind, key, size, nid)
+
+    def _learn_request(self, request: dict) -> tuple:
+        """``record_trace`` in an attach request: the layer joins the recording of its image's
+        start (the image the attach found it in), pushed when it ends if ``share`` is "push"."""
+        if request.get("kind") != "lazyfs":
+            raise RequestError("'record_trace' needs a lazyfs layer")
+        credentials = request.get("push_credentials")
+        if credentials is not None and not (isinstance(credentials, dict) and all(
+                isinstance(credentials.get(k), str) for k in ("username", "password"))):
+            raise RequestError("'push_credentials' must be {\"username\": ..., \"password\": ...}")
+        assert self.attach_context is not None
+        ref, digest = _require_str(request, "ref"), _require_str(request, "digest")
+        try:
+            store, _ = self.attach_context.stores.get(self.attach_context, ref)
+        except attach_kinds.AttachError as e:
+            raise RequestError(str(e), "attach-failed") from e
+        return store, ref, digest, request.get("share") == "push", credentials
+
+    def _push_store(self, ref: str, credentials: dict):
+        """A store for ``ref`` that authenticates with the given credentials (pushing a trace
+        with the snapshotter's configured credentials rather than the Docker config's)."""
+        from lazyfs.registry import Authenticator, CredentialStore, Credentials, Secret, open_store
+        from lazyfs.registry.reference import parse_reference
+
+        assert self.attach_context is not None
+        store = CredentialStore()
+        store.add(parse_reference(ref).registry,
+                  Credentials(credentials["username"], Secret(credentials["password"])))
+        options = self.options.registry.store_options()
+        options.pop("auth_file")
+        return open_store(ref, http=self.attach_context.registry_http, authenticator=Authenticator(store),
+                          **options)
 
     def trace_start(self) -> dict:
         self.recorder = TraceRecorder()
@@ -379,19 +435,34 @@ class Daemon:
         if name in {layer.name for layer in self.fs.layers()}:
             raise RequestError(f"a layer named {name!r} is already attached", "exists")
         assert self.attach_context is not None
+        learn = self._learn_request(request) if request.get("record_trace") else None
         try:
             image, device, info = await attacher(self.attach_context, request)
         except attach_kinds.AttachError as e:
             log.error("attaching %s failed: %s", name, e)
             raise RequestError(str(e), "attach-failed") from e
+        after = info.pop(attach_kinds.AFTER_ATTACH, None)
         try:
-            self.fs.attach(name, image, device, info)
+            attached = self.fs.attach(name, image, device, info)
         except LayerExists as e:
             raise RequestError(str(e), "exists") from e
         except ValueError as e:
             raise RequestError(str(e)) from e
         log.info("attached %s (%s %s)", name, kind, info.get("digest") or info.get("meta", ""))
+        if after is not None and self._nursery is not None:
+            self._nursery.start_soon(self._after_attach, after, attached, learn)
         return {"path": str(self.options.fuse_dir / name)}
+
+    async def _after_attach(self, after, attached, learn: tuple | None) -> None:
+        def on_manifest(manifest: str) -> None:
+            if learn is not None and attached.name in {layer.name for layer in self.fs.layers()}:
+                store, ref, *rest = learn
+                self.learning.add_layer(store, ref, manifest, *rest)
+
+        try:
+            await after(attached.info, on_manifest)
+        except Exception:  # a learned trace is an optimisation: it must not take the daemon down
+            log.exception("learned trace of layer %s failed", attached.name)
 
     async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")
@@ -450,6 +521,8 @@ class Daemon:
             "prefetch": {"queued": prefetch_queued, "done": prefetch_done,
                          "skipped_cached": fetch["already_cached"].get("prefetch", 0)},
             "background": self.background.progress(),
+            "learned": {"lookups": self.learned.lookups, "found": self.learned.found,
+                        "recordings": self.learning.summary()},
         }
 
     async def handle(self, request: Any) -> dict:
@@ -676,6 +749,14 @@ def report_startup(options: DaemonOptions, outcome: dict) -> None:
         os.close(fd)
 
 
+def _trusted(spec: dict) -> bool:
+    """Whether a mount request opts in to setuid bits and device nodes (``allow_suid_dev``)."""
+    value = spec.get("allow_suid_dev", False)
+    if not isinstance(value, bool):
+        raise RequestError("'allow_suid_dev' must be true or false")
+    return value
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
@@ -728,6 +809,15 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     add_timeout_arguments(parser, with_defaults=True)
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
+    policy = RecordingPolicy()
+    parser.add_argument("--record-quiet", type=float, default=policy.quiet, metavar="SECONDS",
+                        help="a recorded start ends when no new chunk was read for this long")
+    parser.add_argument("--record-max-seconds", type=float, default=policy.max_duration, metavar="SECONDS",
+                        help="a recorded start ends this long after its first read at the latest")
+    parser.add_argument("--record-max-bytes", type=_size, default=policy.max_bytes, metavar="BYTES",
+                        help="the merged trace of an image is cut to its earliest records to this size")
+    parser.add_argument("--allow-suid-dev", action="store_true",
+                        help="mount FUSE with suid,dev (only for trusted images; default nosuid,nodev)")
 
 
 def options_from_args(args: argparse.Namespace) -> DaemonOptions:
@@ -740,7 +830,10 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
         registry=RegistrySettings(insecure=tuple(args.insecure_registry),
                                   hosts_dir=Path(args.hosts_dir) if args.hosts_dir else None,
                                   auth_file=args.registry_auth),
-        startup=startup, ready_fd=args.ready_fd, read_timeout=args.read_timeout,
+        startup=startup, ready_fd=args.ready_fd,
+        recording=RecordingPolicy(quiet=args.record_quiet, max_duration=args.record_max_seconds,
+                                  max_bytes=args.record_max_bytes),
+        allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
         request_timeout=args.request_timeout)
 
 

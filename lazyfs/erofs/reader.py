@@ -32,6 +32,7 @@ READ_MAX = 64 << 20
 # Longest symlink target the kernel serves (PAGE_SIZE - 1 on 4 KiB pages).
 SYMLINK_MAX = 4095
 INODE_CACHE_SIZE = 8192
+MAX_FILE_SIZE = (1 << 63) - 1
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -319,6 +320,8 @@ class Image:
                           self.build_time, self.build_time_nsec)
         if mode & F.S_IFMT not in _VALID_TYPES:
             raise CorruptImage(f"nid {nid}: bogus i_mode {mode:o} at offset {off}")
+        if size > MAX_FILE_SIZE:  # the kernel's loff_t: a larger st_size would read as negative
+            raise CorruptImage(f"nid {nid}: size {size} at offset {off} exceeds {MAX_FILE_SIZE}")
         if layout == F.LAYOUT_CHUNK_BASED:
             if raw_u & 0xFFFF & ~F.CHUNK_FORMAT_ALL:
                 raise UnsupportedImage(f"nid {nid}: unsupported chunk format {raw_u & 0xFFFF:#x}")

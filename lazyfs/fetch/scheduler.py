@@ -274,6 +274,7 @@ class ChunkFetcher:
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = None
         self._closing = False
+        self._cache_failing = False  # the last chunk store failed (a full disk): log only changes
         self._idle: trio.Event | None = None
 
     # ----------------------------------------------------------------- lifetime
@@ -650,10 +651,16 @@ class ChunkFetcher:
             failures = await trio.to_thread.run_sync(self._put_many, items, limiter=self._cpu_limiter)
         else:
             failures = self._put_many(items)
-        for digest, error in failures:
-            # The reads still got their verified bytes; only the cache copy is missing.
-            self.stats.cache_put_errors += 1
-            log.warning("cannot cache chunk %s: %s", digest.hex(), error)
+        # The reads still got their verified bytes; only the cache copy is missing. A full
+        # disk fails every store: say so once, and once more when stores work again.
+        self.stats.cache_put_errors += len(failures)
+        if failures and not self._cache_failing:
+            digest, error = failures[0]
+            log.warning("cannot cache chunk %s: %s (reads are served from memory; further failures "
+                        "are counted in stats as cache_put_errors)", digest.hex(), error)
+        elif not failures and self._cache_failing:
+            log.info("chunks are cached again after %d failed stores", self.stats.cache_put_errors)
+        self._cache_failing = bool(failures)
 
     def _put_many(self, items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, CacheError]]:
         failures = []

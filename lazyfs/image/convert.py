@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +38,7 @@ DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 CONVERTIBLE_LAYER_TYPES = frozenset({OCI_LAYER_TAR, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP, DOCKER_LAYER_TAR})
 _CONFIG_TYPES = {DOCKER_CONFIG: OCI_CONFIG}
 _DOWNLOADS_IN_PARALLEL = 3
+_STOP_WAIT = 10.0  # seconds a cancelled build may take to notice (it checks every chunk)
 
 
 class ConvertError(Exception):
@@ -225,7 +227,7 @@ class _Converter:
             return LayerOutcome(desc, desc, converted=False)
         out_path = workdir / ("new-" + desc.digest.replace(":", "-"))
         async with self.convert_lock:
-            result = await trio.to_thread.run_sync(self._build, desc, source_path, out_path)
+            result = await self._build_in_thread(desc, source_path, out_path)
         source_path.unlink()
         if result.source_diff_id != diff_id:
             raise ConvertError(
@@ -237,7 +239,27 @@ class _Converter:
         self.staging.add_file(result.digest, out_path, OCI_LAYER_ZSTD)
         return LayerOutcome(desc, target, converted=True, build=result)
 
-    def _build(self, desc: Descriptor, source_path: Path, out_path: Path) -> BuildResult:
+    async def _build_in_thread(self, desc: Descriptor, source_path: Path, out_path: Path) -> BuildResult:
+        """The build on a worker thread that stops soon after this task is cancelled (Ctrl-C,
+        SIGTERM, a failed sibling layer), so the staging directory can be removed."""
+        cancel, finished = threading.Event(), threading.Event()
+
+        def work() -> BuildResult:
+            try:
+                return self._build(desc, source_path, out_path, cancel)
+            finally:
+                finished.set()
+
+        try:
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except BaseException:
+            cancel.set()
+            # The builder checks cancel between chunks; wait for it so that no thread still
+            # writes into the staging directory while it is removed.
+            finished.wait(_STOP_WAIT)
+            raise
+
+    def _build(self, desc: Descriptor, source_path: Path, out_path: Path, cancel: threading.Event) -> BuildResult:
         o = self.options
         self.progress.layer_started(desc.digest, desc.size)
         try:
@@ -245,7 +267,7 @@ class _Converter:
                 return build_layer(
                     src, out, chunk_size=o.chunk_size, inline_threshold=o.inline_threshold, level=o.level,
                     threads=o.threads, progress=lambda n: self.progress.layer_advanced(desc.digest, n),
-                    trace=o.trace, order=o.trace_order, spool_dir=self.staging.directory,
+                    trace=o.trace, order=o.trace_order, spool_dir=self.staging.directory, cancel=cancel,
                 )
         except LayerFormatError as e:
             raise ConvertError(f"layer {desc.digest}: {e}") from e

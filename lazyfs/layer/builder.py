@@ -29,10 +29,8 @@ is fetched and cached once and its own frame is never read.
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -43,7 +41,7 @@ import stat
 import sys
 import tarfile
 import tempfile
-import urllib.parse
+import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -54,8 +52,10 @@ from lazyfs.erofs.writer import ChunkedData
 from lazyfs.layer import format as fmt
 from lazyfs.layer import layout
 from lazyfs.layer.annotations import to_annotations
-from lazyfs.layer.errors import LayerFormatError, UnsafeTarEntry
+from lazyfs.layer.errors import BuildCancelled, LayerFormatError, UnsafeTarEntry
 from lazyfs.layer.frames import FrameWriter
+from lazyfs.layer import tarparse
+from lazyfs.layer.tarparse import Member, SparseExpander, TarHeaderError, TarReader
 from lazyfs.layer.tarstream import STREAM_ERRORS, ReadAhead, Tap, open_tar_stream
 from lazyfs.layer.tree import OVERLAY_XATTR_PREFIX, Node, Tree
 from lazyfs.trace.format import Trace, TraceError
@@ -71,6 +71,17 @@ _TAR_BLOCK = 512
 _XATTR_NAME_PREFIXES = (b"user.", b"trusted.", b"security.")
 _XATTR_WHOLE_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 _XATTR_VALUE_MAX = 0xFFFF
+_SCHILY_XATTR = b"SCHILY.xattr."
+# Limits on what one layer may make the converter hold (see docs/design.md, "Tar forms").
+# containerd creates each path under its snapshot directory, so a name longer than PATH_MAX
+# less that directory's length, or a component over NAME_MAX, fails there (ENAMETOOLONG).
+MAX_NAME_BYTES = 3072
+MAX_COMPONENT_BYTES = 255
+MAX_ENTRIES = 1 << 21  # tar entries
+MAX_NODES = 1 << 21  # files and directories (implicit ones included) in the layer's tree
+MAX_TREE_BYTES = 256 << 20  # names, link targets and xattrs held for the metadata
+MAX_PATH_BYTES = 512 << 20  # the full paths of all nodes (the metadata writer keys by path)
+_UID_MAX = (1 << 32) - 2  # (uid_t)-1 means "unchanged" to chown
 
 
 @dataclasses.dataclass
@@ -115,6 +126,7 @@ class LayerBuilder:
         trace: bytes | None = None,
         order: bool = True,
         spool_dir: str | os.PathLike | None = None,
+        cancel: threading.Event | None = None,
     ):
         fmt.check_chunk_size(chunk_size)
         if not 0 <= inline_threshold <= BLOCK_SIZE:
@@ -138,6 +150,13 @@ class LayerBuilder:
         self._first_chunk: dict[bytes, int] = {}
         self._zero = bytes(chunk_size)
         self._frames: FrameWriter | None = None
+        self._tree_bytes = 0
+        self._cancel = cancel
+
+    def _check(self) -> None:
+        """Stop between two pieces of work (a chunk, a member, a MiB) once cancel is set."""
+        if self._cancel is not None and self._cancel.is_set():
+            raise BuildCancelled("conversion cancelled")
 
     # -- tar bytes ---------------------------------------------------------------------
 
@@ -205,113 +224,175 @@ class LayerBuilder:
     def _stream_members(self, stream: BinaryIO, kind: str) -> None:
         """The input tar byte for byte, read once, sequentially."""
         self._tap = tap = Tap(stream, self._emit_stream)
+        reader = TarReader(io.BufferedReader(tap, 64 << 10), check=self._check)
         try:
-            tar = tarfile.open(fileobj=tap, mode="r|", bufsize=64 << 10, encoding="utf-8", errors="surrogateescape")
-            for member in tar:
-                self.stats.entries += 1
-                self._member(tar, member)
+            while (member := reader.next()) is not None:
+                self._count(member)
+                self._member(reader, member)
             while tap.read(1 << 20):  # the end-of-archive blocks and any padding after them
-                pass
-        except (tarfile.TarError, *STREAM_ERRORS) as e:
+                self._check()
+        except TarHeaderError as e:
+            raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
+        except STREAM_ERRORS as e:
             raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
         self._emit_stream(tap.take_all())
 
-    def _member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def _count(self, m: Member) -> None:
+        self.stats.entries += 1
+        if self.stats.entries > MAX_ENTRIES:
+            raise LayerFormatError(f"layer has more than {MAX_ENTRIES} tar entries")
+
+    def _member(self, reader: TarReader, m: Member) -> None:
         # Everything before this member's header blocks goes out as it came in.
         self._emit_stream(self._tap.take(m.offset))
         node = self._add_node(m)
         if node is None:
             return
-        where = m.name
-        if m.issparse():
-            node.data = self._sparse(tar, m, where)
+        where = m.where
+        if m.sparse is not None:
+            node.data = self._sparse(reader, m, where)
         elif m.size <= self.inline_threshold:
-            node.data = self._small(tar, m, where)
+            node.data = self._small(reader.read, m, where)
         else:
             self._emit_stream(self._tap.take(m.offset_data))
-            node.data = self._chunked(tar, m, where)
+            node.data = self._chunked(reader, m, where)
 
-    def _add_node(self, m: tarfile.TarInfo) -> Node | None:
-        """Add the member to the tree; the node whose content the caller must read, if any."""
-        name = m.name.encode("utf-8", "surrogateescape")
-        where = m.name
-        node = Node(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, xattrs=_xattrs(m, where))
-        node.mtime, node.mtime_nsec = _mtime(m)
-        if m.isreg():
+    def _add_node(self, m: Member) -> Node | None:
+        """Add the member to the tree as containerd's applier would; the node whose content the
+        caller must read, if any."""
+        where = m.where
+        name = self._checked_name(m.name, where)
+        if m.type == tarparse.XGLTYPE:
+            # containerd ignores a global header's records but still applies its name: the
+            # path is removed (or, for a whiteout name, whited out) and its parents created.
+            self.tree.discard(name, where)
+            self._tree_bounded()
+            return None
+        if not 0 <= m.uid <= _UID_MAX or not 0 <= m.gid <= _UID_MAX:
+            raise UnsafeTarEntry(where, f"owner {m.uid}:{m.gid} out of range")
+        node = Node(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, xattrs=self._xattrs(m, where))
+        node.mtime, node.mtime_nsec = (m.mtime, m.mtime_nsec) if m.mtime >= 0 else (0, 0)
+        if m.type == tarparse.REGTYPE:
             node.mode |= stat.S_IFREG
-        elif m.isdir():
+        elif m.type == tarparse.DIRTYPE:
             node.mode |= stat.S_IFDIR
-        elif m.issym():
-            node.mode |= stat.S_IFLNK
-            node.link_target = m.linkname.encode("utf-8", "surrogateescape")
+        elif m.type == tarparse.SYMTYPE:
+            node.mode = stat.S_IFLNK | 0o777  # what symlink(2) makes, whatever the header says
+            node.link_target = m.linkname
             if not 0 < len(node.link_target) < 4096:
                 raise UnsafeTarEntry(where, "symlink target is empty or longer than 4095 bytes")
-        elif m.islnk():
-            target = self.tree.lookup_link_target(m.linkname.encode("utf-8", "surrogateescape"), where)
+            self._hold(len(m.linkname))
+        elif m.type == tarparse.LNKTYPE:
+            target = self.tree.lookup_link_target(self._checked_name(m.linkname, where), where)
+            # containerd applies the link's own header to the inode it now shares (lchown,
+            # setxattr, chmod, chtimes), so the last link's owner, mode and times win.
+            target.uid, target.gid = node.uid, node.gid
+            target.mtime, target.mtime_nsec = node.mtime, node.mtime_nsec
+            target.xattrs = {**target.xattrs, **node.xattrs}
+            if not stat.S_ISLNK(target.mode):
+                target.mode = stat.S_IFMT(target.mode) | node.mode
             self.tree.add(name, target, where)
+            self._tree_bounded()
             return None
-        elif m.ischr() or m.isblk():
-            node.mode |= stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+        elif m.type in (tarparse.CHRTYPE, tarparse.BLKTYPE):
+            node.mode |= stat.S_IFCHR if m.type == tarparse.CHRTYPE else stat.S_IFBLK
             if not (0 <= m.devmajor < 1 << 12 and 0 <= m.devminor < 1 << 20):
                 raise UnsafeTarEntry(where, f"device number {m.devmajor}:{m.devminor} out of range")
             node.rdev = (m.devmajor, m.devminor)
-        elif m.isfifo():
+        elif m.type == tarparse.FIFOTYPE:
             node.mode |= stat.S_IFIFO
         else:
-            raise UnsafeTarEntry(where, f"unsupported tar entry type {m.type!r}")
+            kind = {tarparse.CONTTYPE: "contiguous file"}.get(m.type, "entry")
+            raise UnsafeTarEntry(where, f"unsupported tar {kind} type {m.type.decode('latin-1')!r} "
+                                        "(containerd refuses it too)")
         self.tree.add(name, node, where)
-        if not m.isreg():
+        self._tree_bounded()
+        if m.type != tarparse.REGTYPE:
             return None
         self.stats.files += 1
         return node
 
-    def _sparse(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes | ChunkedData:
+    def _checked_name(self, name: bytes, where: str) -> bytes:
+        check_name(name, where)
+        self._hold(len(name))
+        return name
+
+    def _tree_bounded(self) -> None:
+        if self.tree.nodes > MAX_NODES or self.tree.path_bytes > MAX_PATH_BYTES:
+            raise LayerFormatError(f"layer tree too large (over {MAX_NODES} files and directories "
+                                   f"or {MAX_PATH_BYTES >> 20} MiB of paths)")
+
+    def _hold(self, n: int) -> None:
+        self._tree_bytes += n
+        if self._tree_bytes > MAX_TREE_BYTES:
+            raise LayerFormatError(f"layer names and xattrs exceed {MAX_TREE_BYTES >> 20} MiB")
+
+    def _xattrs(self, m: Member, where: str) -> dict[bytes, bytes]:
+        """Extended attributes from PAX SCHILY.xattr.* records (the only ones containerd applies)."""
+        out: dict[bytes, bytes] = {}
+        for key, raw in m.pax.items():
+            if not key.startswith(_SCHILY_XATTR):
+                continue
+            name = key[len(_SCHILY_XATTR):]
+            if name.startswith(OVERLAY_XATTR_PREFIX):
+                log.debug("%s: dropping overlayfs xattr %r from the tar", where, name)
+                continue
+            supported = name in _XATTR_WHOLE_NAMES or any(
+                name.startswith(p) and len(name) > len(p) for p in _XATTR_NAME_PREFIXES
+            )
+            if not supported or len(raw) > _XATTR_VALUE_MAX or len(name) > 255:
+                log.debug("%s: dropping xattr %r (not storable in EROFS)", where, name)
+                continue
+            self._hold(len(name) + len(raw))
+            out[name] = raw
+        return out
+
+    def _sparse(self, reader: TarReader, m: Member, where: str) -> bytes | ChunkedData:
         """A sparse member is written expanded, as a regular file with a new PAX header; all-zero
         chunks become holes of the EROFS file. (The only case where the output tar differs.)"""
-        next_header = tar.offset
-        self._tap.skip(next_header)
+        self._tap.skip(m.end)
         self._sparse_header(m)
-        data = self._small(tar, m, where) if m.size <= self.inline_threshold else self._chunked(tar, m, where)
-        self._tap.skip(next_header)
+        if m.size <= self.inline_threshold:
+            data = self._small(reader.read, m, where)
+            self._emit_stream(data)
+        else:
+            data = self._cut(reader.read, m.size, where)
+        self._tap.skip(m.end)
         pad = -m.size % _TAR_BLOCK
         if pad:
             self._emit_stream(bytes(pad))
         return data
 
-    def _sparse_header(self, m: tarfile.TarInfo) -> None:
-        pax = {k: v for k, v in m.pax_headers.items() if not k.startswith("GNU.sparse.") and k != "size"}
-        self._header(m, tarfile.REGTYPE, pax, size=m.size)
-
-    def _header(self, m: tarfile.TarInfo, out_type: bytes, pax: dict[str, str], size: int) -> None:
-        h = copy.copy(m)
-        h.type = out_type
-        h.size = size
-        if "mtime" in pax:
-            # Keep the PAX record (nanoseconds) verbatim: tarfile would rewrite a float mtime.
-            h.mtime = int(m.mtime) if m.mtime >= 0 else 0
-        h.pax_headers = pax
+    def _sparse_header(self, m: Member) -> None:
+        h = tarfile.TarInfo(m.name.decode("utf-8", "surrogateescape"))
+        h.type, h.size, h.mode, h.uid, h.gid = tarfile.REGTYPE, m.size, m.mode & 0o7777, m.uid, m.gid
+        h.mtime = max(0, m.mtime)
+        h.uname = m.uname.decode("utf-8", "surrogateescape")
+        h.gname = m.gname.decode("utf-8", "surrogateescape")
+        # Keep every record but the sparse ones (the PAX mtime verbatim, with its nanoseconds).
+        h.pax_headers = {
+            k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+            for k, v in m.pax.items() if not k.startswith(b"GNU.sparse.") and k not in (b"size", b"path")
+        }
         try:
             header = h.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         except (ValueError, UnicodeError) as e:
-            raise UnsafeTarEntry(m.name, f"cannot be re-encoded as a PAX header: {e}") from None
+            raise UnsafeTarEntry(m.where, f"cannot be re-encoded as a PAX header: {e}") from None
         self._emit_stream(header)
 
-    def _small(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes:
+    def _small(self, read: Callable[[int], bytes], m: Member, where: str) -> bytes:
         """Content kept in the metadata; its tar bytes stay in the tap (stream frames)."""
-        data = tar.extractfile(m).read(m.size)
+        data = read(m.size)
         if len(data) != m.size:
             raise LayerFormatError(f"tar entry {where!r} is truncated")
         self.stats.inline_bytes += len(data)
-        if m.issparse():
-            self._emit_stream(data)
         return data
 
-    def _chunked(self, tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> ChunkedData:
+    def _chunked(self, reader: TarReader, m: Member, where: str) -> ChunkedData:
         """Content cut into chunk frames (read chunk by chunk, never whole)."""
-        after = None if m.issparse() else (lambda done: self._tap.skip(m.offset_data + done))
         self._tap.hold = True
         try:
-            return self._cut(tar.extractfile(m).read, m.size, where, after)
+            return self._cut(reader.read, m.size, where, lambda done: self._tap.skip(m.offset_data + done))
         finally:
             self._tap.hold = False
 
@@ -321,6 +402,7 @@ class LayerBuilder:
         chunks: list[int | None] = []
         done = 0
         while done < size:
+            self._check()
             want = min(self.chunk_size, size - done)
             data = read(want)
             if len(data) != want:
@@ -345,17 +427,25 @@ class LayerBuilder:
             spool.seek(0)
             fd = spool.fileno()
             size = os.fstat(fd).st_size
+            reader = TarReader(io.BufferedReader(io.FileIO(fd, closefd=False), 64 << 10), seekable_size=size,
+                                check=self._check)
+            members = []
             try:
-                tar = tarfile.open(fileobj=spool, mode="r:", encoding="utf-8", errors="surrogateescape")
-                members = [layout.Member(info, info.offset, tar.offset) for info in tar]
-            except (tarfile.TarError, EOFError) as e:
+                while (info := reader.next()) is not None:
+                    self._count(info)
+                    check_name(info.name, info.where)  # before the plan splits names
+                    if info.islnk():
+                        check_name(info.linkname, info.where)
+                    members.append(layout.Member(info, info.offset, info.end))
+            except TarHeaderError as e:
                 raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
-            trailer = tar.offset
-            tar.members = []  # the plan holds them; the reader need not
+            trailer = reader.entries_end
+            self.stats.entries = 0
             plan = layout.plan(members, self._traced, self.inline_threshold)
             moved = set(plan.moved)
             self._emit_span(fd, 0, members[0].start if members else trailer)
             for step in plan.steps:
+                self._check()
                 member = members[step.member]
                 self.stats.entries += 1
                 if step.copy:
@@ -363,8 +453,8 @@ class LayerBuilder:
                     self._add_node(member.info)
                     continue
                 try:
-                    self._spooled_member(tar, fd, member)
-                except (tarfile.TarError, EOFError) as e:
+                    self._spooled_member(fd, member)
+                except TarHeaderError as e:
                     raise LayerFormatError(f"cannot read the layer tar ({kind}): {e}") from None
                 if step.member in moved:
                     self.ordered_chunks = len(self._entries)
@@ -373,6 +463,7 @@ class LayerBuilder:
 
     def _spool(self, stream: BinaryIO, spool: BinaryIO, kind: str) -> None:
         while True:
+            self._check()
             try:
                 piece = stream.read(SPOOL_PIECE)
             except STREAM_ERRORS as e:
@@ -385,38 +476,42 @@ class LayerBuilder:
     def _emit_span(self, fd: int, start: int, end: int) -> None:
         """Input bytes [start, end) of the spool, as stream bytes, piece by piece."""
         while start < end:
+            self._check()
             data = os.pread(fd, min(SPOOL_PIECE, end - start), start)
             if not data:
                 raise LayerFormatError(f"tar stream ended before offset {end}")
             self._emit_stream(data)
             start += len(data)
 
-    def _spooled_member(self, tar: tarfile.TarFile, fd: int, member: layout.Member) -> None:
+    def _spooled_member(self, fd: int, member: layout.Member) -> None:
         m = member.info
         node = self._add_node(m)
-        where = m.name
+        where = m.where
         if node is None:
             self._emit_span(fd, member.start, member.end)
-        elif m.issparse():
+            return
+        position = m.offset_data
+
+        def read(n: int) -> bytes:
+            nonlocal position
+            data = os.pread(fd, n, position)
+            position += len(data)
+            return data
+
+        if m.sparse is not None:
             self._sparse_header(m)
+            expanded = SparseExpander(read, m.sparse, m.size).read
             if m.size <= self.inline_threshold:
-                node.data = self._small(tar, m, where)
+                node.data = self._small(expanded, m, where)
+                self._emit_stream(node.data)
             else:
-                node.data = self._cut(tar.extractfile(m).read, m.size, where)
+                node.data = self._cut(expanded, m.size, where)
             self._emit_stream(bytes(-m.size % _TAR_BLOCK))
         elif m.size <= self.inline_threshold:
-            node.data = self._small(tar, m, where)
+            node.data = self._small(read, m, where)
             self._emit_span(fd, member.start, member.end)
         else:
             self._emit_span(fd, member.start, m.offset_data)
-            position = m.offset_data
-
-            def read(n: int) -> bytes:
-                nonlocal position
-                data = os.pread(fd, n, position)
-                position += len(data)
-                return data
-
             node.data = self._cut(read, m.size, where)
             self._emit_span(fd, m.offset_data + m.size, member.end)
 
@@ -440,6 +535,7 @@ class LayerBuilder:
         )
         try:
             for entry in self.tree.entries():
+                self._check()
                 erofs.add(entry)
             meta_buf = io.BytesIO()
             erofs.write(meta_buf)
@@ -497,6 +593,7 @@ def build_layer(
     trace: bytes | None = None,
     order: bool = True,
     spool_dir: str | os.PathLike | None = None,
+    cancel: threading.Event | None = None,
 ) -> BuildResult:
     """Convert one layer tar (gzip/zstd/plain, sniffed) read from src into a lazyfs blob on out.
 
@@ -504,11 +601,11 @@ def build_layer(
     section and the tar is written in the trace-ordered layout, spooling the decompressed
     input to a temporary file in spool_dir (default: the system's temporary directory).
     Without a trace, or with order=False (the trace is only embedded), the output tar is the
-    input byte for byte.
+    input byte for byte. Setting cancel stops the build (BuildCancelled) within a chunk's work.
     """
     builder = LayerBuilder(
         out, chunk_size=chunk_size, inline_threshold=inline_threshold, level=level, threads=threads,
-        trace=trace, order=order, spool_dir=spool_dir,
+        trace=trace, order=order, spool_dir=spool_dir, cancel=cancel,
     )
     with _short_gil_switch_interval():
         return builder.build(src, progress)
@@ -531,48 +628,12 @@ def _short_gil_switch_interval(seconds: float = 0.0005):
         sys.setswitchinterval(previous)
 
 
-def _mtime(m: tarfile.TarInfo) -> tuple[int, int]:
-    """(seconds, nanoseconds), exact from a PAX record when there is one; negative clamps to 0."""
-    text = m.pax_headers.get("mtime")
-    if text is not None:
-        whole, _, frac = text.partition(".")
-        try:
-            seconds = int(whole)
-            nsec = int((frac + "000000000")[:9]) if frac else 0
-        except ValueError:
-            raise UnsafeTarEntry(m.name, f"bad PAX mtime {text!r}") from None
-        if whole.startswith("-"):
-            return 0, 0
-        return seconds, nsec
-    return max(0, int(m.mtime)), 0
-
-
-def _xattrs(m: tarfile.TarInfo, where: str) -> dict[bytes, bytes]:
-    """Extended attributes from PAX SCHILY.xattr.* and LIBARCHIVE.xattr.* records."""
-    out: dict[bytes, bytes] = {}
-    for key, value in m.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
-            name = key[len("SCHILY.xattr.") :].encode("utf-8", "surrogateescape")
-            raw = value.encode("utf-8", "surrogateescape")
-        elif key.startswith("LIBARCHIVE.xattr."):
-            name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
-            try:
-                raw = base64.b64decode(value + "=" * (-len(value) % 4))
-            except ValueError:
-                raise UnsafeTarEntry(where, f"bad base64 in {key}") from None
-        else:
-            continue
-        if name.startswith(OVERLAY_XATTR_PREFIX):
-            log.debug("%s: dropping overlayfs xattr %r from the tar", where, name)
-            continue
-        supported = name in _XATTR_WHOLE_NAMES or any(
-            name.startswith(p) and len(name) > len(p) for p in _XATTR_NAME_PREFIXES
-        )
-        if not supported or len(raw) > _XATTR_VALUE_MAX or len(name) > 255:
-            log.debug("%s: dropping xattr %r (not storable in EROFS)", where, name)
-            continue
-        out[name] = raw
-    return out
+def check_name(name: bytes, where: str) -> None:
+    """Refuse a name containerd could not create (ENAMETOOLONG under its snapshot directory)."""
+    if len(name) > MAX_NAME_BYTES:
+        raise UnsafeTarEntry(where[:80] + "...", f"file name too long ({len(name)} bytes, limit {MAX_NAME_BYTES})")
+    if any(len(part) > MAX_COMPONENT_BYTES for part in name.split(b"/")):
+        raise UnsafeTarEntry(where, f"file name too long (a component over {MAX_COMPONENT_BYTES} bytes)")
 
 
 def _trace_paths(trace: bytes) -> list[str]:

@@ -12,3 +12,7 @@ class UnsafeTarEntry(LayerFormatError):
         super().__init__(f"unsafe tar entry {entry!r}: {reason}")
         self.entry = entry
         self.reason = reason
+
+
+class BuildCancelled(Exception):
+    """A conversion was asked to stop (its cancel event was set); not a format problem."""

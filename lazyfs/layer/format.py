@@ -19,6 +19,7 @@ import base64
 import dataclasses
 import hashlib
 import struct
+from collections.abc import Callable
 
 import google_crc32c
 import zstandard
@@ -45,8 +46,12 @@ COMPRESSION_NONE = 0
 COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_NONE: "none", COMPRESSION_ZSTD: "zstd"}
 
-# Decompressed sections are bounded so that a hostile size field cannot exhaust memory.
-MAX_SECTION_SIZE = 4 << 30
+# Every section is bounded, so that a hostile size field (or a small zstd frame of zeros that
+# honestly decodes to gigabytes) cannot exhaust memory or disk. The metadata holds small files
+# inline, hence its larger bound; the table bound is 8 Mi chunks (8 TiB of 1 MiB chunks).
+MAX_SECTION_SIZE = 4 << 30  # stored bytes of any section
+MAX_DECODED_SIZE = {"meta": 1 << 30, "table": 256 << 20, "trace": 64 << 20}
+DECODE_PIECE = 1 << 20  # sections decode in pieces of this size (no frame-sized buffer)
 
 # --- footer -------------------------------------------------------------------------------
 FOOTER_MAGIC = b"LZFSFOOT"
@@ -125,8 +130,11 @@ class Section:
             raise LayerFormatError(f"{name} section: unknown compression {self.compression}")
         if self.stored_size <= 0 or self.size <= 0:
             raise LayerFormatError(f"{name} section is empty")
-        if self.size > MAX_SECTION_SIZE or self.stored_size > MAX_SECTION_SIZE:
-            raise LayerFormatError(f"{name} section is too large ({self.size} bytes)")
+        if self.stored_size > MAX_SECTION_SIZE:
+            raise LayerFormatError(f"{name} section is too large ({self.stored_size} stored bytes)")
+        limit = MAX_DECODED_SIZE.get(name, MAX_SECTION_SIZE)
+        if self.size > limit:
+            raise LayerFormatError(f"{name} section of {self.size} bytes exceeds the limit of {limit}")
         if self.compression == COMPRESSION_NONE and self.stored_size != self.size:
             raise LayerFormatError(f"{name} section: stored size differs from size but is uncompressed")
         if len(self.sha256) != 32:
@@ -140,19 +148,45 @@ class Section:
 
     def open(self, name: str, stored: bytes) -> bytes:
         """Verify the stored bytes of this section and return them decoded."""
+        if self.compression == COMPRESSION_NONE:
+            self._verify(name, stored)
+            return bytes(stored)
+        out = bytearray()
+        self.open_into(name, stored, out.extend)
+        return bytes(out)
+
+    def _verify(self, name: str, stored: bytes) -> None:
         if len(stored) != self.stored_size:
             raise LayerFormatError(f"{name} section: got {len(stored)} bytes, expected {self.stored_size}")
         if hashlib.sha256(stored).digest() != self.sha256:
             raise LayerFormatError(f"{name} section: sha256 mismatch")
+
+    def open_into(self, name: str, stored: bytes, write: Callable[[bytes], object]) -> None:
+        """Verify the stored bytes and pass them decoded to write(), a piece at a time.
+
+        Decoding never trusts the zstd frame header: output is produced in DECODE_PIECE pieces
+        and stops one byte past the declared size, so memory stays bounded whatever the frame
+        claims, and a frame that decodes to more or less than ``size`` is an error.
+        """
+        self._verify(name, stored)
         if self.compression == COMPRESSION_NONE:
-            return bytes(stored)
+            write(bytes(stored))
+            return
+        total = 0
         try:
-            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=self.size)
+            with zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=True) as reader:
+                while total <= self.size:
+                    piece = reader.read(min(DECODE_PIECE, self.size + 1 - total))
+                    if not piece:
+                        break
+                    total += len(piece)
+                    if total <= self.size:
+                        write(piece)
         except zstandard.ZstdError as e:
             raise LayerFormatError(f"{name} section: cannot decompress: {e}") from None
-        if len(data) != self.size:
-            raise LayerFormatError(f"{name} section: decompressed to {len(data)} bytes, expected {self.size}")
-        return data
+        if total != self.size:
+            what = "more than" if total > self.size else f"{total} bytes, expected"
+            raise LayerFormatError(f"{name} section: decompressed to {what} {self.size} bytes")
 
 
 def make_section(offset: int, payload: bytes, compression: int, size: int) -> Section:
@@ -170,6 +204,12 @@ class LayerIndex:
     trace: Section | None = None
     trace_ordered: bool = False  # the tar is in the trace-ordered layout
     ordered_chunks: int = 0  # chunks 0..ordered_chunks-1 belong to the files written first
+
+    @property
+    def data_limit(self) -> int:
+        """Where the chunk frames must end: at the first section's frame header."""
+        sections = [s for s in (self.meta, self.table, self.trace) if s is not None]
+        return min(s.offset for s in sections) - SKIPPABLE_HEADER.size
 
     def check(self, blob_size: int | None = None) -> None:
         if self.version != FORMAT_VERSION:
@@ -260,34 +300,43 @@ class ChunkEntry:
 
 
 class ChunkTable:
-    """The decoded chunk table: entry n describes chunk n of the layer's chunk device."""
+    """The decoded chunk table: entry n describes chunk n of the layer's chunk device.
 
-    def __init__(self, chunk_size: int, data_end: int, entries: list[ChunkEntry]):
+    The entries stay in their encoded form (32 bytes each) and are unpacked when asked for: a
+    table of millions of chunks costs its own size in memory, not a Python object per chunk.
+    """
+
+    def __init__(self, chunk_size: int, data_end: int, entries: list[ChunkEntry] | None = None, *,
+                 raw: bytes | None = None):
         self.chunk_size = chunk_size
         self.data_end = data_end
-        self.entries = entries
+        if raw is None:
+            raw = b"".join(TABLE_ENTRY.pack(e.offset, e.stored_length, e.length, e.digest) for e in entries or ())
+        self._raw = raw
+        self._count = len(raw) // TABLE_ENTRY.size
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self._count
 
     def __getitem__(self, n: int) -> ChunkEntry:
-        if not 0 <= n < len(self.entries):
-            raise LayerFormatError(f"chunk {n} is outside the chunk table ({len(self.entries)} entries)")
-        return self.entries[n]
+        if not 0 <= n < self._count:
+            raise LayerFormatError(f"chunk {n} is outside the chunk table ({self._count} entries)")
+        return ChunkEntry(*TABLE_ENTRY.unpack_from(self._raw, n * TABLE_ENTRY.size))
+
+    @property
+    def entries(self) -> list[ChunkEntry]:
+        """Every entry as an object (for tools; the daemon indexes the table instead)."""
+        return [ChunkEntry(*fields) for fields in TABLE_ENTRY.iter_unpack(self._raw)]
 
     def encode(self) -> bytes:
-        out = bytearray(
-            TABLE_HEAD.pack(
-                TABLE_MAGIC, FORMAT_VERSION, TABLE_ENTRY.size, self.chunk_size, len(self.entries), self.data_end
-            )
-        )
-        for e in self.entries:
-            out += TABLE_ENTRY.pack(e.offset, e.stored_length, e.length, e.digest)
-        return bytes(out)
+        head = TABLE_HEAD.pack(TABLE_MAGIC, FORMAT_VERSION, TABLE_ENTRY.size, self.chunk_size, self._count,
+                               self.data_end)
+        return head + bytes(self._raw)
 
     @classmethod
-    def decode(cls, data: bytes, chunk_size: int | None = None) -> ChunkTable:
-        """Parse and validate a table. chunk_size, if given, must match the table's own."""
+    def decode(cls, data: bytes, chunk_size: int | None = None, data_limit: int | None = None) -> ChunkTable:
+        """Parse and validate a table. chunk_size, if given, must match the table's own;
+        data_limit, if given, is where the chunk frames must end (the first section frame)."""
         if len(data) < TABLE_HEAD.size:
             raise LayerFormatError(f"chunk table is truncated ({len(data)} bytes)")
         magic, version, entry_size, tsize, count, data_end = TABLE_HEAD.unpack_from(data)
@@ -300,14 +349,15 @@ class ChunkTable:
             raise LayerFormatError(f"chunk table chunk size {tsize} differs from the layer's {chunk_size}")
         if len(data) != TABLE_HEAD.size + count * TABLE_ENTRY.size:
             raise LayerFormatError(f"chunk table size {len(data)} does not match its count {count}")
+        if data_limit is not None and data_end > data_limit:
+            raise LayerFormatError(f"chunk table data end {data_end} lies past the chunk frames (end {data_limit})")
         limit = max_frame_size(tsize)
-        entries = []
-        for n, (offset, stored, length, digest) in enumerate(
-            TABLE_ENTRY.iter_unpack(memoryview(data)[TABLE_HEAD.size :])
-        ):
+        # Entries may share a frame (identical chunks) but no frame may reach past data_end
+        # into the sections; each chunk's xxh3 is checked when it is read.
+        raw = bytes(memoryview(data)[TABLE_HEAD.size :])
+        for n, (offset, stored, length, _digest) in enumerate(TABLE_ENTRY.iter_unpack(raw)):
             if not 0 < length <= tsize or not 0 < stored <= limit or offset + stored > data_end:
                 raise LayerFormatError(
                     f"chunk table entry {n} is invalid (offset {offset}, stored {stored}, length {length})"
                 )
-            entries.append(ChunkEntry(offset, stored, length, digest))
-        return cls(tsize, data_end, entries)
+        return cls(tsize, data_end, raw=raw)

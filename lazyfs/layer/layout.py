@@ -27,15 +27,15 @@ A traced path is moved only when that cannot change what any extractor makes of 
   the directory's ``trusted.overlay.opaque`` xattr and its naive applier removes only entries
   the layer has not unpacked yet, so either way the marker affects lower layers only.
 
-Any global PAX header after the first member, or an unsafe name, leaves the order unchanged.
+Any global PAX header, or an unsafe name, leaves the order unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tarfile
 from collections.abc import Iterable, Sequence
 
+from lazyfs.layer import tarparse
 from lazyfs.layer.errors import UnsafeTarEntry
 from lazyfs.layer.tree import WHITEOUT_META_PREFIX, WHITEOUT_PREFIX, split_name
 
@@ -46,7 +46,7 @@ Key = tuple[bytes, ...]
 class Member:
     """Where one tar member's bytes are in the (spooled) input, and what the plan needs of it."""
 
-    info: tarfile.TarInfo
+    info: tarparse.Member
     start: int  # first header block (extended headers included)
     end: int  # where the next member's header blocks begin (after data and padding)
 
@@ -65,6 +65,28 @@ class Plan:
     @property
     def reordered(self) -> bool:
         return bool(self.moved)
+
+
+class _PathNumbers:
+    """A number for every path seen (0 is the root), each prefix numbered once."""
+
+    def __init__(self) -> None:
+        self._numbers: dict[tuple[int, bytes], int] = {}
+
+    def of(self, key: Key) -> list[int]:
+        """The numbers of key's prefixes, root first (numbering new ones)."""
+        out = [0]
+        for part in key:
+            out.append(self._numbers.setdefault((out[-1], part), len(self._numbers) + 1))
+        return out
+
+    def find(self, key: Key) -> int | None:
+        number = 0
+        for part in key:
+            number = self._numbers.get((number, part))
+            if number is None:
+                return None
+        return number
 
 
 def identity(count: int) -> Plan:
@@ -88,12 +110,12 @@ def traced_paths(paths: Iterable[str]) -> list[Key]:
     return keys
 
 
-def _key(m: tarfile.TarInfo) -> Key:
-    return tuple(split_name(m.name.encode("utf-8", "surrogateescape"), m.name))
+def _key(m: tarparse.Member) -> Key:
+    return tuple(split_name(m.name, m.where))
 
 
-def _link_key(m: tarfile.TarInfo) -> Key:
-    return tuple(split_name(m.linkname.encode("utf-8", "surrogateescape"), m.name))
+def _link_key(m: tarparse.Member) -> Key:
+    return tuple(split_name(m.linkname, m.where))
 
 
 def _whited_out(key: Key) -> Key | None:
@@ -109,8 +131,8 @@ def _whiteout_name(key: Key) -> bool:
     return any(part.startswith(WHITEOUT_PREFIX) for part in key)
 
 
-def _plain_dir(m: tarfile.TarInfo) -> bool:
-    return m.type == tarfile.DIRTYPE and m.size == 0
+def _plain_dir(m: tarparse.Member) -> bool:
+    return m.isdir()
 
 
 def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int) -> Plan:
@@ -119,27 +141,30 @@ def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int) -> Pla
     count = len(members)
     if not traced:
         return identity(count)
-    for previous, member in zip(members, members[1:]):
-        if member.start != previous.end:  # a global header between members applies from there on
-            return identity(count)
+    if any(m.info.type == tarparse.XGLTYPE for m in members):
+        return identity(count)  # a global header removes its path where it stands
     try:
         keys = [_key(m.info) for m in members]
     except UnsafeTarEntry:
         return identity(count)  # the builder refuses the layer anyway, naming the entry
-    entries: dict[Key, list[int]] = {}
-    below: set[Key] = set()  # proper prefixes of member paths
-    removed: set[Key] = set()
+    # Paths are numbered through a trie (a number per distinct prefix), so that recording every
+    # prefix of every member costs its depth, not its depth squared.
+    paths = _PathNumbers()
+    entries: dict[int, list[int]] = {}
+    below: set[int] = set()  # proper prefixes of member paths
+    removed: set[int] = set()
     for i, key in enumerate(keys):
-        entries.setdefault(key, []).append(i)
-        below.update(key[:n] for n in range(len(key)))
+        numbers = paths.of(key)
+        entries.setdefault(numbers[-1], []).append(i)
+        below.update(numbers[:-1])
         target = _whited_out(key) if key else None
         if target is not None:
-            removed.add(target)
+            removed.add(paths.of(target)[-1])
 
     def movable_file(key: Key) -> int | None:
         """The member to move for a traced path, or None."""
         for _ in range(count + 1):  # bounded walk along a hard-link chain
-            found = entries.get(key)
+            found = entries.get(paths.find(key))
             if found is None or len(found) != 1:
                 return None
             m = members[found[0]].info
@@ -149,17 +174,17 @@ def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int) -> Pla
                 except UnsafeTarEntry:
                     return None
                 continue
-            if not m.isreg() or m.size <= min_size or key in below or _whiteout_name(key):
+            if not m.isreg() or m.size <= min_size or paths.find(key) in below or _whiteout_name(key):
                 return None
             return found[0]
         return None
 
     def ancestors_ok(key: Key) -> bool:
-        for n in range(len(key) + 1):
-            if key[:n] in removed:
-                return False
-        for n in range(1, len(key)):
-            if not all(_plain_dir(members[i].info) for i in entries.get(key[:n], ())):
+        numbers = paths.of(key)
+        if any(n in removed for n in numbers):
+            return False
+        for n in numbers[1:-1]:
+            if not all(_plain_dir(members[i].info) for i in entries.get(n, ())):
                 return False
         return True
 
@@ -173,8 +198,9 @@ def plan(members: Sequence[Member], traced: Sequence[Key], min_size: int) -> Pla
         chosen.add(index)
         moved.append(index)
         key = keys[index]
+        numbers = paths.of(key)
         for n in range(1, len(key)):
-            found = entries.get(key[:n])
+            found = entries.get(numbers[n])
             if found:
                 dirs[key[:n]] = found[-1]
     if not moved:

@@ -88,12 +88,13 @@ class Layer:
         """Verify the stored metadata and table against index and open them."""
         meta = index.meta.open("meta", meta_stored)
         table_bytes = index.table.open("table", table_stored)
-        return cls.from_verified(meta, table_bytes, index.chunk_size, trusted_footer=trusted_footer)
+        return cls.from_verified(meta, table_bytes, index.chunk_size, trusted_footer=trusted_footer,
+                                 data_limit=index.data_limit)
 
     @classmethod
     def from_verified(
         cls, meta: bytes | memoryview | Image, table_bytes: bytes, chunk_size: int | None = None,
-        *, trusted_footer: bool = False,
+        *, trusted_footer: bool = False, data_limit: int | None = None,
     ) -> Layer:
         """From metadata already verified (e.g. cached by digest) and the raw table bytes.
 
@@ -103,7 +104,7 @@ class Layer:
             image = meta if isinstance(meta, Image) else Image(meta)
         except ErofsError as e:
             raise LayerFormatError(f"layer metadata is not a valid EROFS image: {e}") from None
-        table = fmt.ChunkTable.decode(table_bytes, chunk_size)
+        table = fmt.ChunkTable.decode(table_bytes, chunk_size, data_limit)
         return cls(image, table, trusted_footer=trusted_footer, table_sha256=hashlib.sha256(table_bytes).digest())
 
     @property

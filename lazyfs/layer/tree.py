@@ -1,7 +1,7 @@
 """The file tree of one layer as a safe tar applier would leave it, ready for the EROFS writer.
 
 Rules (modelled on containerd's archive applier, stricter where it scopes instead of refusing):
-absolute names, ``..`` components, names passing through a symlink or a non-directory of this
+entries naming the root are ignored (containerd skips them); absolute names, ``..`` components, names passing through a symlink or a non-directory of this
 layer, and hard links to missing entries or directories are refused with UnsafeTarEntry naming
 the entry. A later entry replaces an earlier one at the same path (directories merge their
 attributes, as tar extraction does). Whiteouts become what overlayfs expects in a lowerdir:
@@ -67,15 +67,23 @@ def split_name(name: bytes, entry: str) -> list[bytes]:
 class Tree:
     def __init__(self) -> None:
         self.root = Node(mode=IMPLICIT_DIR_MODE, children={})
+        # What the metadata writer will hold (an upper bound: replaced nodes stay counted), so
+        # the builder can refuse a layer before it exhausts memory.
+        self.nodes = 1
+        self.path_bytes = 0
 
     def _parent_dir(self, parts: list[bytes], entry: str) -> Node:
         """The directory holding parts[-1], creating missing directories like an extractor."""
         node = self.root
+        length = -1
         for i, name in enumerate(parts[:-1]):
+            length += 1 + len(name)
             child = node.children.get(name)
             if child is None:
                 child = Node(mode=IMPLICIT_DIR_MODE, children={})
                 node.children[name] = child
+                self.nodes += 1
+                self.path_bytes += length
             elif stat.S_ISLNK(child.mode):
                 where = b"/".join(parts[: i + 1]).decode(errors="replace")
                 raise UnsafeTarEntry(entry, f"path goes through the symlink {where!r} of this layer")
@@ -89,9 +97,7 @@ class Tree:
         """Place node at name (later entries win; a directory over a directory merges)."""
         parts = split_name(name, entry)
         if not parts:
-            if not node.is_dir:
-                raise UnsafeTarEntry(entry, "the layer root must be a directory")
-            self._merge_dir(self.root, node)
+            log.debug("tar entry %s ignored: it names the layer root", entry)  # as containerd does
             return
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
@@ -105,6 +111,19 @@ class Tree:
         if node.is_dir and node.children is None:
             node.children = {}
         parent.children[base] = node
+        self.nodes += 1
+        self.path_bytes += sum(map(len, parts)) + len(parts) - 1
+
+    def discard(self, name: bytes, entry: str) -> None:
+        """What an entry that creates nothing does (a global PAX header, to containerd): its
+        parents are created, and whatever is at its path is removed (or whited out)."""
+        parts = split_name(name, entry)
+        if not parts:
+            return
+        if parts[-1].startswith(WHITEOUT_PREFIX):
+            self._whiteout(parts, Node(mode=stat.S_IFREG), entry)
+            return
+        self._parent_dir(parts, entry).children.pop(parts[-1], None)
 
     def _merge_dir(self, old: Node, new: Node) -> None:
         old.mode, old.uid, old.gid = new.mode, new.uid, new.gid
@@ -123,6 +142,8 @@ class Tree:
         if target in (b"", b".", b".."):
             raise UnsafeTarEntry(entry, "whiteout without a name")
         parent = self._parent_dir(parts, entry)
+        self.nodes += 1
+        self.path_bytes += sum(map(len, parts)) + len(parts) - 1
         parent.children[target] = Node(
             mode=stat.S_IFCHR, uid=header.uid, gid=header.gid, mtime=header.mtime,
             mtime_nsec=header.mtime_nsec, rdev=(0, 0),
@@ -136,6 +157,8 @@ class Tree:
         if node is None:
             node = Node(mode=IMPLICIT_DIR_MODE, children={})
             parent.children[parts[-1]] = node
+            self.nodes += 1
+            self.path_bytes += sum(map(len, parts)) + len(parts) - 1
         elif not node.is_dir:
             raise UnsafeTarEntry(entry, "opaque marker inside something that is not a directory")
         return node

@@ -35,7 +35,10 @@ from .hosts import HostHealth, RegistryHost
 from .errors import (
     AuthenticationError, BlobNotFound, DigestMismatch, ManifestNotFound, RegistryError,
 )
-from .manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, OCI_LAYER_GZIP, Descriptor, Manifest, Platform, sha256_digest
+from .manifest import (
+    MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_LAYER_GZIP, Descriptor, Manifest, Platform, referrer_entries,
+    sha256_digest,
+)
 from .reference import Reference, is_digest, validate_digest, validate_tag_or_digest
 from .retry import (
     Retrier, RetryPolicy, StreamProgress, TransientFailure, parse_retry_after, run_with_retries,
@@ -195,6 +198,30 @@ class RegistryClient:
 
     async def get_config(self, manifest: Manifest) -> dict:
         return await fetch_config(self, manifest)
+
+    async def list_referrers(self, digest: str) -> list[dict] | None:
+        """The descriptors (raw JSON objects, with artifactType and annotations) of the manifests
+        whose subject is ``digest``, from the referrers API (distribution spec 1.1); None when
+        the registry has no such API (404, 400 or 406, or a 200 that is not an OCI index), and
+        the caller falls back on the referrers tag schema."""
+        validate_digest(digest)
+
+        async def attempt() -> list[dict] | None:
+            response = await self._send("GET", f"{self._base}/referrers/{digest}", stream=True,
+                                        headers={"Accept": OCI_INDEX})
+            try:
+                if response.status_code in (400, 404, 406):
+                    return None
+                await self._check(response, (200,), f"GET referrers of {digest}", digest)
+                if response.headers.get("content-type", "").split(";")[0].strip() != OCI_INDEX:
+                    return None
+                data = await _read_capped(response, MAX_MANIFEST_SIZE, f"referrers of {digest}")
+            finally:
+                await response.aclose()
+            return referrer_entries(Manifest.from_bytes(data, OCI_INDEX))
+
+        return await run_with_retries(self.retry, attempt, what=f"GET referrers of {digest}",
+                                      error_factory=self._error_factory(digest))
 
     async def push_manifest(self, data: bytes, media_type: str, tag: str | None = None) -> str:
         digest = sha256_digest(data)

@@ -198,6 +198,20 @@ class Manifest:
             raise RegistryError(f"invalid descriptor in manifest {key}: {e}", digest=self.digest) from None
 
 
+def referrer_entries(index: Manifest) -> list[dict[str, Any]]:
+    """The entries of a referrers index (API answer or referrers-tag index) as JSON objects,
+    each checked to be a valid descriptor; the extra fields (artifactType, annotations) kept."""
+    entries = index.json.get("manifests")
+    if not isinstance(entries, list):
+        raise RegistryError("referrers index has no 'manifests' list", digest=index.digest)
+    try:
+        for entry in entries:
+            Descriptor.from_json(entry)
+    except ValueError as e:
+        raise RegistryError(f"invalid descriptor in referrers index: {e}", digest=index.digest) from None
+    return entries
+
+
 def _parse_json(data: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(data)

@@ -104,6 +104,11 @@ class OCILayoutStore:
     async def get_config(self, manifest: Manifest) -> dict:
         return await fetch_config(self, manifest)
 
+    async def list_referrers(self, digest: str) -> list[dict] | None:
+        """A layout has no referrers API: None (callers use the referrers tag schema)."""
+        validate_digest(digest)
+        return None
+
     async def push_manifest(self, data: bytes, media_type: str, tag: str | None = None) -> str:
         descriptor = await self.push_blob(data, media_type=media_type)
         entry = descriptor.to_json()

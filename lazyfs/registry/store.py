@@ -42,6 +42,10 @@ class ImageStore(Protocol):
     async def get_config(self, manifest: Manifest) -> dict:
         """The image configuration (JSON object) of an image manifest, sha256-verified."""
 
+    async def list_referrers(self, digest: str) -> list[dict] | None:
+        """Descriptors of the manifests whose subject is ``digest`` (referrers API), or None
+        when the store has no referrers API."""
+
     async def get_blob(self, digest: str, *, max_size: int = ...) -> bytes:
         """A whole blob in memory, sha256-verified (for configs and small blobs)."""
 

@@ -83,23 +83,38 @@ def is_stale(path: str | os.PathLike) -> bool:
     return False
 
 
-def stack_mount(lower: Sequence[Path], target: Path) -> None:
-    """Present ``lower`` (topmost first) at ``target``: an overlay, or a bind mount for one dir."""
+def mount_flags(allow_suid_dev: bool) -> str:
+    """The per-mount flags of every lazyfs mount: an image is untrusted input, so its setuid
+    bits, file capabilities and device nodes take effect only when explicitly allowed."""
+    return "suid,dev" if allow_suid_dev else "nosuid,nodev"
+
+
+def stack_mount(lower: Sequence[Path], target: Path, *, allow_suid_dev: bool = False) -> None:
+    """Present ``lower`` (topmost first) at ``target``: an overlay, or a bind mount for one dir.
+
+    A new overlay takes its own flags; a bind mount inherits the FUSE mount's, so it is
+    remounted with the wanted ones (a daemon may serve trusted and untrusted images alike).
+    """
     if not lower:
         raise MountError("nothing to mount: no layers")
     target.mkdir(parents=True, exist_ok=True)
+    flags = mount_flags(allow_suid_dev)
     if len(lower) == 1:
-        cmd = ["mount", "--bind", str(lower[0]), str(target)]
+        cmds = [["mount", "--bind", str(lower[0]), str(target)],
+                ["mount", "-o", f"remount,bind,ro,{flags}", str(target)]]
     else:
         for path in lower:
             if ":" in str(path) or "," in str(path):
                 raise MountError(f"overlayfs cannot take a lower directory named {path}")
-        options = "ro,lowerdir=" + ":".join(str(p) for p in lower)
-        cmd = ["mount", "-t", "overlay", "overlay", "-o", options, str(target)]
-    result = _run(cmd)
-    if result.returncode != 0:
-        raise MountError(f"{' '.join(cmd[:4])} ... {target} failed: {result.stderr.strip()}")
-    log.info("mounted %s layer(s) at %s", len(lower), target)
+        options = f"ro,{flags},lowerdir=" + ":".join(str(p) for p in lower)
+        cmds = [["mount", "-t", "overlay", "overlay", "-o", options, str(target)]]
+    for cmd in cmds:
+        result = _run(cmd)
+        if result.returncode != 0:
+            if cmd is not cmds[0]:
+                _run(["umount", str(target)])
+            raise MountError(f"{' '.join(cmd[:4])} ... {target} failed: {result.stderr.strip()}")
+    log.info("mounted %s layer(s) at %s (%s)", len(lower), target, flags)
 
 
 def unmount_path(path: Path, lazy_if_busy: bool = False) -> None:

@@ -25,6 +25,7 @@ embedded in the layer or given at mount). ``merge`` combines the traces of sever
 from __future__ import annotations
 
 import heapq
+import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
@@ -149,6 +150,70 @@ class Trace:
             span_ms=(max(times) - min(times)) if times else 0)
 
 
+# Bounds for a trace that comes from elsewhere (a registry): a start reads some thousands of
+# chunks (debian-scipy: 802 chunks, 758 files, about 100 KB of trace), so these leave room
+# for images a hundred times larger and still bound what a hostile trace can cost.
+MAX_UNTRUSTED_SIZE = 8 * 1024 * 1024
+MAX_UNTRUSTED_RECORDS = 200_000
+MAX_UNTRUSTED_CHUNKS = 1_000_000  # chunk numbers named, counting every range in full
+MAX_PATH = 4096
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def decode_untrusted(data: bytes, layers: Iterable[str], *, max_size: int = MAX_UNTRUSTED_SIZE) -> Trace:
+    """Parse a trace nobody here recorded (fetched from a registry) for an image whose layers
+    are ``layers`` (blob digests): TraceError unless it is small, well formed, and names only
+    those layers, with sane numbers. What it can then do is order the prefetch of chunks that
+    the layers' own verified chunk tables describe: nothing else is taken from it."""
+    if len(data) > max_size:
+        raise TraceError(f"trace of {len(data)} bytes is over the {max_size}-byte limit")
+    if data.count(b"\n") > MAX_UNTRUSTED_RECORDS:
+        raise TraceError(f"trace has more than {MAX_UNTRUSTED_RECORDS} records")
+    trace = Trace.decode(data)
+    allowed = set(layers)
+    named = set(trace.layers) | {a.layer for a in trace.accesses} | {f.layer for f in trace.files}
+    for layer in sorted(named):
+        if not _DIGEST_RE.fullmatch(layer):
+            raise TraceError(f"trace names {layer[:80]!r}, which is not a layer digest")
+        if layer not in allowed:
+            raise TraceError(f"trace names layer {layer}, which is not a layer of the image")
+    for layer, size in trace.layers.items():
+        if size & (size - 1) or not 4096 <= size <= 64 << 20:
+            raise TraceError(f"trace gives layer {layer} the chunk size {size}")
+    chunks = 0
+    for record in [*trace.accesses, *trace.files]:
+        if record.ms < 0 or record.nid < 0 or len(record.path) > MAX_PATH:
+            raise TraceError(f"trace record of {record.layer} has a negative time or nid, or a long path")
+        if isinstance(record, Access):
+            if record.layer not in trace.layers:
+                raise TraceError(f"trace reads layer {record.layer} without a layer line")
+            chunks += record.last - record.first + 1
+            if chunks > MAX_UNTRUSTED_CHUNKS:
+                raise TraceError(f"trace names more than {MAX_UNTRUSTED_CHUNKS} chunks")
+    return trace
+
+
+def cap(trace: Trace, max_size: int) -> Trace:
+    """The trace cut to its earliest records so that it encodes to at most ``max_size`` bytes
+    (what is first needed is what a prefetch must fetch first)."""
+    if len(trace.encode()) <= max_size:
+        return trace
+    kept = Trace(layers=dict(trace.layers))
+    budget = max_size - len(Trace(layers=dict(trace.layers)).encode())
+    records = sorted([*((a.ms, 1, a) for a in trace.accesses), *((f.ms, 0, f) for f in trace.files)],
+                     key=lambda item: (item[0], item[1]))
+    for _, _, record in records:
+        if isinstance(record, Access):
+            line = f"access\t{record.ms}\t{record.layer}\t{record.nid}\t{record.first}\t{record.last}\t{_quote(record.path)}\n"
+        else:
+            line = f"{record.kind}\t{record.ms}\t{record.layer}\t{record.nid}\t{_quote(record.path)}\n"
+        budget -= len(line.encode())
+        if budget < 0:
+            break
+        (kept.accesses if isinstance(record, Access) else kept.files).append(record)
+    return kept
+
+
 def merge(traces: Sequence[Trace]) -> Trace:
     """The union of several runs' traces, each chunk and file event once, ordered by the
     earliest time any run first used it (ties: earlier trace, then earlier record)."""
@@ -198,10 +263,16 @@ class TraceRecorder:
     def _ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 
-    def record(self, layer: str, chunk_size: int, nid: int, path: str, chunks: Iterable[int]) -> None:
+    @property
+    def chunk_count(self) -> int:
+        """Distinct chunks recorded so far."""
+        return len(self._seen)
+
+    def record(self, layer: str, chunk_size: int, nid: int, path: str, chunks: Iterable[int]) -> int:
+        """Record the chunks not seen before; how many there were."""
         new = [n for n in chunks if (layer, n) not in self._seen]
         if not new:
-            return
+            return 0
         self.trace.layers.setdefault(layer, chunk_size)
         ms = self._ms()
         accesses = self.trace.accesses
@@ -212,6 +283,7 @@ class TraceRecorder:
                 last.last = n
             else:
                 accesses.append(Access(ms, layer, nid, n, n, path))
+        return len(new)
 
     def record_file(self, kind: str, layer: str, chunk_size: int, nid: int, path: str = "?") -> None:
         key = (kind, layer, nid)

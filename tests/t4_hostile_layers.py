@@ -1,0 +1,150 @@
+"""Crafted layers in a real daemon: each fails its attach or its own reads with a clear error
+while a good layer in the same daemon (same FUSE mount) keeps serving.
+
+The crafted blobs (tests.t1_hostile_layer) carry valid digests, as a hostile registry would
+make them; they are served from an OCI layout directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lazyfs.daemon.control import ControlError, request
+from tests.fixtures.common import require_root, require_tool
+from tests.t1_hostile_layer import (
+    GOOD, assemble, dirent_pos, good_entries, patched_meta, raw_sections, short_twin_table, table_with, zeros_frame,
+)
+
+
+def layout_with(root, blobs: dict[str, bytes]) -> str:
+    """An OCI layout holding ``blobs`` (name -> bytes); its reference."""
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": []}))
+    for blob in blobs.values():
+        (root / "blobs" / "sha256" / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+    return f"oci:{root}"
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    require_root()
+    require_tool("fusermount3")
+    socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--socket", str(socket),
+                             "--fuse-dir", str(fuse), "--cache-dir", str(tmp_path / "cache")],
+                            stdout=log, stderr=log)
+    try:
+        for _ in range(300):  # bounded wait for the control socket
+            try:
+                if request(str(socket), "ping", timeout=1.0)["ready"]:
+                    break
+            except ControlError:
+                pass
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.05)
+        yield socket, fuse, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def crafted_layers() -> dict[str, tuple[bytes, dict[str, str]]]:
+    meta_size = len(raw_sections(GOOD)["meta"])
+    good_blob, good_annotations = assemble(GOOD)
+    layers = {"good": (good_blob, good_annotations)}
+    layers["meta-bomb"] = assemble(GOOD, meta_stored=zeros_frame(256 << 20), meta_size=meta_size)
+    blob, annotations = assemble(GOOD)
+    # (an offset that is merely wrong is harmless: sections are found by digest in the cache,
+    # and fetched bytes must match it)
+    layers["lying-offset"] = (blob, dict(annotations, **{"containerd.io/snapshot/lazyfs.meta.offset": str(len(blob))}))
+
+    def loop(img, meta):
+        a = img.lookup(img.root_nid, b"a")
+        struct.pack_into("<Q", meta, dirent_pos(img, a, b"b")[0], img.root_nid)
+
+    layers["dir-loop"] = patched_meta(loop)
+
+    def huge(img, meta):
+        inode = img.inode(img.lookup(img.root_nid, b"ext"))
+        struct.pack_into("<Q", meta, inode.offset + 8, 2**63)
+
+    layers["huge-size"] = patched_meta(huge)
+    entries = good_entries()
+    first = entries[0]
+    wrong = [n for n, e in enumerate(entries) if e[3] != first[3]]
+    for n in wrong:  # every chunk unlike chunk 0 points at chunk 0's frame
+        entries[n] = (first[0], first[1], entries[n][2], entries[n][3])
+    layers["wrong-frames"] = assemble(GOOD, table=table_with(entries))
+    layers["short-twin"] = assemble(GOOD, table=short_twin_table()[0])
+    return layers
+
+
+def attach(socket, ref: str, name: str, blob: bytes, annotations: dict[str, str]) -> dict:
+    return request(str(socket), "attach", name=name, kind="lazyfs", ref=ref,
+                   digest="sha256:" + hashlib.sha256(blob).hexdigest(), annotations=annotations,
+                   size=len(blob), timeout=60)
+
+
+def read_good(fuse) -> None:
+    assert (fuse / "good" / "top").read_bytes() == b"top file\n" * 1000
+    assert (fuse / "good" / "a" / "b" / "big").read_bytes() == bytes(range(256)) * 64
+    assert sorted(os.listdir(fuse / "good")) == ["a", "c", "ext", "link", "top"]
+
+
+def test_crafted_layers_fail_alone(daemon, tmp_path):
+    socket, fuse, proc = daemon
+    layers = crafted_layers()
+    ref = layout_with(tmp_path / "layout", {name: blob for name, (blob, _a) in layers.items()})
+    attach(socket, ref, "good", *layers["good"])
+    read_good(fuse)
+
+    # Refused at attach, with one line that says why; nothing is left attached.
+    for name, why in (("meta-bomb", "decompressed to more than"), ("lying-offset", "exceeds the blob")):
+        with pytest.raises(ControlError) as failure:
+            attach(socket, ref, name, *layers[name])
+        assert failure.value.kind == "attach-failed" and why in str(failure.value)
+        assert "\n" not in str(failure.value)
+        read_good(fuse)
+    assert {layer["name"] for layer in request(str(socket), "list")["layers"]} == {"good"}
+
+    # Attached, but the crafted part fails (EIO or ELOOP) for its own operations only.
+    for name in ("dir-loop", "huge-size", "wrong-frames", "short-twin"):
+        attach(socket, ref, name, *layers[name])
+    with pytest.raises(OSError) as failure:
+        for _ in os.walk(fuse / "dir-loop", onerror=_raise):
+            pass
+        os.listdir(fuse / "dir-loop" / "a" / "b" / "a")
+    assert failure.value.errno in (errno.EIO, errno.ELOOP), failure.value
+    with pytest.raises(OSError) as failure:
+        os.stat(fuse / "huge-size" / "ext")
+    assert failure.value.errno == errno.EIO
+    assert (fuse / "huge-size" / "top").read_bytes() == b"top file\n" * 1000
+    with pytest.raises(OSError) as failure:
+        (fuse / "wrong-frames" / "ext").read_bytes()
+    assert failure.value.errno == errno.EIO
+    assert (fuse / "wrong-frames" / "a" / "b" / "big").read_bytes() == bytes(range(256)) * 64  # chunk 0's twins
+    # A chunk whose bytes are valid (its digest matches) but shorter than the range mapped
+    # onto it: EIO, never a short or shifted read.
+    with pytest.raises(OSError) as failure:
+        (fuse / "short-twin" / "ext").read_bytes()
+    assert failure.value.errno == errno.EIO
+    assert (fuse / "short-twin" / "top").read_bytes() == b"top file\n" * 1000
+    read_good(fuse)
+    assert proc.poll() is None
+
+
+def _raise(error: OSError) -> None:
+    raise error
