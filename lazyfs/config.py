@@ -4,6 +4,8 @@
     [cache]
     dir = "/var/cache/lazyfs"
     size = "20G"          # bytes, or with a K/M/G/T suffix
+    [daemon]
+    serve = "fuse"        # or "kernel": the kernel's EROFS serves each layer (docs/design.md)
 
     [registry]            # for every command that talks to a registry, and the daemon
     insecure = ["127.0.0.1:5000"]          # plain HTTP (loopback registries always are)
@@ -22,6 +24,7 @@ from pathlib import Path
 
 DEFAULT_CONFIG = Path("/etc/lazyfs/lazyfs.toml")
 DEFAULT_CACHE_DIR = Path("/var/cache/lazyfs")
+SERVE_MODES = ("fuse", "kernel")
 DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")  # containerd's own default (lazyfs.registry.hosts)
 
 
@@ -70,6 +73,7 @@ class RegistrySettings:
 class Config:
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_size: int | None = None
+    serve: str = "fuse"
     registry: RegistrySettings = RegistrySettings()
 
 
@@ -86,9 +90,16 @@ def load_config(path: Path | None = None) -> Config:
     if not isinstance(cache, dict):
         raise ConfigError(f"{path}: [cache] must be a table")
     size = cache.get("size")
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise ConfigError(f"{path}: [daemon] must be a table")
+    serve = daemon.get("serve", "fuse")
+    if serve not in SERVE_MODES:
+        raise ConfigError(f"{path}: [daemon] serve must be one of {', '.join(SERVE_MODES)}, not {serve!r}")
     return Config(
         cache_dir=Path(cache.get("dir", DEFAULT_CACHE_DIR)),
         cache_size=parse_size(size) if size is not None else None,
+        serve=serve,
         registry=_registry_settings(data.get("registry", {}), path),
     )
 

@@ -8,11 +8,16 @@ log_level = "info"
 [daemon]
 enabled = true                 # false: no lazy layers, every layer is unpacked
 binary = ""                    # "": this Python's `-m lazyfs.daemon`; else a program taking its arguments
-mountpoint = ""                # default <root>/mnt
+mountpoint = ""                # default <root>/mnt: one directory per attached layer (the lowerdirs)
+serve = "fuse"                 # "kernel": each layer is an EROFS mount over a loop device of its chunk
+                               # device, a file of the daemon's FUSE mount at <root>/chunk-devices
+loop_direct_io = true          # kernel mode: the chunk device's loop reads its file with direct I/O
+                               # (false caches the data twice: in the loop's and the file's pages)
 control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
 prefetch = true                # ask the daemon to prefetch each layer's embedded trace
+policies = []                  # fetch policies, e.g. ["trace", "locality"] ([]: the daemon's default)
 background_fetch = false       # after the prefetch, fetch each lazy layer whole at the lowest priority
 background_rate = ""           # "": unlimited; else bytes per second of that fill, e.g. "10MiB"
 metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metrics there
@@ -89,6 +94,14 @@ class DaemonConfig:
     allow_suid_dev: bool = False
     read_timeout: float | None = None  # None: the daemon's default
     request_timeout: float | None = None
+    serve: str = "fuse"
+    loop_direct_io: bool = True
+
+    def fuse_dir(self, root: Path) -> Path:
+        """Where the daemon's FUSE mount goes: the layer directories themselves, or in kernel
+        mode the chunk-device files (the layers are EROFS mounts under ``mountpoint``)."""
+        return root / "chunk-devices" if self.serve == "kernel" else self.mountpoint
+    policies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +113,9 @@ class TracesConfig:
     max_bytes: int = 1 << 20  # the merged trace of an image kept by the daemon
     username: str = ""
     password: str = ""
+
+
+SERVE_MODES = ("fuse", "kernel")
 
 
 @dataclass
@@ -161,6 +177,12 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.cache_dir = Path(_take(daemon, "cache_dir", str, "") or cfg.root / "cache")
     d.cache_size = parse_size(_take(daemon, "cache_size", (int, str), d.cache_size))
     d.prefetch = _take(daemon, "prefetch", bool, d.prefetch)
+    d.serve = _take(daemon, "serve", str, d.serve)
+    if d.serve not in SERVE_MODES:
+        raise ConfigError(f"daemon.serve: expected one of {', '.join(SERVE_MODES)}, got {d.serve!r}")
+    d.policies = _take(daemon, "policies", list, [])
+    if not all(isinstance(name, str) and name.strip() and "," not in name for name in d.policies):
+        raise ConfigError("daemon.policies must be a list of policy names, e.g. [\"trace\", \"locality\"]")
     d.background_fetch = _take(daemon, "background_fetch", bool, d.background_fetch)
     rate = _take(daemon, "background_rate", (int, str), "")
     d.background_rate = parse_size(rate) if rate != "" else None
@@ -184,6 +206,7 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     d.read_timeout = _seconds(_take(daemon, "read_timeout", (int, float), d.read_timeout), "read_timeout")
     d.request_timeout = _seconds(_take(daemon, "request_timeout", (int, float), d.request_timeout),
                                  "request_timeout")
+    d.loop_direct_io = _take(daemon, "loop_direct_io", bool, d.loop_direct_io)
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})
     cfg.registry.insecure_hosts = _take(registry, "insecure_hosts", list, [])

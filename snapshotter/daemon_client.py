@@ -6,6 +6,9 @@ daemon's control socket (lazyfs.daemon.control: unix socket, one JSON object per
 after a snapshotter restart), watches it, and when it dies logs the loss, starts a new one and
 lets the snapshotter re-attach its lazy layers. Running containers whose overlay mounts used
 the old FUSE connection lose their lazy lowerdirs: the kernel cannot move them to the new one.
+(In the kernel serving mode their EROFS lowerdirs stay mounted and keep serving what is in
+the page cache; other reads fail until the new daemon has re-attached the layer, which swaps
+the loop devices under them onto its own files: then every read works again.)
 """
 
 from __future__ import annotations
@@ -143,8 +146,11 @@ class DaemonSupervisor:
     def command(self) -> list[str]:
         d = self.cfg.daemon
         program = [d.binary] if d.binary else [sys.executable, "-m", "lazyfs.daemon"]
-        cmd = [*program, "--fuse-dir", str(d.mountpoint), "--socket", str(d.control_socket),
+        cmd = [*program, "--fuse-dir", str(d.fuse_dir(self.cfg.root)), "--socket", str(d.control_socket),
                "--cache-dir", str(d.cache_dir), "--cache-size", str(d.cache_size)]
+        if d.serve == "kernel":
+            cmd += ["--serve", "kernel", "--layers-dir", str(d.mountpoint),
+                    "--loop-direct-io", "on" if d.loop_direct_io else "off"]
         for host in self.cfg.registry.insecure_hosts:
             cmd += ["--insecure-registry", host]
         registry = self.cfg.registry
@@ -164,6 +170,8 @@ class DaemonSupervisor:
                 "--record-max-bytes", str(traces.max_bytes)]
         if d.allow_suid_dev:
             cmd.append("--allow-suid-dev")
+        if d.policies:
+            cmd += ["--policy", ",".join(d.policies)]
         return cmd
 
     def start(self) -> None:
@@ -205,7 +213,7 @@ class DaemonSupervisor:
 
     def _spawn(self) -> None:
         self._release_stale_mount()
-        for path in (self.cfg.daemon.mountpoint, self.cfg.daemon.cache_dir):
+        for path in (self.cfg.daemon.mountpoint, self.cfg.daemon.fuse_dir(self.cfg.root), self.cfg.daemon.cache_dir):
             path.mkdir(parents=True, exist_ok=True)
         try:
             out = open(self.log_file, "ab")
@@ -230,8 +238,10 @@ class DaemonSupervisor:
         log.info("lazyfs daemon started (pid %d)", self._process.pid)
 
     def _release_stale_mount(self) -> None:
-        """A dead daemon leaves its FUSE mount behind ("transport endpoint is not connected")."""
-        mountpoint = str(self.cfg.daemon.mountpoint)
+        """A dead daemon leaves its FUSE mount behind ("transport endpoint is not connected").
+        (In kernel mode its layers' EROFS mounts stay too: the new daemon replaces each one as
+        it re-attaches the layer.)"""
+        mountpoint = str(self.cfg.daemon.fuse_dir(self.cfg.root))
         with open("/proc/self/mountinfo") as f:
             mounted = any(line.split()[4] == mountpoint for line in f)
         if mounted:
@@ -243,8 +253,12 @@ class DaemonSupervisor:
             if self._alive():
                 delay = WATCH_INTERVAL
                 continue
-            log.error("lazyfs daemon lost (pid %s); containers using its layers lose them; "
-                      "restarting it", self.daemon_pid())
+            if self.cfg.daemon.serve == "kernel":
+                log.error("lazyfs daemon lost (pid %s); restarting it (kernel serving mode: running "
+                          "containers get their layers back when they are re-attached)", self.daemon_pid())
+            else:
+                log.error("lazyfs daemon lost (pid %s); containers using its layers lose them; "
+                          "restarting it", self.daemon_pid())
             try:
                 self._spawn()
                 self.on_restart()

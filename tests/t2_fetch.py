@@ -48,6 +48,37 @@ class MemorySource:
         return [(offset, length) for _, offset, length in self.requests]
 
 
+class StreamingMemorySource(MemorySource):
+    """A MemorySource that answers in pieces (``iter_range``) at ``rate`` bytes per second after
+    ``latency`` seconds, like a response arriving over a link. An exception fault is raised
+    half-way through the body; ``ends`` records (time, offset, bytes sent) when each stops."""
+
+    def __init__(self, blob: bytes, *, rate: float = 1 << 20, latency: float = 0.02,
+                 piece: int = 16 << 10, **kwargs):
+        super().__init__(blob, **kwargs)
+        self.rate, self.latency, self.piece = rate, latency, piece
+        self.ends: list[tuple[float, int, int]] = []
+
+    async def iter_range(self, offset: int, length: int):
+        self.requests.append((trio.current_time(), offset, length))
+        fault = self.faults.pop(0) if self.faults else None
+        data = self.blob[offset:offset + length]
+        if fault is not None and not isinstance(fault, BaseException):
+            data = fault(data)
+        sent = 0
+        try:
+            await trio.sleep(self.latency)
+            while sent < len(data):
+                if isinstance(fault, BaseException) and sent >= len(data) // 2:
+                    raise fault
+                piece = data[sent:sent + self.piece]
+                await trio.sleep(len(piece) / self.rate)
+                sent += len(piece)
+                yield piece
+        finally:
+            self.ends.append((trio.current_time(), offset, sent))
+
+
 def build_blob(sizes, *, gap: int = 0, compress: bool = True, seed: int = 0):
     """A blob of chunks (zstd frames or plain), ``gap`` filler bytes between them."""
     blob = bytearray()
@@ -489,13 +520,14 @@ faults = st.lists(st.sampled_from([None, "error", "corrupt", "short"]), max_size
 @settings(max_examples=40, deadline=None)
 @given(sizes=chunk_sizes, gap=st.sampled_from([0, 50, 300]), plan=requests, fault_plan=faults,
        concurrency=st.integers(1, 3), max_coalesce=st.sampled_from([1, 2500, 8000]),
-       attempts=st.integers(1, 3))
-def test_scheduler_invariants(sizes, gap, plan, fault_plan, concurrency, max_coalesce, attempts):
-    """Whatever the mix of reads, prefetches, cancellations and faults: a read returns exactly
+       attempts=st.integers(1, 3), streaming=st.booleans())
+def test_scheduler_invariants(sizes, gap, plan, fault_plan, concurrency, max_coalesce, attempts, streaming):
+    """Whatever the mix of reads, prefetches, speculation, cancellations and faults, whole or
+    streamed answers (which cut speculative requests): a read returns exactly
     the right bytes or raises FetchError; requests stay within bounds; without faults no
     chunk is fetched twice; at the end nothing is pending or pinned and the cache verifies."""
     blob, refs, datas = build_blob(sizes, gap=gap)
-    source = MemorySource(blob)
+    source = StreamingMemorySource(blob, rate=4000, piece=700) if streaming else MemorySource(blob)
     mangle = {
         "error": OSError(errno.ECONNRESET, "reset"),
         "corrupt": lambda data: bytes([data[0] ^ 1]) + data[1:],
@@ -611,3 +643,143 @@ async def test_a_chunk_is_retried_for_as_long_as_the_policy_gives_it(cache, auto
         with pytest.raises(FetchError, match="connection refused"):
             await fetcher.get(source, other_refs)
         assert 25.0 <= trio.current_time() - started <= 32.0 + REQUEST_TIME
+
+
+# ----------------------------------------------------------------- streaming delivery
+
+# Speculative requests as long as the whole blob, to test cutting them.
+LONG_YIELDING = dict(background_coalesce=8 << 20, background_window=8 << 20,
+                     yielding_coalesce=8 << 20, yielding_window=8 << 20)
+
+async def test_first_chunk_of_a_long_request_reaches_its_waiter_before_the_request_ends(cache, autojump_clock):
+    """Chunks are handed out as their bytes arrive, not when the whole request has finished."""
+    blob, refs, datas = build_blob([64 << 10] * 16, compress=False)  # 1 MiB, one second at 1 MiB/s
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, background_coalesce=8 << 20, background_window=8 << 20) as fetcher:
+        fetcher.enqueue(source, refs, Priority.PREFETCH)
+        await trio.sleep(0)
+        got = await fetcher.get(source, refs[:1])
+        first_at = trio.current_time()
+        await fetcher.wait_idle()
+    assert got == datas[:1]
+    assert source.ranges() == [(0, len(blob))]  # joined the long request, no second request
+    (request_end, _, sent), = source.ends
+    assert sent == len(blob)
+    assert first_at < 0.1 < 1.0 <= request_end  # 20 ms + 64 KiB at 1 MiB/s, against a second
+    assert all(cache.contains(ref.digest) for ref in refs)
+
+
+async def test_stream_failing_half_way_keeps_the_chunks_that_arrived(cache, autojump_clock):
+    blob, refs, datas = build_blob([64 << 10] * 8, compress=False)
+    source = StreamingMemorySource(blob)
+    source.faults = [OSError(errno.ECONNRESET, "reset")]
+    async with ChunkFetcher(cache, retry=RetryPolicy(attempts=2, initial_delay=0.5)) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    assert source.ranges() == [(0, len(blob)), (refs[4].offset, len(blob) - refs[4].offset)]
+    assert fetcher.stats.retries == 4 and fetcher.stats.chunks_fetched == 8
+
+
+async def test_corrupt_bytes_in_a_stream_are_never_handed_out(cache, autojump_clock):
+    blob, refs, datas = build_blob([64 << 10] * 4)
+    source = StreamingMemorySource(blob)
+    source.faults = [lambda data: data[:-10] + bytes(10)]  # the last chunk's frame is damaged
+    async with ChunkFetcher(cache, retry=RetryPolicy(attempts=2, initial_delay=0.5)) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+    assert source.ranges()[1] == (refs[3].offset, refs[3].stored_length)
+    assert fetcher.stats.verify_failures == 1
+
+
+async def test_speculative_requests_wait_for_an_idle_link(cache, autojump_clock):
+    blob, refs, datas = build_blob([64 << 10] * 8, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache) as fetcher:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.get, source, refs[:1])
+            await trio.sleep(0.01)
+            fetcher.enqueue(source, refs[4:], Priority.SPECULATIVE)
+        await fetcher.wait_idle()
+    (read_start, _, _), (speculative_start, offset, _) = source.requests
+    (read_end, _, _) = source.ends[0]
+    assert offset == refs[4].offset and speculative_start >= read_end > read_start
+
+
+async def test_on_demand_read_cuts_a_speculative_request_after_its_current_chunk(cache, autojump_clock):
+    """A yielding request stops after the chunk it is receiving when a read needs the link;
+    its other chunks are fetched afterwards, and nothing is lost."""
+    blob, refs, datas = build_blob([64 << 10] * 16, compress=False)
+    other_blob, other_refs, other_datas = build_blob([64 << 10], compress=False, seed=3)
+    source = StreamingMemorySource(blob)
+    other = StreamingMemorySource(other_blob, name="other blob")  # same host
+    async with ChunkFetcher(cache, **LONG_YIELDING) as fetcher:
+        fetcher.enqueue(source, refs, Priority.SPECULATIVE)
+        await trio.sleep(0.02 + 2.5 * (64 << 10) / (1 << 20))  # half-way through chunk 2
+        assert await fetcher.get(other, other_refs) == other_datas
+        await fetcher.wait_idle()
+    first_end, _, sent = source.ends[0]
+    assert sent == refs[3].offset  # chunk 2 was finished, chunk 3 not started
+    assert other.requests[0][0] < first_end  # the read did not wait for the cut
+    assert source.requests[1][1:] == (refs[3].offset, len(blob) - refs[3].offset)
+    assert source.requests[1][0] >= other.ends[0][0]  # resumed once the link was idle again
+    assert fetcher.stats.chunks_fetched == 17 and fetcher.stats.failed_chunks == 0
+    assert all(cache.contains(ref.digest) for ref in refs)
+
+
+async def test_reading_far_into_a_speculative_request_fetches_the_chunk_on_its_own(cache, autojump_clock):
+    blob, refs, datas = build_blob([64 << 10] * 16, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, **LONG_YIELDING) as fetcher:
+        fetcher.enqueue(source, refs, Priority.SPECULATIVE)
+        await trio.sleep(0.03)
+        assert await fetcher.get(source, refs[12:13]) == datas[12:13]
+        read_at = trio.current_time()
+        await fetcher.wait_idle()
+    assert refs[12].offset in [offset for offset, _ in source.ranges()]  # its own request (13-15 ride along)
+    assert read_at < 0.3  # not after the 12 chunks before it (0.75 s at 1 MiB/s)
+    assert all(cache.contains(ref.digest) for ref in refs)
+
+
+async def test_reading_just_ahead_in_a_speculative_request_waits_for_it(cache, autojump_clock):
+    blob, refs, datas = build_blob([64 << 10] * 16, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, **LONG_YIELDING) as fetcher:
+        fetcher.enqueue(source, refs, Priority.SPECULATIVE)
+        await trio.sleep(0.03)
+        assert await fetcher.get(source, refs[2:3]) == datas[2:3]
+        await fetcher.wait_idle()
+    assert source.ranges() == [(0, len(blob))]
+
+
+async def test_speculative_requests_are_short_and_few_bytes_are_asked_for_at_once(cache, autojump_clock):
+    """A cut cannot recall bytes already sent, so at most yielding_window bytes of speculation
+    are ever requested at once per host, in requests of at most yielding_coalesce."""
+    blob, refs, datas = build_blob([64 << 10] * 32, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, yielding_coalesce=256 << 10, yielding_window=512 << 10) as fetcher:
+        fetcher.enqueue(source, refs, Priority.SPECULATIVE)
+        await fetcher.wait_idle()
+    assert all(length <= 256 << 10 for length in (r[2] for r in source.requests))
+    events = sorted([(t, length) for t, _, length in source.requests] + [(t, -sent) for t, _, sent in source.ends])
+    asked = 0
+    for _, change in events:
+        asked += change
+        assert asked <= 512 << 10
+    assert all(cache.contains(ref.digest) for ref in refs)
+
+
+async def test_speculation_right_after_a_miss_rides_along_in_its_request(cache, autojump_clock):
+    """Queued speculative chunks that follow an on-demand chunk join its request (after it in the
+    stream, up to yielding_coalesce bytes); what comes before it does not."""
+    blob, refs, datas = build_blob([64 << 10] * 10, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, yielding_coalesce=192 << 10) as fetcher:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.get, source, refs[0:1])  # occupies the link: no speculation starts
+            await trio.sleep(0.001)
+            fetcher.enqueue(source, [refs[1], *refs[3:8]], Priority.SPECULATIVE)
+            got = await fetcher.get(source, refs[2:3])
+            first = trio.current_time()
+        await fetcher.wait_idle()
+    assert got == datas[2:3]
+    # refs[2] on demand, with refs[3..5] (192 KiB) riding along; refs[1] (before it) does not
+    assert (refs[2].offset, refs[6].offset - refs[2].offset) in source.ranges()
+    assert first < 0.2

@@ -300,10 +300,23 @@ def test_config_defaults_and_overrides(tmp_path):
     path.write_text('[daemon]\nallow_suid_dev = true\n')
     assert "--allow-suid-dev" in DaemonSupervisor(config.load(path), None).command()
     for bad in ('nope = 1\n', '[daemon]\ncache_size = "lots"\n', 'root = 3\n', 'root = "\n',
-                '[daemon]\nallow_suid_dev = "yes"\n'):
+                '[daemon]\nallow_suid_dev = "yes"\n', '[daemon]\npolicies = "trace"\n',
+                '[daemon]\npolicies = ["trace,locality"]\n'):
         path.write_text(bad)
         with pytest.raises(config.ConfigError):
             config.load(path)
+
+
+def test_config_policies_reach_the_daemon_command(tmp_path):
+    from snapshotter import config
+    from snapshotter.daemon_client import DaemonSupervisor
+    path = tmp_path / "c.toml"
+    path.write_text(f'root = "{tmp_path}"\n[daemon]\npolicies = ["trace", "locality"]\n')
+    cfg = config.load(path)
+    assert cfg.daemon.policies == ["trace", "locality"]
+    command = DaemonSupervisor(cfg, None).command()
+    assert command[command.index("--policy") + 1] == "trace,locality"
+    assert "--policy" not in DaemonSupervisor(config.load(None, root=tmp_path), None).command()
 
 
 def test_traces_config_and_attach_arguments(tmp_path):

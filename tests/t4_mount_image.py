@@ -81,9 +81,15 @@ def _read_everything(root) -> int:
     return total
 
 
-def test_image_mount_equals_the_independently_unpacked_image(pushed_image, proxy, tmp_path):
+@pytest.fixture(params=["fuse", "kernel"])
+def serve(request):
+    """The serving mode of the mount under test (lazyfs.serve.kernel for "kernel")."""
+    return request.param
+
+
+def test_image_mount_equals_the_independently_unpacked_image(pushed_image, proxy, serve, tmp_path):
     repo, rootfs = pushed_image
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         assert_same_tree(rootfs, mount.path, with_blocks=False, dir_nlink=False)
         assert sorted(os.listdir(mount.path / "var" / "lib")) == ["new"]
@@ -91,12 +97,13 @@ def test_image_mount_equals_the_independently_unpacked_image(pushed_image, proxy
         stats = mount.stats()
         assert stats["layers"] == 3 and stats["fetch"]["failed_chunks"] == 0
         assert {layer["kind"] for layer in stats["attached"]} == {"lazyfs"}
+        assert {layer["serve"] for layer in stats["attached"]} == {serve}
 
 
-def test_single_layer_mount(pushed_image, proxy, tmp_path):
+def test_single_layer_mount(pushed_image, proxy, serve, tmp_path):
     repo, _ = pushed_image
     top = open_store_digests(proxy.host, repo)[-1]
-    with lazy_mount(tmp_path / "mnt", "--layer", top, f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, "--layer", top, f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         assert sorted(os.listdir(mount.path)) == ["data"]
         assert (mount.path / "data" / "big").read_bytes() == BIG
@@ -161,14 +168,16 @@ def test_concurrent_random_reads_and_single_flight(pushed_image, proxy, tmp_path
         assert stats["fetch"]["joined"] >= 1 or stats["fetch"]["misses"] >= 1
 
 
-def test_warm_restart_fetches_nothing(pushed_image, proxy, tmp_path):
+def test_warm_restart_fetches_nothing(pushed_image, proxy, serve, tmp_path):
     repo, rootfs = pushed_image
     cache = tmp_path / "cache"
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run", cache_dir=cache) as mount:
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=cache) as mount:
         cold = _read_everything(mount.path)
     assert _chunk_requests(proxy), "the cold mount fetched chunks"
     proxy.clear_requests()
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run", cache_dir=cache) as mount:
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=cache) as mount:
         assert _read_everything(mount.path) == cold
         assert_same_tree(rootfs, mount.path, with_blocks=False, dir_nlink=False)
         assert mount.stats()["fetch"]["requests"] == 0

@@ -65,6 +65,19 @@ class _BlobHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+@pytest.fixture(params=["fuse", "kernel"])
+def serve(request):
+    """The serving mode of the mount under test (lazyfs.serve.kernel for "kernel")."""
+    return request.param
+
+
+def assert_served_as(mount, serve: str) -> None:
+    layers = mount.stats()["attached"]
+    assert [layer["serve"] for layer in layers] == [serve] * len(layers)
+    if serve == "kernel":
+        assert all(layer["loop"].startswith("/dev/loop") for layer in layers)
+
+
 @pytest.fixture
 def blob_url(plain_image):
     handler = type("Handler", (_BlobHandler,), {"path_on_disk": str(plain_image.blob), "ranges_served": []})
@@ -79,10 +92,11 @@ def blob_url(plain_image):
         server.server_close()
 
 
-def test_plain_image_from_a_file_equals_the_kernel_mount(plain_image, kernel_mount, tmp_path):
-    with lazy_mount(tmp_path / "mnt", "--meta", str(plain_image.meta), "--blob", str(plain_image.blob),
-                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
+def test_plain_image_from_a_file_equals_the_kernel_mount(plain_image, kernel_mount, serve, tmp_path):
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, "--meta", str(plain_image.meta), "--blob",
+                    str(plain_image.blob), run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
         assert_same_tree(kernel_mount, mount.path)
+        assert_served_as(mount, serve)
         # Read-only, with the errno a read-only filesystem gives.
         with pytest.raises(OSError) as e:
             (mount.path / "new-file").write_bytes(b"x")
@@ -97,11 +111,12 @@ def test_plain_image_from_a_file_equals_the_kernel_mount(plain_image, kernel_mou
     assert not os.path.ismount(tmp_path / "mnt")
 
 
-def test_plain_image_from_a_url_equals_the_kernel_mount(plain_image, kernel_mount, blob_url, tmp_path):
+def test_plain_image_from_a_url_equals_the_kernel_mount(plain_image, kernel_mount, blob_url, serve, tmp_path):
     url, handler = blob_url
-    with lazy_mount(tmp_path / "mnt", "--meta", str(plain_image.meta), "--blob", url,
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, "--meta", str(plain_image.meta), "--blob", url,
                     run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
         assert_same_tree(kernel_mount, mount.path)
+        assert_served_as(mount, serve)
         assert handler.ranges_served, "the blob was read by range over HTTP"
 
 

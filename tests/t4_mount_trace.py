@@ -48,12 +48,16 @@ def test_trace_round_trip():
     assert again.chunks_of("sha256:" + "a" * 64) == [0, 1, 2, 3]
 
 
-def test_record_then_prefetch_from_the_trace_file(registry, proxy, tmp_path):
+@pytest.mark.parametrize("serve", ["fuse", "kernel"])
+def test_record_then_prefetch_from_the_trace_file(registry, proxy, serve, tmp_path):
+    """In both serving modes (kernel: the daemon sees chunk-device reads and names the files
+    through the metadata)."""
     require_root()
-    repo = _push(registry, "t/mount-trace:v1")
+    repo = _push(registry, f"t/mount-trace-{serve}:v1")
     image = f"{proxy.host}/{repo}"
     trace_file = tmp_path / "startup.trace"
-    with lazy_mount(tmp_path / "mnt", image, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache-a") as mount:
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, image, run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache-a") as mount:
         lazyfs_cli("trace", "start", "--run-dir", str(mount.run_dir), str(mount.path))
         for rel in STARTUP:
             assert (mount.path / rel).read_bytes() == FILES[rel]
@@ -62,7 +66,7 @@ def test_record_then_prefetch_from_the_trace_file(registry, proxy, tmp_path):
     assert [a.path for a in trace.accesses] == ["/app/main", "/app/lib"]
     assert len(trace.layers) == 2
 
-    with lazy_mount(tmp_path / "mnt", "--trace", str(trace_file), image, run_dir=tmp_path / "run",
+    with lazy_mount(tmp_path / "mnt", "--serve", serve, "--trace", str(trace_file), image, run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache-b") as mount:
         stats = wait_for_prefetch(mount, layers=2)
         assert sum(layer.get("prefetch_chunks", 0) for layer in stats["attached"]) == 5 + 4

@@ -15,7 +15,7 @@ import xxhash
 import zstandard
 
 from lazyfs.fetch.cache import ChunkCache
-from lazyfs.fetch.scheduler import ChunkFetcher, FetchError, RetryPolicy
+from lazyfs.fetch.scheduler import ChunkFetcher, FetchError, Priority, RetryPolicy
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.registry import OCILayoutStore, RegistryClient, parse_reference
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource, RegistryBlobSource, SourceError
@@ -248,3 +248,43 @@ async def test_fetcher_over_a_real_registry_and_an_oci_layout(registry, registry
     local = RegistryBlobSource(layout, digest)
     async with ChunkFetcher(ChunkCache(tmp_path / "cache2")) as fetcher:
         assert await fetcher.get(local, refs[::2]) == datas[::2]
+
+
+async def test_registry_streams_chunks_before_the_request_ends_and_resumes_a_broken_body(
+        registry, registry_repo, tmp_path):
+    """Over the real registry: the first chunk of a long request reaches its reader while the
+    rest is still arriving; a body cut off half-way is resumed where it stopped (same request
+    for the fetcher, a second ranged GET on the wire), and every chunk verifies."""
+    from tests.faultproxy import Fault, FaultProxy
+
+    chunk = 512 << 10
+    datas = [os.urandom(chunk) for _ in range(64)]  # 32 MiB, stored plain: decoding is cheap
+    blob = b"".join(datas)
+    refs = [ChunkRef(i * chunk, chunk, chunk, xxhash.xxh3_128_digest(d), "none") for i, d in enumerate(datas)]
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    with FaultProxy(registry.host) as proxy:
+        async with httpx.AsyncClient(timeout=30) as http:
+            await RegistryClient(parse_reference(f"{registry.host}/{registry_repo}:v1"), http).push_blob(
+                blob, digest=digest)
+            store = RegistryClient(parse_reference(f"{proxy.host}/{registry_repo}:v1"), http)
+            pieces = []
+            async for piece in store.iter_range(digest, 1000, 3 * chunk):
+                pieces.append(piece)
+            assert b"".join(pieces) == blob[1000:1000 + 3 * chunk] and len(pieces) > 1
+
+            proxy.clear_requests()
+            proxy.add(Fault.reset(after_bytes=20 * chunk + 123), path=r"/blobs/sha256:", ranged=True)
+            source = RegistryBlobSource(store, digest)
+            async with ChunkFetcher(ChunkCache(tmp_path / "cache"), max_coalesce=64 << 20, background_coalesce=64 << 20,
+                                    background_window=64 << 20) as fetcher:
+                fetcher.enqueue(source, refs, Priority.PREFETCH)
+                assert await fetcher.get(source, refs[:1]) == datas[:1]
+                assert fetcher.stats.inflight == 1  # the request is still receiving the rest
+                await fetcher.wait_idle()
+                assert await fetcher.get(source, refs) == datas
+            assert fetcher.stats.requests == 1 and fetcher.stats.retries == 0
+    ranges = [request.range for request in proxy.requests if request.range]
+    assert len(ranges) == 2 and ranges[0] == f"bytes=0-{len(blob) - 1}"
+    resumed_at, resumed_end = map(int, ranges[1].removeprefix("bytes=").split("-"))
+    # A reset discards what the client had not read yet: it resumes where its bytes stopped.
+    assert 0 < resumed_at <= 20 * chunk + 123 and resumed_end == len(blob) - 1

@@ -8,6 +8,7 @@ mount and no directory behind.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import trio
 
 from lazyfs.registry import open_store
 from lazyfs.registry.manifest import sha256_digest
+from lazyfs.serve.kernel import attached_loops
 from snapshotter.daemon_client import stop_daemon
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
@@ -37,14 +39,15 @@ START_TIMEOUT = 20.0
 class SnapshotterProcess:
     """lazyfs-snapshotter serving ``socket`` with its state under ``root``."""
 
-    def __init__(self, root: Path, socket: Path, insecure_hosts: list[str], daemon: bool = True):
+    def __init__(self, root: Path, socket: Path, insecure_hosts: list[str], daemon: bool = True,
+                 serve: str = "fuse"):
         self.root = root
         self.socket = socket
         self.config = root.parent / "snapshotter.toml"
         hosts = ", ".join(f'"{h}"' for h in insecure_hosts)
         self.config.write_text(
             f'root = "{root}"\nsocket = "{socket}"\nlog_level = "debug"\n\n'
-            f'[daemon]\nenabled = {"true" if daemon else "false"}\n\n'
+            f'[daemon]\nenabled = {"true" if daemon else "false"}\nserve = "{serve}"\n\n'
             f'[registry]\ninsecure_hosts = [{hosts}]\n')
         self.log_path = root.parent / "snapshotter.log"
         self.process: subprocess.Popen | None = None
@@ -84,9 +87,12 @@ class SnapshotterProcess:
 
 
 @pytest.fixture
-def snapshotter_proc(containerd, registry, tmp_path):
+def snapshotter_proc(request, containerd, registry, tmp_path):
+    """The snapshotter and its daemon; parametrise indirectly with "kernel" for the kernel
+    serving mode (default "fuse")."""
     root = tmp_path / "sn-root"
-    proc = SnapshotterProcess(root, containerd.snapshotter_socket, [registry.host])
+    proc = SnapshotterProcess(root, containerd.snapshotter_socket, [registry.host],
+                              serve=getattr(request, "param", "fuse"))
     containerd.trust_http_registry(registry.host)
     try:
         proc.start()
@@ -240,10 +246,14 @@ def test_daemon_killed_is_restarted(snapshotter_proc):
 
 # -- lazy layers ---------------------------------------------------------------------------
 
-def daemon_layers(snapshotter_proc) -> set[str]:
+def daemon_list(snapshotter_proc) -> list[dict]:
     from snapshotter.daemon_client import DaemonLayerFS
     fs = DaemonLayerFS(snapshotter_proc.root / "daemon.sock", snapshotter_proc.root / "mnt")
-    return {layer["name"] for layer in fs.request("list")["layers"]}
+    return fs.request("list")["layers"]
+
+
+def daemon_layers(snapshotter_proc) -> set[str]:
+    return {layer["name"] for layer in daemon_list(snapshotter_proc)}
 
 
 def wait_daemon_restarted(snapshotter_proc, old_pid: int) -> int:
@@ -258,10 +268,12 @@ def wait_daemon_restarted(snapshotter_proc, old_pid: int) -> int:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("snapshotter_proc", ["fuse", "kernel"], indirect=True)
 async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapshotter_proc):
     """Converted image: pulled with labels (no layer download), run, fetched only in part;
     survives a snapshotter restart under a reading container; a killed daemon is restarted
-    with the layers re-attached; removal detaches the layers and leaves nothing behind."""
+    with the layers re-attached; removal detaches the layers and leaves nothing behind.
+    In both serving modes (kernel: the lowerdirs are EROFS mounts over loop devices)."""
     big = os.urandom(8 << 20)  # the first container never reads it
     image = build_image([busybox_layer(),
                          [file("hello.txt", b"hello lazily\n"), file("big.bin", big)]])
@@ -287,6 +299,8 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
     assert fetched < sum(sizes.values()) // 4, (fetched, sizes)
     layers = {s.lazy_layer for s in lazy}
     assert daemon_layers(snapshotter_proc) == layers
+    serve = "kernel" if 'serve = "kernel"' in snapshotter_proc.config.read_text() else "fuse"
+    assert {layer["serve"] for layer in daemon_list(snapshotter_proc)} == {serve}
 
     # a container reading lazy files in a loop outlives a snapshotter restart
     reader = ("i=0; while [ $i -lt 1200 ]; do cat /hello.txt >/dev/null || exit 7; "
@@ -326,6 +340,12 @@ async def test_lazy_image_lifecycle(containerd, registry, registry_repo, snapsho
     assert os.listdir(snapshotter_proc.root / "snapshots") == []
     assert daemon_layers(snapshotter_proc) == set()
     assert mounts_below(snapshotter_proc.root / "snapshots") == []
+    layer_dir = snapshotter_proc.root / "mnt"
+    assert [m for m in mounts_below(layer_dir) if m != str(layer_dir)] == []  # kernel mode: EROFS mounts
+    deadline = time.monotonic() + 10  # loop devices clear themselves as their last user goes
+    while [b for b in attached_loops().values() if b.startswith(str(snapshotter_proc.root))]:
+        assert time.monotonic() < deadline, attached_loops()
+        time.sleep(0.05)
 
     # plain `ctr image pull` forwards the lazyfs annotations but no image reference: the
     # layers (valid tar+zstd) are unpacked like any other
@@ -457,3 +477,61 @@ async def test_setuid_and_device_nodes_in_containers_as_with_overlayfs(container
         assert seen[SNAPSHOTTER] == seen["overlayfs"] == expected, seen
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+@pytest.mark.parametrize("snapshotter_proc", ["kernel"], indirect=True)
+async def test_kernel_mode_daemon_failover_under_a_running_container(containerd, registry, registry_repo,
+                                                                     snapshotter_proc):
+    """Kernel serving mode: SIGKILL of the daemon under a running container. The container's
+    loop over a file it already read goes on; the restarted daemon takes over the loop devices
+    (LOOP_CHANGE_FD), so data the container never read before is served to it afterwards,
+    through its unchanged overlay and EROFS mounts."""
+    big = os.urandom(8 << 20)
+    image = build_image([busybox_layer(), [file("hello.txt", b"hello lazily\n"), file("big.bin", big)]])
+    src = await push(registry, registry_repo, image)
+    dst = f"{registry.host}/{registry_repo}-lazy:v1"
+    await trio.to_thread.run_sync(convert_with_cli, src, dst)
+    await trio.to_thread.run_sync(lambda: containerd.pull(dst, snapshotter=SNAPSHOTTER, remote=True))
+    layers = {s.lazy_layer for s in snapshotter_proc.metadata() if s.lazy_layer}
+    assert len(layers) == 2 and {layer["serve"] for layer in daemon_list(snapshotter_proc)} == {"kernel"}
+    # The loop touches only what it read before the kill (the whole busybox binary, which
+    # every `cat` maps, and hello.txt): page-cache hits, which must never fail.
+    reader = ("cat /bin/busybox /hello.txt >/dev/null && touch /tmp/started; while [ ! -e /tmp/stop ]; do cat /hello.txt >/dev/null || exit 7; sleep 0.05; "
+              "done; echo survived")
+    outcome: dict = {}
+
+    def run_reader() -> None:
+        outcome["run"] = containerd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, dst, "survivor",
+                                        "/bin/sh", "-c", reader, timeout=120, check=False)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, run_reader)
+        try:
+            # Started means its shell runs the loop (binaries read): a task is RUNNING earlier.
+            deadline = time.monotonic() + START_TIMEOUT
+            for attempt in itertools.count():
+                if task_status(containerd, "survivor") == "RUNNING" and containerd.ctr(
+                        "task", "exec", "--exec-id", f"check-{attempt}", "survivor", "/bin/cat", "/tmp/started",
+                        check=False).returncode == 0:
+                    break
+                assert time.monotonic() < deadline and "run" not in outcome, outcome
+                await trio.sleep(0.05)
+            daemon_pid = int((snapshotter_proc.root / "daemon.pid").read_text())
+            os.kill(daemon_pid, 9)
+            wait_daemon_restarted(snapshotter_proc, daemon_pid)
+            # Re-attached, and each layer's loop device swapped to the new daemon's file.
+            deadline = time.monotonic() + START_TIMEOUT
+            while {layer["name"] for layer in daemon_list(snapshotter_proc) if layer.get("adopted")} != layers:
+                assert time.monotonic() < deadline, snapshotter_proc.log_tail()
+                await trio.sleep(0.05)
+            assert "run" not in outcome, outcome
+            probe = await trio.to_thread.run_sync(lambda: containerd.ctr(
+                "task", "exec", "--exec-id", "probe", "survivor", "/bin/sh", "-c",
+                "dd if=/big.bin bs=1048576 skip=5 count=1 2>/dev/null | sha256sum"))
+            assert probe.stdout.split()[0] == hashlib.sha256(big[5 << 20:6 << 20]).hexdigest()
+        finally:
+            await trio.to_thread.run_sync(lambda: containerd.ctr(
+                "task", "exec", "--exec-id", "stop", "survivor", "/bin/busybox", "touch", "/tmp/stop", check=False))
+    assert outcome["run"].returncode == 0 and outcome["run"].stdout == "survived\n", outcome["run"]
+    containerd.ctr("image", "rm", "--sync", dst)
+    assert daemon_layers(snapshotter_proc) == set()

@@ -9,7 +9,10 @@
 3. layout: one file per chunk vs append-only pack files, on many small chunks:
    write, index rebuild on open, random reads, disk usage;
 4. end to end: ChunkFetcher reading a blob of zstd chunks from a local HTTP server that
-   answers ranges, cold and then warm cache, with and without range coalescing.
+   answers ranges, cold and then warm cache, with and without range coalescing;
+5. bound (only with --only bound; root: it shapes a link): a trace-ordered start over a real
+   registry at 100 Mbit/s + 20 ms, prefetch request bounds side by side, chunks streamed or
+   delivered with their whole request.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lazyfs.fetch.cache import ChunkCache, chunk_digest  # noqa: E402
-from lazyfs.fetch.scheduler import ChunkFetcher  # noqa: E402
+from lazyfs.fetch.scheduler import ChunkFetcher, Priority  # noqa: E402
 from lazyfs.fetch.sources import HttpBlobSource  # noqa: E402
 from lazyfs.layer.chunks import ChunkRef, decode_chunk  # noqa: E402
 
@@ -351,11 +354,90 @@ def bench_end_to_end(workdir: Path) -> None:
         server.server_close()
 
 
+class _WholeRange:
+    """A RegistryBlobSource without streaming: chunks reach readers when the request ends."""
+
+    def __init__(self, source):
+        self.name, self.host, self.read_range = source.name, source.host, source.read_range
+
+
+async def ordered_start(cache_root: Path, source, refs: list[ChunkRef], request_bytes: int,
+                        window: int, think: float) -> tuple[float, float, int]:
+    """A trace-ordered start: every chunk queued as prefetch at once, then read in order with
+    ``think`` seconds of work after each. Seconds to the first chunk, to the last, requests."""
+    cache = ChunkCache(cache_root)
+    async with ChunkFetcher(cache, max_coalesce=max(request_bytes, 8 << 20), background_coalesce=request_bytes,
+                            background_window=window) as fetcher:
+        began = trio.current_time()
+        fetcher.enqueue(source, refs, Priority.PREFETCH)
+        first = None
+        for ref in refs:
+            await fetcher.get(source, [ref])
+            first = first if first is not None else trio.current_time() - began
+            await trio.sleep(think)
+        total = trio.current_time() - began
+        await fetcher.wait_idle()
+        requests = fetcher.stats.requests
+    shutil.rmtree(cache_root)
+    return first, total, requests
+
+
+def bench_prefetch_bound(workdir: Path, runs: int) -> None:
+    """Does the prefetch request bound still pay once chunks are delivered as they stream in?
+    A real registry behind a 100 Mbit/s + 20 ms link; configurations alternate within one run."""
+    import hashlib
+    import statistics
+
+    import httpx
+
+    from lazyfs.bench.netshape import LinkShape, ShapedRegistry
+    from lazyfs.fetch.sources import RegistryBlobSource
+    from lazyfs.registry import RegistryClient, parse_reference
+
+    chunk = 512 << 10
+    datas = [os.urandom(chunk // 2) + sample_data(chunk // 2) for _ in range(48)]
+    compressor = zstandard.ZstdCompressor(level=3)
+    frames = [compressor.compress(d) for d in datas]
+    blob = b"".join(frames)
+    refs, offset = [], 0
+    for frame, data in zip(frames, datas):
+        refs.append(ChunkRef(offset, len(frame), len(data), xxhash.xxh3_128_digest(data), "zstd"))
+        offset += len(frame)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    configs = [("streamed", "1 MiB / 3 MiB", 1 << 20, 3 << 20), ("streamed", "8 MiB / 8 MiB", 8 << 20, 8 << 20),
+               ("streamed", "64 MiB / 64 MiB", 64 << 20, 64 << 20), ("whole", "1 MiB / 3 MiB", 1 << 20, 3 << 20),
+               ("whole", "64 MiB / 64 MiB", 64 << 20, 64 << 20)]
+    results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+
+    async def one_round(endpoint: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            store = RegistryClient(parse_reference(f"{endpoint}/bench/bound:x"), http)
+            if not await store.blob_size(digest):
+                await store.push_blob(blob, digest=digest)
+            streamed = RegistryBlobSource(store, digest)
+            for mode, label, request_bytes, window in configs:
+                source = streamed if mode == "streamed" else _WholeRange(streamed)
+                results.setdefault((mode, label), []).append(
+                    await ordered_start(workdir / "bound-cache", source, refs, request_bytes, window, 0.01))
+
+    with ShapedRegistry(workdir / "registry", LinkShape(rate_mbit=100, rtt_ms=20)) as registry:
+        for _ in range(runs):
+            trio.run(one_round, registry.endpoint)
+    print(f"\nTrace-ordered start of {len(refs)} chunks ({len(blob) / 2**20:.1f} MiB stored), read in order "
+          f"with 10 ms of work each, 100 Mbit/s + 20 ms; median of {runs} (all runs):")
+    print(f"{'delivery':<9} {'request / window':<17} {'first chunk s':>13} {'all read s':>11} {'requests':>9}")
+    for (mode, label), values in results.items():
+        print(f"{mode:<9} {label:<17} {statistics.median(v[0] for v in values):>13.3f} "
+              f"{statistics.median(v[1] for v in values):>11.2f} {statistics.median(v[2] for v in values):>9.0f}"
+              "   " + " ".join(f"{v[1]:.2f}" for v in values))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="scratch directory (default: a new temporary directory)")
     parser.add_argument("--small-chunks", type=int, default=100_000)
-    parser.add_argument("--only", choices=["decode", "cache", "layout", "e2e"])
+    parser.add_argument("--only", choices=["decode", "cache", "layout", "e2e", "bound"])
+    parser.add_argument("--runs", type=int, default=3, help="rounds of the bound measurement")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-fetch-", dir=args.dir))
     print(f"scratch directory {workdir} on {os.statvfs(workdir).f_bsize}-byte blocks")
@@ -368,6 +450,8 @@ def main() -> int:
             bench_layout(workdir, args.small_chunks)
         if args.only in (None, "e2e"):
             bench_end_to_end(workdir)
+        if args.only == "bound":  # needs root (a shaped link), so only on request
+            bench_prefetch_bound(workdir, args.runs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

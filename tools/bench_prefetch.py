@@ -21,6 +21,11 @@ page cache dropped) unless said otherwise:
 
 Prints one table: median and all runs of each cell, ratios to the ideal and to (a).
 
+With --policies SET [SET ...] (e.g. `none readahead,trace locality readahead,trace,locality`),
+the image is started without any trace under each set of fetch policies instead (one cell per
+set, `lazyfs mount --policy SET`, cold each time, cells alternating), and the table also shows
+the daemon's range requests and fetched bytes per start.
+
 With --shared-daemon, each start mounts through a `lazyfs daemon` that was started (with the
 cell's cache) before the clock starts and before the page cache is dropped, as a daemon
 started at boot would be: the time is then `lazyfs mount --daemon` and the workload, without
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lazyfs.bench.images import build_image  # noqa: E402
 from lazyfs.daemon.control import ControlError, request  # noqa: E402
+from lazyfs.daemon.mountstate import MountState  # noqa: E402
 from lazyfs.bench.netshape import LinkShape, ShapedRegistry  # noqa: E402
 from lazyfs.bench.prepare import SourceImage, convert_cached, push  # noqa: E402
 from lazyfs.layer.reader import open_blob_file  # noqa: E402
@@ -66,16 +72,18 @@ def lazyfs(*args: str) -> None:
 
 
 def start_once(image: str, work: Path, cache: Path, ready: re.Pattern, workload: list[str],
-               mount_args: list[str], timeout: float, shared_daemon: bool = False) -> tuple[float, float]:
-    """Seconds from the start of `lazyfs mount` to the ready line, and of those the mount."""
+               mount_args: list[str], timeout: float, shared_daemon: bool = False,
+               fetch_stats: list | None = None, policy: str | None = None) -> tuple[float, float]:
+    """Seconds from the start of `lazyfs mount` to the ready line, and of those the mount.
+    With ``fetch_stats``, the daemon's fetch statistics at the ready line are appended to it."""
     mnt, run = work / "mnt", work / "run"
     mnt.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
         if shared_daemon:
-            socket = stack.enter_context(running_daemon(work, cache))
+            socket = stack.enter_context(running_daemon(work, cache, policy))
             mount_args = ["--daemon", str(socket), *mount_args]
         else:
-            mount_args = ["--cache-dir", str(cache), *mount_args]
+            mount_args = ["--cache-dir", str(cache), *(["--policy", policy] if policy else []), *mount_args]
         drop_page_cache()
         began = time.monotonic()
         lazyfs("mount", "--run-dir", str(run), *mount_args, image, str(mnt))
@@ -84,18 +92,25 @@ def start_once(image: str, work: Path, cache: Path, ready: re.Pattern, workload:
             outcome = run_workload(mnt, workload, ready=ready, timeout=timeout)
             if outcome.reason != "ready":
                 raise SystemExit(f"workload did not get ready ({outcome.reason}): {outcome.output[-5:]}")
-            return time.monotonic() - began, mounted
+            total = time.monotonic() - began
+            if fetch_stats is not None:
+                control = socket if shared_daemon else MountState.for_mountpoint(mnt, run).socket
+                fetch = request(str(control), "stats")["fetch"]
+                fetch["events"] = request(str(control), "fetch-log")["events"]
+                fetch_stats.append(fetch)
+            return total, mounted
         finally:
             lazyfs("umount", "--lazy", "--run-dir", str(run), str(mnt))
 
 
 @contextlib.contextmanager
-def running_daemon(work: Path, cache: Path):
+def running_daemon(work: Path, cache: Path, policy: str | None = None):
     """A `lazyfs daemon` with this cache, ready before the clock starts; stopped afterwards."""
     socket = work / "shared.sock"
     with open(work / "shared-daemon.log", "ab") as log:
         proc = subprocess.Popen([*LAZYFS, "daemon", "--socket", str(socket), "--fuse-dir", str(work / "shared-fuse"),
-                                 "--cache-dir", str(cache)], stdout=log, stderr=log)
+                                 "--cache-dir", str(cache), *(["--policy", policy] if policy else [])],
+                                stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -134,7 +149,11 @@ def main() -> int:
     parser.add_argument("--rtt-ms", type=float, default=20)
     parser.add_argument("--shared-daemon", action="store_true",
                         help="mount through a `lazyfs daemon` started before the clock (see above)")
+    parser.add_argument("--policies", nargs="+", metavar="SET", default=None,
+                        help="compare these fetch policy sets without a trace (see above)")
     args = parser.parse_args()
+    if args.policies:
+        return compare_policies(args)
 
     built = build_image(args.image)
     source = SourceImage(args.image, built.oci_dir, built.tag, built.manifest_digest, built.workload,
@@ -208,6 +227,49 @@ def main() -> int:
               + " ".join(f"{t:.2f}" for t, _ in values))
     print(f"{'ideal':<14} {ideal:9.2f} {1:8.2f} {cold / ideal:9.2f}  (d) + {needed / 2**20:.1f} MiB / "
           f"{args.rate_mbit:g} Mbit/s")
+    return 0
+
+
+def compare_policies(args: argparse.Namespace) -> int:
+    """Cold starts without any trace, one cell per set of fetch policies, alternating."""
+    built = build_image(args.image)
+    source = SourceImage(args.image, built.oci_dir, built.tag, built.manifest_digest, built.workload,
+                         built.ready_line)
+    workload = list(built.workload)
+    ready = re.compile(built.ready_line or "^ready$")
+    lazy = convert_cached(source, CHUNK)
+    work = Path(tempfile.mkdtemp(prefix="bench-policies-"))
+    results: dict[str, list[tuple[float, dict]]] = {name: [] for name in args.policies}
+    try:
+        with ShapedRegistry(work / "registry", LinkShape(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms)) as registry:
+            push(lazy, registry.endpoint, "bench/policies", "lazy")
+            image = lazy.registry_ref(registry.endpoint)
+            for _ in range(args.runs):
+                for name in args.policies:
+                    cache = work / "cache"
+                    shutil.rmtree(cache, ignore_errors=True)
+                    stats: list[dict] = []
+                    total, _ = start_once(image, work, cache, ready, workload, ["--no-prefetch"], args.timeout,
+                                          args.shared_daemon, fetch_stats=stats, policy=name)
+                    results[name].append((total, stats[0]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"image {args.image} without a trace, workload {' '.join(workload)!r}, link {args.rate_mbit:g} Mbit/s + "
+          f"{args.rtt_ms:g} ms RTT, {args.runs} run(s) per cell, cells alternating"
+          + (", mounts through a running `lazyfs daemon`" if args.shared_daemon else ""))
+    print(f"{'policies':<28} {'median s':>9} {'requests':>9} {'on-demand':>10} {'od wait s':>10} "
+          f"{'MiB fetched':>12} {'speculative':>12}  runs")
+    for name, values in results.items():
+        median = statistics.median(t for t, _ in values)
+        requests = statistics.median(s["requests"] for _, s in values)
+        on_demand = [[e for e in s["events"] if e["priority"] == "on_demand"] for _, s in values]
+        od_requests = statistics.median(len(events) for events in on_demand)
+        # Time reads spent in on-demand requests (summed over requests; concurrent ones overlap).
+        od_wait = statistics.median(sum(e["end"] - e["start"] for e in events) for events in on_demand)
+        fetched = statistics.median(s["bytes_fetched"] for _, s in values) / 2**20
+        speculative = statistics.median(s["done"].get("speculative", 0) for _, s in values)
+        print(f"{name:<28} {median:9.2f} {requests:9.0f} {od_requests:10.0f} {od_wait:10.2f} {fetched:12.1f} "
+              f"{speculative:12.0f}  " + " ".join(f"{t:.2f}" for t, _ in values))
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from lazyfs.cliopts import add_registry_arguments, load_with_registry
 from lazyfs.config import ConfigError
 from lazyfs.daemon.mountstate import add_timeout_arguments, daemon_command
+from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 
 NAME = "daemon"
 HELP = "run a daemon that serves `lazyfs mount --daemon SOCKET` mounts (in the foreground)"
@@ -35,12 +36,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: nosuid,nodev; image mounts opt in one by one with `lazyfs mount "
                              "--allow-suid-dev`)")
     add_timeout_arguments(parser)
+    parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
+                        help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
+                             "each layer, the daemon only its chunk device (default: config, else fuse)")
+    parser.add_argument("--layers-dir", type=Path, default=None,
+                        help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
+    parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
+                        help="fetch policies: none, readahead, trace, background, locality, or "
+                             "package.module:Class (default: readahead,trace)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config, registry = load_with_registry(args)
-    except ConfigError as e:
+        if args.policy is not None:
+            parse_policy_names(args.policy)
+    except (ConfigError, PolicyError) as e:
         print(f"lazyfs daemon: {e}", file=sys.stderr)
         return 2
     cache_dir = args.cache_dir or config.cache_dir
@@ -48,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
                           cache_size=cache_size, metrics=args.metrics, registry=registry,
                           verbose=args.verbose, allow_suid_dev=args.allow_suid_dev,
-                          read_timeout=args.read_timeout, request_timeout=args.request_timeout)
+                          read_timeout=args.read_timeout, request_timeout=args.request_timeout,
+                          serve=args.serve or config.serve,
+                          layers_dir=args.layers_dir.absolute() if args.layers_dir else None,
+                          policies=args.policy.split(",") if args.policy else None)
     os.execv(sys.executable, argv)
     return 0  # not reached

@@ -20,6 +20,7 @@ from pathlib import Path
 from lazyfs.cliopts import add_registry_arguments, load_with_registry
 from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import ControlError, request
+from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 from lazyfs.daemon.mountstate import (
     DEFAULT_RUN_DIR, MountState, add_timeout_arguments, daemon_command, daemon_running,
 )
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", metavar="DIGEST", help="mount only this layer of the image")
     parser.add_argument("--meta", type=Path, help="metadata image of a plain chunk-based EROFS image")
     parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
+    parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
+                        help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
+                             "each layer, the daemon only its chunk device (default: config, else fuse)")
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
     parser.add_argument("--daemon", type=Path, default=None, metavar="SOCKET",
                         help="mount through the running daemon at this control socket (`lazyfs daemon`) "
@@ -59,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
     parser.add_argument("--record-trace", type=Path, default=None, metavar="FILE",
                         help="record an access trace from the mount on; written to FILE when unmounted")
+    parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
+                        help="fetch policies of the mount's daemon: none, readahead, trace, background, "
+                             "locality, or package.module:Class (default: readahead,trace)")
     parser.add_argument("--learned-trace", choices=("off", "pull", "push"), default="pull",
                         help="pull (default): a layer without a trace of its own prefetches from a trace "
                              "attached to the image in the registry, and the start is recorded into the "
@@ -78,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, registry = load_with_registry(args)
         mountpoint, startup = _startup_spec(args)
-    except (_UsageError, ConfigError) as e:
+        if args.policy is not None:
+            parse_policy_names(args.policy)
+    except (_UsageError, ConfigError, PolicyError) as e:
         print(f"lazyfs mount: {e}", file=sys.stderr)
         return 2
     if args.daemon is not None:
@@ -103,10 +112,13 @@ def run(args: argparse.Namespace) -> int:
     state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
                                           indent=1))
     ready_read, ready_write = os.pipe()
+    serve = args.serve or config.serve
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
                          metrics=args.metrics, registry=registry, verbose=args.verbose,
                          allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
-                         request_timeout=args.request_timeout)
+                         request_timeout=args.request_timeout,
+                         serve=serve, layers_dir=state.layers_dir if serve == "kernel" else None,
+                         policies=args.policy.split(",") if args.policy else None)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
@@ -146,8 +158,8 @@ def _mount_point_refusal(state: MountState) -> str | None:
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
                     "insecure_registry": "--insecure-registry", "hosts_dir": "--hosts-dir",
-                    "registry_auth": "--registry-auth", "read_timeout": "--read-timeout",
-                    "request_timeout": "--request-timeout"}
+                    "registry_auth": "--registry-auth", "serve": "--serve", "policy": "--policy",
+                    "read_timeout": "--read-timeout", "request_timeout": "--request-timeout"}
 
 
 def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:

@@ -82,7 +82,12 @@ def render(stats: dict, layers: list[dict], console: Console) -> None:
     attached.add_column("name")
     attached.add_column("kind")
     attached.add_column("source")
+    attached.add_column("serve")
+    attached.add_column("loop")
     for layer in layers:
         source = layer.get("digest") or layer.get("blob") or ""
-        attached.add_row(layer["name"], layer.get("kind", ""), source)
+        serve = layer.get("serve", "fuse")
+        if layer.get("fallback"):
+            serve += f" (fallback: {layer['fallback']})"
+        attached.add_row(layer["name"], layer.get("kind", ""), source, serve, layer.get("loop", ""))
     console.print(attached)

@@ -186,8 +186,10 @@ def _record(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="lazyfs-trace-record-"))
     mountpoint, run_dir = work / "root", work / "run"
     mountpoint.mkdir()
-    mount = [sys.executable, "-m", "lazyfs.cli", "mount", "--no-prefetch", "--learned-trace", "off",
-             "--run-dir", str(run_dir)]
+    # The FUSE tree whatever the configured serving mode: in kernel mode the daemon would see
+    # only chunk-device reads, not the lookups and opens a trace also records.
+    mount = [sys.executable, "-m", "lazyfs.cli", "mount", "--serve", "fuse", "--no-prefetch", "--learned-trace",
+             "off", "--run-dir", str(run_dir)]
     if args.cache_dir is not None:
         mount += ["--cache-dir", str(args.cache_dir)]
     if args.platform is not None:

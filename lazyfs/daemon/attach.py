@@ -21,6 +21,7 @@ import trio
 from lazyfs.config import RegistrySettings
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.cache import CacheError, ChunkCache
+from lazyfs.fetch.policies import FileMap, LayerInfo, PolicySet
 from lazyfs.serve.devices import ChunkGridDevice, RecentChunks, plain_blob_device
 from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
@@ -56,12 +57,29 @@ class AttachContext:
     stores: "_Stores" = field(default_factory=lambda: _Stores())
     recent: RecentChunks = field(default_factory=RecentChunks)  # decoded chunks, daemon-wide
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
+    policies: PolicySet | None = None  # fetch policies (None: readahead and trace prefetch)
     learned: LearnedTraces = field(default_factory=LearnedTraces)  # traces found in registries
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # manifests, metadata, chunk tables, traces
     chunk_retry: RetryPolicy = field(default_factory=lambda: CHUNK_RETRY)  # chunk ranges
 
 
-Attacher = Callable[[AttachContext, dict], Awaitable[tuple[Image, DeviceReader, dict]]]
+@dataclass
+class Attached:
+    """What an attacher made: the metadata, the device reader, what `list` shows, and for the
+    kernel serving mode a descriptor of the metadata image as a file (owned: close_meta)."""
+
+    image: Image
+    device: DeviceReader
+    info: dict
+    meta_fd: int | None = None
+
+    def close_meta(self) -> None:
+        fd, self.meta_fd = self.meta_fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+Attacher = Callable[[AttachContext, dict], Awaitable[Attached]]
 
 
 def _string(request: dict, key: str) -> str:
@@ -101,7 +119,7 @@ def open_image(path: str | os.PathLike) -> Image:
         raise AttachError(f"{path} is not a usable EROFS image: {e}") from None
 
 
-async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, DeviceReader, dict]:
+async def attach_plain(ctx: AttachContext, request: dict) -> Attached:
     meta = _string(request, "meta")
     blob = _string(request, "blob")
     image = await trio.to_thread.run_sync(open_image, meta)
@@ -122,7 +140,12 @@ async def attach_plain(ctx: AttachContext, request: dict) -> tuple[Image, Device
     if size < needed:
         log.info("blob %s has %d bytes, the image declares a %d-byte device", blob, size, needed)
     device = plain_blob_device(ctx.fetcher, source, size, recent=ctx.recent)
-    return image, device, {"kind": "plain", "meta": os.path.abspath(meta), "blob": blob}
+    try:
+        meta_fd: int | None = os.open(meta, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:  # it was readable a moment ago; kernel mode only needs it
+        log.info("cannot reopen %s: %s", meta, e)
+        meta_fd = None
+    return Attached(image, device, {"kind": "plain", "meta": os.path.abspath(meta), "blob": blob}, meta_fd)
 
 
 class StoreBlobSource:
@@ -191,9 +214,10 @@ async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, sec
     return stored
 
 
-def _decode_file_backed(section: Section, stored: bytes, directory: Path) -> mmap.mmap:
+def _decode_file_backed(section: Section, stored: bytes, directory: Path) -> tuple[mmap.mmap, int]:
     """The decoded section in an unnamed file mapped read-only: reclaimable page cache, not
-    daemon heap. It is decoded straight into the file, a piece at a time.
+    daemon heap. It is decoded straight into the file, a piece at a time. Also returns a
+    read-only descriptor of the file (the kernel serving mode mounts it).
 
     A layer's metadata holds its small files inline, so it can be large (100 MB for 100k
     small files); mapped from a file, only the pages in use stay resident.
@@ -206,30 +230,40 @@ def _decode_file_backed(section: Section, stored: bytes, directory: Path) -> mma
                 view = view[os.write(fd, view):]
 
         section.open_into("meta", stored, write)
-        return mmap.mmap(fd, section.size, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(fd, section.size, access=mmap.ACCESS_READ)
+        return mapped, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(fd)
 
 
-def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes, trusted: bool) -> Layer:
-    """Verify and open a layer's sections (in a worker thread: hashing and zstd)."""
+def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes,
+                trusted: bool) -> tuple[Layer, int | None]:
+    """Verify and open a layer's sections (in a worker thread: hashing and zstd); the layer
+    and a descriptor of its metadata as a file (None when it stays in memory)."""
     table = index.table.open("table", table_stored)
+    meta_fd = None
     try:
-        meta = _decode_file_backed(index.meta, meta_stored, cache_root / "tmp")
+        meta, meta_fd = _decode_file_backed(index.meta, meta_stored, cache_root / "tmp")
     except OSError as e:  # no O_TMPFILE on this filesystem, or it is full: keep it in memory
         log.info("metadata stays in memory: %s", e)
         meta = index.meta.open("meta", meta_stored)
-    return Layer.from_verified(meta, table, index.chunk_size, trusted_footer=trusted, data_limit=index.data_limit)
+    try:
+        return Layer.from_verified(meta, table, index.chunk_size, trusted_footer=trusted,
+                                   data_limit=index.data_limit), meta_fd
+    except BaseException:
+        if meta_fd is not None:
+            os.close(meta_fd)
+        raise
 
 
-async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, DeviceReader, dict]:
+async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
     ref = _string(request, "ref")
     digest = _string(request, "digest")
     annotations = request.get("annotations") or {}
     if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
         raise AttachError("'annotations' must be an object of strings")
     size = request.get("size")
-    background_rate = _background_rate(request)
+    _background_rate(request)  # a bad value is refused before anything is fetched
     store, host = ctx.stores.get(ctx, ref)
     try:
         if size is None:
@@ -244,36 +278,63 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> tuple[Image, Devic
             log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
         meta = await _section_bytes(ctx, store, digest, index.meta, "layer metadata")
         table = await _section_bytes(ctx, store, digest, index.table, "chunk table")
-        layer = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
+        layer, meta_fd = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
     except LayerFormatError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     except RegistryError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
+    try:
+        device, info = await _serve_lazyfs(ctx, request, store, host, index, layer, trusted)
+    except BaseException:
+        if meta_fd is not None:
+            os.close(meta_fd)
+        raise
+    return Attached(layer.image, device, info, meta_fd)
+
+
+async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, host: str, index, layer: Layer,
+                        trusted: bool) -> tuple[ChunkGridDevice, dict]:
+    """The device reader and `list` info of a loaded lazyfs layer; queues its prefetch and
+    background fill."""
+    ref, digest = request["ref"], request["digest"]
+    background_rate = _background_rate(request)
     source = StoreBlobSource(store, digest, host, ctx.chunk_retry)
+    readahead = ctx.policies is None or ctx.policies.readahead
     device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref,
-                             recent=ctx.recent)
+                             recent=ctx.recent, **({} if readahead else {"readahead_bytes": 0}))
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
+    trace_chunks: list[int] = []
     found = await _prefetch_trace(ctx, store, digest, index, request)
     if found is not None:
         trace, embedded = found
         chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
-        if chunks:
-            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        if ctx.policies is None:
+            if chunks:
+                ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        else:
+            trace_chunks = chunks
         info["prefetch_chunks"] = len(chunks)
+    if ctx.policies is not None:
+        layer_info = LayerInfo(_string(request, "name"), source, layer.chunk_count, layer.chunk_ref,
+                               trace_chunks=trace_chunks, background_rate=background_rate)
+        ctx.policies.attach(layer_info)
+        if ctx.policies.wants_files:
+            ctx.policies.build_files_soon(layer_info, lambda: file_map(layer))
+        info["policies"] = ctx.policies.names
     if request.get("learned_trace") or request.get("record_trace"):
         # After the attach, in the background: the look-up must not delay the layer.
         info[AFTER_ATTACH] = functools.partial(
             _learn, ctx, store, ref, digest, _given_manifest(request), layer, source,
             bool(request.get("learned_trace")) and found is None and index.trace is None)
-    if request.get("background_fetch"):
+    if request.get("background_fetch") and not (ctx.policies and "background" in ctx.policies.names):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
         # Queued now, started by the fill once the fetcher is idle: after the prefetch above.
         ctx.background.add(_string(request, "name"), source,
                            [layer.chunk_ref(n) for n in range(layer.chunk_count)], background_rate)
         info["background_fetch"] = {"rate": background_rate}
-    return layer.image, device, info
+    return device, info
 
 
 AFTER_ATTACH = "_after_attach"  # info key: what the daemon runs once the layer is attached
@@ -304,7 +365,7 @@ async def _learn(ctx: AttachContext, store: ImageStore, ref: str, digest: str, m
     learned = await _learned_trace_chunks(ctx, store, manifest, digest, layer)
     if learned is not None:
         artifact, chunks = learned
-        if chunks:
+        if chunks and (ctx.policies is None or "trace" in ctx.policies.names):
             ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
         info["prefetch_chunks"] = len(chunks)
         info["learned_trace"] = artifact
@@ -370,6 +431,27 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e
     return None
+
+
+def file_map(layer: Layer) -> FileMap:
+    """Each regular file of the layer with its chunk numbers, in directory-walk order (for the
+    fetch policies; built in a worker thread)."""
+    image, cell = layer.image, layer.chunk_size
+    files = []
+    for path, inode in image.walk():
+        if not inode.is_reg or not inode.size:
+            continue
+        chunks: list[int] = []
+        try:
+            extents = image.map(inode.nid, 0, inode.size)
+        except ErofsError:
+            continue
+        for ext in extents:
+            if ext.device_id == 1 and ext.length:
+                chunks.extend(range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1))
+        if chunks:
+            files.append((path.decode("utf-8", "surrogateescape"), [n for n in chunks if n < layer.chunk_count]))
+    return FileMap(files)
 
 
 KINDS: dict[str, Attacher] = {

@@ -2,7 +2,9 @@
 
 Each mount point gets a private directory ``<run dir>/<16 hex of sha256(mount point)>/``:
 
-    fuse/          the daemon's FUSE mount (one top-level directory per attached layer)
+    fuse/          the daemon's FUSE mount (one top-level directory per attached layer; in
+                   kernel serving mode one chunk-device file per layer)
+    layers/        kernel serving mode: one EROFS mount per layer (the overlay's lowerdirs)
     control.sock   the daemon's control socket
     daemon.pid     the daemon's process id
     daemon.log     the daemon's stderr
@@ -29,12 +31,13 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.config import RegistrySettings
 from lazyfs.daemon.control import ControlError, request
-from lazyfs.serve.mounts import is_mounted, is_stale, unmount_fuse, unmount_path
+from lazyfs.serve.mounts import is_mounted, is_stale, mounted_paths, unmount_fuse, unmount_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ class MountState:
     @property
     def fuse_dir(self) -> Path:
         return self.root / "fuse"
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.root / "layers"
 
     @property
     def socket(self) -> Path:
@@ -120,6 +127,10 @@ class MountState:
             unmount_path(self.mountpoint, lazy_if_busy=True)
             stale = True
         if self.exists():
+            # Kernel mode: EROFS mounts of the layers (their loop devices clear themselves).
+            for path in sorted(mounted_paths(), reverse=True):
+                if path.startswith(str(self.layers_dir) + "/"):
+                    unmount_path(Path(path), lazy_if_busy=True)
             if is_mounted(self.fuse_dir):
                 unmount_fuse(self.fuse_dir)
             shutil.rmtree(self.root, ignore_errors=True)
@@ -163,8 +174,9 @@ def add_timeout_arguments(parser: argparse.ArgumentParser, with_defaults: bool =
 
 def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
                    metrics: str | None = None, registry: RegistrySettings | None = None,
-                   verbose: int = 0, allow_suid_dev: bool = False, read_timeout: float | None = None,
-                   request_timeout: float | None = None) -> list[str]:
+                   verbose: int = 0, allow_suid_dev: bool = False, serve: str = "fuse",
+                   layers_dir: Path | None = None, policies: Sequence[str] | None = None,
+                   read_timeout: float | None = None, request_timeout: float | None = None) -> list[str]:
     """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
     `lazyfs daemon` start it."""
     cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(fuse_dir), "--socket", str(socket),
@@ -177,6 +189,12 @@ def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size:
         cmd += registry.daemon_arguments()
     if allow_suid_dev:
         cmd.append("--allow-suid-dev")
+    if serve != "fuse":
+        cmd += ["--serve", serve]
+    if layers_dir is not None:
+        cmd += ["--layers-dir", str(layers_dir)]
+    if policies:
+        cmd += ["--policy", ",".join(policies)]
     if read_timeout is not None:
         cmd += ["--read-timeout", str(read_timeout)]
     if request_timeout is not None:

@@ -37,6 +37,7 @@ import trio
 
 from lazyfs.daemon import attach as attach_kinds
 from lazyfs.fetch.background import BackgroundFill
+from lazyfs.fetch.policies import DEFAULT_POLICIES, PolicyError, PolicySet, load_policy, parse_policy_names
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
 from lazyfs.daemon.control import MAX_LINE
@@ -45,8 +46,9 @@ from lazyfs.daemon.mountstate import DEFAULT_READ_TIMEOUT, DEFAULT_REQUEST_TIMEO
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
 from lazyfs.fetch.scheduler import RetryPolicy as ChunkRetryPolicy
 from lazyfs.layer.chunks import ChunkRef
+from lazyfs.serve import kernel
 from lazyfs.serve.fuse import LazyOperations
-from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry
+from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry, cell_owners
 from lazyfs.serve.mounts import (
     MountError, is_mounted, is_stale, mount_flags, set_read_ahead, stack_mount, unmount_fuse, unmount_path,
 )
@@ -57,6 +59,11 @@ from lazyfs.trace.format import Trace, TraceRecorder
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KIB = 1024
+SERVE_MODES = ("fuse", "kernel")
+# Kernel mode: the chunk device's loop reads the FUSE file with direct I/O, so its pages are
+# cached once (by EROFS, per file) and not a second time under the FUSE file (see
+# docs/design.md, Serving modes, for the measurement).
+LOOP_DIRECT_IO = True
 
 
 class StartupError(Exception):
@@ -88,10 +95,25 @@ class DaemonOptions:
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
     read_timeout: float = DEFAULT_READ_TIMEOUT  # a read waits this long for chunks, then EIO
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # connect/read silence, per request and per MiB
+    policies: tuple[str, ...] = DEFAULT_POLICIES  # fetch policies (lazyfs.fetch.policies)
     recording: RecordingPolicy = field(default_factory=RecordingPolicy)  # automatic trace recording
     # The FUSE mount honours setuid bits and device nodes only for a trusted daemon; stacked
     # mounts decide for themselves (see lazyfs.serve.mounts.stack_mount).
     allow_suid_dev: bool = False
+    serve: str = "fuse"  # "kernel": layers are EROFS mounts over their chunk devices (lazyfs.serve.kernel)
+    layers_dir: Path | None = None  # kernel mode: where the layer roots are mounted
+    loop_direct_io: bool = LOOP_DIRECT_IO
+
+    def layer_root(self, name: str) -> Path:
+        """The directory serving layer ``name``: a directory of the FUSE mount, or in kernel
+        mode the layer's EROFS mount (a bind mount of the FUSE tree after a fallback)."""
+        if self.serve == "kernel":
+            return self.kernel_layers_dir / name
+        return self.fuse_dir / name
+
+    @property
+    def kernel_layers_dir(self) -> Path:
+        return self.layers_dir or self.fuse_dir.with_name(self.fuse_dir.name + ".layers")
 
     @property
     def fuse_options(self) -> set[str]:
@@ -154,6 +176,9 @@ class Daemon:
                                     retry=retry, read_timeout=self.options.read_timeout)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
+        self.policies = PolicySet(self.fetcher, self.options.policies)
+        self.policies.ctx.background = self.background
+        self.fetcher.policies = self.policies
         self.learned = LearnedTraces()
         self.learning = Recorder(self.options.cache_dir / "traces", self.options.recording, self._fill_paths,
                                  self.learned, self._push_store)
@@ -166,6 +191,9 @@ class Daemon:
         self._terminating = False
         self.http: httpx.AsyncClient | None = None
         self.attach_context: attach_kinds.AttachContext | None = None
+        self.attached: dict[str, attach_kinds.Attached] = {}  # by layer name: owns the metadata descriptor
+        self.layer_mounts: dict[str, Path] = {}  # kernel mode: EROFS (or fallback bind) mount per layer
+        self._fallback_reasons: set[str] = set()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -180,11 +208,13 @@ class Daemon:
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
                 registry=self.options.registry, background=self.background, learned=self.learned,
                 retry=RetryPolicy(attempt_timeout=seconds),
-                chunk_retry=replace(attach_kinds.CHUNK_RETRY, attempt_timeout=seconds))
+                chunk_retry=replace(attach_kinds.CHUNK_RETRY, attempt_timeout=seconds),
+                policies=self.policies)
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self.fetcher.run)
+                    self.policies.nursery = nursery
                     nursery.start_soon(self.background.run)
                     nursery.start_soon(self.learning.run)
                     nursery.start_soon(MetadataTrimmer(self.fs.layers).run)
@@ -203,6 +233,7 @@ class Daemon:
                 self._nursery = None
                 self._write_recorded_trace()
                 await self._unstack()
+                await self._release_layer_mounts()
 
     async def _run_fuse(self, nursery: trio.Nursery) -> None:
         await pyfuse3.main(max_tasks=128)
@@ -229,6 +260,7 @@ class Daemon:
         self._terminating = True
         await self.learning.finish_all()  # a start cut short by the unmount is still recorded
         await self._unstack()
+        await self._release_layer_mounts()
         pyfuse3.terminate()
 
     async def _unstack(self) -> None:
@@ -236,18 +268,24 @@ class Daemon:
             path = self.stacked.pop()
             await trio.to_thread.run_sync(unmount_path, path, True)
 
+    async def _release_layer_mounts(self) -> None:
+        """Kernel mode: unmount every layer's EROFS (their loop devices clear themselves)
+        before the FUSE mount that backs them goes."""
+        for name in list(self.layer_mounts):
+            await trio.to_thread.run_sync(kernel.unmount_layer, self.layer_mounts.pop(name))
+
     async def _run_startup(self, spec: dict) -> None:
         if spec.get("record_trace"):
             self.record_to = Path(spec["record_trace"])
-            self.recorder = TraceRecorder()
+            self.recorder = TraceRecorder()  # kernel-mode layers map their cells as they attach
         stack = spec.get("stack")
         if "image" in spec:
             await self.mount_image(spec["image"], Path(stack["mountpoint"]))
             return
         await self._attach_all(spec.get("attach", []))
         if stack:
-            await self._stack([self.options.fuse_dir / name for name in stack["layers"]], Path(stack["mountpoint"]),
-                              _trusted(stack))
+            await self._stack([self.options.layer_root(name) for name in stack["layers"]],
+                              Path(stack["mountpoint"]), _trusted(stack))
 
     async def mount_image(self, image: dict, mountpoint: Path, prefix: str = "") -> list[str]:
         """Attach every layer of the image (named ``prefix`` + ``NNN-<digest>``) and stack them
@@ -259,7 +297,7 @@ class Daemon:
         names = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
         try:
             await self._attach_all(requests)
-            await self._stack([self.options.fuse_dir / name for name in names], mountpoint, allow_suid_dev)
+            await self._stack([self.options.layer_root(name) for name in names], mountpoint, allow_suid_dev)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for name in names:
@@ -330,6 +368,20 @@ class Daemon:
             if self.recorder is not None:
                 self.recorder.record(key, size, nid, "", cells)
             self.learning.on_chunks(key, size, nid, cells)
+            return
+        # Kernel mode: a read of a chunk-device file, named after the files its cells hold.
+        try:
+            found = self.fs.device_read_files(ino, offset, length)
+        except Exception:
+            log.debug("no trace record for device read of inode %#x", ino, exc_info=True)
+            return
+        if found is not None:
+            layer, files = found
+            key, size = _trace_key(layer), layer.device.chunk_size  # type: ignore[attr-defined]
+            for nid, cells in files:
+                if self.recorder is not None:
+                    self.recorder.record(key, size, nid, "", cells)
+                self.learning.on_chunks(key, size, nid, cells)
 
     def _on_use(self, kind: str, ino: int) -> None:
         if self.recorder is None and not self.learning.active:
@@ -374,10 +426,19 @@ class Daemon:
         return open_store(ref, http=self.attach_context.registry_http, authenticator=Authenticator(store),
                           **options)
 
-    def trace_start(self) -> dict:
+    async def trace_start(self) -> dict:
+        for layer in self.fs.layers():
+            await self._map_cells(layer)
         self.recorder = TraceRecorder()
         self.record_to = None
         return {}
+
+    async def _map_cells(self, layer) -> None:
+        """Kernel mode: the daemon sees reads of the chunk device, not of files; a trace names
+        them through the layer's cell -> nid map (one walk of its metadata, in a thread)."""
+        if layer.as_device and layer.cell_owners is None:
+            layer.cell_owners = await trio.to_thread.run_sync(
+                cell_owners, layer.image, layer.device.chunk_size)
 
     def _write_recorded_trace(self) -> None:
         """--record-trace: the trace recorded since the mount, written as the daemon stops."""
@@ -437,21 +498,94 @@ class Daemon:
         assert self.attach_context is not None
         learn = self._learn_request(request) if request.get("record_trace") else None
         try:
-            image, device, info = await attacher(self.attach_context, request)
+            attached = await attacher(self.attach_context, request)
         except attach_kinds.AttachError as e:
             log.error("attaching %s failed: %s", name, e)
             raise RequestError(str(e), "attach-failed") from e
-        after = info.pop(attach_kinds.AFTER_ATTACH, None)
+        after = attached.info.pop(attach_kinds.AFTER_ATTACH, None)
+        kernel_mode = self.options.serve == "kernel"
         try:
-            attached = self.fs.attach(name, image, device, info)
+            self.fs.attach(name, attached.image, attached.device, attached.info,
+                           as_device=kernel_mode and hasattr(attached.device, "read_grid"))
         except LayerExists as e:
+            attached.close_meta()
             raise RequestError(str(e), "exists") from e
         except ValueError as e:
+            attached.close_meta()
             raise RequestError(str(e)) from e
-        log.info("attached %s (%s %s)", name, kind, info.get("digest") or info.get("meta", ""))
+        self.attached[name] = attached
+        if kernel_mode:
+            try:
+                await self._mount_layer_root(name, attached, map_cells=learn is not None)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.detach({"name": name})
+                raise
+        else:
+            self.fs.layer(name).info["serve"] = "fuse"
+        layer = self.fs.layer(name)  # after a fallback to the FUSE tree, a new slot
+        log.info("attached %s (%s %s, served by %s)", name, kind, layer.info.get("digest") or layer.info.get("meta", ""),
+                 layer.info["serve"])
         if after is not None and self._nursery is not None:
-            self._nursery.start_soon(self._after_attach, after, attached, learn)
-        return {"path": str(self.options.fuse_dir / name)}
+            self._nursery.start_soon(self._after_attach, after, layer, learn)
+        return {"path": str(self.options.layer_root(name))}
+
+    async def _mount_layer_root(self, name: str, attached: attach_kinds.Attached, map_cells: bool = False) -> None:
+        """Kernel mode: the layer's EROFS mount over loop devices of its chunk-device file and
+        its metadata; where that is impossible, a bind mount of its FUSE tree (logged once)."""
+        root = self.options.layer_root(name)
+        layer = self.fs.layer(name)
+        # What a later daemon must attach under this name to take the mount over.
+        identity = layer.info.get("digest") or f"{layer.info.get('meta')}|{layer.info.get('blob')}"
+        if map_cells or self.recorder is not None or self.learning.active:
+            await self._map_cells(layer)  # traces: before the kernel's first read of the device
+        if is_mounted(root):  # left by a daemon that died: its loop reads a dead FUSE file
+            if layer.as_device:
+                try:
+                    adopted = await trio.to_thread.run_sync(kernel.adopt_layer, self.options.fuse_dir / name, root,
+                                                           identity)
+                except kernel.KernelServeError as e:
+                    log.info("cannot take over the mount at %s: %s", root, e)
+                else:
+                    self.layer_mounts[name] = root
+                    layer.info.update(adopted.describe(), adopted=True)
+                    return
+            await trio.to_thread.run_sync(unmount_path, root, True)
+            log.info("replaced the stale mount at %s", root)
+        if not layer.as_device:
+            kind, reason = "device", "its device cannot be shown as a file"
+        elif attached.meta_fd is None:
+            kind, reason = "meta", "its metadata is not in a file"
+        else:
+            try:
+                mounted = await trio.to_thread.run_sync(
+                    kernel.mount_layer, self.options.fuse_dir / name, attached.meta_fd, root,
+                    self.options.loop_direct_io, identity, self.options.allow_suid_dev)
+            except kernel.KernelServeError as e:
+                kind, reason = e.kind, str(e)
+            else:
+                self.layer_mounts[name] = root
+                layer.info.update(mounted.describe())
+                _set_loop_read_ahead(mounted.chunk_loop, READ_AHEAD_KIB)
+                return
+        self._log_fallback(name, kind, reason)
+        layer = self.fs.show_tree(name)
+        await self._invalidate_root_entry(name)
+        try:
+            await trio.to_thread.run_sync(functools.partial(
+                stack_mount, [self.options.fuse_dir / name], root, allow_suid_dev=self.options.allow_suid_dev))
+        except MountError as e:
+            raise RequestError(f"layer {name}: {e}", "attach-failed") from e
+        self.layer_mounts[name] = root
+        layer.info.update({"serve": "fuse", "fallback": reason})
+
+    def _log_fallback(self, name: str, kind: str, reason: str) -> None:
+        """A warning for the first layer that falls back for each kind of cause, then info."""
+        if kind in self._fallback_reasons:
+            log.info("layer %s is served by FUSE: %s", name, reason)
+            return
+        self._fallback_reasons.add(kind)
+        log.warning("kernel serving mode impossible for layer %s, served by FUSE instead: %s", name, reason)
 
     async def _after_attach(self, after, attached, learn: tuple | None) -> None:
         def on_manifest(manifest: str) -> None:
@@ -467,19 +601,30 @@ class Daemon:
     async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")
         try:
-            self.fs.detach(name)
+            self.fs.layer(name)
         except NoSuchEntry as e:
             raise RequestError(str(e), "not-found") from e
+        root = self.layer_mounts.pop(name, None)
+        if root is not None:  # first the mount that reads the FUSE file or tree
+            await trio.to_thread.run_sync(kernel.unmount_layer, root)
+        self.fs.detach(name)
+        self.policies.detach(name)
+        attached = self.attached.pop(name, None)
+        if attached is not None:
+            attached.close_meta()
+        await self._invalidate_root_entry(name)
+        log.info("detached %s", name)
+        return {}
+
+    async def _invalidate_root_entry(self, name: str) -> None:
         # Answer only once the kernel has forgotten the entry (its timeout is a day), so that
-        # the name is gone for whoever asked for the detach. invalidate_entry blocks until
+        # the name is gone (or changed) for whoever asked. invalidate_entry blocks until
         # related requests complete, which this loop answers: hence a worker thread.
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE,
                                           name.encode("utf-8", "surrogateescape"))
         except OSError as e:  # ENOENT: the entry is not in the kernel's cache
             log.debug("invalidating the entry of %s: %s", name, e)
-        log.info("detached %s", name)
-        return {}
 
     async def _mount_image_request(self, request: dict) -> dict:
         image = request.get("image")
@@ -498,11 +643,11 @@ class Daemon:
             raise RequestError(str(e), "bad-image") from e
         except MountError as e:
             raise RequestError(str(e), "mount-failed") from e
-        return {"layers": names, "paths": [str(self.options.fuse_dir / name) for name in names]}
+        return {"layers": names, "paths": [str(self.options.layer_root(name)) for name in names]}
 
     def list_layers(self) -> dict:
         return {"layers": [
-            {"name": layer.name, "path": str(self.options.fuse_dir / layer.name),
+            {"name": layer.name, "path": str(self.options.layer_root(layer.name)),
              "attached_at": layer.attached_at, **layer.info}
             for layer in self.fs.layers()]}
 
@@ -530,7 +675,8 @@ class Daemon:
             raise RequestError("a request must be a JSON object")
         op = request.get("op")
         if op == "ping":
-            return {"ready": self.ready, "pid": os.getpid(), "fuse": str(self.options.fuse_dir)}
+            return {"ready": self.ready, "pid": os.getpid(), "fuse": str(self.options.fuse_dir),
+                    "serve": self.options.serve}
         if op == "attach":
             return await self.attach(request)
         if op == "detach":
@@ -545,7 +691,7 @@ class Daemon:
         if op == "stats":
             return self.stats()
         if op == "trace-start":
-            return self.trace_start()
+            return await self.trace_start()
         if op == "trace-stop":
             return await self.trace_stop(request)
         if op == "fetch-log":
@@ -665,6 +811,14 @@ def prometheus_text(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _set_loop_read_ahead(loop: str, kib: int) -> None:
+    """EROFS reads ahead by its block device's setting (128 KiB for a new loop device)."""
+    try:
+        Path(f"/sys/block/{os.path.basename(loop)}/queue/read_ahead_kb").write_text(str(kib))
+    except OSError as e:
+        log.info("cannot set readahead of %s: %s", loop, e)
+
+
 def _trace_key(layer) -> str:
     """How a trace names a layer: its blob digest, or for a plain image ``plain:<name>``."""
     return layer.info.get("digest") or f"plain:{layer.name}"
@@ -712,6 +866,8 @@ def run_daemon(options: DaemonOptions) -> int:
     if is_mounted(options.fuse_dir) and is_stale(options.fuse_dir):
         unmount_fuse(options.fuse_dir)  # left by a daemon that died (ENOTCONN): take its place
     options.fuse_dir.mkdir(parents=True, exist_ok=True)
+    if options.serve == "kernel":
+        options.kernel_layers_dir.mkdir(parents=True, exist_ok=True)
     try:
         pyfuse3.init(daemon.operations, str(options.fuse_dir), set(options.fuse_options))
     except RuntimeError as e:
@@ -795,6 +951,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _policies(text: str) -> tuple[str, ...]:
+    try:
+        names = parse_policy_names(text)
+        for name in names:
+            load_policy(name)  # a user's module that does not import fails here, not at start
+    except PolicyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return tuple(names)
+
+
 def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fuse-dir", required=True, type=Path, help="where the FUSE mount goes")
     parser.add_argument("--socket", required=True, type=Path, help="control socket path")
@@ -807,6 +973,16 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry-auth", type=Path, default=None, help="Docker config.json with credentials")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
     add_timeout_arguments(parser, with_defaults=True)
+    parser.add_argument("--serve", choices=SERVE_MODES, default="fuse",
+                        help="fuse: layers are directories of the FUSE mount; kernel: the kernel's EROFS "
+                             "serves each layer over a loop device of its chunk device (a FUSE file)")
+    parser.add_argument("--layers-dir", type=Path, default=None,
+                        help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
+    parser.add_argument("--loop-direct-io", choices=("on", "off"), default="on" if LOOP_DIRECT_IO else "off",
+                        help="kernel mode: whether the chunk device's loop reads its FUSE file with direct I/O")
+    parser.add_argument("--policy", type=_policies, default=DEFAULT_POLICIES, metavar="NAME[,NAME]",
+                        help="fetch policies: none, readahead, trace, background, locality, or "
+                             f"package.module:Class (default: {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
     policy = RecordingPolicy()
@@ -834,7 +1010,9 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
         recording=RecordingPolicy(quiet=args.record_quiet, max_duration=args.record_max_seconds,
                                   max_bytes=args.record_max_bytes),
         allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
-        request_timeout=args.request_timeout)
+        request_timeout=args.request_timeout,
+        serve=args.serve, layers_dir=args.layers_dir, loop_direct_io=args.loop_direct_io == "on",
+        policies=tuple(args.policy))
 
 
 def main(argv: list[str] | None = None) -> int:

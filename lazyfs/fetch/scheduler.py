@@ -5,24 +5,28 @@ items, one per chunk key (the digest), shared by every waiter. Pending items wai
 per-host queue ordered by (priority, arrival); whenever a host has a free slot the best
 item is taken, merged with queued neighbours of the same source and priority whose stored
 ranges are contiguous (gaps up to ``max_gap``) up to ``max_coalesce`` bytes, and fetched by
-one range request. Each chunk of the answer is decompressed (bounded by its declared
-length), verified (xxh3-128) and only then cached and handed to its waiters. Failures are
-retried per chunk with exponential backoff; after the last attempt every waiter gets a
-FetchError.
+one range request. The answer is read as it arrives: as soon as a chunk's stored bytes are
+complete it is decompressed (bounded by its declared length), verified (xxh3-128) and only
+then handed to its waiters and cached, while the rest of the request is still coming.
+Failures are retried per chunk with exponential backoff; after the last attempt every waiter
+gets a FetchError. Speculative and background requests yield the link to on-demand reads
+(they are cut after their current chunk); fetch policies (lazyfs.fetch.policies) are told
+of misses, ended requests and idle moments through ``policies``.
 
 Concurrency rules (see the design notes): the bookkeeping -- ``_dispatch``, ``_take_group``,
-``_promote``, ``_complete``, ``_failed`` -- is synchronous and never awaits, so queue state
+``_promote``, ``_cut``, ``_deliver``, ``_failed`` and the policies' hooks -- is synchronous and never awaits, so queue state
 is never observed half-changed; the only awaits are the source request, the worker-thread
 calls for decoding/caching large chunks, backoff sleeps and waiters' waits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Protocol
@@ -36,9 +40,10 @@ from lazyfs.layer.chunks import ChunkCorrupt, ChunkRef, decode_chunk
 log = logging.getLogger(__name__)
 
 # Prefetch and background requests: at most this many stored bytes each, and per host at most
-# PREFETCH_WINDOW_BYTES of them in flight (see ChunkFetcher.__init__).
-PREFETCH_REQUEST_BYTES = 1 << 20
-PREFETCH_WINDOW_BYTES = 3 << 20
+# PREFETCH_WINDOW_BYTES of them in flight (see ChunkFetcher.__init__). With streaming delivery
+# one long request in queue order is the fastest (docs: "Does the prefetch bound still pay").
+PREFETCH_REQUEST_BYTES = 8 << 20
+PREFETCH_WINDOW_BYTES = 8 << 20
 # More chunk files than this per request are written from a worker thread (one file creation
 # costs tens of microseconds to a millisecond, see docs), whatever their size.
 _STORE_ON_LOOP_MAX = 4
@@ -48,16 +53,51 @@ class Priority(IntEnum):
     ON_DEMAND = 0  # a read is waiting
     READAHEAD = 1  # the next chunks of a file being read sequentially
     PREFETCH = 2  # chunks a trace names
-    BACKGROUND = 3  # the rest of the image
+    SPECULATIVE = 3  # a fetch policy's guess of what comes next (e.g. locality)
+    BACKGROUND = 4  # the rest of the image
+
+
+# Requests led by these priorities use only an idle link: they start only while their host has
+# no on-demand request in flight, and one in flight is cut after the chunk it is receiving
+# when an on-demand request starts (its other chunks are queued again).
+YIELDING = frozenset({Priority.SPECULATIVE, Priority.BACKGROUND})
+# A chunk a reader now waits for inside a yielding request is awaited there if at most this
+# many stored bytes still come before it (about one round trip at 100 Mbit/s x 20 ms, so
+# waiting is no slower than a new request); further away, the request is cut and the chunk
+# fetched on demand.
+CUT_AHEAD_BYTES = 256 << 10
+# Cutting a request at the client does not recall the bytes the server has already sent: they
+# sit in socket buffers and the bottleneck queue ahead of the next response. So yielding
+# requests are short and few bytes of them are ever asked for at once per host: a read waits
+# behind at most YIELDING_WINDOW_BYTES (40 ms at 100 Mbit/s) of speculation.
+YIELDING_REQUEST_BYTES = 256 << 10
+YIELDING_WINDOW_BYTES = 512 << 10
 
 
 class BlobSource(Protocol):
+    """Where stored chunk bytes come from. A source may also offer
+    ``iter_range(offset, length) -> AsyncIterator[bytes]``: the same bytes as pieces in order,
+    as they arrive; the fetcher then hands each chunk out as soon as its bytes are complete."""
+
     name: str  # for messages and as the identity of the blob (same name = same bytes)
     host: str  # concurrency is limited per host
 
     async def read_range(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``, or raise."""
         ...
+
+
+async def _whole_range(source: BlobSource, offset: int, length: int) -> AsyncIterator[bytes]:
+    """One piece: for sources that cannot stream."""
+    yield await source.read_range(offset, length)
+
+
+def open_range(source: BlobSource, offset: int, length: int) -> AsyncIterator[bytes]:
+    """The bytes of a range as they arrive: ``source.iter_range`` if it has one."""
+    iter_range = getattr(source, "iter_range", None)
+    if iter_range is not None:
+        return iter_range(offset, length)
+    return _whole_range(source, offset, length)
 
 
 class FetchError(Exception):
@@ -122,6 +162,7 @@ class _Pending:
     failures: int = 0
     first_failure: float | None = None  # trio clock
     waiters: int = 0
+    request: _Request | None = None  # while FETCHING
 
 
 @dataclass(eq=False)
@@ -130,6 +171,29 @@ class _Host:
     active: int = 0
     active_background: int = 0  # requests led by a prefetch/background item
     background_bytes: int = 0  # stored bytes the prefetch/background requests among them ask for
+    active_on_demand: int = 0  # requests led by an on-demand item
+    yielding_bytes: int = 0  # stored bytes the yielding requests in flight ask for
+    requests: set[_Request] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Request:
+    """One range request in flight: its chunks (by stored offset) and how far it has come."""
+
+    host: _Host
+    group: list[_Pending]
+    priority: Priority  # the leader's
+    background: bool  # counts against the host's background slots
+    bounded: int  # stored bytes counted against the host's prefetch window
+    yielding: int  # stored bytes counted against the host's yielding window
+    received: int  # stored offset up to which bytes have arrived
+    next_index: int = 0  # the first chunk of the group whose bytes are not complete yet
+    stop_at: int | None = None  # cut: no chunk starting at or after this offset is taken
+    waiting: trio.CancelScope | None = None  # set while waiting for the next piece
+
+    def in_progress(self) -> bool:
+        """Whether some bytes of the next chunk have arrived (cutting now would waste them)."""
+        return self.next_index < len(self.group) and self.group[self.next_index].ref.offset < self.received
 
 
 def _group_bytes(group: list[_Pending]) -> int:
@@ -235,6 +299,8 @@ class ChunkFetcher:
         per_host_concurrency: int = 8,
         background_coalesce: int = PREFETCH_REQUEST_BYTES,
         background_window: int = PREFETCH_WINDOW_BYTES,
+        yielding_coalesce: int = YIELDING_REQUEST_BYTES,
+        yielding_window: int = YIELDING_WINDOW_BYTES,
         retry: RetryPolicy = RetryPolicy(),
         stats: FetchStats | None = None,
         on_fetch: FetchObserver | None = None,
@@ -247,13 +313,14 @@ class ChunkFetcher:
             raise ValueError("per_host_concurrency must be at least 1")
         self.cache = cache
         self.max_coalesce = max_coalesce
-        # A chunk reaches its waiters only once its whole request has arrived, and concurrent
-        # requests share the link. Prefetch requests are therefore kept small (at most
-        # background_coalesce) and few bytes of them in flight per host (background_window,
-        # still several times a 100 Mbit/s x 20 ms bandwidth-delay product): the chunks a start
-        # needs first arrive first, instead of after several megabytes fetched side by side.
+        # Concurrent requests share the link, so prefetch requests in flight per host ask for at
+        # most background_window bytes in all: the queue's first chunks are not slowed down by
+        # later ones fetched side by side. Chunks stream out of a request as they arrive, so one
+        # long request is no slower to deliver its first chunk than a short one.
         self.background_coalesce = min(background_coalesce, max_coalesce)
         self.background_window = background_window
+        self.yielding_coalesce = yielding_coalesce
+        self.yielding_window = yielding_window
         self.max_gap = max_gap
         self.per_host_concurrency = per_host_concurrency
         # One slot per host is kept for on-demand reads, so prefetch can never occupy them all.
@@ -276,6 +343,9 @@ class ChunkFetcher:
         self._closing = False
         self._cache_failing = False  # the last chunk store failed (a full disk): log only changes
         self._idle: trio.Event | None = None
+        # Fetch policies (lazyfs.fetch.policies.PolicySet): told of misses, ended requests and
+        # idle moments; they queue chunks through enqueue().
+        self.policies = None
 
     # ----------------------------------------------------------------- lifetime
 
@@ -321,13 +391,19 @@ class ChunkFetcher:
         results: list[bytes | None] = [None] * len(chunks)
         waiting: list[tuple[int, _Pending]] = []
         cached: list[int] = []
+        missed: list[ChunkRef] = []
         try:
             for i, ref in enumerate(chunks):
                 pending = self._pending.get(_chunk_key(source, ref))
                 if pending is None and ref.digest is not None and self.cache.contains(ref.digest):
                     cached.append(i)
                     continue
+                if pending is None:
+                    missed.append(ref)
                 waiting.append((i, self._want(source, ref, priority, waiter=True)))
+            if missed and priority is Priority.ON_DEMAND:
+                # Before dispatching: what a policy queues next to the misses can ride along.
+                self._consult("on_miss", source, missed)
             self._dispatch()
             if cached:
                 found = await self._read_cached([chunks[i].digest for i in cached],
@@ -419,8 +495,13 @@ class ChunkFetcher:
             host.queue.remove(pending)
             pending.priority = priority
             host.queue.add(pending)
-        else:  # in backoff: requeued at the new priority; fetching: nothing left to speed up
+        else:  # in backoff: requeued at the new priority
             pending.priority = priority
+            request = pending.request
+            if (request is not None and priority is Priority.ON_DEMAND and request.priority in YIELDING
+                    and pending.ref.offset - request.received > CUT_AHEAD_BYTES):
+                # Too much of a yielding request before it: fetch it in its own request instead.
+                self._cut(request)
 
     def _demote_abandoned(self, pending: _Pending) -> None:
         """A queued on-demand chunk whose readers all gave up is still worth caching, but no
@@ -434,6 +515,20 @@ class ChunkFetcher:
             host.queue.add(pending)
         elif pending.state is _State.BACKOFF:
             pending.priority = Priority.PREFETCH
+
+    def _cut(self, request: _Request) -> None:
+        """Stop a request after the chunk it is receiving; its later chunks are queued again."""
+        if request.stop_at is not None:
+            return
+        request.stop_at = request.received
+        if request.waiting is not None and not request.in_progress():
+            request.waiting.cancel()  # nothing of the next chunk has arrived: stop at once
+
+    def _yield_link(self, host: _Host) -> None:
+        """An on-demand request starts: yielding requests on its host stop after their current chunk."""
+        for request in host.requests:
+            if request.priority in YIELDING:
+                self._cut(request)
 
     def _enqueue_pending(self, pending: _Pending) -> None:
         pending.state = _State.QUEUED
@@ -466,20 +561,37 @@ class ChunkFetcher:
                 background = leader.priority is not Priority.ON_DEMAND
                 if background and host.active_background >= self.background_slots:
                     break
+                if leader.priority in YIELDING and host.active_on_demand:
+                    break  # the link is not idle
                 limit = self.max_coalesce
                 if leader.priority >= Priority.PREFETCH:  # readahead wants long requests
                     budget = self.background_window - host.background_bytes
                     if budget <= 0 and host.active_background:
                         break
                     limit = min(self.background_coalesce, budget)
+                yielding = leader.priority in YIELDING
+                if yielding:
+                    budget = self.yielding_window - host.yielding_bytes
+                    if budget <= 0 and host.yielding_bytes:
+                        break
+                    limit = min(limit, self.yielding_coalesce, budget)
                 group = self._take_group(leader, limit)
                 bounded = _group_bytes(group) if leader.priority >= Priority.PREFETCH else 0
+                request = _Request(host, group, leader.priority, background, bounded,
+                                   _group_bytes(group) if yielding else 0, group[0].ref.offset)
+                host.yielding_bytes += request.yielding
+                for pending in group:
+                    pending.request = request
                 host.active += 1
                 host.background_bytes += bounded
                 if background:
                     host.active_background += 1
+                else:
+                    host.active_on_demand += 1
+                    self._yield_link(host)
+                host.requests.add(request)
                 self.stats.inflight += 1
-                nursery.start_soon(self._fetch_group, host, group, background, bounded)
+                nursery.start_soon(self._fetch_group, request)
 
     def _take_group(self, leader: _Pending, limit: int) -> list[_Pending]:
         """The leader plus queued neighbours (same source and priority) for one range request
@@ -488,13 +600,20 @@ class ChunkFetcher:
         index = by_offset.index(leader)
         start, end = leader.ref.offset, leader.ref.end
         after: list[_Pending] = []
+        # Queued speculation right after an on-demand chunk rides along in its request, up to
+        # yielding_coalesce bytes: streamed, it arrives after the chunks the reader waits for,
+        # and saves the round trip a separate request would cost.
+        ride = self.yielding_coalesce if leader.priority is Priority.ON_DEMAND else 0
         for pending in by_offset.islice(index + 1):
             ref = pending.ref
             if ref.offset < end:  # overlapping stored ranges are not merged
                 continue
-            if (ref.offset - end > self.max_gap or pending.priority != leader.priority
-                    or ref.end - start > limit):
+            if ref.offset - end > self.max_gap or ref.end - start > limit:
                 break
+            if pending.priority != leader.priority:
+                if pending.priority not in YIELDING or ref.end - end > ride:
+                    break
+                ride -= ref.end - end
             after.append(pending)
             end = ref.end
         before: list[_Pending] = []
@@ -566,53 +685,99 @@ class ChunkFetcher:
 
     # ----------------------------------------------------------------- tasks
 
-    async def _fetch_group(self, host: _Host, group: list[_Pending], background: bool, bounded: int) -> None:
+    async def _fetch_group(self, request: _Request) -> None:
+        """One range request. Its bytes are read as they arrive, and each chunk is decoded,
+        verified, handed to its waiters and written to the cache as soon as its stored bytes are
+        complete, so the first chunks of a long request do not wait for the last ones."""
+        group = request.group
         source = group[0].source
         start = group[0].ref.offset
         end = max(p.ref.end for p in group)
         retry_after: dict[float, list[_Pending]] = {}
-        delivered: list[_Pending] = []
+        unstored: list[_Pending] = []  # delivered, cache write not done yet
+        arrived: list[ChunkRef] = []  # chunks whose stored bytes arrived completely
+        buffer = bytearray()  # the received bytes from buffer_start on
+        buffer_start = start
+        began = trio.current_time()
+        failure: BaseException | None = None
         try:
-            began = trio.current_time()
-            try:
-                data = await source.read_range(start, end - start)
-                if len(data) != end - start:
-                    raise ShortRead(f"asked for {end - start} bytes at {start}, got {len(data)}")
-            except (trio.Cancelled, KeyboardInterrupt):
-                raise
-            except Exception as e:
+            stream = open_range(source, start, end - start)
+            async with contextlib.aclosing(stream):
+                while request.next_index < len(group):
+                    with trio.CancelScope() as waiting:
+                        request.waiting = waiting
+                        try:
+                            piece = await stream.__anext__()
+                        except StopAsyncIteration:
+                            piece = None
+                        except (trio.Cancelled, KeyboardInterrupt):
+                            raise
+                        except Exception as e:
+                            failure = e
+                            piece = None
+                    request.waiting = None
+                    if waiting.cancelled_caught or failure is not None:
+                        break
+                    if piece is None:
+                        failure = ShortRead(f"asked for {end - start} bytes at {start}, "
+                                            f"got {request.received - start}")
+                        break
+                    buffer += piece
+                    request.received += len(piece)
+                    if request.received > end:
+                        failure = ShortRead(f"asked for {end - start} bytes at {start}, got more")
+                        break
+                    while request.next_index < len(group) and group[request.next_index].ref.end <= request.received:
+                        pending = group[request.next_index]
+                        request.next_index += 1
+                        ref = pending.ref
+                        with memoryview(buffer) as view:  # one copy out; released before the del
+                            stored = bytes(view[ref.offset - buffer_start:ref.end - buffer_start])
+                        del buffer[:ref.end - buffer_start]  # amortised O(1) at the front
+                        buffer_start = ref.end
+                        arrived.append(ref)
+                        await self._verify_and_deliver(pending, stored, unstored, retry_after)
+                    if len(unstored) >= _STORE_ON_LOOP_MAX or sum(
+                            p.ref.length for p in unstored) >= self.offload_threshold:
+                        await self._store(unstored)
+                        self._retire_all(unstored)
+                    if self._stops_here(request):
+                        break
+            if failure is not None:
                 self.stats.source_errors += 1
-                for pending in group:
-                    delay = self._failed(pending, e, f"source error: {type(e).__name__}: {e}")
+                reason = f"source error: {type(failure).__name__}: {failure}"
+                for pending in group[request.next_index:]:
+                    pending.request = None
+                    delay = self._failed(pending, failure, reason)
                     if delay is not None:
                         retry_after.setdefault(delay, []).append(pending)
-                return
-            finished = trio.current_time()
-            self._record_request(source, group, finished - began, end - start)
-            self._notify(source, [p.ref for p in group], group[0].priority, began, finished)
-            view = memoryview(data)
-            for pending in group:
-                ref = pending.ref
-                stored = view[ref.offset - start: ref.end - start]
-                try:
-                    chunk = await self._decode(ref, stored)
-                except ChunkCorrupt as e:
-                    self.stats.verify_failures += 1
-                    delay = self._failed(pending, e, f"verification failed: {e}")
-                    if delay is not None:
-                        retry_after.setdefault(delay, []).append(pending)
-                    continue
-                self._deliver(pending, chunk)
-                delivered.append(pending)
-            await self._store(delivered)
+            await self._store(unstored)
         finally:
-            for pending in delivered:
-                self._retire(pending)
+            if arrived:
+                finished = trio.current_time()
+                self._record_request(source, arrived, finished - began, request.received - start)
+                self._notify(source, arrived, request.priority, began, finished)
+            if self._nursery is not None and not self._closing:
+                self._consult("on_request_done", source, arrived, request.priority)
+            self._retire_all(unstored)
+            host = request.host
+            host.requests.discard(request)
             host.active -= 1
-            host.background_bytes -= bounded
-            if background:
+            host.background_bytes -= request.bounded
+            host.yielding_bytes -= request.yielding
+            if request.background:
                 host.active_background -= 1
+            else:
+                host.active_on_demand -= 1
             self.stats.inflight -= 1
+            stopping = self._nursery is None or self._closing
+            for pending in group[request.next_index:]:  # cut (or the fetcher stops): not failed
+                if pending.request is request and not pending.done.is_set():
+                    pending.request = None
+                    if stopping:
+                        self._finish_failed(pending, "the fetcher stopped")
+                    else:
+                        self._enqueue_pending(pending)
             nursery = self._nursery
             for delay, pendings in retry_after.items():
                 if nursery is None or self._closing:
@@ -621,6 +786,48 @@ class ChunkFetcher:
                 else:
                     nursery.start_soon(self._requeue_after, delay, pendings)
             self._dispatch()
+            if not self._pending and not stopping:
+                self._consult("on_idle")
+
+    def _consult(self, hook: str, *args) -> None:
+        """Tell the fetch policies (they may enqueue; they must not await)."""
+        policies = self.policies
+        if policies is None:
+            return
+        try:
+            getattr(policies, hook)(*args)
+        except Exception:
+            log.exception("fetch policies: %s failed", hook)
+
+    def _stops_here(self, request: _Request) -> bool:
+        """A cut request ends before its next chunk, unless a reader waits for that chunk and
+        it is about to arrive."""
+        if request.stop_at is None or request.next_index >= len(request.group):
+            return False
+        following = request.group[request.next_index]
+        if following.ref.offset < request.stop_at:
+            return False  # the chunk in progress when the request was cut: finish it
+        return not (following.priority is Priority.ON_DEMAND
+                    and following.ref.offset - request.received <= CUT_AHEAD_BYTES)
+
+    async def _verify_and_deliver(self, pending: _Pending, stored: bytes, delivered: list[_Pending],
+                                  retry_after: dict[float, list[_Pending]]) -> None:
+        pending.request = None
+        try:
+            chunk = await self._decode(pending.ref, stored)
+        except ChunkCorrupt as e:
+            self.stats.verify_failures += 1
+            delay = self._failed(pending, e, f"verification failed: {e}")
+            if delay is not None:
+                retry_after.setdefault(delay, []).append(pending)
+            return
+        self._deliver(pending, chunk)
+        delivered.append(pending)
+
+    def _retire_all(self, delivered: list[_Pending]) -> None:
+        for pending in delivered:
+            self._retire(pending)
+        delivered.clear()
 
     async def _save_index_periodically(self) -> None:
         while True:
@@ -637,7 +844,7 @@ class ChunkFetcher:
                 self._enqueue_pending(pending)
         self._dispatch()
 
-    async def _decode(self, ref: ChunkRef, stored: memoryview) -> bytes:
+    async def _decode(self, ref: ChunkRef, stored: bytes) -> bytes:
         if ref.length >= self.offload_threshold:
             return await trio.to_thread.run_sync(decode_chunk, ref, stored, limiter=self._cpu_limiter)
         return decode_chunk(ref, stored)
@@ -679,11 +886,11 @@ class ChunkFetcher:
     def _get_many(self, digests: list[bytes]) -> list[bytes | None]:
         return [self.cache.get(digest) for digest in digests]
 
-    def _record_request(self, source: BlobSource, group: list[_Pending], seconds: float, nbytes: int) -> None:
+    def _record_request(self, source: BlobSource, refs: list[ChunkRef], seconds: float, nbytes: int) -> None:
         self.stats.requests += 1
         self.stats.bytes_fetched += nbytes
-        self.stats.chunks_fetched += len(group)
-        self.stats.coalesced_chunks += len(group) - 1
+        self.stats.chunks_fetched += len(refs)
+        self.stats.coalesced_chunks += len(refs) - 1
         self.stats.record_latency(seconds)
 
     def _notify(self, source: BlobSource, refs: list[ChunkRef], priority: Priority,

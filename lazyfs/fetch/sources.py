@@ -2,13 +2,17 @@
 
 Each source has a ``name`` (identity of the blob, used in messages and for coalescing), a
 ``host`` (the unit of the fetcher's concurrency limit) and ``async read_range(offset,
-length)`` returning exactly ``length`` bytes or raising SourceError.
+length)`` returning exactly ``length`` bytes or raising SourceError. Network sources also
+have ``iter_range(offset, length)``, the same bytes as pieces as they arrive, so the fetcher
+can hand out each chunk of a long request as soon as its bytes are in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -95,27 +99,49 @@ class HttpBlobSource:
         self.host = urlsplit(url).netloc
 
     async def read_range(self, offset: int, length: int) -> bytes:
+        parts = []
+        async with contextlib.aclosing(self.iter_range(offset, length)) as pieces:
+            async for piece in pieces:
+                parts.append(piece)
+        return b"".join(parts)
+
+    async def iter_range(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The range's bytes as they arrive (exactly ``length`` in all, or SourceError)."""
         if length == 0:
-            return b""
+            return
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         try:
             async with self.client.stream("GET", self.url, headers=headers, follow_redirects=True) as response:
                 if response.status_code == 206:
                     self._check_content_range(response, offset, length)
-                    body = await self._read_body(response, 0, length, offset)
+                    skip = 0
                 elif response.status_code == 200:
-                    body = await self._read_body(response, offset, length, offset)
+                    skip = offset
                 else:
                     raise SourceError(self.name, offset, length,
                                       f"HTTP {response.status_code} for a range request",
                                       status=response.status_code)
+                have = 0
+                progress = StreamProgress(self.progress_timeout)
+                async for block in response.aiter_raw():
+                    progress.arrived(len(block))
+                    if skip:
+                        if len(block) <= skip:
+                            skip -= len(block)
+                            continue
+                        block = block[skip:]
+                        skip = 0
+                    block = block[:length - have]  # a longer body is cut off unread
+                    have += len(block)
+                    yield block
+                    if have >= length:
+                        break
+                if have < length:
+                    raise SourceError(self.name, offset, length, f"body ended after {have} of {length} bytes")
         except httpx.HTTPError as e:
             raise SourceError(self.name, offset, length, f"{type(e).__name__}: {e}") from e
         except TransientFailure as e:
             raise SourceError(self.name, offset, length, e.reason) from None
-        if len(body) != length:
-            raise SourceError(self.name, offset, length, f"body has {len(body)} bytes")
-        return body
 
     def _check_content_range(self, response: httpx.Response, offset: int, length: int) -> None:
         header = response.headers.get("content-range", "")
@@ -123,27 +149,6 @@ class HttpBlobSource:
         if match is None or int(match[1]) != offset or int(match[2]) != offset + length - 1:
             raise SourceError(self.name, offset, length, f"206 with Content-Range {header!r}",
                               status=206)
-
-    async def _read_body(self, response: httpx.Response, skip: int, length: int, offset: int) -> bytes:
-        """Read ``length`` bytes after discarding ``skip``; a longer body is cut off unread."""
-        parts = []
-        have = 0
-        progress = StreamProgress(self.progress_timeout)
-        async for block in response.aiter_raw():
-            progress.arrived(len(block))
-            if skip:
-                if len(block) <= skip:
-                    skip -= len(block)
-                    continue
-                block = block[skip:]
-                skip = 0
-            parts.append(block[:length - have])
-            have += len(parts[-1])
-            if have >= length:
-                break
-        if have < length:
-            raise SourceError(self.name, offset, length, f"body ended after {have} of {length} bytes")
-        return b"".join(parts)
 
 
 class RegistryBlobSource:
@@ -164,3 +169,13 @@ class RegistryBlobSource:
 
     async def read_range(self, offset: int, length: int) -> bytes:
         return await self.store.read_range(self.digest, offset, length)
+
+    async def iter_range(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The range's bytes as they arrive, if the store can stream (a registry); else in one piece."""
+        stream = getattr(self.store, "iter_range", None)
+        if stream is None:
+            yield await self.store.read_range(self.digest, offset, length)
+            return
+        async with contextlib.aclosing(stream(self.digest, offset, length)) as pieces:
+            async for piece in pieces:
+                yield piece

@@ -374,6 +374,56 @@ class RegistryClient:
         # Streamed: a long range may take long; it must keep arriving (see StreamProgress).
         return await run_with_retries(policy, attempt, what=label, error_factory=self._error_factory(digest))
 
+    async def iter_range(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The bytes of a range as they arrive, exactly `length` of them (or a RegistryError).
+
+        Unlike read_range nothing is verified here (the caller checks what it cuts out of the
+        pieces); a transfer that fails before its end is resumed where it stopped, under the same
+        retry policy, so the pieces never repeat or skip a byte."""
+        validate_digest(digest)
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid range offset={offset} length={length}")
+        last = offset + length - 1
+        what = f"GET blob {digest} range {offset}-{last}"
+        retrier = Retrier(self.retry, what, self._error_factory(digest))
+        received = 0
+        while received < length:
+            position = offset + received
+            try:
+                response = await self._open_blob(digest, {"Range": f"bytes={position}-{last}"})
+                try:
+                    if response.status_code == 416:
+                        raise RegistryError(f"range {position}-{last} is beyond the end of the blob", status=416,
+                                            **self.error_context, digest=digest)
+                    await self._check(response, (200, 206), what, digest, BlobNotFound)
+                    skip = 0
+                    if response.status_code == 206:
+                        start, end, _ = _content_range(response)
+                        if start != position or end != last:
+                            raise TransientFailure(f"asked for bytes {position}-{last}, got {start}-{end}")
+                    else:  # a 200 carries the whole blob
+                        skip = position
+                    progress = StreamProgress(self.retry.attempt_timeout)
+                    async for piece in response.aiter_bytes():
+                        progress.arrived(len(piece))
+                        if skip:
+                            cut = min(skip, len(piece))
+                            piece, skip = piece[cut:], skip - cut
+                        piece = piece[:length - received]
+                        if piece:
+                            received += len(piece)
+                            yield piece
+                        if received >= length:
+                            break
+                    if received < length:
+                        raise TransientFailure(f"short body: {received} of {length} bytes")
+                finally:
+                    await response.aclose()
+            except httpx.TransportError as e:
+                await retrier.failed(TransientFailure(_describe_transport_error(e)))
+            except TransientFailure as failure:
+                await retrier.failed(failure)
+
     # -- blobs: writes -------------------------------------------------------------------------
 
     async def push_blob(

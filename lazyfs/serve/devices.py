@@ -103,6 +103,11 @@ class ChunkGridDevice:
     def _key(self, n: int, ref: ChunkRef) -> Hashable:
         return ref.digest if ref.digest is not None else (self.source.name, n)
 
+    @property
+    def grid_size(self) -> int:
+        """Bytes of the device as a file (kernel mode): every cell at its full size."""
+        return self.cell_count * self.chunk_size
+
     async def read(self, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
@@ -111,6 +116,23 @@ class ChunkGridDevice:
                 f"{self.source.name}: range {offset}+{length} outside the device ({self.device_size} bytes)")
         first = offset // self.chunk_size
         last = (offset + length - 1) // self.chunk_size
+        return self._assemble(await self._cells(first, last), first, offset, length)
+
+    async def read_grid(self, offset: int, length: int) -> bytes:
+        """Bytes of the device file: cell *n* at ``n * chunk_size``, a short cell (a file's last
+        chunk) padded with zeros to the full cell, as the kernel's EROFS expects of device 1."""
+        length = min(length, self.grid_size - offset)
+        if length <= 0 or offset < 0:
+            return b""
+        first = offset // self.chunk_size
+        last = (offset + length - 1) // self.chunk_size
+        cells = await self._cells(first, last)
+        padded = b"".join(c if len(c) == self.chunk_size else c.ljust(self.chunk_size, b"\0") for c in cells)
+        start = offset - first * self.chunk_size
+        return padded[start:start + length]
+
+    async def _cells(self, first: int, last: int) -> list[bytes]:
+        """Decoded cells first..last: from the recent-chunks LRU, the rest in one fetcher call."""
         self._maybe_read_ahead(first, last)
         chunks: list[bytes | None] = []
         missing: list[tuple[int, int, ChunkRef]] = []  # (position, cell, ref)
@@ -128,7 +150,7 @@ class ChunkGridDevice:
             for (i, n, ref), data in zip(missing, fetched):
                 chunks[i] = data
                 self.recent.put(self._key(n, ref), data)
-        return self._assemble(chunks, first, offset, length)  # type: ignore[arg-type]
+        return chunks  # type: ignore[return-value]
 
     def _assemble(self, chunks: list[bytes], first: int, offset: int, length: int) -> bytes:
         start = offset - first * self.chunk_size

@@ -10,6 +10,11 @@ Inode numbers are derived, never stored: ``(slot << SLOT_SHIFT) | nid`` for a la
 in ``slot`` (slots count up and are never reused in one process, so an inode number the
 kernel still caches can never point at a different layer's file), and 1 for the mount root.
 
+A layer served in kernel mode (lazyfs.serve.kernel) is not a directory of the mount but its
+*chunk device*: one read-only regular file, ``cell count x cell size`` bytes, whose bytes are
+the decoded chunk grid (chunk *n* at ``n * chunk_size``, short chunks padded with zeros). Its
+inode number uses the nid :data:`DEVICE_NID`, which no EROFS inode can have.
+
 Everything here is testable without a kernel: the FUSE adapter (lazyfs.serve.fuse), the tests and
 tools call the same methods.
 """
@@ -35,6 +40,7 @@ SLOT_SHIFT = 44
 NID_MASK = (1 << SLOT_SHIFT) - 1
 IMAGE_DEVICE = 0
 CHUNK_DEVICE = 1
+DEVICE_NID = NID_MASK  # the chunk-device file of a layer in kernel mode (nids are far smaller)
 
 
 class LayerFSError(Exception):
@@ -113,9 +119,16 @@ class AttachedLayer:
     device: DeviceReader
     info: dict = field(default_factory=dict)  # how it was attached, for `list`
     attached_at: float = field(default_factory=time.time)
+    as_device: bool = False  # kernel mode: the mount shows the chunk-device file, not the tree
+    cell_owners: dict[int, int] | None = None  # kernel mode, while tracing: device cell -> nid
 
     def ino(self, nid: int) -> int:
         return (self.slot << SLOT_SHIFT) | nid
+
+    @property
+    def entry_ino(self) -> int:
+        """The inode of the layer's entry in the mount root."""
+        return self.ino(DEVICE_NID if self.as_device else self.image.root_nid)
 
 
 def _valid_layer_name(name: str) -> bool:
@@ -133,12 +146,17 @@ class LayerFS:
 
     # ------------------------------------------------------------------ layers
 
-    def attach(self, name: str, image: Image, device: DeviceReader, info: dict | None = None) -> AttachedLayer:
+    def attach(self, name: str, image: Image, device: DeviceReader, info: dict | None = None,
+               as_device: bool = False) -> AttachedLayer:
         if not _valid_layer_name(name):
             raise ValueError(f"invalid layer name {name!r}: must be one path component")
         if name in self._by_name:
             raise LayerExists(f"a layer named {name!r} is already attached")
-        layer = AttachedLayer(name, next(self._slots), image, device, dict(info or {}))
+        # Kernel mode needs a device that can show itself as a file: ``grid_size`` and
+        # ``read_grid`` (lazyfs.serve.devices.ChunkGridDevice).
+        if as_device and not hasattr(device, "read_grid"):
+            raise ValueError(f"layer {name!r}: its device reader cannot be shown as a file")
+        layer = AttachedLayer(name, next(self._slots), image, device, dict(info or {}), as_device=as_device)
         self._by_slot[layer.slot] = layer
         self._by_name[name] = layer
         self._root_mtime_ns = time.time_ns()
@@ -164,8 +182,14 @@ class LayerFS:
             raise NoSuchEntry(f"no layer named {name!r} is attached") from None
 
     def root_ino_of(self, name: str) -> int:
-        layer = self.layer(name)
-        return layer.ino(layer.image.root_nid)
+        return self.layer(name).entry_ino
+
+    def show_tree(self, name: str) -> AttachedLayer:
+        """Serve a layer attached as a device file as a directory tree instead (kernel mode
+        fell back). It moves to a new slot, so that inode numbers the kernel cached for the
+        device file answer ESTALE; the caller invalidates the root entry."""
+        old = self.detach(name)
+        return self.attach(name, old.image, old.device, old.info)
 
     def locate(self, ino: int) -> tuple[AttachedLayer, int] | None:
         """(layer, nid) of an inode; None for the root and for inodes of detached layers."""
@@ -189,8 +213,10 @@ class LayerFS:
             layer = self._by_name.get(name.decode("utf-8", "surrogateescape"))
             if layer is None:
                 raise NoSuchEntry(name)
-            return layer.ino(layer.image.root_nid)
+            return layer.entry_ino
         layer, nid = self._resolve(parent_ino)
+        if nid == DEVICE_NID:
+            raise NotADirectory(parent_ino)
         inode = layer.image.inode(nid)
         if not stat.S_ISDIR(inode.mode):
             raise NotADirectory(parent_ino)
@@ -210,6 +236,11 @@ class LayerFS:
                 uid=0, gid=0, size=0, rdev=0, mtime_ns=self._root_mtime_ns, blocks=0, blksize=4096,
             )
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            size = layer.device.grid_size  # type: ignore[attr-defined]
+            return Attributes(
+                ino=ino, mode=stat.S_IFREG | 0o444, nlink=1, uid=0, gid=0, size=size, rdev=0,
+                mtime_ns=int(layer.attached_at * 1e9), blocks=-(-size // 512), blksize=4096)
         inode = layer.image.inode(nid)
         block_size = layer.image.block_size
         return Attributes(
@@ -228,9 +259,9 @@ class LayerFS:
     def listdir(self, ino: int) -> list[DirEntry]:
         """Entries of a directory without ``.`` and ``..``, in on-disk (name) order."""
         if ino == ROOT_INODE:
-            return [DirEntry(l.name.encode("utf-8", "surrogateescape"), l.ino(l.image.root_nid)) for l in self._by_name.values()]
+            return [DirEntry(l.name.encode("utf-8", "surrogateescape"), l.entry_ino) for l in self._by_name.values()]
         layer, nid = self._resolve(ino)
-        if not stat.S_ISDIR(layer.image.inode(nid).mode):
+        if nid == DEVICE_NID or not stat.S_ISDIR(layer.image.inode(nid).mode):
             raise NotADirectory(ino)
         return [DirEntry(name, layer.ino(child)) for name, child in _named_children(layer.image, nid)]
 
@@ -238,7 +269,7 @@ class LayerFS:
         if ino == ROOT_INODE:
             raise NotASymlink(ino)
         layer, nid = self._resolve(ino)
-        if not stat.S_ISLNK(layer.image.inode(nid).mode):
+        if nid == DEVICE_NID or not stat.S_ISLNK(layer.image.inode(nid).mode):
             raise NotASymlink(ino)
         return layer.image.readlink(nid)
 
@@ -246,12 +277,16 @@ class LayerFS:
         if ino == ROOT_INODE:
             return []
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            return []
         return list(layer.image.listxattr(nid))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == ROOT_INODE:
             raise NoSuchAttribute(name)
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            raise NoSuchAttribute(name)
         value = layer.image.getxattr(nid, name)
         if value is None:
             raise NoSuchAttribute(name)
@@ -269,6 +304,8 @@ class LayerFS:
         if ino == ROOT_INODE or length <= 0:
             return None
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            return None
         cell = getattr(layer.device, "chunk_size", None)
         if not cell:
             return None
@@ -278,12 +315,36 @@ class LayerFS:
                 cells.extend(range(ext.device_offset // cell, (ext.device_offset + ext.length - 1) // cell + 1))
         return layer, nid, cells
 
+    def device_read_files(self, ino: int, offset: int, length: int) -> tuple[AttachedLayer, list[tuple[int, list[int]]]] | None:
+        """For a read of a chunk-device file (kernel mode): (layer, [(nid, cells)...]), the
+        files whose data the cells hold, in device order; None for other inodes or while the
+        layer's cell owners are not known (see :func:`cell_owners`)."""
+        if ino == ROOT_INODE or length <= 0:
+            return None
+        layer, nid = self._resolve(ino)
+        owners = layer.cell_owners
+        if nid != DEVICE_NID or owners is None:
+            return None
+        cell = layer.device.chunk_size  # type: ignore[attr-defined]
+        files: list[tuple[int, list[int]]] = []
+        for n in range(offset // cell, (offset + length - 1) // cell + 1):
+            owner = owners.get(n)
+            if owner is None:
+                continue
+            if files and files[-1][0] == owner:
+                files[-1][1].append(n)
+            else:
+                files.append((owner, [n]))
+        return layer, files
+
     # ------------------------------------------------------------------ data
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         if ino == ROOT_INODE:
             raise LayerFSError(f"inode {ino} is a directory")
         layer, nid = self._resolve(ino)
+        if nid == DEVICE_NID:
+            return await layer.device.read_grid(offset, size)  # type: ignore[attr-defined]
         inode = layer.image.inode(nid)
         if not stat.S_ISREG(inode.mode):
             raise LayerFSError(f"inode {ino:#x} is not a regular file")
@@ -297,6 +358,20 @@ class LayerFS:
         if len(data) != size:
             raise LayerFSError(f"inode {ino:#x}: mapped {len(data)} bytes for a read of {size} at {offset}")
         return data
+
+
+def cell_owners(image: Image, cell_size: int) -> dict[int, int]:
+    """Chunk-device cell -> nid of the (first) regular file whose data it holds: one walk of
+    the metadata, so that reads of the chunk device (kernel mode) name files in traces."""
+    owners: dict[int, int] = {}
+    for _path, inode in image.walk():
+        if not stat.S_ISREG(inode.mode) or not inode.size:
+            continue
+        for ext in image.map(inode.nid, 0, inode.size):
+            if ext.device_id == CHUNK_DEVICE and ext.length:
+                for n in range(ext.device_offset // cell_size, (ext.device_offset + ext.length - 1) // cell_size + 1):
+                    owners.setdefault(n, inode.nid)
+    return owners
 
 
 def _named_children(image: Image, nid: int) -> Iterator[tuple[bytes, int]]:
