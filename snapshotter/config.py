@@ -24,6 +24,8 @@ metrics = ""                   # "HOST:PORT": the daemon serves Prometheus metri
 verbose = false                # the daemon logs at DEBUG (default INFO: attach, detach, failures)
 allow_suid_dev = false         # true: the daemon's FUSE mount honours setuid bits and device nodes
                                # (containers never need it: their overlay mounts decide)
+read_timeout = 60              # seconds a read waits for data not fetched yet, then EIO
+request_timeout = 30           # seconds a registry request may stay silent (or take per MiB)
 
 [traces]                       # learned traces (see docs/design.md, "Learned traces")
 record = true                  # record each image's start (kept in the daemon's cache, traces/)
@@ -44,7 +46,7 @@ auth_file = ""                               # Docker config.json; "": $DOCKER_C
 ```
 
 These are all the daemon's settings: the FUSE directory, control socket, cache, metrics,
-verbosity and registry access are its command line; prefetch and background fetch go with
+verbosity, time bounds and registry access are its command line; prefetch and background fetch go with
 each attach request.
 """
 
@@ -90,6 +92,8 @@ class DaemonConfig:
     metrics: str = ""
     verbose: bool = False
     allow_suid_dev: bool = False
+    read_timeout: float | None = None  # None: the daemon's default
+    request_timeout: float | None = None
     serve: str = "fuse"
     loop_direct_io: bool = True
 
@@ -139,6 +143,14 @@ def _take(table: dict, key: str, kind: type, default):
     if not isinstance(value, kind):
         raise ConfigError(f"{key}: expected {getattr(kind, '__name__', 'a size')}, got {value!r}")
     return value
+
+
+def _seconds(value, key: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ConfigError(f"daemon.{key}: expected a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def load(path: Path | None, root: Path | None = None) -> Config:
@@ -191,6 +203,9 @@ def load(path: Path | None, root: Path | None = None) -> Config:
     if bool(t.username) != bool(t.password):
         raise ConfigError("traces.username and traces.password go together")
     d.allow_suid_dev = _take(daemon, "allow_suid_dev", bool, d.allow_suid_dev)
+    d.read_timeout = _seconds(_take(daemon, "read_timeout", (int, float), d.read_timeout), "read_timeout")
+    d.request_timeout = _seconds(_take(daemon, "request_timeout", (int, float), d.request_timeout),
+                                 "request_timeout")
     d.loop_direct_io = _take(daemon, "loop_direct_io", bool, d.loop_direct_io)
     registry = _take(raw, "registry", dict, {})
     cfg.registry.mirrors = _take(registry, "mirrors", dict, {})

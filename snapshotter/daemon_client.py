@@ -159,6 +159,10 @@ class DaemonSupervisor:
             cmd += ["--registry-auth", str(registry.auth_file)]
         if d.metrics:
             cmd += ["--metrics", d.metrics]
+        if d.read_timeout is not None:
+            cmd += ["--read-timeout", str(d.read_timeout)]
+        if d.request_timeout is not None:
+            cmd += ["--request-timeout", str(d.request_timeout)]
         if d.verbose:
             cmd += ["-v"]
         traces = self.cfg.traces

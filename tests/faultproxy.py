@@ -24,14 +24,24 @@ Faults (each applies to one request):
     Fault.ignore_range()            forward without the Range header, so the upstream answers 200
                                     with the whole blob to a ranged request
     Fault.redirect()                answer 307 to /_cdn/<same path and query> on this proxy
+    Fault.stall()                   accept the request and never answer (until the proxy closes,
+                                    then reset)
+    Fault.drip(interval)            forward; send the headers, then the body one byte every
+                                    `interval` seconds
+    Fault.other_range(shift, lie=False)
+                                    forward with the Range moved `shift` bytes on (back, if
+                                    that one is past the blob's end): the answer is 206 for
+                                    another range (with its true Content-Range, or with
+                                    lie=True the Content-Range that was asked for)
 
 The "CDN": a request whose path starts with /_cdn/ is forwarded to the upstream with the prefix
 removed and without its Authorization header (like a pre-signed CDN URL). Rules can match CDN
 requests by path (r"^/_cdn/") to make the CDN fail.
 
-Rules: add(fault, method=None, path=None, ranged=None, times=1). `path` is a regex searched in
-the request path (with query); `ranged` True/False matches requests with/without a Range
-header; `times=None` applies the rule to every match. Rules are tried in the order added; the
+Rules: add(fault, method=None, path=None, ranged=None, times=1, range=None). `path` is a regex
+searched in the request path (with query); `ranged` True/False matches requests with/without a
+Range header; `range` is a regex searched in the Range header (only ranged requests match it);
+`times=None` applies the rule to every match. Rules are tried in the order added; the
 first matching rule with uses left applies.
 
 ProxiedRequest: seq, method, path, range (the Range header or None), fault (its name or None),
@@ -94,6 +104,18 @@ class Fault:
     def redirect(cls) -> "Fault":
         return cls("redirect")
 
+    @classmethod
+    def stall(cls) -> "Fault":
+        return cls("stall")
+
+    @classmethod
+    def drip(cls, interval: float = 1.0) -> "Fault":
+        return cls("drip", seconds=interval)
+
+    @classmethod
+    def other_range(cls, shift: int, lie: bool = False) -> "Fault":
+        return cls("lie_range" if lie else "other_range", byte_count=shift)
+
     @property
     def name(self) -> str:
         return f"{self.kind}:{self.code}" if self.kind == "status" else self.kind
@@ -106,16 +128,19 @@ class Rule:
     path: str | None = None
     ranged: bool | None = None
     times: int | None = 1
+    range: str | None = None
     used: int = 0
 
-    def matches(self, method: str, path: str, ranged: bool) -> bool:
+    def matches(self, method: str, path: str, range_header: str | None) -> bool:
         if self.times is not None and self.used >= self.times:
             return False
         if self.method is not None and self.method != method:
             return False
         if self.path is not None and not re.search(self.path, path):
             return False
-        return self.ranged is None or self.ranged == ranged
+        if self.range is not None and (range_header is None or not re.search(self.range, range_header)):
+            return False
+        return self.ranged is None or self.ranged == (range_header is not None)
 
 
 @dataclass
@@ -139,6 +164,7 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self._requests: list[ProxiedRequest] = []
         self._connections: set[socket.socket] = set()
+        self.closing = threading.Event()  # releases stalled requests
         self._server = _QuietServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
@@ -154,6 +180,7 @@ class FaultProxy:
         self.close()
 
     def close(self) -> None:
+        self.closing.set()
         self._server.shutdown()
         with self._lock:
             connections = list(self._connections)
@@ -166,8 +193,8 @@ class FaultProxy:
         self._thread.join(timeout=10)
 
     def add(self, fault: Fault, *, method: str | None = None, path: str | None = None,
-            ranged: bool | None = None, times: int | None = 1) -> Rule:
-        rule = Rule(fault, method, path, ranged, times)
+            ranged: bool | None = None, times: int | None = 1, range: str | None = None) -> Rule:
+        rule = Rule(fault, method, path, ranged, times, range)
         with self._lock:
             self._rules.append(rule)
         return rule
@@ -195,7 +222,7 @@ class FaultProxy:
         with self._lock:
             fault = None
             for rule in self._rules:
-                if rule.matches(method, path, range_header is not None):
+                if rule.matches(method, path, range_header):
                     rule.used += 1
                     fault = rule.fault
                     break
@@ -207,6 +234,11 @@ class FaultProxy:
     def _track(self, connection: socket.socket, add: bool) -> None:
         with self._lock:
             (self._connections.add if add else self._connections.discard)(connection)
+
+
+def _shift_range(header: str, shift: int) -> str:
+    start, _, end = header.removeprefix("bytes=").partition("-")
+    return f"bytes={int(start) + shift}-{int(end) + shift if end else ''}"
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -249,6 +281,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind == "delay":
             time.sleep(fault.seconds)
+        if kind == "stall":
+            proxy.closing.wait()
+            self._reset()
+            return
         if kind == "status":
             self._answer(record, fault.code, fault.headers, fault.body)
             return
@@ -267,21 +303,37 @@ class _Handler(BaseHTTPRequestHandler):
             headers.pop("Authorization", None)
         if fault is not None and fault.kind == "ignore_range":
             headers.pop("Range", None)
+        asked_range = headers.get("Range")
+        if fault is not None and fault.kind in ("other_range", "lie_range") and asked_range:
+            headers["Range"] = _shift_range(asked_range, fault.byte_count)
         if body is not None:
             headers["Content-Length"] = str(len(body))
         upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
         try:
             upstream.request(self.command, path, body=body, headers=headers)
             response = upstream.getresponse()
-            self._relay(record, response, fault)
+            if response.status == 416 and headers.get("Range") != asked_range:
+                # Moved past the blob's end: another range of the blob is the other way.
+                upstream.close()  # (not reading the 416's body: its Content-Length is the blob's)
+                headers["Range"] = _shift_range(asked_range, -fault.byte_count)
+                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                upstream.request(self.command, path, body=body, headers=headers)
+                response = upstream.getresponse()
+            self._relay(record, response, fault, asked_range)
         except OSError:
             self._reset()
         finally:
             upstream.close()
 
-    def _relay(self, record: ProxiedRequest, response: http.client.HTTPResponse, fault: Fault | None) -> None:
+    def _relay(self, record: ProxiedRequest, response: http.client.HTTPResponse, fault: Fault | None,
+               asked_range: str | None) -> None:
         kind = fault.kind if fault else None
         out_headers = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
+        if kind == "lie_range" and asked_range and response.status == 206:
+            start, _, end = asked_range.removeprefix("bytes=").partition("-")
+            total = (response.getheader("Content-Range") or "/*").rpartition("/")[2]
+            out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-range"]
+            out_headers.append(("Content-Range", f"bytes {start}-{end}/{total}"))
         length = response.getheader("Content-Length")
         prebuffered = None
         if length is None and self.command != "HEAD":
@@ -301,6 +353,16 @@ class _Handler(BaseHTTPRequestHandler):
             prebuffered = b"" if prebuffered is not None else None
             if not block:
                 break
+            if kind == "drip":
+                for i in range(len(block)):
+                    record.body_bytes = sent + i + 1
+                    self.wfile.write(block[i:i + 1])
+                    self.wfile.flush()
+                    if self.server.proxy.closing.wait(fault.seconds):
+                        self._reset()
+                        return
+                sent += len(block)
+                continue
             if kind == "corrupt" and sent <= fault.byte_count < sent + len(block):
                 i = fault.byte_count - sent
                 block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]

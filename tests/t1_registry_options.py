@@ -80,7 +80,7 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     path = tmp_path / "sn.toml"
     path.write_text(f'root = "{tmp_path}"\n[daemon]\ncache_size = "1GiB"\nmetrics = "127.0.0.1:9100"\n'
                     'background_fetch = true\nbackground_rate = "10MiB"\nverbose = true\nprefetch = false\n'
-                    'allow_suid_dev = true\nserve = "kernel"\nloop_direct_io = false\npolicies = ["trace", "locality"]\n'
+                    'allow_suid_dev = true\nread_timeout = 20\nrequest_timeout = 2.5\nserve = "kernel"\nloop_direct_io = false\npolicies = ["trace", "locality"]\n'
                     f'[registry]\ninsecure_hosts = ["h:1"]\nhosts_dir = "{tmp_path}/certs.d"\n'
                     f'auth_file = "{tmp_path}/a.json"\n'
                     '[traces]\nquiet = 2.5\nmax_seconds = 60\nmax_bytes = "2MiB"\n')
@@ -100,6 +100,7 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
         tmp_path / "chunk-devices", tmp_path / "daemon.sock", tmp_path / "cache", 1 << 30)
     assert (options.serve, options.layers_dir, options.loop_direct_io) == ("kernel", tmp_path / "mnt", False)
     assert options.metrics == ("127.0.0.1", 9100)
+    assert (options.read_timeout, options.request_timeout) == (20.0, 2.5)
     assert options.registry == RegistrySettings(insecure=("h:1",), hosts_dir=tmp_path / "certs.d",
                                                 auth_file=tmp_path / "a.json")
     assert options.allow_suid_dev is True and {"nosuid", "nodev"}.isdisjoint(options.fuse_options)
@@ -108,7 +109,8 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     assert options.policies == ("trace", "locality")
     # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe).
     covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "recording",
-               "allow_suid_dev", "serve", "layers_dir", "loop_direct_io", "policies"}
+               "allow_suid_dev", "serve", "layers_dir", "loop_direct_io", "policies",
+               "read_timeout", "request_timeout"}
     assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd"}
 
 

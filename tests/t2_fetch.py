@@ -596,6 +596,55 @@ async def test_fetcher_saves_the_cache_index_periodically_and_on_exit(cache):
     assert ChunkCache(cache.root).stats()["entries"] == 2
 
 
+class StalledSource(MemorySource):
+    """Requests hang until ``release`` is set (a registry that accepts and never answers)."""
+
+    def __init__(self, blob: bytes):
+        super().__init__(blob)
+        self.release = trio.Event()
+
+    async def read_range(self, offset: int, length: int) -> bytes:
+        await self.release.wait()
+        return await super().read_range(offset, length)
+
+
+async def test_read_waits_at_most_the_read_bound_and_the_fetch_goes_on(cache, autojump_clock):
+    blob, refs, datas = build_blob([4096, 4096])
+    source = StalledSource(blob)
+    async with ChunkFetcher(cache, read_timeout=10.0) as fetcher:
+        started = trio.current_time()
+        with pytest.raises(FetchError, match="not fetched within the 10s read bound"):
+            await fetcher.get(source, refs)
+        assert trio.current_time() - started == pytest.approx(10.0)
+        assert fetcher.stats.read_timeouts == 1
+        assert fetcher.pending_count() == 2  # abandoned, not cancelled: still worth caching
+        source.release.set()
+        await fetcher.wait_idle()
+        assert all(cache.contains(ref.digest) for ref in refs)
+        assert await fetcher.get(source, refs) == datas  # from the cache now
+        assert len(source.requests) == 1
+
+
+@pytest.mark.expected_log
+async def test_a_chunk_is_retried_for_as_long_as_the_policy_gives_it(cache, autojump_clock):
+    blob, refs, datas = build_blob([4096])
+    source = MemorySource(blob)
+    down = SourceError(source.name, 0, 1, "connection refused")
+    source.faults = [down] * 6  # an outage: six failed requests, then the registry is back
+    policy = RetryPolicy(attempts=100, initial_delay=1.0, factor=2.0, max_delay=4.0, give_up_after=30.0)
+    async with ChunkFetcher(cache, retry=policy, read_timeout=60.0) as fetcher:
+        assert await fetcher.get(source, refs) == datas
+        assert len(source.requests) == 7
+
+        source.faults = [down] * 100  # for good: given up once 30 s have passed since the first failure
+        other_blob, other_refs, _ = build_blob([4096], seed=1)
+        source.blob = other_blob
+        started = trio.current_time()
+        with pytest.raises(FetchError, match="connection refused"):
+            await fetcher.get(source, other_refs)
+        assert 25.0 <= trio.current_time() - started <= 32.0 + REQUEST_TIME
+
+
 # ----------------------------------------------------------------- streaming delivery
 
 # Speculative requests as long as the whole blob, to test cutting them.

@@ -128,6 +128,24 @@ async def test_client_backoff_follows_the_policy_on_a_mock_clock(autojump_clock)
 
 
 
+async def test_an_attempt_that_gets_no_answer_is_bounded_on_a_mock_clock(autojump_clock):
+    data = bytes(range(256))
+    seen = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(trio.current_time())
+        if len(seen) == 1:
+            await trio.sleep_forever()  # accepted, never answered
+        return httpx.Response(206, content=data[:10], headers={"Content-Range": "bytes 0-9/256"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = RegistryClient(parse_reference("127.0.0.1:5000/x"), http,
+                                retry=RetryPolicy(attempts=2, base_delay=1.0, attempt_timeout=7.0))
+        start = trio.current_time()
+        assert await client.read_range("sha256:" + "a" * 64, 0, 10) == data[:10]
+    assert 7.5 <= seen[1] - start <= 8.0  # the attempt's bound, then base_delay * [0.5, 1]
+
+
 async def test_concurrent_refusals_share_one_new_token():
     """N readers refused with the same expired token trigger one token request, not N."""
     token_requests = []

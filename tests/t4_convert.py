@@ -437,7 +437,12 @@ async def test_convert_through_fault_proxy(registry, registry_repo, tmp_path):
         expected = (await convert_image(direct, reference_out, tag="x")).digest
     finally:
         await reference_out.aclose()
+    config = image.config_descriptor.digest
     faults = [
+        # A flipped byte or a cut body in the manifest and the image config is fetched again.
+        (Fault.corrupt(at=20), dict(method="GET", path=r"/manifests/", times=2)),
+        (Fault.corrupt(at=10), dict(method="GET", path=config, times=2)),
+        (Fault.truncate(30), dict(method="GET", path=config, times=2)),
         (Fault.reset(after_bytes=100000), dict(method="GET", path=r"/blobs/sha256:", times=2)),
         (Fault.status(503), dict(method="GET", path=r"/manifests/", times=1)),
         (Fault.truncate(50000), dict(method="GET", path=r"/blobs/sha256:", times=1)),

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -24,7 +25,8 @@ BLOB = os.urandom(300_000)
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves BLOB; the path picks the behaviour: /blob honours Range, /norange ignores it,
-    /badrange answers a wrong Content-Range, /error answers 500, /short cuts the body."""
+    /badrange answers a wrong Content-Range, /error answers 500, /short cuts the body, /drip
+    sends the body a byte every 50 ms."""
 
     protocol_version = "HTTP/1.1"
     requests_seen: list[tuple[str, str | None]] = []
@@ -53,6 +55,16 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         if self.path == "/badrange":
             first += 1
         headers = {"Content-Range": f"bytes {first}-{first + len(body) - 1}/{len(BLOB)}"}
+        if self.path == "/drip":
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Range", headers["Content-Range"])
+            self.end_headers()
+            for i in range(len(body)):  # until the client hangs up (a broken pipe ends it)
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         if self.path == "/short":
             self.send_response(206)
             self.send_header("Content-Length", str(len(body)))
@@ -130,6 +142,12 @@ async def test_http_server_ignoring_range_is_handled(http_server, client):
 async def test_http_bad_answers_raise_source_error(http_server, client, path, message):
     source = HttpBlobSource(f"{http_server}{path}", client)
     with pytest.raises(SourceError, match=message):
+        await source.read_range(10, 20_000)
+
+
+async def test_http_body_that_drips_fails_its_read(http_server, client):
+    source = HttpBlobSource(f"{http_server}/drip", client, progress_timeout=0.5)
+    with pytest.raises(SourceError, match="too slow"):
         await source.read_range(10, 20_000)
 
 

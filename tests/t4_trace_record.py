@@ -331,3 +331,21 @@ def test_prefetch_skips_chunks_already_cached_from_another_image(registry, tmp_p
             assert stats["prefetch"]["skipped_cached"] == 2, stats["prefetch"]
             assert stats["fetch"]["queued"]["prefetch"] == 1  # only the chunk of spread/extra
             print(json.dumps(stats["prefetch"]))
+
+
+def test_record_succeeds_when_the_registry_damages_manifest_metadata_and_chunk_fetches(registry, tmp_path):
+    require_root()
+    image = _push(registry, "t/trace-faults:v1", _layers())
+    with FaultProxy(registry.host) as proxy:
+        for fault in (Fault.corrupt(at=3), Fault.status(503)):
+            proxy.add(fault, method="GET", path=r"/manifests/", times=1)
+        for layer in image.layers:  # its first two range reads: the metadata fetch, then its retry
+            for fault in (Fault.corrupt(at=5), Fault.reset(after_bytes=10)):
+                proxy.add(fault, method="GET", path=f"/blobs/{layer.descriptor.digest}", ranged=True, times=1)
+        proxy.add(Fault.truncate(100), method="GET", path=r"/blobs/", ranged=True, times=3)  # chunk reads
+        out = tmp_path / "start.trace"
+        result = lazyfs_cli("trace", "record", "--cache-dir", str(tmp_path / "cache"), "-o", str(out),
+                            "--timeout", "60", f"{proxy.host}/t/trace-faults:v1", "--", *WORKLOAD)
+        assert not proxy.unused_rules()
+    assert "exited with status 0" in result.stdout, result.stdout + result.stderr
+    assert _regular_files(Trace.decode(out.read_bytes())) == {"/bin/busybox", *(f"/{p}" for p in READS)}

@@ -9,12 +9,18 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.mountstate import MountState
+from lazyfs.layer.annotations import from_annotations
+from lazyfs.layer.format import FOOTER_FRAME_SIZE
 from lazyfs.serve.mounts import is_mounted
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.common import require_root
@@ -40,10 +46,22 @@ BLOB_RANGES = r"/blobs/sha256:"
 
 
 @pytest.fixture(scope="module")
-def repo(registry):
+def converted():
+    return convert_image(build_image(LAYERS), chunk_size=CHUNK)
+
+
+@pytest.fixture(scope="module")
+def repo(registry, converted):
     require_root()
-    push_to_registry(registry, "t/mount-faults", convert_image(build_image(LAYERS), chunk_size=CHUNK))
+    push_to_registry(registry, "t/mount-faults", converted)
     return "t/mount-faults:v1"
+
+
+def _section_range(layer, section: str) -> str:
+    """The Range header of a layer's metadata or chunk table fetch (from its annotations)."""
+    index = from_annotations(layer.descriptor.annotations, layer.descriptor.size)
+    part = getattr(index, section)
+    return f"^bytes={part.offset}-{part.offset + part.stored_size - 1}$"
 
 
 @pytest.fixture
@@ -74,12 +92,13 @@ def _drop_page_cache(root) -> None:
 
 @pytest.mark.expected_log
 def test_faulty_registry_gives_right_bytes_or_eio_and_the_mount_survives(repo, proxy, tmp_path):
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    # A read of a chunk that cannot be fetched fails after 3 s (a chunk is retried that long).
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "3", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         # Transient faults of every kind: retries must hide them, verification must catch them.
         for fault in (Fault.reset(), Fault.reset(after_bytes=1000), Fault.status(503), Fault.status(500),
                       Fault.truncate(777), Fault.corrupt(at=5), Fault.corrupt(at=40000), Fault.delay(0.3),
-                      Fault.ignore_range()):
+                      Fault.ignore_range(), Fault.other_range(CHUNK), Fault.other_range(4096, lie=True)):
             proxy.add(fault, method="GET", path=BLOB_RANGES, ranged=True, times=1)
         for rel, want in FILES.items():
             got = _read_or_eio(mount.path / rel)
@@ -103,9 +122,144 @@ def test_faulty_registry_gives_right_bytes_or_eio_and_the_mount_survives(repo, p
             assert (mount.path / rel).read_bytes() == want
 
 
+def test_mount_survives_damaged_manifest_metadata_and_chunk_table_fetches(repo, converted, proxy, tmp_path):
+    # The manifest and, for each layer, its metadata and chunk table fetches: each fails a few
+    # times in a different way (a flipped byte, a cut body, a 5xx, a reset) before it is right.
+    for fault in (Fault.corrupt(at=3), Fault.status(503, {"Retry-After": "1"}), Fault.reset()):
+        proxy.add(fault, method="GET", path=r"/manifests/", times=1)
+    for layer in converted.layers:
+        digest = layer.descriptor.digest
+        for section, faults in (("meta", (Fault.corrupt(at=5), Fault.truncate(10), Fault.status(500))),
+                                ("table", (Fault.corrupt(at=0), Fault.reset(after_bytes=3)))):
+            for fault in faults:
+                proxy.add(fault, method="GET", path=f"/blobs/{digest}", range=_section_range(layer, section))
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        assert not proxy.unused_rules()
+        for layer in converted.layers:
+            asked = [r.range for r in proxy.requests if r.path.endswith(layer.descriptor.digest)]
+            # Four tries of the metadata (three damaged), then three of the chunk table.
+            assert [re.fullmatch(_section_range(layer, "meta"), r) is not None for r in asked[:7]] == [True] * 4 + [False] * 3
+            assert all(re.fullmatch(_section_range(layer, "table"), r) for r in asked[4:7])
+        for rel, want in FILES.items():
+            assert (mount.path / rel).read_bytes() == want
+
+
+def test_metadata_that_stays_wrong_fails_the_mount_with_one_clear_error(repo, converted, proxy, tmp_path):
+    digest = converted.layers[1].descriptor.digest
+    proxy.add(Fault.corrupt(at=7), method="GET", path=f"/blobs/{digest}", ranged=True, times=None)
+    (tmp_path / "mnt").mkdir()
+    result = lazyfs_cli("mount", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                        f"{proxy.host}/{repo}", str(tmp_path / "mnt"), check=False)
+    assert result.returncode != 0
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1, error
+    for part in ("layer metadata", "failed verification", "5 attempts", proxy.host, "t/mount-faults", digest):
+        assert part in error, error
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_blob_reads_follow_redirects_to_expiring_storage_urls(repo, proxy, tmp_path):
+    # Every blob GET at the registry is redirected to "storage" (/_cdn/, no credentials); the
+    # storage URLs expire now and then (403): the registry is asked again for a fresh one.
+    proxy.add(Fault.status(403), path=r"^/_cdn/", times=2)
+    proxy.add(Fault.redirect(), method="GET", path=r"^/v2/.*/blobs/", times=None)
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        assert (mount.path / "data/one").read_bytes() == FILES["data/one"]
+        proxy.add(Fault.status(403), path=r"^/_cdn/", times=1)  # expires while mounted
+        for rel, want in FILES.items():
+            assert (mount.path / rel).read_bytes() == want
+    assert not proxy.unused_rules()
+    blob_requests = [r for r in proxy.requests if "/blobs/" in r.path]
+    expired = [i for i, r in enumerate(blob_requests) if r.status == 403]
+    assert len(expired) == 3
+    for i in expired:  # each expired URL sent the next request of that blob back to the registry
+        later = [r for r in blob_requests[i + 1:] if r.path.split("/blobs/")[1] == blob_requests[i].path.split("/blobs/")[1]]
+        assert later and later[0].path.startswith("/v2/")
+    assert not any(r.has_authorization for r in blob_requests if r.path.startswith("/_cdn/"))
+
+
+@pytest.mark.expected_log
+def test_attach_without_annotations_reads_the_footer_again_until_it_decodes(repo, converted, proxy, tmp_path):
+    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+                    cache_dir=tmp_path / "cache") as mount:
+        socket = str(MountState.for_mountpoint(mount.path, mount.run_dir).socket)
+        layer = converted.layers[0].descriptor
+        footer = f"^bytes={layer.size - FOOTER_FRAME_SIZE}-{layer.size - 1}$"
+        for fault in (Fault.corrupt(at=100), Fault.truncate(50), Fault.other_range(-1, lie=True)):
+            proxy.add(fault, method="GET", path=f"/blobs/{layer.digest}", range=footer)
+        reply = request(socket, "attach", name="bare", kind="lazyfs", ref=f"{proxy.host}/{repo}",
+                        digest=layer.digest, size=layer.size, annotations={})
+        assert not proxy.unused_rules()
+        assert (Path(reply["path"]) / "data/one").read_bytes() == FILES["data/one"]
+
+        # A blob without a footer at all is still refused with the reason, after the retries.
+        config = converted.config_descriptor
+        with pytest.raises(ControlError) as excinfo:
+            request(socket, "attach", name="config", kind="lazyfs", ref=f"{proxy.host}/{repo}",
+                    digest=config.digest, size=config.size, annotations={})
+        assert "lazyfs" in str(excinfo.value) and config.digest in str(excinfo.value)
+
+
+def _wait_until_no_fetch_pending(mount, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while mount.stats()["fetch"]["pending"]:
+        assert time.monotonic() < deadline, "chunk fetches still pending"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fault", [Fault.stall(), Fault.drip(1.0), Fault.reset()], ids=["stall", "drip", "down"])
+def test_reads_fail_within_the_read_bound_and_succeed_once_the_registry_is_back(repo, proxy, tmp_path, fault):
+    # Small bounds keep the test quick: a read waits 2 s for chunks, a request 0.5 s for an answer.
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "2", "--request-timeout", "0.5", f"{proxy.host}/{repo}",
+                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
+        proxy.add(fault, method="GET", path=BLOB_RANGES, ranged=True, times=None)
+        # Nothing but chunk data needs the registry once the layers are attached.
+        assert sorted(os.listdir(mount.path / "data")) == ["one", "three", "two"]
+        assert {rel: os.stat(mount.path / rel).st_size for rel in FILES} == {rel: len(b) for rel, b in FILES.items()}
+        assert (mount.path / "small/a").read_bytes() == FILES["small/a"]  # inline in the metadata
+        for rel in ("data/one", "data/two"):
+            with pytest.raises(OSError) as excinfo:
+                (mount.path / rel).read_bytes()
+            assert excinfo.value.errno == errno.EIO
+        assert mount.stats()["fetch"]["read_timeouts"] + mount.stats()["fetch"]["failed_chunks"] > 0
+
+        # The registry is back: the same reads succeed (nothing failed is remembered).
+        proxy.clear_rules()
+        _wait_until_no_fetch_pending(mount)
+        for rel, want in FILES.items():
+            assert (mount.path / rel).read_bytes() == want
+        assert any(r.fault == fault.name for r in proxy.requests)
+
+
+def test_a_read_rides_out_an_outage_shorter_than_the_read_bound(repo, proxy, tmp_path):
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "120", "--request-timeout", "1", f"{proxy.host}/{repo}",
+                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
+        proxy.add(Fault.reset(), method="GET", path=BLOB_RANGES, ranged=True, times=None)  # down
+        outcome: dict = {}
+
+        def read() -> None:
+            try:
+                outcome["data"] = (mount.path / "data/one").read_bytes()
+            except OSError as e:
+                outcome["error"] = e
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while sum(1 for r in proxy.requests if r.fault == "reset") < 6:  # refused again and again
+            assert time.monotonic() < deadline and reader.is_alive(), outcome
+            time.sleep(0.05)
+        proxy.clear_rules()  # back up: the waiting read gets its bytes
+        reader.join(timeout=120)
+        assert not reader.is_alive()
+        assert outcome.get("data") == FILES["data/one"], outcome.get("error")
+
+
 @pytest.mark.expected_log
 def test_corrupt_chunks_are_never_served(repo, proxy, tmp_path):
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    with lazy_mount(tmp_path / "mnt", "--read-timeout", "3", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         proxy.add(Fault.corrupt(at=100), method="GET", path=BLOB_RANGES, ranged=True, times=None)
         for rel in ("data/one", "data/two", "data/three"):

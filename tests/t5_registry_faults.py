@@ -11,7 +11,7 @@ import pytest
 
 from lazyfs.registry import (
     Authenticator, BlobNotFound, Credentials, CredentialStore, DigestMismatch, RegistryClient, RegistryError,
-    RetryPolicy, Secret, parse_reference,
+    RetryPolicy, Secret, parse_reference, sha256_check,
 )
 from tests.faultproxy import Fault, FaultProxy
 from tests.fixtures.images import build_image, file, push_image
@@ -191,6 +191,84 @@ async def test_slow_answers_time_out_and_are_retried(fault_proxy, registry_repo,
         store = through(fault_proxy, registry_repo, quick)
         assert await store.read_range(digest, 0, 1000) == data[:1000]
     assert len(blob_gets(fault_proxy, digest)) == 2
+
+
+async def test_stalled_and_dripping_answers_fail_their_attempt_and_are_retried(fault_proxy, registry_repo, blob):
+    digest, data, image = blob
+    policy = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, attempt_timeout=1.0)
+    fault_proxy.add(Fault.stall(), path="/manifests/", times=1)  # accepts, never answers
+    fault_proxy.add(Fault.drip(0.05), path=digest, ranged=True, times=1)  # a byte every 50 ms
+    fault_proxy.add(Fault.drip(0.05), path=image.config_descriptor.digest, times=1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+        store = through(fault_proxy, registry_repo, client, retry=policy)
+        manifest = await store.get_manifest("v1")
+        assert manifest.digest == image.digest
+        assert await store.read_range(digest, 0, 1000) == data[:1000]
+        assert (await store.get_config(manifest))["rootfs"]
+        assert not fault_proxy.unused_rules()
+
+        # A registry that never answers: one clear error after the attempts, not a hang.
+        fault_proxy.add(Fault.stall(), path=digest, times=None)
+        with pytest.raises(RegistryError) as excinfo:
+            await store.read_range(digest, 0, 10, what="chunk range")
+        for part in ("chunk range (bytes 0-9)", "3 attempts", "no answer within 1s", digest):
+            assert part in str(excinfo.value)
+
+
+async def test_dripping_blob_stream_resumes_where_it_stopped(fault_proxy, registry_repo, blob, tmp_path):
+    digest, data, _ = blob
+    fault_proxy.add(Fault.drip(0.05), path=digest, ranged=False, times=1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+        store = through(fault_proxy, registry_repo, client,
+                        retry=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, attempt_timeout=1.0))
+        assert await store.download_blob(digest, tmp_path / "blob") == BLOB_SIZE
+    assert (tmp_path / "blob").read_bytes() == data
+    gets = blob_gets(fault_proxy, digest)
+    assert [r.fault for r in gets] == ["drip", None]
+    resumed_at = int(gets[1].range.removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= gets[0].body_bytes  # the bytes that came are not asked for again
+
+
+async def test_another_range_than_asked_is_never_returned(fault_proxy, registry_repo, http, blob):
+    digest, data, _ = blob
+    store = through(fault_proxy, registry_repo, http)
+    # A true Content-Range for other bytes is noticed by the client and the read repeated.
+    fault_proxy.add(Fault.other_range(100), path=digest, times=1)
+    assert await store.read_range(digest, 1000, 500) == data[1000:1500]
+    # A Content-Range that lies is caught by the caller's check (here the bytes' sha256).
+    fault_proxy.add(Fault.other_range(100, lie=True), path=digest, times=1)
+    check = sha256_check(hashlib.sha256(data[2000:2500]).digest())
+    assert await store.read_range(digest, 2000, 500, verify=check) == data[2000:2500]
+    assert not fault_proxy.unused_rules()
+    fault_proxy.add(Fault.other_range(100), path=digest, times=None)
+    with pytest.raises(RegistryError) as excinfo:
+        await store.read_range(digest, 3000, 500)
+    assert "asked for bytes 3000-3499, got 3100-3599" in str(excinfo.value)
+
+
+async def test_verified_reads_retry_until_right_and_name_what_failed(fault_proxy, registry_repo, http, blob):
+    digest, data, image = blob
+    store = through(fault_proxy, registry_repo, http)
+    check = sha256_check(hashlib.sha256(data[:4096]).digest())
+    for fault in (Fault.corrupt(at=9), Fault.truncate(100), Fault.status(429, {"Retry-After": "0"})):
+        fault_proxy.add(fault, path=digest, ranged=True, times=1)
+    assert await store.read_range(digest, 0, 4096, verify=check, what="layer metadata") == data[:4096]
+    assert not fault_proxy.unused_rules()
+
+    fault_proxy.add(Fault.corrupt(at=9), path=digest, ranged=True, times=None)
+    with pytest.raises(DigestMismatch) as excinfo:
+        await store.read_range(digest, 0, 4096, verify=check, what="layer metadata")
+    message = str(excinfo.value)
+    for part in ("layer metadata (bytes 0-4095) failed after 4 attempts", "failed verification",
+                 f"registry={fault_proxy.host}", f"repository={registry_repo}", f"digest={digest}"):
+        assert part in message, message
+
+    config = image.config_descriptor.digest
+    fault_proxy.add(Fault.corrupt(at=9), path=config, times=None)
+    manifest = await store.get_manifest("v1")
+    with pytest.raises(DigestMismatch) as excinfo:
+        await store.get_config(manifest)
+    assert f"GET image config {config} failed after 4 attempts" in str(excinfo.value)
 
 
 async def test_redirect_target_is_remembered_until_it_fails(fault_proxy, registry_repo, http, blob):

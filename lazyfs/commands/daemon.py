@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lazyfs.cliopts import add_registry_arguments, load_with_registry
 from lazyfs.config import ConfigError
-from lazyfs.daemon.mountstate import daemon_command
+from lazyfs.daemon.mountstate import add_timeout_arguments, daemon_command
 from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 
 NAME = "daemon"
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trusted images only: setuid bits and device nodes work on the FUSE mount "
                              "(default: nosuid,nodev; image mounts opt in one by one with `lazyfs mount "
                              "--allow-suid-dev`)")
+    add_timeout_arguments(parser)
     parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
                         help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
                              "each layer, the daemon only its chunk device (default: config, else fuse)")
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     argv = daemon_command(fuse_dir=args.fuse_dir.absolute(), socket=args.socket.absolute(), cache_dir=cache_dir,
                           cache_size=cache_size, metrics=args.metrics, registry=registry,
                           verbose=args.verbose, allow_suid_dev=args.allow_suid_dev,
+                          read_timeout=args.read_timeout, request_timeout=args.request_timeout,
                           serve=args.serve or config.serve,
                           layers_dir=args.layers_dir.absolute() if args.layers_dir else None,
                           policies=args.policy.split(",") if args.policy else None)

@@ -21,7 +21,9 @@ from lazyfs.cliopts import add_registry_arguments, load_with_registry
 from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import ControlError, request
 from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
-from lazyfs.daemon.mountstate import DEFAULT_RUN_DIR, MountState, daemon_command, daemon_running
+from lazyfs.daemon.mountstate import (
+    DEFAULT_RUN_DIR, MountState, add_timeout_arguments, daemon_command, daemon_running,
+)
 from lazyfs.serve.mounts import is_mounted
 
 NAME = "mount"
@@ -53,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="chunk cache directory (default: config)")
     parser.add_argument("--cache-size", type=_size, default=None, help="cache size limit, e.g. 20G (default: config)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    add_timeout_arguments(parser)
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="where per-mount state lives")
     parser.add_argument("--platform", default=None, help="os/arch[/variant] to pick from an index")
     parser.add_argument("--trace", type=Path, default=None,
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     serve = args.serve or config.serve
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
                          metrics=args.metrics, registry=registry, verbose=args.verbose,
-                         allow_suid_dev=args.allow_suid_dev,
+                         allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
+                         request_timeout=args.request_timeout,
                          serve=serve, layers_dir=state.layers_dir if serve == "kernel" else None,
                          policies=args.policy.split(",") if args.policy else None)
     cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
@@ -154,7 +158,8 @@ def _mount_point_refusal(state: MountState) -> str | None:
 _NOT_WITH_DAEMON = {"meta": "--meta/--blob", "foreground": "--foreground", "record_trace": "--record-trace",
                     "metrics": "--metrics", "cache_dir": "--cache-dir", "cache_size": "--cache-size",
                     "insecure_registry": "--insecure-registry", "hosts_dir": "--hosts-dir",
-                    "registry_auth": "--registry-auth", "serve": "--serve", "policy": "--policy"}
+                    "registry_auth": "--registry-auth", "serve": "--serve", "policy": "--policy",
+                    "read_timeout": "--read-timeout", "request_timeout": "--request-timeout"}
 
 
 def _mount_shared(args: argparse.Namespace, mountpoint: str, startup: dict) -> int:

@@ -32,7 +32,8 @@ from lazyfs.layer.format import FOOTER_FRAME_SIZE, Section
 from lazyfs.layer.reader import Layer, locate
 from lazyfs.serve.layerfs import DeviceReader
 from lazyfs.registry import (
-    ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store, parse_any_reference,
+    DigestMismatch, ImageStore, InvalidReference, LayoutReference, RegistryError, RetryPolicy, open_store,
+    parse_any_reference, sha256_check,
 )
 from lazyfs.fetch.sources import FileBlobSource, HttpBlobSource
 from lazyfs.trace.format import Trace, TraceError
@@ -58,6 +59,8 @@ class AttachContext:
     background: BackgroundFill | None = None  # fills layers attached with background_fetch
     policies: PolicySet | None = None  # fetch policies (None: readahead and trace prefetch)
     learned: LearnedTraces = field(default_factory=LearnedTraces)  # traces found in registries
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # manifests, metadata, chunk tables, traces
+    chunk_retry: RetryPolicy = field(default_factory=lambda: CHUNK_RETRY)  # chunk ranges
 
 
 @dataclass
@@ -124,7 +127,7 @@ async def attach_plain(ctx: AttachContext, request: dict) -> Attached:
         image.close()
         raise AttachError(f"{meta} has {len(image.devices)} extra devices; a plain image needs exactly one (--blobdev)")
     if blob.startswith(("http://", "https://")):
-        source = HttpBlobSource(blob, ctx.http)
+        source = HttpBlobSource(blob, ctx.http, progress_timeout=ctx.retry.attempt_timeout)
         size = await _http_size(ctx.http, blob)
     else:
         try:
@@ -148,14 +151,15 @@ async def attach_plain(ctx: AttachContext, request: dict) -> Attached:
 class StoreBlobSource:
     """One blob of an image store (registry repository or OCI layout) as a fetcher BlobSource."""
 
-    def __init__(self, store: ImageStore, digest: str, host: str):
+    def __init__(self, store: ImageStore, digest: str, host: str, retry: RetryPolicy):
         self.store = store
         self.digest = digest
         self.name = f"{store.name}@{digest}"
         self.host = host
+        self.retry = retry
 
     async def read_range(self, offset: int, length: int) -> bytes:
-        return await self.store.read_range(self.digest, offset, length)
+        return await self.store.read_range(self.digest, offset, length, what="chunk range", retry=self.retry)
 
 
 @dataclass
@@ -176,7 +180,7 @@ class _Stores:
         store = self.by_name.get(key)
         if store is None:
             try:
-                store = open_store(ref, http=ctx.registry_http, retry=DATA_RETRY, **ctx.registry.store_options())
+                store = open_store(ref, http=ctx.registry_http, retry=ctx.retry, **ctx.registry.store_options())
             except RegistryError as e:  # a bad hosts.toml
                 raise AttachError(str(e)) from e
             self.by_name[key] = store
@@ -184,20 +188,24 @@ class _Stores:
 
 
 # Chunk reads are retried by the fetcher (per chunk, with its own backoff); the store only
-# retries briefly so that one bad response does not multiply into many requests.
-DATA_RETRY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.5, deadline=30.0)
+# retries briefly so that one bad response does not multiply into many requests. Everything
+# else an attach reads (metadata, chunk table, trace) has the store's full policy.
+CHUNK_RETRY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.5, deadline=30.0)
 
 
-async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, section: Section) -> bytes:
-    """A metadata/table section's stored bytes: from the cache, else by one range read."""
+async def _section_bytes(ctx: AttachContext, store: ImageStore, digest: str, section: Section,
+                         what: str) -> bytes:
+    """A metadata/table/trace section's stored bytes: from the cache, else by a range read
+    that is repeated until the bytes match the section's sha256 (or the retries run out)."""
     key = section.sha256.hex()
     path = ctx.cache.meta_path(key)
     if path is not None:
         return await trio.to_thread.run_sync(path.read_bytes)
     try:
-        stored = await store.read_range(digest, section.offset, section.stored_size)
+        stored = await store.read_range(digest, section.offset, section.stored_size,
+                                        verify=sha256_check(section.sha256), what=what)
     except RegistryError as e:
-        raise AttachError(f"cannot read the layer metadata of {digest}: {e}") from e
+        raise AttachError(f"layer {digest}: {e}") from e
     try:
         ctx.cache.put_meta(key, stored)
     except CacheError as e:
@@ -265,12 +273,11 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
         if is_lazyfs(annotations):
             index, trusted = from_annotations(annotations, size), False
         else:
-            tail = await store.read_range(digest, size - FOOTER_FRAME_SIZE, FOOTER_FRAME_SIZE) \
-                if size >= FOOTER_FRAME_SIZE else b""
+            tail = await _footer_bytes(store, digest, size)
             index, trusted = locate(lambda _o, _l: tail, size), True
             log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
-        meta = await _section_bytes(ctx, store, digest, index.meta)
-        table = await _section_bytes(ctx, store, digest, index.table)
+        meta = await _section_bytes(ctx, store, digest, index.meta, "layer metadata")
+        table = await _section_bytes(ctx, store, digest, index.table, "chunk table")
         layer, meta_fd = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
     except LayerFormatError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
@@ -291,7 +298,7 @@ async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, ho
     background fill."""
     ref, digest = request["ref"], request["digest"]
     background_rate = _background_rate(request)
-    source = StoreBlobSource(store, digest, host)
+    source = StoreBlobSource(store, digest, host, ctx.chunk_retry)
     readahead = ctx.policies is None or ctx.policies.readahead
     device = ChunkGridDevice(ctx.fetcher, source, layer.chunk_size, layer.device_size, layer.chunk_ref,
                              recent=ctx.recent, **({} if readahead else {"readahead_bytes": 0}))
@@ -377,6 +384,27 @@ async def _learned_trace_chunks(ctx: AttachContext, store: ImageStore, manifest:
     return None if chunks is None else (pulled.artifact, chunks)
 
 
+async def _footer_bytes(store: ImageStore, digest: str, size: int) -> bytes:
+    """The last bytes of a blob read without annotations: read again while they do not decode
+    as a footer (a fault in transit fails its CRC32C); a blob that never has one is read once
+    more, unchecked, so that decoding it says why (not a lazyfs layer, another version...)."""
+    if size < FOOTER_FRAME_SIZE:
+        return b""
+
+    def decodes(tail: bytes) -> bool:
+        try:
+            locate(lambda _o, _l: tail, size)
+        except LayerFormatError:
+            return False
+        return True
+
+    offset = size - FOOTER_FRAME_SIZE
+    try:
+        return await store.read_range(digest, offset, FOOTER_FRAME_SIZE, verify=decodes, what="layer footer")
+    except DigestMismatch:
+        return await store.read_range(digest, offset, FOOTER_FRAME_SIZE, what="layer footer")
+
+
 def _background_rate(request: dict) -> int | None:
     """``background_rate``: stored bytes per second of the background fill, or absent/None."""
     rate = request.get("background_rate")
@@ -398,7 +426,7 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
             except OSError as e:
                 raise AttachError(f"cannot read trace {path}: {e.strerror}") from e
         if request.get("prefetch") and index.trace is not None:
-            stored = await _section_bytes(ctx, store, digest, index.trace)
+            stored = await _section_bytes(ctx, store, digest, index.trace, "embedded trace")
             return Trace.decode(index.trace.open("trace", stored)), True
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e

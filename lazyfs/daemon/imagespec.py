@@ -13,7 +13,7 @@ from __future__ import annotations
 import httpx
 
 from lazyfs.layer.annotations import is_lazyfs
-from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store
+from lazyfs.registry import InvalidReference, Platform, RegistryError, RetryPolicy, open_store
 
 
 class ImageSpecError(Exception):
@@ -26,9 +26,9 @@ def layer_name(index: int, digest: str) -> str:
 
 
 async def _resolve(reference: str, platform: str | None, store_options: dict,
-                   http: httpx.AsyncClient | None):
+                   http: httpx.AsyncClient | None, retry: RetryPolicy | None = None):
     try:
-        store = open_store(reference, http=http, **store_options)
+        store = open_store(reference, http=http, retry=retry, **store_options)
     except (InvalidReference, RegistryError) as e:
         raise ImageSpecError(f"invalid image reference {reference!r}: {e}") from e
     try:
@@ -43,7 +43,8 @@ async def _resolve(reference: str, platform: str | None, store_options: dict,
 async def image_attach_requests(reference: str, *, layer: str | None = None, platform: str | None = None,
                                 store_options: dict | None = None, trace: str | None = None,
                                 prefetch: bool = True, learn: str = "pull",
-                                http: httpx.AsyncClient | None = None) -> list[dict]:
+                                http: httpx.AsyncClient | None = None,
+                                retry: RetryPolicy | None = None) -> list[dict]:
     """The attach requests for the image's layers (or the one `layer` names), base layer first.
 
     ``learn``: "pull" looks up a trace attached to the image in the registry when a layer has
@@ -51,7 +52,7 @@ async def image_attach_requests(reference: str, *, layer: str | None = None, pla
     of the image; "push" also attaches that trace to the image in the registry; "off" neither."""
     if learn not in ("off", "pull", "push"):
         raise ImageSpecError(f"learn must be off, pull or push, not {learn!r}")
-    manifest = await _resolve(reference, platform, store_options or {}, http)
+    manifest = await _resolve(reference, platform, store_options or {}, http, retry)
     requests = []
     for index, descriptor in enumerate(manifest.layers):
         if layer is not None and not _matches(descriptor.digest, layer):

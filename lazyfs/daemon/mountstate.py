@@ -22,9 +22,11 @@ point unmounts what is left (lazily, since the FUSE end is dead) and removes it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -138,10 +140,43 @@ class MountState:
         return stale
 
 
+# A FUSE read of chunks that are not cached fails with EIO after this many seconds rather than
+# hang its caller (a container start) while a registry does not answer.
+DEFAULT_READ_TIMEOUT = 60.0
+# Every HTTP request: the connection must be made, and the answer must not stay silent, for
+# this long; one attempt must get its headers, then each MiB of its body, in this time too.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_timeout_arguments(parser: argparse.ArgumentParser, with_defaults: bool = False) -> None:
+    """--read-timeout and --request-timeout: the daemon's own (with its defaults), or a
+    command's that passes them on only when given."""
+    parser.add_argument("--read-timeout", type=positive_seconds, metavar="SECONDS",
+                        default=DEFAULT_READ_TIMEOUT if with_defaults else None,
+                        help="a read of data not fetched yet fails with EIO after this long "
+                             f"(default {DEFAULT_READ_TIMEOUT:g})")
+    parser.add_argument("--request-timeout", type=positive_seconds, metavar="SECONDS",
+                        default=DEFAULT_REQUEST_TIMEOUT if with_defaults else None,
+                        help="bound on connecting, on a silent answer and on each MiB of a body; "
+                             f"such a request is retried (default {DEFAULT_REQUEST_TIMEOUT:g})")
+
+
 def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size: int | str | None = None,
                    metrics: str | None = None, registry: RegistrySettings | None = None,
                    verbose: int = 0, allow_suid_dev: bool = False, serve: str = "fuse",
-                   layers_dir: Path | None = None, policies: Sequence[str] | None = None) -> list[str]:
+                   layers_dir: Path | None = None, policies: Sequence[str] | None = None,
+                   read_timeout: float | None = None, request_timeout: float | None = None) -> list[str]:
     """The command line of a daemon (`python -m lazyfs.daemon ...`), as `lazyfs mount` and
     `lazyfs daemon` start it."""
     cmd = [sys.executable, "-m", DAEMON_MODULE, "--fuse-dir", str(fuse_dir), "--socket", str(socket),
@@ -160,6 +195,10 @@ def daemon_command(*, fuse_dir: Path, socket: Path, cache_dir: Path, cache_size:
         cmd += ["--layers-dir", str(layers_dir)]
     if policies:
         cmd += ["--policy", ",".join(policies)]
+    if read_timeout is not None:
+        cmd += ["--read-timeout", str(read_timeout)]
+    if request_timeout is not None:
+        cmd += ["--request-timeout", str(request_timeout)]
     # The daemon logs at INFO by default (attach, detach, errors); each -v of the command
     # beyond the first makes it more verbose.
     return cmd + ["-v"] * max(0, verbose - 1)

@@ -26,7 +26,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,9 @@ from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
 from lazyfs.daemon.control import MAX_LINE
 from lazyfs.daemon.learned import LearnedTraces, Recorder, RecordingPolicy
+from lazyfs.daemon.mountstate import DEFAULT_READ_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, add_timeout_arguments
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
+from lazyfs.fetch.scheduler import RetryPolicy as ChunkRetryPolicy
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve import kernel
 from lazyfs.serve.fuse import LazyOperations
@@ -50,7 +52,7 @@ from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry, cell_owners
 from lazyfs.serve.mounts import (
     MountError, is_mounted, is_stale, mount_flags, set_read_ahead, stack_mount, unmount_fuse, unmount_path,
 )
-from lazyfs.registry import make_http_client
+from lazyfs.registry import RetryPolicy, make_http_client
 from lazyfs.serve.residency import MetadataTrimmer
 from lazyfs.trace.format import Trace, TraceRecorder
 
@@ -91,6 +93,8 @@ class DaemonOptions:
     registry: RegistrySettings = RegistrySettings()
     startup: dict | None = None
     ready_fd: int | None = None  # gets one JSON line: {"ready": true} or {"error": ..., "usage": ...}
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # a read waits this long for chunks, then EIO
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # connect/read silence, per request and per MiB
     policies: tuple[str, ...] = DEFAULT_POLICIES  # fetch policies (lazyfs.fetch.policies)
     recording: RecordingPolicy = field(default_factory=RecordingPolicy)  # automatic trace recording
     # The FUSE mount honours setuid bits and device nodes only for a trusted daemon; stacked
@@ -165,7 +169,11 @@ class Daemon:
         self.cache = ChunkCache(self.options.cache_dir, self.options.cache_size)
         self.fetch_stats = FetchStats()
         self.fetch_log = FetchEventLog()
-        self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe)
+        # A chunk is retried for as long as a read may wait for it (backoff up to 4 s, jittered).
+        retry = ChunkRetryPolicy(attempts=64, initial_delay=0.1, factor=2.0, max_delay=4.0, jitter=0.25,
+                                 give_up_after=self.options.read_timeout)
+        self.fetcher = ChunkFetcher(self.cache, stats=self.fetch_stats, on_fetch=self.fetch_log.observe,
+                                    retry=retry, read_timeout=self.options.read_timeout)
         self.operations = LazyOperations(self.fs, on_read=self._on_read, on_use=self._on_use)
         self.background = BackgroundFill(self.fetcher)
         self.policies = PolicySet(self.fetcher, self.options.policies)
@@ -191,13 +199,16 @@ class Daemon:
 
     async def run(self) -> None:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        timeout = httpx.Timeout(30.0, connect=10.0)
+        seconds = self.options.request_timeout
+        timeout = httpx.Timeout(seconds, connect=min(seconds, 10.0))
         async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True) as http, \
-                make_http_client(max_connections=64) as registry_http:
+                make_http_client(timeout=seconds, max_connections=64) as registry_http:
             self.http = http
             self.attach_context = attach_kinds.AttachContext(
                 fetcher=self.fetcher, cache=self.cache, http=http, registry_http=registry_http,
                 registry=self.options.registry, background=self.background, learned=self.learned,
+                retry=RetryPolicy(attempt_timeout=seconds),
+                chunk_retry=replace(attach_kinds.CHUNK_RETRY, attempt_timeout=seconds),
                 policies=self.policies)
             try:
                 async with trio.open_nursery() as nursery:
@@ -331,7 +342,7 @@ class Daemon:
                 image["ref"], layer=image.get("layer"), platform=image.get("platform"),
                 store_options=self.options.registry.store_options(), trace=image.get("trace"),
                 prefetch=image.get("prefetch", True), learn=image.get("learn", "pull"),
-                http=self.attach_context.registry_http)
+                http=self.attach_context.registry_http, retry=self.attach_context.retry)
         except ImageSpecError as e:
             raise StartupError(str(e), usage=True) from e
         for request in requests:
@@ -642,6 +653,7 @@ class Daemon:
 
     def stats(self) -> dict:
         fetch = self.fetch_stats.snapshot()
+        fetch["pending"] = self.fetcher.pending_count()  # queued, in backoff or in flight
         prefetch_queued = fetch["queued"].get("prefetch", 0)
         prefetch_done = fetch["done"].get("prefetch", 0) + fetch["already_cached"].get("prefetch", 0)
         return {
@@ -790,6 +802,8 @@ def prometheus_text(stats: dict) -> str:
     metric("fetch_inflight", "gauge", fetch["inflight"], "Range requests in flight.")
     metric("fetch_failed_chunks_total", "counter", fetch["failed_chunks"], "Chunks that failed after retries.")
     metric("fetch_retries_total", "counter", fetch["retries"], "Retried chunk fetches.")
+    metric("fetch_read_timeouts_total", "counter", fetch["read_timeouts"],
+           "Reads that failed at the read bound while their chunks were still being fetched.")
     metric("cache_bytes", "gauge", cache["bytes"], "Bytes in the chunk cache.")
     metric("cache_entries", "gauge", cache["entries"], "Chunks in the chunk cache.")
     for q, value in fetch.get("latency", {}).items():
@@ -958,6 +972,7 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
                         help="containerd hosts.toml directory naming registry mirrors (\"\": none)")
     parser.add_argument("--registry-auth", type=Path, default=None, help="Docker config.json with credentials")
     parser.add_argument("--startup", type=Path, default=None, help="JSON startup spec (image or attach list, stacked mount)")
+    add_timeout_arguments(parser, with_defaults=True)
     parser.add_argument("--serve", choices=SERVE_MODES, default="fuse",
                         help="fuse: layers are directories of the FUSE mount; kernel: the kernel's EROFS "
                              "serves each layer over a loop device of its chunk device (a FUSE file)")
@@ -994,7 +1009,8 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
         startup=startup, ready_fd=args.ready_fd,
         recording=RecordingPolicy(quiet=args.record_quiet, max_duration=args.record_max_seconds,
                                   max_bytes=args.record_max_bytes),
-        allow_suid_dev=args.allow_suid_dev,
+        allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
+        request_timeout=args.request_timeout,
         serve=args.serve, layers_dir=args.layers_dir, loop_direct_io=args.loop_direct_io == "on",
         policies=tuple(args.policy))
 

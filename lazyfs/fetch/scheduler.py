@@ -120,13 +120,19 @@ class ShortRead(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff: failure n (1-based) waits initial_delay * factor**(n-1), capped."""
+    """Exponential backoff: failure n (1-based) waits initial_delay * factor**(n-1), capped.
+
+    A chunk fails for good after ``attempts`` attempts or, with ``give_up_after``, once that
+    many seconds have passed since its first failure (the daemon sets it to its read bound, so
+    that a chunk is retried for as long as a read may wait for it: an outage shorter than the
+    bound delays the read instead of failing it)."""
 
     attempts: int = 4
     initial_delay: float = 0.1
     factor: float = 2.0
     max_delay: float = 5.0
     jitter: float = 0.0  # fraction of the delay added at random, to de-synchronise clients
+    give_up_after: float | None = None
 
     def delay(self, failures: int) -> float:
         base = min(self.max_delay, self.initial_delay * self.factor ** (failures - 1))
@@ -154,6 +160,7 @@ class _Pending:
     error: FetchError | None = None
     cause: BaseException | None = None
     failures: int = 0
+    first_failure: float | None = None  # trio clock
     waiters: int = 0
     request: _Request | None = None  # while FETCHING
 
@@ -211,6 +218,7 @@ class FetchStats:
         self.source_errors = 0
         self.verify_failures = 0
         self.failed_chunks = 0
+        self.read_timeouts = 0  # reads that gave up waiting (ChunkFetcher.read_timeout)
         self.cache_put_errors = 0
         self.promotions = 0
         self.queued = {p: 0 for p in Priority}
@@ -246,6 +254,7 @@ class FetchStats:
             "source_errors": self.source_errors,
             "verify_failures": self.verify_failures,
             "failed_chunks": self.failed_chunks,
+            "read_timeouts": self.read_timeouts,
             "cache_put_errors": self.cache_put_errors,
             "promotions": self.promotions,
             "queued": {names[p]: n for p, n in self.queued.items()},
@@ -298,6 +307,7 @@ class ChunkFetcher:
         offload_threshold: int = 256 << 10,
         cpu_threads: int = 2,
         index_save_interval: float = 60.0,
+        read_timeout: float | None = None,
     ):
         if per_host_concurrency < 1:
             raise ValueError("per_host_concurrency must be at least 1")
@@ -320,6 +330,9 @@ class ChunkFetcher:
         self.observers: list[FetchObserver] = [on_fetch] if on_fetch is not None else []
         self.offload_threshold = offload_threshold
         self.index_save_interval = index_save_interval
+        # How long get() waits for fetched chunks before it fails (FetchError) instead; the
+        # fetch itself goes on (as a prefetch), so a later read may find the chunk cached.
+        self.read_timeout = read_timeout
         self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
         self._pending: dict[Hashable, _Pending] = {}
         self._hosts: dict[str, _Host] = {}
@@ -402,15 +415,21 @@ class ChunkFetcher:
                         self.stats.hits += 1
                         results[i] = data
                 self._dispatch()
-            while waiting:
-                i, pending = waiting[0]
-                await pending.done.wait()
-                waiting.pop(0)
-                pending.waiters -= 1
-                if pending.error is not None:
-                    err = pending.error
-                    raise FetchError(err.source_name, err.ref, err.attempts, err.reason) from pending.cause
-                results[i] = pending.result
+            with trio.move_on_after(self.read_timeout if self.read_timeout is not None else math.inf):
+                while waiting:
+                    i, pending = waiting[0]
+                    await pending.done.wait()
+                    waiting.pop(0)
+                    pending.waiters -= 1
+                    if pending.error is not None:
+                        err = pending.error
+                        raise FetchError(err.source_name, err.ref, err.attempts, err.reason) from pending.cause
+                    results[i] = pending.result
+            if waiting:
+                self.stats.read_timeouts += 1
+                _, late = waiting[0]
+                raise FetchError(late.source.name, late.ref, late.failures,
+                                 f"not fetched within the {self.read_timeout:g}s read bound")
         finally:
             for _, pending in waiting:  # left early: cancelled, or another chunk failed
                 pending.waiters -= 1
@@ -622,7 +641,13 @@ class ChunkFetcher:
     def _failed(self, pending: _Pending, cause: BaseException, reason: str) -> float | None:
         """Count a failed attempt; returns the backoff delay, or None if the chunk failed for good."""
         pending.failures += 1
-        if pending.failures >= self.retry.attempts or self._closing or _is_permanent(cause):
+        now = trio.current_time()
+        if pending.first_failure is None:
+            pending.first_failure = now
+        delay = self.retry.delay(pending.failures)
+        limit = self.retry.give_up_after
+        out_of_time = limit is not None and now + delay - pending.first_failure > limit
+        if pending.failures >= self.retry.attempts or out_of_time or self._closing or _is_permanent(cause):
             log.warning("giving up on chunk at %d+%d of %s after %d attempt(s): %s",
                         pending.ref.offset, pending.ref.stored_length, pending.source.name,
                         pending.failures, reason)
@@ -631,7 +656,6 @@ class ChunkFetcher:
             return None
         self.stats.retries += 1
         pending.state = _State.BACKOFF
-        delay = self.retry.delay(pending.failures)
         log.info("chunk at %d+%d of %s: attempt %d failed (%s); retrying in %.3fs",
                  pending.ref.offset, pending.ref.stored_length, pending.source.name,
                  pending.failures, reason, delay)

@@ -20,6 +20,7 @@ import httpx
 import trio
 
 from lazyfs.registry import ImageStore
+from lazyfs.registry.retry import StreamProgress, TransientFailure
 
 
 class SourceError(Exception):
@@ -85,12 +86,15 @@ class HttpBlobSource:
     Redirects are followed (a plain URL may point at object storage). A 206 must carry
     the requested Content-Range. A server that ignores Range and answers
     200 with the whole blob is tolerated: the body is streamed, the bytes before ``offset``
-    are discarded and the connection is closed once the range has been read.
+    are discarded and the connection is closed once the range has been read. A body must
+    keep arriving (``progress_timeout`` seconds per MiB at most, as registry reads), so a
+    server that drips bytes does not hold a fetch slot for ever.
     """
 
-    def __init__(self, url: str, client: httpx.AsyncClient):
+    def __init__(self, url: str, client: httpx.AsyncClient, progress_timeout: float | None = None):
         self.url = url
         self.client = client
+        self.progress_timeout = progress_timeout
         self.name = f"url {url}"
         self.host = urlsplit(url).netloc
 
@@ -118,7 +122,9 @@ class HttpBlobSource:
                                       f"HTTP {response.status_code} for a range request",
                                       status=response.status_code)
                 have = 0
+                progress = StreamProgress(self.progress_timeout)
                 async for block in response.aiter_raw():
+                    progress.arrived(len(block))
                     if skip:
                         if len(block) <= skip:
                             skip -= len(block)
@@ -134,6 +140,8 @@ class HttpBlobSource:
                     raise SourceError(self.name, offset, length, f"body ended after {have} of {length} bytes")
         except httpx.HTTPError as e:
             raise SourceError(self.name, offset, length, f"{type(e).__name__}: {e}") from e
+        except TransientFailure as e:
+            raise SourceError(self.name, offset, length, e.reason) from None
 
     def _check_content_range(self, response: httpx.Response, offset: int, length: int) -> None:
         header = response.headers.get("content-range", "")

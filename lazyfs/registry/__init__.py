@@ -25,7 +25,7 @@ from .manifest import Descriptor, Manifest, Platform
 from .ocilayout import OCILayoutStore
 from .reference import LayoutReference, Reference, parse_any_reference, parse_layout_reference, parse_reference
 from .retry import RetryPolicy
-from .store import ImageStore
+from .store import ImageStore, RangeCheck, sha256_check
 
 
 def open_store(
@@ -64,6 +64,6 @@ __all__ = [
     "AuthenticationError", "Authenticator", "BlobNotFound", "CredentialStore", "Credentials", "DEFAULT_HOSTS_DIR",
     "Descriptor", "DigestMismatch", "HostsConfigError", "RegistryHost", "registry_hosts", "ImageStore", "InvalidReference", "LayoutReference", "Manifest", "ManifestNotFound",
     "NoMatchingPlatform", "OCILayoutStore", "Platform", "Reference", "RegistryClient", "RegistryError",
-    "RetryPolicy", "Secret", "is_insecure_registry", "make_http_client", "open_store", "parse_any_reference",
-    "parse_layout_reference", "parse_reference",
+    "RangeCheck", "RetryPolicy", "Secret", "is_insecure_registry", "make_http_client", "open_store", "parse_any_reference",
+    "parse_layout_reference", "parse_reference", "sha256_check",
 ]

@@ -20,7 +20,7 @@ from .store import BlobSource
 
 async def fetch_config(store, manifest: Manifest) -> dict:
     descriptor = manifest.config
-    data = await store.get_blob(descriptor.digest, max_size=MAX_MANIFEST_SIZE)
+    data = await fetch_blob_verified(store, descriptor.digest, MAX_MANIFEST_SIZE, what="image config")
     try:
         config = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -30,8 +30,9 @@ async def fetch_config(store, manifest: Manifest) -> dict:
     return config
 
 
-async def fetch_blob_verified(store, digest: str, max_size: int) -> bytes:
-    """Collect iter_blob into memory, retrying the whole transfer when the digest is wrong."""
+async def fetch_blob_verified(store, digest: str, max_size: int, what: str = "blob") -> bytes:
+    """Collect iter_blob into memory, retrying the whole transfer when the digest is wrong.
+    `what` names the blob in the final error ("image config")."""
 
     async def attempt() -> bytes:
         buffer = bytearray()
@@ -45,7 +46,7 @@ async def fetch_blob_verified(store, digest: str, max_size: int) -> bytes:
             raise TransientFailure(e.message, kind=DigestMismatch) from None
         return bytes(buffer)
 
-    return await run_with_retries(store.retry, attempt, what=f"GET blob {digest}",
+    return await run_with_retries(store.retry, attempt, what=f"GET {what} {digest}",
                                   error_factory=_store_error_factory(store, digest))
 
 

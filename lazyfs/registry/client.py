@@ -4,7 +4,9 @@ Every operation is a series of attempts run by the RetryPolicy: connection error
 short or corrupt bodies, 429 and 5xx are retried with backoff (honouring Retry-After); 404
 raises BlobNotFound/ManifestNotFound at once; anything else raises RegistryError. Bytes are
 only returned after verification: manifests fetched by digest and whole blobs against their
-sha256, ranged reads against the Content-Range we asked for and the caller's own check.
+sha256, ranged reads against the Content-Range we asked for and the caller's own check
+(`verify`, e.g. sha256_check). No request waits without bound: its answer (headers) within the
+policy's attempt_timeout, then its body at least 1 MiB per attempt_timeout.
 
 Blob GETs follow redirects (to a CDN, say) without sending our registry credentials there,
 and remember the final URL per blob: later reads of that blob go straight to it until it
@@ -17,6 +19,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -24,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
+import anyio
 import httpx
 
 from .auth import Authenticator
@@ -36,7 +40,9 @@ from .manifest import (
     sha256_digest,
 )
 from .reference import Reference, is_digest, validate_digest, validate_tag_or_digest
-from .retry import Retrier, RetryPolicy, TransientFailure, parse_retry_after, run_with_retries
+from .retry import (
+    Retrier, RetryPolicy, StreamProgress, TransientFailure, parse_retry_after, run_with_retries,
+)
 from .blobio import download_blob_atomically, fetch_blob_verified, fetch_config, measure_source, read_source
 from .store import BlobSource, RangeCheck
 
@@ -48,6 +54,7 @@ DEFAULT_MONOLITHIC_LIMIT = 16 * 1024 * 1024
 DEFAULT_UPLOAD_CHUNK_SIZE = 8 * 1024 * 1024
 _MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CHECK_ON_LOOP_MAX = 1 << 20
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -160,7 +167,8 @@ class RegistryClient:
                                                   headers={"Accept": MANIFEST_ACCEPT})
             try:
                 await self._check(response, (200,), f"GET manifest {target}", target, ManifestNotFound)
-                data = await _read_capped(response, MAX_MANIFEST_SIZE, f"manifest {target}")
+                data = await _read_capped(response, MAX_MANIFEST_SIZE, f"manifest {target}",
+                                          self.retry.attempt_timeout)
             finally:
                 await response.aclose()
             digest = sha256_digest(data)
@@ -274,6 +282,7 @@ class RegistryClient:
             try:
                 headers = {"Range": f"bytes={received}-"} if received else {}
                 response = await self._open_blob(digest, headers)
+                progress = StreamProgress(self.retry.attempt_timeout)
                 try:
                     if received and response.status_code == 416:
                         break  # the failure came after the last byte: nothing left to resume
@@ -289,6 +298,7 @@ class RegistryClient:
                             chunk, skip = chunk[cut:], skip - cut
                             if not chunk:
                                 continue
+                        progress.arrived(len(chunk))  # too slow: this piece is fetched again
                         hasher.update(chunk)
                         received += len(chunk)
                         yield chunk
@@ -309,7 +319,8 @@ class RegistryClient:
     async def download_blob(self, digest: str, path: os.PathLike[str] | str) -> int:
         return await download_blob_atomically(self, digest, Path(path))
 
-    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None) -> bytes:
+    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None,
+                         what: str | None = None, retry: RetryPolicy | None = None) -> bytes:
         validate_digest(digest)
         if offset < 0 or length < 0:
             raise ValueError(f"invalid range offset={offset} length={length}")
@@ -318,12 +329,15 @@ class RegistryClient:
         last = offset + length - 1
         kept = self._unasked.get(digest, offset, length)
         if kept is not None:
-            if verify is None or verify(kept):
+            if verify is None or await _passes(verify, kept):
                 return kept
             self._unasked.drop(digest)
 
+        policy = retry or self.retry
+
         async def attempt() -> bytes:
             response = await self._open_blob(digest, {"Range": f"bytes={offset}-{last}"})
+            progress = StreamProgress(policy.attempt_timeout)
             try:
                 if response.status_code == 416:
                     raise RegistryError(f"range {offset}-{last} is beyond the end of the blob", status=416,
@@ -331,13 +345,13 @@ class RegistryClient:
                                         repository=self.reference.repository, digest=digest)
                 await self._check(response, (200, 206), f"GET blob {digest} range {offset}-{last}", digest, BlobNotFound)
                 if response.status_code == 206:
-                    data = await _read_partial_content(response, offset, last)
+                    data = await _read_partial_content(response, offset, last, progress)
                 else:
                     # A 200 carries the whole blob (a pull-through cache that has not cached
                     # it yet answers so): the bytes before ours came too; keep them.
                     spool = self._unasked.spool()
                     try:
-                        data, received = await _read_full_body_head(response, offset, length, spool)
+                        data, received = await _read_full_body_head(response, offset, length, spool, progress)
                     except BaseException:
                         spool.close()
                         raise
@@ -350,14 +364,15 @@ class RegistryClient:
                 raise
             finally:
                 await response.aclose()
-            if verify is not None and not verify(data):
+            if verify is not None and not await _passes(verify, data):
                 self._unasked.drop(digest)
                 self._blame(response)
                 raise TransientFailure(f"bytes {offset}-{last} failed verification", kind=DigestMismatch)
             return data
 
-        return await run_with_retries(self.retry, attempt, what=f"GET blob {digest} range {offset}-{last}",
-                                      error_factory=self._error_factory(digest))
+        label = f"GET blob {digest} range {offset}-{last}" if what is None else f"{what} (bytes {offset}-{last})"
+        # Streamed: a long range may take long; it must keep arriving (see StreamProgress).
+        return await run_with_retries(policy, attempt, what=label, error_factory=self._error_factory(digest))
 
     async def iter_range(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
         """The bytes of a range as they arrive, exactly `length` of them (or a RegistryError).
@@ -388,7 +403,9 @@ class RegistryClient:
                             raise TransientFailure(f"asked for bytes {position}-{last}, got {start}-{end}")
                     else:  # a 200 carries the whole blob
                         skip = position
+                    progress = StreamProgress(self.retry.attempt_timeout)
                     async for piece in response.aiter_bytes():
+                        progress.arrived(len(piece))
                         if skip:
                             cut = min(skip, len(piece))
                             piece, skip = piece[cut:], skip - cut
@@ -584,10 +601,14 @@ class RegistryClient:
     ) -> httpx.Response:
         http = http or self._http
         request = http.build_request(method, url, headers=headers, content=content)
+        seconds = self.retry.attempt_timeout
         try:
-            return await http.send(request, stream=stream, follow_redirects=False)
+            # Bounded as a whole: a server that drips its headers is not held by a read timeout.
+            with anyio.move_on_after(seconds if seconds is not None else math.inf):
+                return await http.send(request, stream=stream, follow_redirects=False)
         except httpx.TransportError as e:
             raise TransientFailure(f"{method} {request.url.path}: {_describe_transport_error(e)}") from None
+        raise TransientFailure(f"{method} {request.url.path}: no answer within {seconds:g}s")
 
     async def _open_blob(self, digest: str, headers: dict[str, str]) -> httpx.Response:
         """A streaming GET of a blob, through the remembered redirect target if there is one."""
@@ -651,16 +672,25 @@ class RegistryClient:
         return make
 
 
-async def _read_capped(response: httpx.Response, cap: int, what: str) -> bytes:
+async def _read_capped(response: httpx.Response, cap: int, what: str, seconds: float | None = None) -> bytes:
     buffer = bytearray()
+    progress = StreamProgress(seconds)
     try:
         async for chunk in response.aiter_bytes():
+            progress.arrived(len(chunk))
             buffer += chunk
             if len(buffer) > cap:
                 raise RegistryError(f"{what} is larger than {cap} bytes")
     except httpx.TransportError as e:
         raise TransientFailure(_describe_transport_error(e)) from None
     return bytes(buffer)
+
+
+async def _passes(verify: RangeCheck, data: bytes) -> bool:
+    """The caller's check; hashing megabytes (a layer's metadata) runs in a worker thread."""
+    if len(data) < _CHECK_ON_LOOP_MAX:
+        return verify(data)
+    return await anyio.to_thread.run_sync(verify, data)
 
 
 def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
@@ -672,7 +702,7 @@ def _content_range(response: httpx.Response) -> tuple[int, int, int | None]:
     return int(m.group(1)), int(m.group(2)), total
 
 
-async def _read_partial_content(response: httpx.Response, offset: int, last: int) -> bytes:
+async def _read_partial_content(response: httpx.Response, offset: int, last: int, progress: StreamProgress) -> bytes:
     """The body of a 206: it must start at `offset`; it may end early only at the blob's end."""
     start, end, total = _content_range(response)
     if start != offset or end > last or end < start:
@@ -689,6 +719,7 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
     # Read to the end of the body (normally exactly `wanted` bytes) so the connection goes back
     # to the pool; stop early only if the server sends more than it promised.
     async for chunk in response.aiter_bytes():
+        progress.arrived(len(chunk))
         fits = min(len(chunk), wanted - received)
         view[received:received + fits] = chunk[:fits] if fits < len(chunk) else chunk
         received += len(chunk)
@@ -706,7 +737,8 @@ async def _read_partial_content(response: httpx.Response, offset: int, last: int
 READ_ON_TO_END = 8 << 20
 
 
-async def _read_full_body_head(response: httpx.Response, offset: int, length: int, spool) -> tuple[bytes, int]:
+async def _read_full_body_head(response: httpx.Response, offset: int, length: int, spool,
+                               progress: StreamProgress) -> tuple[bytes, int]:
     """A 200 to a ranged request carries the whole blob: (the `length` bytes at `offset`
     (fewer at the blob's end), how many bytes of the body were read). Every byte read also goes
     to `spool` (a file), not to memory. Reading stops at the end of the range (the caller
@@ -723,6 +755,7 @@ async def _read_full_body_head(response: httpx.Response, offset: int, length: in
     position = 0
     buffer = bytearray()
     async for chunk in response.aiter_bytes():
+        progress.arrived(len(chunk))
         spool.write(chunk)  # page-cache writes of one body piece at a time
         chunk_end = position + len(chunk)
         if chunk_end > offset and len(buffer) < wanted:

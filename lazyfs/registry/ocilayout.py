@@ -162,7 +162,9 @@ class OCILayoutStore:
     async def download_blob(self, digest: str, path: os.PathLike[str] | str) -> int:
         return await download_blob_atomically(self, digest, Path(path))
 
-    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None) -> bytes:
+    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None,
+                         what: str | None = None, retry: RetryPolicy | None = None) -> bytes:
+        # A local file is read once (`retry` is for network stores): wrong bytes here are on disk.
         if offset < 0 or length < 0:
             raise ValueError(f"invalid range offset={offset} length={length}")
         path = self.blob_path(digest)
@@ -177,7 +179,7 @@ class OCILayoutStore:
         except FileNotFoundError:
             raise BlobNotFound("blob not in the layout", repository=self.name, digest=digest) from None
         if verify is not None and length and not verify(data):
-            raise DigestMismatch(f"bytes {offset}-{offset + length - 1} failed verification",
+            raise DigestMismatch(f"{what or 'blob'}: bytes {offset}-{offset + length - 1} failed verification",
                                  repository=self.name, digest=digest)
         return data
 

@@ -20,23 +20,34 @@ from .errors import RegistryError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A streamed blob fails its attempt when this many bytes take longer than attempt_timeout.
+STREAM_PROGRESS_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """`attempts` tries in all; waits grow base_delay * 2**n capped at max_delay, each scaled by a
     random factor in [0.5, 1]; a Retry-After from the server is waited at least (if it fits the
-    deadline). No new attempt starts after `deadline` seconds from the first (None: no limit)."""
+    deadline). No new attempt starts after `deadline` seconds from the first (None: no limit).
+
+    `attempt_timeout` bounds each request's wait for its answer (the headers; the whole answer
+    when it has no body to stream) and then each STREAM_PROGRESS_BYTES of its body (or its end)
+    when it is streamed (`StreamProgress`): a server that never answers or drips a byte a
+    second fails the attempt, which is retried (with mirrors, from the next host)."""
 
     attempts: int = 5
     base_delay: float = 0.25
     max_delay: float = 10.0
     deadline: float | None = 120.0
+    attempt_timeout: float | None = 60.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         if self.base_delay < 0 or self.max_delay < 0:
             raise ValueError("RetryPolicy delays must not be negative")
+        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
+            raise ValueError("RetryPolicy.attempt_timeout must be positive")
 
     def backoff(self, failures: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
         """Seconds to wait after the `failures`-th consecutive failure (1-based)."""
@@ -58,6 +69,27 @@ class TransientFailure(Exception):
         self.retry_after = retry_after
         # The RegistryError subclass to raise if this is the last failure (e.g. DigestMismatch).
         self.kind = kind
+
+
+class StreamProgress:
+    """Fails a streamed body (TransientFailure) that takes longer than `seconds` for each
+    STREAM_PROGRESS_BYTES: a server that drips bytes holds no stream for ever. Checked as
+    pieces arrive; a body with no bytes at all is ended by the client's read timeout."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.window_start = anyio.current_time()
+        self.window_bytes = 0
+
+    def arrived(self, nbytes: int) -> None:
+        if self.seconds is None:
+            return
+        self.window_bytes += nbytes
+        now = anyio.current_time()
+        if self.window_bytes >= STREAM_PROGRESS_BYTES:
+            self.window_start, self.window_bytes = now, 0
+        elif now - self.window_start > self.seconds:
+            raise TransientFailure(f"too slow: {self.window_bytes} bytes in {now - self.window_start:.0f}s")
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -3,17 +3,24 @@ local OCI image layout (OCILayoutStore). Code above this package uses only these
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
 from .manifest import Descriptor, Manifest, Platform
+from .retry import RetryPolicy
 
 BlobSource = bytes | os.PathLike[str] | str
 """What push_blob accepts: the bytes, or the path of a file holding them."""
 
 RangeCheck = Callable[[bytes], bool]
 """A caller's verification of ranged bytes (e.g. a chunk digest); False means corrupt: refetch."""
+
+
+def sha256_check(expected: bytes) -> RangeCheck:
+    """A RangeCheck for bytes whose sha256 is known (a layer's metadata, its chunk table)."""
+    return lambda data: hashlib.sha256(data).digest() == expected
 
 
 @runtime_checkable
@@ -50,9 +57,12 @@ class ImageStore(Protocol):
     async def download_blob(self, digest: str, path: os.PathLike[str] | str) -> int:
         """Stream a blob into `path` atomically (temp + rename after verification); its size."""
 
-    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None) -> bytes:
+    async def read_range(self, digest: str, offset: int, length: int, *, verify: RangeCheck | None = None,
+                         what: str | None = None, retry: RetryPolicy | None = None) -> bytes:
         """Exactly `length` bytes of a blob from `offset` (fewer only at the blob's end).
-        `verify` lets the caller reject corrupt bytes, which are then fetched again."""
+        `verify` lets the caller reject corrupt bytes, which are then fetched again; `what`
+        names the bytes in the final error ("layer metadata"); `retry` replaces the store's
+        policy for this read (the chunk fetcher, which retries itself, asks for fewer attempts)."""
 
     async def blob_size(self, digest: str) -> int | None:
         """The blob's size, or None when the store does not have it."""
