@@ -13,14 +13,12 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
-import time
 
 import pytest
 
 from lazyfs.daemon.control import ControlError, request
 from tests.fixtures.common import require_root, require_tool
+from tests.fixtures.lazymount import start_shared_daemon
 from tests.t1_hostile_layer import (
     GOOD, assemble, dirent_pos, good_entries, patched_meta, raw_sections, short_twin_table, table_with, zeros_frame,
 )
@@ -41,24 +39,12 @@ def daemon(tmp_path):
     require_root()
     require_tool("fusermount3")
     socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--socket", str(socket),
-                             "--fuse-dir", str(fuse), "--cache-dir", str(tmp_path / "cache")],
-                            stdout=log, stderr=log)
+    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log")
     try:
-        for _ in range(300):  # bounded wait for the control socket
-            try:
-                if request(str(socket), "ping", timeout=1.0)["ready"]:
-                    break
-            except ControlError:
-                pass
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.05)
         yield socket, fuse, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        log.close()
 
 
 def crafted_layers() -> dict[str, tuple[bytes, dict[str, str]]]:

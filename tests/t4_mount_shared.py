@@ -10,16 +10,14 @@ import os
 import random
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
-from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.control import request
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.images import build_image, directory, file, whiteout
 from tests.fixtures.lazyimage import convert_image, push_to_registry
-from tests.fixtures.lazymount import lazyfs_cli
+from tests.fixtures.lazymount import lazyfs_cli, start_shared_daemon
 
 rng = random.Random(11)
 BIG = rng.randbytes(700_000)
@@ -41,24 +39,12 @@ def images(registry):
 @pytest.fixture
 def shared_daemon(tmp_path):
     socket = tmp_path / "daemon.sock"
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--socket", str(socket),
-                             "--fuse-dir", str(tmp_path / "fuse"), "--cache-dir", str(tmp_path / "cache")],
-                            stdout=log, stderr=log)
+    proc = start_shared_daemon(socket, tmp_path / "fuse", tmp_path / "cache", tmp_path / "daemon.log")
     try:
-        for _ in range(300):
-            try:
-                if request(str(socket), "ping", timeout=1.0)["ready"]:
-                    break
-            except ControlError:
-                pass
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.05)
         yield socket, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-        log.close()
 
 
 def _mount(socket, image, mnt, run_dir, *extra, check=True):

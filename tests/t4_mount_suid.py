@@ -14,19 +14,16 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from lazyfs.daemon.control import ControlError, request
 from lazyfs.serve.mounts import mounted_paths
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.images import build_image, device, directory, file
 from tests.fixtures.lazyimage import convert_image, push_to_registry
-from tests.fixtures.lazymount import lazy_mount, lazyfs_cli
+from tests.fixtures.lazymount import lazy_mount, lazyfs_cli, start_shared_daemon
 from tests.t4_mount_image import open_store_digests
 
 ID_BINARY = Path(shutil.which("id") or "/usr/bin/id")
@@ -120,19 +117,8 @@ def test_shared_daemon_is_nosuid_and_image_mounts_opt_in_one_by_one(suid_image, 
     who reaches it gets nothing), and one image mount may still opt in while another does not."""
     require_tool("fusermount3")
     socket, fuse_dir = tmp_path / "daemon.sock", public_dir / "fuse"
-    with open(tmp_path / "daemon.log", "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--socket", str(socket),
-                                   "--fuse-dir", str(fuse_dir), "--cache-dir", str(tmp_path / "cache")],
-                                  stdout=log, stderr=log)
+    daemon = start_shared_daemon(socket, fuse_dir, tmp_path / "cache", tmp_path / "daemon.log")
     try:
-        for _ in range(300):  # bounded wait for the control socket
-            try:
-                if request(str(socket), "ping", timeout=1.0)["ready"]:
-                    break
-            except ControlError:
-                pass
-            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
-            time.sleep(0.05)
         plain, trusted, trusted_bind = public_dir / "plain", public_dir / "trusted", public_dir / "trusted-bind"
         host, _, repo = suid_image.partition("/")
         bottom = open_store_digests(host, repo)[0]

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from lazyfs.cliopts import add_registry_arguments, load_with_registry
 from lazyfs.config import ConfigError
-from lazyfs.image.convert import ConvertError, ConvertOptions, convert_image
+from lazyfs.image.convert import ConvertError, ConvertOptions, convert_image, first_leaf
 from lazyfs.layer.errors import LayerFormatError
 from lazyfs.layer.format import DEFAULT_CHUNK_SIZE, DEFAULT_INLINE_THRESHOLD, check_chunk_size
 from lazyfs.registry import InvalidReference, Platform, RegistryError, open_store, parse_any_reference
@@ -193,14 +193,4 @@ def _unwrap(fn, *args):
     try:
         return fn(*args)
     except BaseExceptionGroup as group:
-        leaves: list[BaseException] = []
-
-        def walk(e: BaseException) -> None:
-            if isinstance(e, BaseExceptionGroup):
-                for inner in e.exceptions:
-                    walk(inner)
-            else:
-                leaves.append(e)
-
-        walk(group)
-        raise next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0]) from None
+        raise first_leaf(group) from None

@@ -163,7 +163,7 @@ class _Converter:
                 for i in range(len(layers)):
                     nursery.start_soon(one, i)
         except BaseExceptionGroup as group:
-            raise _first_leaf(group) from None
+            raise first_leaf(group) from None
 
         new_diff_ids = []
         for outcome, diff_id in zip(outcomes, diff_ids):
@@ -275,7 +275,7 @@ class _Converter:
             self.progress.layer_finished(desc.digest)
 
 
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+def first_leaf(group: BaseExceptionGroup) -> BaseException:
     """The first real error of a nursery's group (callers expect our error types, not a group)."""
     leaves = []
 
