@@ -18,6 +18,7 @@ from lazyfs.serve.mounts import is_mounted
 from tests.fixtures.common import require_root
 from tests.fixtures.erofs_trees import make_plain_image
 from tests.fixtures.registry import free_port
+from tests.fixtures.lazymount import stop_daemon
 
 
 @pytest.fixture
@@ -43,15 +44,7 @@ def daemon(tmp_path):
             time.sleep(0.05)
         yield proc, fuse_dir, sock, image, port
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if is_mounted(fuse_dir):
-            subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], check=False)
+        stop_daemon(proc, fuse_dir)
 
 
 def test_control_protocol(daemon):

@@ -29,7 +29,7 @@ from tests.fixtures.erofs_images import ChunkDevice
 from tests.fixtures.erofs_trees import make_plain_image
 from tests.fixtures.images import build_image, directory, file, hardlink, opaque, whiteout
 from tests.fixtures.lazyimage import convert_image, push_to_store
-from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli
+from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli, stop_daemon
 
 
 def loops_under(path: Path) -> dict[str, str]:
@@ -125,18 +125,6 @@ def start_kernel_daemon(tmp_path: Path, log: Path) -> subprocess.Popen:
             pass
         assert time.monotonic() < deadline, "daemon did not become ready"
         time.sleep(0.05)
-
-
-def stop_daemon(proc: subprocess.Popen, fuse_dir: Path) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if is_mounted(fuse_dir):
-        subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], check=False)
 
 
 @pytest.fixture

@@ -28,9 +28,10 @@ from snapshotter.daemon_client import stop_daemon
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
 from tests.fixtures.containerd import unmount_below
-from tests.fixtures.images import build_image, device, directory, file, push_image, whiteout
+from tests.fixtures.images import build_image, device, directory, file, whiteout
 from tests.fixtures.images import busybox_layer as busybox_layer_with
 from tests.fixtures.lazyimage import convert_with_cli, layer_sizes
+from tests.fixtures.lazyimage import push_to_registry_async as push
 
 SNAPSHOTTER = "lazyfs"
 START_TIMEOUT = 20.0
@@ -112,16 +113,6 @@ def busybox_layer() -> list:
     return busybox_layer_with(("sh", "cat", "ls", "sleep", "dd", "sha256sum", "su"),
                               dirs=("etc", "proc", "sys", "dev", "tmp")) + [
         file("etc/gone", b"removed by the next layer\n")]
-
-
-async def push(registry, repo: str, image) -> str:
-    ref = f"{registry.host}/{repo}:v1"
-    store = open_store(ref, insecure_registries=[registry.host])
-    try:
-        await push_image(store, image, tag="v1")
-    finally:
-        await store.aclose()
-    return ref
 
 
 def mounts_below(path: Path) -> list[str]:

@@ -24,14 +24,14 @@ import pytest
 import trio
 
 from lazyfs.bench.system import Snapshotter
-from lazyfs.registry import open_store
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
 from tests.cri.client import CriClient, api_pb2
 from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.containerd import CriContainerd, pause_image
-from tests.fixtures.images import build_image, busybox_layer, file, push_image
+from tests.fixtures.images import build_image, busybox_layer, file
 from tests.fixtures.lazyimage import convert_with_cli, layer_sizes
+from tests.fixtures.lazyimage import push_to_registry_async as push
 
 SNAPSHOTTER = "lazyfs"
 DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
@@ -61,16 +61,6 @@ class Node:
 
     def attached_layers(self) -> set[str]:
         return {layer["name"] for layer in self.snapshotter.daemon_request("list")["layers"]}
-
-
-async def push(registry, repo: str, image) -> str:
-    ref = f"{registry.host}/{repo}:v1"
-    store = open_store(ref, insecure_registries=[registry.host])
-    try:
-        await push_image(store, image, tag="v1")
-    finally:
-        await store.aclose()
-    return ref
 
 
 @pytest.fixture(scope="module")
