@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-BUILTIN_NAMES = ("none", "readahead", "trace", "background", "locality")
+BUILTIN_NAMES = ("none", "readahead", "trace", "background", "locality", "extent")
 DEFAULT_POLICIES = ("readahead", "trace")
 
 
