@@ -75,36 +75,38 @@ async def test_locality_turns_a_chain_of_reads_into_few_requests(cache, autojump
             assert fetcher.stats.done[Priority.SPECULATIVE] > 30
 
 
-def test_extent_window_doubles_while_misses_walk_past_it_and_restarts_far_away():
+def test_extent_window_doubles_while_misses_land_past_it_and_restarts_far_away():
     blob, refs, _ = build_blob([1000] * 40, compress=False)
-    layer = layer_of(StreamingMemorySource(blob), refs, [(f"/p/f{i:02d}", [i]) for i in range(40)])
-    policy = ExtentPolicy(min_window=2000, max_window=8000, grow_reach=3000, directory_bytes=0)
-    assert policy.guesses(layer, [0]) == [1, 2]  # a new stretch: the smallest window
-    assert policy.guesses(layer, [3]) == [4, 5, 6, 7]  # read on past it: twice the window
-    assert policy.guesses(layer, [8]) == list(range(9, 17))
-    assert policy.guesses(layer, [17]) == list(range(18, 26))  # at most max_window
-    assert policy.guesses(layer, [35]) == [36, 37]  # beyond grow_reach: a new stretch
-    assert policy.state(layer).grown == 3
-    # Back in the first stretch, past its end again: it keeps its window.
-    assert policy.guesses(layer, [26]) == list(range(27, 35))
-    # Another layer has stretches of its own.
+    layer = layer_of(StreamingMemorySource(blob), refs, [(f"/p/f{i:02d}.pyc", [i]) for i in range(40)])
+    policy = ExtentPolicy(min_window=2000, max_window=8000, grow_reach=3000, back=0.5)
+    # A new region: 2000 bytes after the miss, 1000 before it (none before chunk 0).
+    assert policy.guesses(layer, [0]) == [1, 2]
+    # Past what was queued: twice the window, after and before (1 and 2 are pending by now;
+    # the fetcher skips them).
+    assert policy.guesses(layer, [3]) == [4, 5, 6, 7, 2, 1]
+    assert policy.guesses(layer, [8]) == [*range(9, 17), 7, 6, 5, 4]
+    assert policy.guesses(layer, [17]) == [*range(18, 26), *range(16, 12, -1)]  # at most max_window
+    assert policy.state(layer).grown == 2
+    # Beyond grow_reach of every region: a new one at the smallest window.
+    assert policy.guesses(layer, [35]) == [36, 37, 34]
+    # Another layer has regions of its own.
     other = layer_of(StreamingMemorySource(blob, name="other"), refs)
-    assert policy.guesses(other, [3]) == [4, 5]
+    assert policy.guesses(other, [3]) == [4, 5, 2]
 
 
-def test_extent_guesses_rest_of_file_then_window_then_directory_nearest_first():
-    blob, refs, _ = build_blob([1000] * 16, compress=False)
-    files = [("/a/x", [0, 1, 2]), ("/b/y", [3, 4]), ("/a/z", [5]), ("/c/w", [6, 7, 8, 9]), ("/a/far", [15]),
-             ("/a/near", [11])]
+def test_extent_guesses_the_rest_of_the_file_and_only_kinds_that_were_read():
+    blob, refs, _ = build_blob([1000] * 10, compress=False)
+    files = [("/p/a.pyc", [0]), ("/p/a.py", [1]), ("/p/b.pyc", [2]), ("/p/b.py", [3]), ("/p/libm.so.6", [4]),
+             ("/p/c.pyc", [5]), ("/p/big.so", [6, 7, 8, 9])]
     layer = layer_of(StreamingMemorySource(blob), refs, files)
-    policy = ExtentPolicy(min_window=2000, file_bytes=10_000, directory_bytes=2000)
-    # rest of /a/x, two frames after the miss (1 and 2 are taken: 3, 4), then the directory's
-    # other files nearest first within 2000 bytes: /a/z, /a/near (not /a/far)
-    assert policy.guesses(layer, [0]) == [1, 2, 3, 4, 5, 11]
-    bounded = ExtentPolicy(min_window=1000, file_bytes=1000, directory_bytes=0)
-    assert bounded.guesses(layer, [6]) == [7, 8]  # one chunk of the file, one more in blob order
-    no_map = layer_of(layer.source, refs)
-    assert ExtentPolicy(min_window=3000).guesses(no_map, [4]) == [5, 6, 7]
+    policy = ExtentPolicy(min_window=6000, back=1.0)
+    # Only .pyc files were read: the sources and libraries between them are left alone.
+    assert policy.guesses(layer, [0]) == [2, 5]
+    # A read of a library: the rest of it whatever its kind, then .pyc and .so files around it.
+    assert policy.guesses(layer, [6]) == [7, 8, 9, 5, 4, 2, 0]
+    assert ExtentPolicy(min_window=6000, by_kind=False).guesses(layer, [0]) == [1, 2, 3, 4, 5, 6]
+    no_map = layer_of(layer.source, refs)  # before the file map is built: the window only
+    assert ExtentPolicy(min_window=3000, back=0).guesses(no_map, [4]) == [5, 6, 7]
 
 
 async def test_extent_turns_a_chain_of_reads_into_few_requests(cache, autojump_clock):

@@ -50,14 +50,16 @@ def load_layers(oci_dir: Path, trace: Trace) -> dict[str, LayerInfo]:
 class Link:
     """One link: on-demand requests first; guesses stream in queue order when it is free."""
 
-    def __init__(self, rtt: float, rate: float, overhead: float):
+    def __init__(self, rtt: float, rate: float, overhead: float, pipe: int):
         self.rtt, self.rate, self.overhead = rtt, rate, overhead
+        self.pipe = pipe
         self.queue: list[tuple[str, int, int]] = []  # (layer, chunk, stored bytes) in send order
         self.sent_partial = 0  # bytes of queue[0] already through the link
         self.clock = 0.0  # time up to which the link's work is accounted
         self.arrived: set[tuple[str, int]] = set()
         self.guessed_bytes = 0
         self.on_demand_bytes = 0
+        self.chunks = 0  # fetched, each a decode, a verify and a cache file
 
     def advance(self, until: float) -> None:
         """Stream guesses from self.clock to ``until``."""
@@ -89,6 +91,7 @@ class Link:
         queued = {(l, n) for l, n, _ in self.queue}
         new = [(layer, n, size) for n, size in chunks if (layer, n) not in self.arrived and (layer, n) not in queued]
         self.guessed_bytes += sum(size for _, _, size in new)
+        self.chunks += len(new)
         if front and self.queue:  # after the chunk being sent
             self.queue[1:1] = new
         else:
@@ -101,20 +104,26 @@ class Link:
         self.queue = [item for item in self.queue if (item[0], item[1]) not in keys]
         nbytes = sum(size for _, size in chunks)
         self.on_demand_bytes += nbytes
+        self.chunks += len(chunks)
         transfer = nbytes / self.rate
-        # The request's round trip overlaps with guesses still streaming; its transfer does not.
-        self.advance(now + self.rtt + self.overhead)
-        self.clock += transfer
+        # Guesses stop while an on-demand request is in flight (the scheduler cuts them), but
+        # what the server has sent of them (up to ``pipe`` bytes) is still ahead on the link.
+        ahead = 0.0
+        if self.queue and self.pipe:
+            ahead = min(self.pipe, sum(size for _, _, size in self.queue) - self.sent_partial) / self.rate
+            self.advance(now + ahead)
+        done = now + ahead + self.rtt + self.overhead + transfer
+        self.clock = done
         self.arrived.update(keys)
-        return now + self.rtt + self.overhead + transfer
+        return done
 
 
 Guesser = Callable[[LayerInfo, list[int]], list[int]]
 
 
 def replay(layers: dict[str, LayerInfo], trace: Trace, guesser: Guesser | None, *, rtt: float, rate: float,
-           overhead: float, cpu: float, front: bool = True, cut_ahead: int = 256 << 10) -> dict:
-    link = Link(rtt, rate, overhead)
+           overhead: float, cpu: float, pipe: int, chunk_cpu: float, front: bool = False, cut_ahead: int = 256 << 10) -> dict:
+    link = Link(rtt, rate, overhead, pipe)
     accesses = [a for a in trace.accesses]
     gap = cpu / max(1, len(accesses))
     now = 0.0
@@ -159,11 +168,14 @@ def replay(layers: dict[str, LayerInfo], trace: Trace, guesser: Guesser | None, 
         finish = link.on_demand(now, access.layer, [(n, info.chunk_ref(n).stored_length) for n in request])
         link.arrived.update((access.layer, n) for n in riders)
         link.guessed_bytes += sum(info.chunk_ref(n).stored_length for n in riders)
+        link.chunks += len(riders)
         now = finish
         link.guess(access.layer, [(n, info.chunk_ref(n).stored_length) for n in guesses if n not in riders], front)
     fetched = link.on_demand_bytes + link.guessed_bytes
-    return {"trips": trips, "waits": waits, "waited": waited, "time": now, "fetched": fetched,
-            "guessed": link.guessed_bytes}
+    # Chunks are decoded, verified and written off the reader's path, but on a machine with
+    # few cores they take CPU from the workload.
+    return {"trips": trips, "waits": waits, "waited": waited, "time": now + link.chunks * chunk_cpu,
+            "fetched": fetched, "guessed": link.guessed_bytes, "chunks": link.chunks}
 
 
 def main() -> int:
@@ -174,6 +186,11 @@ def main() -> int:
     parser.add_argument("--rtt-ms", type=float, default=20)
     parser.add_argument("--overhead-ms", type=float, default=5, help="per request, client + registry")
     parser.add_argument("--rate-mbit", type=float, default=100)
+    parser.add_argument("--pipe-kib", type=int, default=256,
+                        help="guessed bytes already sent when an on-demand request cuts them")
+    parser.add_argument("--chunk-cpu-ms", type=float, default=0.3,
+                        help="CPU per fetched chunk (decode, verify, cache file) taken from the workload")
+    parser.add_argument("--front", action="store_true", help="newest guesses first (default: queue order)")
     args = parser.parse_args()
     trace = Trace.decode(args.trace.read_bytes())
     layers = load_layers(args.oci_dir, trace)
@@ -190,14 +207,15 @@ def main() -> int:
     }
     for label, kwargs in ExtentPolicy.MODEL_VARIANTS.items():
         variants[label] = ExtentPolicy(**kwargs).guesses
-    print(f"{'policy':<30} {'round trips':>11} {'waits':>6} {'wait s':>7} {'MiB fetched':>12} {'est. s':>7}")
+    print(f"{'policy':<30} {'round trips':>11} {'waits':>6} {'wait s':>7} {'MiB fetched':>12} {'chunks':>7} {'est. s':>7}")
     for label, guesser in variants.items():
         if isinstance(getattr(guesser, "__self__", None), ExtentPolicy):
             guesser.__self__.reset()
         r = replay(layers, trace, guesser, rtt=args.rtt_ms / 1000, rate=rate, overhead=args.overhead_ms / 1000,
-                   cpu=args.cpu)
+                   cpu=args.cpu, pipe=args.pipe_kib << 10, front=args.front,
+                   chunk_cpu=args.chunk_cpu_ms / 1000)
         print(f"{label:<30} {r['trips']:11d} {r['waits']:6d} {r['waited']:7.2f} {r['fetched'] / 2**20:12.1f} "
-              f"{r['time']:7.2f}")
+              f"{r['chunks']:7d} {r['time']:7.2f}")
     return 0
 
 

@@ -1,23 +1,24 @@
-"""Extent: on a miss, fetch the stretch of the blob around it, growing where reads keep coming.
+"""Extent: on a miss, fetch the stretch of the blob around it, wider where misses keep coming.
 
 A start without a trace is a chain of dependent reads (an import reads the next module only
-once it has run this one), so every miss costs a round trip and the link idles in between.
-A converted layer stores files in tar order, which keeps a directory's files (a package's
-modules, their ``__pycache__``) next to each other. So on a miss this policy queues, at
-SPECULATIVE priority (an idle link only; on-demand reads cut in):
+once it has run this one), so every miss costs a round trip while the link idles. A
+converted layer stores files in tar order, which keeps a package's files together, and a
+start reads most of its files near one read before (in a recorded debian-scipy start, 661 of
+782 first reads lie within 256 KiB of an earlier one), but in both directions: imports do
+not follow name order. So on a miss this policy queues, at SPECULATIVE priority (an idle
+link only; on-demand reads cut in, docs/design.md "Fetch policies"):
 
 1. the rest of the missed file (``file_bytes``);
-2. the other files of its directory, nearest in the blob first (``directory_bytes``): a
-   package's modules are read together;
-3. a window of the blob following the miss. Its size adapts per layer: a miss that lands
-   just past a window queued earlier (within ``grow_reach`` of its end) means the reads walk
-   through the blob faster than the window reached, so the window there doubles (up to
-   ``max_window``); a miss anywhere else starts a new stretch at ``min_window``.
+2. the stretch of the blob from ``back`` x window before the miss to a window after it, but of
+   it only files of the kinds (name suffixes) that on-demand reads have asked for: a Python
+   start reads compiled modules and libraries, never the sources stored beside them, and
+   guessing those would double the bytes.
 
-A miss of a chunk that was queued earlier and cut back out of the queue does not count.
-Windows count stored bytes and each chunk of a queued window costs a cache file, so the
-window is also bounded in chunks (``max_chunks``). The queue is in blob order per request;
-the scheduler streams it as long requests on an idle link.
+The window adapts per region of a layer: a miss outside the stretch queued before but
+within ``grow_reach`` of it means the reads range wider than guessed, so the window there
+doubles (up to ``max_window``); a miss anywhere else starts a region at ``min_window``. The
+defaults come from tools/notrace_model.py, which replays a recorded start through a model of
+the link.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from dataclasses import dataclass, field
 
 from lazyfs.fetch.policies import FetchPolicy, LayerInfo, PolicyContext
 from lazyfs.fetch.scheduler import Priority
+
+
+def file_kind(path: str) -> str:
+    """A file's kind: its last name suffix that is not a version number (``libz.so.1.2`` ->
+    ``so``, ``m.cpython-311.pyc`` -> ``pyc``), or "" without one."""
+    name = path.rpartition("/")[2]
+    for suffix in reversed(name.split(".")[1:]):
+        if not suffix.isdigit():
+            return suffix
+    return ""
 
 
 @dataclass
@@ -51,26 +62,30 @@ class ExtentPolicy(FetchPolicy):
     # Variants the offline model (tools/notrace_model.py) compares.
     MODEL_VARIANTS: dict[str, dict] = {
         "extent (default)": {},
-        "extent, no directory": {"directory_bytes": 0},
-        "extent, fixed 256 KiB window": {"max_window": 256 << 10},
-        "extent, up to 16 MiB": {"max_window": 16 << 20, "max_chunks": 1024},
-        "extent, 1 MiB start": {"min_window": 1 << 20},
+        "extent, every kind": {"by_kind": False},
+        "extent, forward only": {"back": 0},
+        "extent, fixed 128 KiB window": {"max_window": 128 << 10},
+        "extent, 256 KiB..8 MiB": {"min_window": 256 << 10, "max_window": 8 << 20, "grow_reach": 2 << 20},
     }
 
-    def __init__(self, *, min_window: int = 256 << 10, max_window: int = 8 << 20, grow_reach: int = 2 << 20,
-                 file_bytes: int = 4 << 20, directory_bytes: int = 2 << 20, max_chunks: int = 512,
-                 stretches: int = 16):
+    def __init__(self, *, min_window: int = 128 << 10, max_window: int = 1 << 20, grow_reach: int = 1 << 20,
+                 back: float = 0.5, file_bytes: int = 4 << 20, max_chunks: int = 256, regions: int = 16,
+                 by_kind: bool = True):
         self.min_window = min_window
+        self.back = back
         self.max_window = max(max_window, min_window)
         self.grow_reach = grow_reach
         self.file_bytes = file_bytes
-        self.directory_bytes = directory_bytes
+        # Each chunk costs CPU (decode, verify, a cache file) whatever its size.
         self.max_chunks = max_chunks
-        self.max_stretches = stretches
+        self.max_stretches = regions
+        self.by_kind = by_kind
+        self.kinds_read: set[str] = set()
         self._layers: dict[int, _LayerState] = {}
 
     def reset(self) -> None:
         self._layers.clear()
+        self.kinds_read.clear()
 
     def detach(self, ctx: PolicyContext, layer: LayerInfo) -> None:
         self._layers.pop(id(layer), None)
@@ -85,11 +100,12 @@ class ExtentPolicy(FetchPolicy):
         """The window for a miss at stored ``offset``, and the stretch it now belongs to."""
         state = self.state(layer)
         for stretch in reversed(state.stretches):
-            if stretch.start <= offset < stretch.end + self.grow_reach:
-                if offset >= stretch.end - stretch.window // 2:
-                    # Read on past (or near the end of) what was queued: guess further.
-                    stretch.window = min(self.max_window, stretch.window * 2)
-                    state.grown += 1
+            if stretch.start - self.grow_reach <= offset < stretch.end + self.grow_reach:
+                if offset < stretch.start or offset >= stretch.end:
+                    # Read on past what was queued: guess further.
+                    if stretch.window < self.max_window:
+                        stretch.window = min(self.max_window, stretch.window * 2)
+                        state.grown += 1
                 state.stretches.remove(stretch)
                 state.stretches.append(stretch)
                 return stretch.window
@@ -101,35 +117,54 @@ class ExtentPolicy(FetchPolicy):
         """The chunks to queue after a miss of ``chunks``, most likely first, without repeats."""
         chosen: dict[int, None] = {}  # ordered set
         missed = set(chunks)
+        files = layer.files
+        if files is not None:
+            for n in chunks:
+                file = files.file_of(n)
+                if file is not None:
+                    self.kinds_read.add(file_kind(files.paths[file]))
 
-        def take(candidates, budget: int) -> int:
-            """Take candidates until the budget is spent; returns the end of the last taken."""
-            end = 0
+        def wanted(n: int) -> bool:
+            """Whether chunk n belongs to a file of a kind that reads have asked for."""
+            if files is None or not self.by_kind:
+                return True
+            file = files.file_of(n)
+            return file is not None and file_kind(files.paths[file]) in self.kinds_read
+
+        def take(candidates, budget: int, bound: int | None = None, backward: bool = False,
+                 filtered: bool = True) -> int | None:
+            """Take candidates until the budget is spent or they are stored beyond ``bound``;
+            returns the far edge of what was looked at (None: nothing)."""
+            edge = None
             for n in candidates:
                 if budget <= 0 or len(chosen) >= self.max_chunks:
                     break
-                if n in missed or n in chosen:
+                ref = layer.chunk_ref(n)
+                if bound is not None and (ref.offset < bound if backward else ref.end > bound):
+                    break
+                edge = ref.offset if backward else ref.end
+                if n in missed or n in chosen or (filtered and not wanted(n)):
                     continue
                 chosen[n] = None
-                ref = layer.chunk_ref(n)
                 budget -= ref.stored_length
-                end = max(end, ref.end)
-            return end
+            return edge
 
+        first = min(chunks, key=lambda n: layer.chunk_ref(n).offset)
         last = max(chunks, key=lambda n: layer.chunk_ref(n).offset)
-        here = layer.chunk_ref(last)
-        window = self.window_after(layer, here.offset)
-        files = layer.files
+        start, end = layer.chunk_ref(first).offset, layer.chunk_ref(last).end
+        window = self.window_after(layer, start)
         file = files.file_of(last) if files is not None else None
         if file is not None:
             own = files.chunks[file]
-            take(own[own.index(last) + 1:] if last in own else own, self.file_bytes)
-        end = take(self._following(layer, last), window)
-        if file is not None and self.directory_bytes:
-            end = max(end, take(self._siblings(layer, file, last), self.directory_bytes))
+            take(own[own.index(last) + 1:] if last in own else own, self.file_bytes, filtered=False)
+        # The window is a stretch of the blob: of it, the files of kinds that were read.
+        after = take(self._following(layer, last), window, end + window)
+        behind = int(window * self.back)
+        before = take(self._preceding(layer, first), behind, start - behind, backward=True)
+        # The region now covers what was looked at: a later miss outside it was not guessed.
         stretch = self.state(layer).stretches[-1]
-        stretch.start = min(stretch.start, here.offset)
-        stretch.end = max(stretch.end, here.end, end)
+        stretch.start = min(stretch.start, start if before is None else before)
+        stretch.end = max(stretch.end, end if after is None else after)
         return list(chosen)
 
     def _following(self, layer: LayerInfo, n: int):
@@ -143,12 +178,13 @@ class ExtentPolicy(FetchPolicy):
                 previous = stored_at
                 yield m
 
-    def _siblings(self, layer: LayerInfo, file: int, n: int):
-        """The chunks of the other files of the directory, nearest in the blob first."""
-        files = layer.files
-        assert files is not None
-        here = layer.chunk_ref(n).offset
-        near = sorted((abs(layer.chunk_ref(files.chunks[s][0]).offset - here), s)
-                      for s in files.siblings(file) if s != file and files.chunks[s])
-        for _, sibling in near:
-            yield from files.chunks[sibling]
+    def _preceding(self, layer: LayerInfo, n: int):
+        """Chunk numbers stored before chunk n, nearest first (each stored frame once)."""
+        order = layer.blob_order()
+        offset = layer.chunk_ref(n).offset
+        i = bisect_left(order, (offset, -1))
+        previous = offset
+        for stored_at, m in reversed(order[:i]):
+            if stored_at != previous:
+                previous = stored_at
+                yield m
