@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 BUILTIN_NAMES = ("none", "readahead", "trace", "background", "locality", "extent")
-DEFAULT_POLICIES = ("readahead", "trace")
+DEFAULT_POLICIES = ("readahead", "trace", "extent")
 
 
 class PolicyError(Exception):
