@@ -7,15 +7,18 @@ of a start of it (`lazyfs trace record ... -o TRACE IMAGE -- CMD`). The trace's 
 replayed in order, one after the other (each read depends on the one before: an import
 reads the next module only once it has run this one), with the workload's CPU time spread
 evenly between them. A read whose chunks are neither fetched nor on their way costs a round
-trip (an on-demand request: RTT + its bytes at the link rate) and tells the policy of the miss;
-the policy's guesses stream over the link whenever no on-demand transfer uses it, newest
-guesses first. A read whose chunks are on their way waits for them. The model prints per
-policy: dependent round trips, stored MiB fetched, and the estimated start
+trip (an on-demand request: RTT + overhead + its bytes at the link rate) and tells the policy
+of the miss; guesses stored right after the missed chunks ride along in its request (256 KiB).
+As in the fetch scheduler, the other guesses stream only while no on-demand request is in
+flight, first queued first sent (``--front``: newest first), and an on-demand request first
+waits for the guesses already sent (``--pipe-kib``). A read whose chunks are queued within
+256 KiB of the head waits for them instead of asking. The model prints per policy: dependent
+round trips, waits, stored MiB and chunks fetched, and the estimated start
 
-    round trips x (RTT + overhead) + on-demand bytes / rate + waits on guesses + CPU
+    round trips x (RTT + overhead) + on-demand bytes / rate + waits behind guesses + CPU
+    + chunks x --chunk-cpu-ms
 
-(the link never idles while guesses are queued, so guessed bytes cost time only where a read
-waits behind them).
+The variants compared are the locality policy's and ExtentPolicy.MODEL_VARIANTS.
 """
 
 from __future__ import annotations
