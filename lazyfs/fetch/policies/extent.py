@@ -14,7 +14,7 @@ link only; on-demand reads cut in, docs/design.md "Fetch policies"):
    start reads compiled modules and libraries, never the sources stored beside them, and
    guessing those would double the bytes.
 
-The window adapts per region of a layer: a miss outside the stretch queued before but
+The window adapts per region of a layer: a miss outside the region looked at before but
 within ``grow_reach`` of it means the reads range wider than guessed, so the window there
 doubles (up to ``max_window``); a miss anywhere else starts a region at ``min_window``. The
 defaults come from tools/notrace_model.py, which replays a recorded start through a model of
@@ -41,8 +41,8 @@ def file_kind(path: str) -> str:
 
 
 @dataclass
-class _Stretch:
-    """A stretch of a layer's blob whose reads were guessed ahead: [start, end) stored bytes."""
+class _Region:
+    """A region of a layer's blob whose reads were guessed ahead: [start, end) stored bytes."""
 
     start: int
     end: int
@@ -51,7 +51,7 @@ class _Stretch:
 
 @dataclass
 class _LayerState:
-    stretches: list[_Stretch] = field(default_factory=list)  # most recent last
+    regions: list[_Region] = field(default_factory=list)  # most recently missed in last
     grown: int = 0  # how many misses doubled a window (statistics, tests)
 
 
@@ -78,12 +78,13 @@ class ExtentPolicy(FetchPolicy):
         self.file_bytes = file_bytes
         # Each chunk costs CPU (decode, verify, a cache file) whatever its size.
         self.max_chunks = max_chunks
-        self.max_stretches = regions
+        self.max_regions = regions
         self.by_kind = by_kind
         self.kinds_read: set[str] = set()
         self._layers: dict[int, _LayerState] = {}
 
     def reset(self) -> None:
+        """Forget everything learned (the offline model replays several starts)."""
         self._layers.clear()
         self.kinds_read.clear()
 
@@ -97,20 +98,20 @@ class ExtentPolicy(FetchPolicy):
         return self._layers.setdefault(id(layer), _LayerState())
 
     def window_after(self, layer: LayerInfo, offset: int) -> int:
-        """The window for a miss at stored ``offset``, and the stretch it now belongs to."""
+        """The window for a miss at stored ``offset``; its region becomes the layer's last."""
         state = self.state(layer)
-        for stretch in reversed(state.stretches):
-            if stretch.start - self.grow_reach <= offset < stretch.end + self.grow_reach:
-                if offset < stretch.start or offset >= stretch.end:
-                    # Read on past what was queued: guess further.
-                    if stretch.window < self.max_window:
-                        stretch.window = min(self.max_window, stretch.window * 2)
+        for region in reversed(state.regions):
+            if region.start - self.grow_reach <= offset < region.end + self.grow_reach:
+                if offset < region.start or offset >= region.end:
+                    # Reads range wider than what was guessed here: guess wider.
+                    if region.window < self.max_window:
+                        region.window = min(self.max_window, region.window * 2)
                         state.grown += 1
-                state.stretches.remove(stretch)
-                state.stretches.append(stretch)
-                return stretch.window
-        state.stretches.append(_Stretch(offset, offset, self.min_window))
-        del state.stretches[:-self.max_stretches]
+                state.regions.remove(region)
+                state.regions.append(region)
+                return region.window
+        state.regions.append(_Region(offset, offset, self.min_window))
+        del state.regions[:-self.max_regions]
         return self.min_window
 
     def guesses(self, layer: LayerInfo, chunks: list[int]) -> list[int]:
@@ -162,18 +163,18 @@ class ExtentPolicy(FetchPolicy):
         behind = int(window * self.back)
         before = take(self._preceding(layer, first), behind, start - behind, backward=True)
         # The region now covers what was looked at: a later miss outside it was not guessed.
-        stretch = self.state(layer).stretches[-1]
-        stretch.start = min(stretch.start, start if before is None else before)
-        stretch.end = max(stretch.end, end if after is None else after)
+        region = self.state(layer).regions[-1]
+        region.start = min(region.start, start if before is None else before)
+        region.end = max(region.end, end if after is None else after)
         return list(chosen)
 
     def _following(self, layer: LayerInfo, n: int):
         """Chunk numbers stored after chunk n, in blob order (each stored frame once)."""
         order = layer.blob_order()
         offset = layer.chunk_ref(n).offset
-        i = bisect_left(order, (offset + 1, -1))
         previous = offset
-        for stored_at, m in order[i:]:
+        for i in range(bisect_left(order, (offset + 1, -1)), len(order)):  # no copy of the table
+            stored_at, m = order[i]
             if stored_at != previous:
                 previous = stored_at
                 yield m
@@ -182,9 +183,9 @@ class ExtentPolicy(FetchPolicy):
         """Chunk numbers stored before chunk n, nearest first (each stored frame once)."""
         order = layer.blob_order()
         offset = layer.chunk_ref(n).offset
-        i = bisect_left(order, (offset, -1))
         previous = offset
-        for stored_at, m in reversed(order[:i]):
+        for i in range(bisect_left(order, (offset, -1)) - 1, -1, -1):
+            stored_at, m = order[i]
             if stored_at != previous:
                 previous = stored_at
                 yield m
