@@ -123,7 +123,7 @@ async def test_extent_turns_a_chain_of_reads_into_few_requests(cache, autojump_c
         for ref, data in zip(refs, datas):
             assert await fetcher.get(source, [ref]) == [data]
             await trio.sleep(0.005)
-    # 8 when measured (without a policy: 80), the window grown 3 times
+    # 7 when measured (without a policy: 80), the window grown 3 times
     assert len(source.requests) <= 12
     assert fetcher.stats.queued[Priority.SPECULATIVE] > 60
     assert policies.policies[0].state(layer).grown >= 2
