@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers-dir", type=Path, default=None,
                         help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
     parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
-                        help="fetch policies: none, readahead, trace, background, locality, or "
-                             "package.module:Class (default: readahead,trace)")
+                        help="fetch policies: none, readahead, trace, background, locality, extent, or "
+                             "package.module:Class (default: readahead,trace,extent)")
 
 
 def run(args: argparse.Namespace) -> int:

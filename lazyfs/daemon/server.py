@@ -981,7 +981,7 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop-direct-io", choices=("on", "off"), default="on" if LOOP_DIRECT_IO else "off",
                         help="kernel mode: whether the chunk device's loop reads its FUSE file with direct I/O")
     parser.add_argument("--policy", type=_policies, default=DEFAULT_POLICIES, metavar="NAME[,NAME]",
-                        help="fetch policies: none, readahead, trace, background, locality, or "
+                        help="fetch policies: none, readahead, trace, background, locality, extent, or "
                              f"package.module:Class (default: {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
