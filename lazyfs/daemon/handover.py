@@ -1,0 +1,242 @@
+"""Hot upgrade, daemon side: a new daemon takes over the layers, stacked mounts and control
+socket of a running one in kernel serving mode, and not one read fails.
+
+The new daemon is started with ``--take-over`` and the running daemon's ``--socket``, but its
+own ``--fuse-dir`` (one FUSE mount per process). It binds its control socket at a private name
+beside the old one and holds one connection to the old daemon for the whole handover::
+
+    new -> old  {"op": "handover-begin", "pid": N}
+    old -> new  {"ok": true, "pid", "serve", "layers": [attach requests], "roots": {name: root},
+                 "stacked": [mount points], "image_mounts": {mount point: [names]}}
+                The old daemon is frozen: requests that would change what it serves (attach,
+                detach, image mounts, traces, shutdown) get {"ok": false, "type": "upgrading"};
+                the control client retries them, and they reach the new daemon once it owns the
+                socket. Reads go on as before.
+    new         attaches every layer under the same name and root: each root is an EROFS mount
+                already, so it takes the mount over -- LOOP_CHANGE_FD points the layer's chunk
+                loop at the new daemon's chunk-device file; the kernel drains the reads in
+                flight on the old file first, and the old daemon still answers them -- then
+                renames its socket onto the old one's path (clients connecting from then on
+                reach the new daemon)
+    new -> old  {"op": "handover-commit"}
+    old         forgets its mounts without unmounting them, answers, and exits (its FUSE mount,
+                which no loop reads any more, goes with it)
+
+If anything fails before the commit, the new daemon sends ``handover-abort`` (or just closes
+the connection, or dies): the old daemon points every loop back at its own files and serves
+on, unfrozen. The new daemon, which still serves its files until that answer, then exits.
+
+Layers served by the FUSE tree (``--serve fuse``, or kernel-mode layers that fell back) cannot
+be handed over: overlays hold the old daemon's FUSE mount itself, which dies with it. The old
+daemon refuses ``handover-begin`` listing them, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from lazyfs.daemon.control import MAX_LINE
+from lazyfs.serve import kernel
+
+if TYPE_CHECKING:
+    from lazyfs.daemon.server import Daemon
+
+log = logging.getLogger(__name__)
+
+# Requests that change what a daemon serves: a frozen daemon refuses them ("upgrading").
+CHANGING_OPS = frozenset({"attach", "detach", "mount-image", "unmount-image", "trace-start", "trace-stop",
+                          "shutdown"})
+# How long the old daemon stays frozen waiting for the commit (the new daemon attaches every
+# layer meanwhile: metadata from the cache, one ioctl each) before it takes its loops back.
+HANDOVER_BOUND = 600.0
+# Attach request fields that belong to one container start, not to the layer.
+NOT_HANDED_OVER = ("record_trace", "push_credentials")
+
+
+class HandoverError(Exception):
+    """The takeover cannot go on; the message says why (for the user who asked for it)."""
+
+
+def layer_identity(info: dict) -> str:
+    """What a daemon must attach under a layer's name to take its EROFS mount over (the
+    blob digest; meta and blob of a plain image)."""
+    return info.get("digest") or f"{info.get('meta')}|{info.get('blob')}"
+
+
+class LineReader:
+    """Newline-delimited requests from one control connection."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.buffer = b""
+
+    async def next(self) -> bytes | None:
+        """The next non-empty line; None at the end of the stream. ValueError if too long."""
+        while True:
+            while b"\n" not in self.buffer:
+                if len(self.buffer) > MAX_LINE:
+                    raise ValueError("request line too long")
+                try:
+                    block = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+                if not block:
+                    return None
+                self.buffer += block
+            line, _, self.buffer = self.buffer.partition(b"\n")
+            if line.strip():
+                return line
+
+
+async def send(stream: trio.SocketStream, reply: dict) -> None:
+    await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+# ---------------------------------------------------------------------- the old daemon
+
+
+def refusal(daemon: Daemon) -> str | None:
+    """Why this daemon cannot hand its layers over, or None."""
+    tree = sorted(layer.name for layer in daemon.fs.layers() if layer.info.get("serve") != "kernel")
+    if not tree:
+        return None
+    shown = ", ".join(tree[:10]) + (f" and {len(tree) - 10} more" if len(tree) > 10 else "")
+    return (f"cannot hand over: {len(tree)} layer(s) are served by the FUSE tree, which a new daemon cannot take "
+            f"over (the mounts above them hold this daemon's FUSE mount): {shown}; detach them first")
+
+
+async def hand_over(daemon: Daemon, stream: trio.SocketStream, lines: LineReader, request: dict) -> bool:
+    """Answer ``handover-begin`` on this connection and see the handover through. True when
+    the daemon has handed everything over and is stopping (the connection is then done)."""
+    why = refusal(daemon) if not daemon.handing_over else "a handover is already under way"
+    if why is not None:
+        await send(stream, {"ok": False, "error": why, "type": "refused"})
+        return False
+    daemon.handing_over = True
+    committed = aborted = False
+    try:
+        layers = [daemon.fs.layer(name) for name in daemon.layer_mounts]
+        await send(stream, {
+            "ok": True, "pid": os.getpid(), "serve": daemon.options.serve,
+            "layers": [{k: v for k, v in daemon.attach_requests[layer.name].items() if k not in NOT_HANDED_OVER}
+                       for layer in layers],
+            "roots": {name: str(root) for name, root in daemon.layer_mounts.items()},
+            "stacked": [str(path) for path in daemon.stacked],
+            "image_mounts": daemon.image_mounts})
+        log.info("handing over to the daemon with pid %s", request.get("pid"))
+        with trio.move_on_after(HANDOVER_BOUND):
+            line = await lines.next()
+            op = json.loads(line).get("op") if line is not None else None
+            if op == "handover-commit":
+                daemon.forget_mounts()
+                committed = True
+                await send(stream, {"ok": True})
+                log.info("handed over to the daemon with pid %s: stopping", request.get("pid"))
+                return True
+            aborted = op == "handover-abort"
+    except (ValueError, AttributeError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # a broken conversation is an abort
+    finally:
+        if not committed:
+            with trio.CancelScope(shield=True):
+                await reclaim(daemon)
+                daemon.handing_over = False
+    log.warning("handover abandoned: serving on")
+    if aborted:
+        try:
+            await send(stream, {"ok": True})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    return False
+
+
+async def reclaim(daemon: Daemon) -> None:
+    """Point every layer's chunk loop back at this daemon's own chunk-device file (a no-op for
+    the ones the new daemon had not taken yet)."""
+    for name, root in list(daemon.layer_mounts.items()):
+        identity = layer_identity(daemon.fs.layer(name).info)
+        try:
+            await trio.to_thread.run_sync(kernel.adopt_layer, daemon.options.fuse_dir / name, root, identity)
+        except kernel.KernelServeError as e:
+            log.error("layer %s: cannot take its loop device back: %s", name, e)
+
+
+# ---------------------------------------------------------------------- the new daemon
+
+
+class _Old:
+    """The connection to the daemon being taken over."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.lines = LineReader(stream)
+
+    async def ask(self, op: str, **args: Any) -> dict:
+        await send(self.stream, {"op": op, **args})
+        line = await self.lines.next()
+        if line is None:
+            raise HandoverError(f"the running daemon closed the connection during {op}")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise HandoverError(str(reply.get("error")))
+        return reply
+
+
+async def take_over(daemon: Daemon, publish_socket) -> dict:
+    """Take over the daemon serving ``daemon.options.socket_path``; ``publish_socket()`` moves
+    this daemon's control socket onto that path. Returns what the old daemon handed over
+    (its pid among it). HandoverError when the takeover is impossible (nothing changed)."""
+    path = daemon.options.socket_path
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except OSError as e:
+        raise HandoverError(f"no daemon to take over at {path}: {e.strerror or e}") from e
+    async with stream:
+        old = _Old(stream)
+        state = await old.ask("handover-begin", pid=os.getpid())
+        try:
+            _check_compatible(daemon, state)
+            daemon.taking_over = True
+            await daemon.attach_all(state["layers"])
+            daemon.stacked = [Path(p) for p in state["stacked"]]
+            daemon.image_mounts = {mountpoint: list(names) for mountpoint, names in state["image_mounts"].items()}
+            publish_socket()
+        except BaseException as e:
+            with trio.CancelScope(shield=True):
+                daemon.forget_mounts()  # they are the old daemon's again, not ours to unmount
+                for name in [layer.name for layer in daemon.fs.layers()]:
+                    await daemon.detach({"name": name})
+                try:
+                    await old.ask("handover-abort")
+                except (HandoverError, OSError, ValueError, trio.BrokenResourceError):
+                    pass  # it takes its loops back when the connection closes
+            if isinstance(e, HandoverError):
+                raise
+            if isinstance(e, Exception):
+                raise HandoverError(f"taking over failed: {e}") from e
+            raise
+        finally:
+            daemon.taking_over = False
+        try:
+            await old.ask("handover-commit")
+        except (HandoverError, OSError, ValueError, trio.BrokenResourceError) as e:
+            # Every loop reads our files and the socket is ours: we serve, whatever it did.
+            log.warning("the old daemon (pid %s) did not confirm the handover: %s", state["pid"], e)
+    log.info("took over %d layer(s) from the daemon with pid %s", len(state["layers"]), state["pid"])
+    return state
+
+
+def _check_compatible(daemon: Daemon, state: dict) -> None:
+    if state.get("serve") != daemon.options.serve:
+        raise HandoverError(f"the running daemon serves in {state.get('serve')} mode, this one in "
+                            f"{daemon.options.serve} mode: a takeover needs the same mode")
+    for name, root in state["roots"].items():
+        if str(daemon.options.layer_root(name)) != root:
+            raise HandoverError(f"layer {name} is mounted at {root}, this daemon would serve it at "
+                                f"{daemon.options.layer_root(name)}: start it with the same --layers-dir")
