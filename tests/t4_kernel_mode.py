@@ -453,7 +453,8 @@ def test_hot_upgrade_refuses_layers_served_by_the_fuse_tree(served, plain_image,
     try:
         with ControlClient(str(sock)) as client:
             path = Path(client.request("attach", name="tree-layer", kind="plain", meta=str(meta), blob=str(blob))["path"])
-            refused = lazyfs_cli("daemon", "upgrade", "--socket", str(sock), check=False)
+            refused = lazyfs_cli("daemon", "upgrade", "--socket", str(sock), "--log", str(tmp_path / "successor.log"),
+                                 check=False)
             assert refused.returncode == 1, refused
             assert "served by the FUSE tree" in refused.stderr and "tree-layer" in refused.stderr, refused.stderr
             assert client.request("stats")["pid"] == daemon.pid and daemon.poll() is None
@@ -463,4 +464,44 @@ def test_hot_upgrade_refuses_layers_served_by_the_fuse_tree(served, plain_image,
         assert daemons_serving(sock) == [daemon.pid]  # no successor left behind
     finally:
         stop_daemon(daemon, tmp_path / "fuse")
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
+
+
+def test_a_failed_takeover_leaves_the_running_daemon_serving_every_read(upgrade_image, tmp_path):
+    """The successor cannot take one layer over (its loop record is gone: fault injected)
+    after it took another: the running daemon points every loop back at its own
+    files and serves on, unfrozen; no read failed; no successor and no FUSE mount are left."""
+    sock, run_dir, mnt, log = tmp_path / "daemon.sock", tmp_path / "run", tmp_path / "mnt", tmp_path / "daemon.log"
+    old = start_shared_daemon(sock, tmp_path / "fuse", tmp_path / "cache", log, "--serve", "kernel",
+                              "--layers-dir", str(tmp_path / "layers"))
+    try:
+        mnt.mkdir()
+        lazyfs_cli("mount", "--daemon", str(sock), "--run-dir", str(run_dir), "--no-prefetch", upgrade_image, str(mnt))
+        names = sorted(layer["name"] for layer in request(str(sock), "list")["layers"])
+        (tmp_path / "layers" / f".{names[-1]}.loops").unlink()
+        reader = Reader({mnt / path: data for path, data in UPGRADE_WARM.items()}, mnt / "data/fresh.bin",
+                        UPGRADE_FRESH)
+        reader.start()
+        try:
+            reader.wait_passes(3)
+            refused = lazyfs_cli("daemon", "upgrade", "--socket", str(sock), "--log", str(tmp_path / "successor.log"),
+                                 check=False)
+            reader.wait_passes(reader.passes + 3)
+        finally:
+            reader.finish()
+        assert refused.returncode == 1 and "no record of the loop devices" in refused.stderr, refused
+        assert reader.failures == [], reader.failures[:10]
+        assert request(str(sock), "stats")["pid"] == old.pid and daemons_serving(sock) == [old.pid]
+        loops = attached_loops()
+        for layer in request(str(sock), "list")["layers"]:
+            assert loops[layer["loop"]] == str(tmp_path / "fuse" / layer["name"])
+        assert not is_mounted(tmp_path / "fuse.next")
+        # The successor had taken the first layer (name order) before failing on the second.
+        assert f"now reads {tmp_path / 'fuse.next' / names[0]}" in (tmp_path / "successor.log").read_text()
+        assert "cannot take its loop device back" not in log.read_text()
+        lazyfs_cli("umount", "--run-dir", str(run_dir), str(mnt))  # no longer frozen
+        assert request(str(sock), "stats")["layers"] == 0
+    finally:
+        stop_daemon(old, tmp_path / "fuse")
+        lazyfs_cli("umount", "--lazy", "--run-dir", str(run_dir), str(mnt), check=False)
     assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))

@@ -12,7 +12,7 @@ beside the old one and holds one connection to the old daemon for the whole hand
                 detach, image mounts, traces, shutdown) get {"ok": false, "type": "upgrading"};
                 the control client retries them, and they reach the new daemon once it owns the
                 socket. Reads go on as before.
-    new         attaches every layer under the same name and root: each root is an EROFS mount
+    new         attaches every layer (one at a time, in name order) under the same name and root: each root is an EROFS mount
                 already, so it takes the mount over -- LOOP_CHANGE_FD points the layer's chunk
                 loop at the new daemon's chunk-device file; the kernel drains the reads in
                 flight on the old file first, and the old daemon still answers them -- then
@@ -159,12 +159,14 @@ async def hand_over(daemon: Daemon, stream: trio.SocketStream, lines: LineReader
 async def reclaim(daemon: Daemon) -> None:
     """Point every layer's chunk loop back at this daemon's own chunk-device file (a no-op for
     the ones the new daemon had not taken yet)."""
-    for name, root in list(daemon.layer_mounts.items()):
-        identity = layer_identity(daemon.fs.layer(name).info)
+    for name in list(daemon.layer_mounts):
+        loop = daemon.fs.layer(name).info["loop"]
         try:
-            await trio.to_thread.run_sync(kernel.adopt_layer, daemon.options.fuse_dir / name, root, identity)
+            await trio.to_thread.run_sync(kernel.change_backing_file, loop, daemon.options.fuse_dir / name)
         except kernel.KernelServeError as e:
             log.error("layer %s: cannot take its loop device back: %s", name, e)
+        else:
+            log.info("layer %s: %s reads %s again", name, loop, daemon.options.fuse_dir / name)
 
 
 # ---------------------------------------------------------------------- the new daemon
@@ -203,23 +205,25 @@ async def take_over(daemon: Daemon, publish_socket) -> dict:
         try:
             _check_compatible(daemon, state)
             daemon.taking_over = True
-            await daemon.attach_all(state["layers"])
+            # One at a time, in name order: a failure stops the takeover at a known point.
+            for request in sorted(state["layers"], key=lambda r: r["name"]):
+                await daemon.attach(request)
             daemon.stacked = [Path(p) for p in state["stacked"]]
             daemon.image_mounts = {mountpoint: list(names) for mountpoint, names in state["image_mounts"].items()}
             publish_socket()
         except BaseException as e:
             with trio.CancelScope(shield=True):
                 daemon.forget_mounts()  # they are the old daemon's again, not ours to unmount
-                for name in [layer.name for layer in daemon.fs.layers()]:
-                    await daemon.detach({"name": name})
-                try:
+                try:  # answered once every loop reads the old daemon's files again
                     await old.ask("handover-abort")
                 except (HandoverError, OSError, ValueError, trio.BrokenResourceError):
                     pass  # it takes its loops back when the connection closes
+                for name in [layer.name for layer in daemon.fs.layers()]:  # only then are our files unused
+                    await daemon.detach({"name": name})
             if isinstance(e, HandoverError):
                 raise
             if isinstance(e, Exception):
-                raise HandoverError(f"taking over failed: {e}") from e
+                raise HandoverError(f"taking over failed: {_messages(e)}") from e
             raise
         finally:
             daemon.taking_over = False
@@ -240,3 +244,9 @@ def _check_compatible(daemon: Daemon, state: dict) -> None:
         if str(daemon.options.layer_root(name)) != root:
             raise HandoverError(f"layer {name} is mounted at {root}, this daemon would serve it at "
                                 f"{daemon.options.layer_root(name)}: start it with the same --layers-dir")
+
+
+def _messages(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_messages(inner) for inner in exc.exceptions)
+    return str(exc)
