@@ -51,9 +51,7 @@ def stop_main(argv: list[str]) -> int:
     return status
 
 
-def upgrade_main(argv: list[str]) -> int:
-    from .upgrade import upgrade
-
+def parse_upgrade_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="lazyfs-snapshotter upgrade",
         description="replace the running lazyfs daemon by a new one (the lazyfs installed now) without "
@@ -61,7 +59,13 @@ def upgrade_main(argv: list[str]) -> int:
     p.add_argument("--config", type=Path, help="TOML configuration file (default: built-in defaults)")
     p.add_argument("--root", type=Path, help="state directory (overrides the config)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds the new daemon may take to take over")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def upgrade_main(argv: list[str]) -> int:
+    from .upgrade import upgrade
+
+    args = parse_upgrade_args(argv)
     try:
         cfg = config_mod.load(args.config, root=args.root)
     except config_mod.ConfigError as e:
