@@ -12,19 +12,21 @@ beside the old one and holds one connection to the old daemon for the whole hand
                 detach, image mounts, traces, shutdown) get {"ok": false, "type": "upgrading"};
                 the control client retries them, and they reach the new daemon once it owns the
                 socket. Reads go on as before.
-    new         attaches every layer (one at a time, in name order) under the same name and root: each root is an EROFS mount
-                already, so it takes the mount over -- LOOP_CHANGE_FD points the layer's chunk
-                loop at the new daemon's chunk-device file; the kernel drains the reads in
-                flight on the old file first, and the old daemon still answers them -- then
-                renames its socket onto the old one's path (clients connecting from then on
-                reach the new daemon)
+    new         attaches every layer (one at a time, in name order) under the same name and
+                root: each root is an EROFS mount already, so it takes the mount over --
+                LOOP_CHANGE_FD points the layer's chunk loop at the new daemon's chunk-device
+                file; the kernel drains the reads in flight on the old file first, and the old
+                daemon still answers them
     new -> old  {"op": "handover-commit"}
-    old         forgets its mounts without unmounting them, answers, and exits (its FUSE mount,
-                which no loop reads any more, goes with it)
+    old         forgets its mounts without unmounting them and answers
+    new         renames its socket onto the old one's path (clients connecting from then on
+                reach the new daemon) and closes the connection
+    old         exits (its FUSE mount, which no loop reads any more, goes with it)
 
 If anything fails before the commit, the new daemon sends ``handover-abort`` (or just closes
-the connection, or dies): the old daemon points every loop back at its own files and serves
-on, unfrozen. The new daemon, which still serves its files until that answer, then exits.
+the connection, or dies; or the old daemon gives up waiting for the commit): the old daemon
+points every loop back at its own files and serves on, unfrozen. The new daemon, which still
+serves its files until that answer, then exits.
 
 Layers served by the FUSE tree (``--serve fuse``, or kernel-mode layers that fell back) cannot
 be handed over: overlays hold the old daemon's FUSE mount itself, which dies with it. The old
@@ -137,9 +139,15 @@ async def hand_over(daemon: Daemon, stream: trio.SocketStream, lines: LineReader
                 daemon.forget_mounts()
                 committed = True
                 await send(stream, {"ok": True})
-                log.info("handed over to the daemon with pid %s: stopping", request.get("pid"))
-                return True
+                log.info("handed over to the daemon with pid %s", request.get("pid"))
             aborted = op == "handover-abort"
+        if committed:
+            # Serve on (frozen) until the successor, which now renames its socket onto ours,
+            # closes the connection: a client connecting meanwhile still gets an answer.
+            with trio.move_on_after(HANDOVER_BOUND):
+                await lines.next()
+            log.info("stopping: the daemon with pid %s serves in our place", request.get("pid"))
+            return True
     except (ValueError, AttributeError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # a broken conversation is an abort
     finally:
@@ -199,7 +207,7 @@ async def take_over(daemon: Daemon, publish_socket) -> dict:
         stream = await trio.open_unix_socket(str(path))
     except OSError as e:
         raise HandoverError(f"no daemon to take over at {path}: {e.strerror or e}") from e
-    async with stream:
+    async with stream:  # closing it after the commit lets the old daemon exit
         old = _Old(stream)
         state = await old.ask("handover-begin", pid=os.getpid())
         try:
@@ -210,13 +218,16 @@ async def take_over(daemon: Daemon, publish_socket) -> dict:
                 await daemon.attach(request)
             daemon.stacked = [Path(p) for p in state["stacked"]]
             daemon.image_mounts = {mountpoint: list(names) for mountpoint, names in state["image_mounts"].items()}
-            publish_socket()
+            # Once answered, the old daemon has let go of everything. (One that gave up waiting
+            # has taken its loops back and closed the connection: the ask fails, and the
+            # takeover is abandoned below.)
+            await old.ask("handover-commit")
         except BaseException as e:
             with trio.CancelScope(shield=True):
                 daemon.forget_mounts()  # they are the old daemon's again, not ours to unmount
                 try:  # answered once every loop reads the old daemon's files again
                     await old.ask("handover-abort")
-                except (HandoverError, OSError, ValueError, trio.BrokenResourceError):
+                except (HandoverError, OSError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # it takes its loops back when the connection closes
                 for name in [layer.name for layer in daemon.fs.layers()]:  # only then are our files unused
                     await daemon.detach({"name": name})
@@ -227,11 +238,7 @@ async def take_over(daemon: Daemon, publish_socket) -> dict:
             raise
         finally:
             daemon.taking_over = False
-        try:
-            await old.ask("handover-commit")
-        except (HandoverError, OSError, ValueError, trio.BrokenResourceError) as e:
-            # Every loop reads our files and the socket is ours: we serve, whatever it did.
-            log.warning("the old daemon (pid %s) did not confirm the handover: %s", state["pid"], e)
+        publish_socket()
     log.info("took over %d layer(s) from the daemon with pid %s", len(state["layers"]), state["pid"])
     return state
 

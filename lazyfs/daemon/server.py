@@ -292,7 +292,7 @@ class Daemon:
         if "image" in spec:
             await self.mount_image(spec["image"], Path(stack["mountpoint"]))
             return
-        await self.attach_all(spec.get("attach", []))
+        await self._attach_all(spec.get("attach", []))
         if stack:
             await self._stack([self.options.layer_root(name) for name in stack["layers"]],
                               Path(stack["mountpoint"]), _trusted(stack))
@@ -306,7 +306,7 @@ class Daemon:
             request["name"] = prefix + request["name"]
         names = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
         try:
-            await self.attach_all(requests)
+            await self._attach_all(requests)
             await self._stack([self.options.layer_root(name) for name in names], mountpoint, allow_suid_dev)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -331,7 +331,7 @@ class Daemon:
         for name in names:
             await self.detach({"name": name})
 
-    async def attach_all(self, requests: list[dict]) -> None:
+    async def _attach_all(self, requests: list[dict]) -> None:
         # Layers attach concurrently: each costs at least one round trip for its metadata.
         async with trio.open_nursery() as nursery:
             for request in requests:
