@@ -29,7 +29,7 @@ from lazyfs.erofs import format as fmt
 from lazyfs.erofs.writer import Builder, Entry
 from lazyfs.serve.kernel import attached_loops
 from lazyfs.serve.mounts import is_mounted, mounted_paths
-from tests.fixtures.common import require_root
+from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.erofs_images import ChunkDevice
 from tests.fixtures.erofs_trees import make_plain_image
 from tests.fixtures.images import build_image, directory, file, hardlink, opaque, whiteout
@@ -367,6 +367,34 @@ class Reader(threading.Thread):
         assert not self.is_alive()
 
 
+class Churn(threading.Thread):
+    """Attaches and detaches a layer over the control socket in a loop, as a snapshotter
+    does while containers come and go, counting failed requests. Bounded."""
+
+    def __init__(self, socket: Path, image, max_cycles: int = 10_000):
+        super().__init__(daemon=True)
+        self.socket, self.image, self.max_cycles = socket, image, max_cycles
+        self.cycles = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.cycles < self.max_cycles:
+            try:
+                request(str(self.socket), "attach", name="churn", kind="plain", meta=str(self.image.meta),
+                        blob=str(self.image.blob))
+                request(str(self.socket), "detach", name="churn")
+            except ControlError as e:
+                self.failures.append(f"cycle {self.cycles}: {e}")
+                return
+            self.cycles += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=60)
+        assert not self.is_alive()
+
+
 UPGRADE_RNG = random.Random(1111)
 UPGRADE_WARM = {f"data/warm-{i}": UPGRADE_RNG.randbytes(200_000 + i * 7919) for i in range(6)}
 UPGRADE_FRESH = UPGRADE_RNG.randbytes(24 << 20)
@@ -383,9 +411,12 @@ def upgrade_image(registry):
 
 
 def test_hot_upgrade_replaces_the_daemon_without_a_failed_read(upgrade_image, tmp_path):
-    """`lazyfs daemon upgrade` while a reader loops over files of an image mount: the new
-    daemon takes over every loop device, the image mount and the socket; no read fails, even
-    of data neither daemon had fetched; the old daemon exits; nothing leaks."""
+    """`lazyfs daemon upgrade` while a reader loops over files of an image mount and a client
+    attaches and detaches another layer in a loop: the new daemon takes over every loop
+    device, the image mount and the socket; no read fails, even of data neither daemon had
+    fetched, and no control request fails; the old daemon exits; nothing leaks."""
+    require_tool("mkfs.erofs")
+    churn_image = make_plain_image(tmp_path / "churn-image")
     sock, run_dir, mnt, log = tmp_path / "daemon.sock", tmp_path / "run", tmp_path / "mnt", tmp_path / "daemon.log"
     old = start_shared_daemon(sock, tmp_path / "fuse", tmp_path / "cache", log, "--serve", "kernel",
                               "--layers-dir", str(tmp_path / "layers"))
@@ -397,17 +428,26 @@ def test_hot_upgrade_replaces_the_daemon_without_a_failed_read(upgrade_image, tm
         assert len(before) == 2 and {layer["serve"] for layer in before.values()} == {"kernel"}
         reader = Reader({mnt / path: data for path, data in UPGRADE_WARM.items()}, mnt / "data/fresh.bin",
                         UPGRADE_FRESH)
+        churn = Churn(sock, churn_image)
         reader.start()
+        churn.start()
         try:
             reader.wait_passes(3)
             old_reads = request(str(sock), "stats")["reads"]["requests"]
-            passes_before = reader.passes
+            passes_before, cycles_before = reader.passes, churn.cycles
             done = lazyfs_cli("daemon", "upgrade", "--socket", str(sock))
             passes_during = reader.passes - passes_before
             reader.wait_passes(reader.passes + 3)
+            cycles_after = churn.cycles
+            deadline = time.monotonic() + 60
+            while churn.cycles < cycles_after + 2 and churn.is_alive():  # cycles through the new daemon
+                assert time.monotonic() < deadline, churn.cycles
+                time.sleep(0.05)
         finally:
             reader.finish()
+            churn.finish()
         assert reader.failures == [], reader.failures[:10]
+        assert churn.failures == [] and cycles_after > cycles_before, (churn.failures, cycles_before, cycles_after)
         assert passes_during > 0 and reader.fresh_reads > passes_before  # reads ran through the upgrade
         assert old.wait(timeout=30) == 0  # the old daemon exited by itself
         stats = request(str(sock), "stats")

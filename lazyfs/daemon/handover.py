@@ -57,6 +57,7 @@ CHANGING_OPS = frozenset({"attach", "detach", "mount-image", "unmount-image", "t
 # How long the old daemon stays frozen waiting for the commit (the new daemon attaches every
 # layer meanwhile: metadata from the cache, one ioctl each) before it takes its loops back.
 HANDOVER_BOUND = 600.0
+CHANGES_POLL = 0.01
 # Attach request fields that belong to one container start, not to the layer.
 NOT_HANDED_OVER = ("record_trace", "push_credentials")
 
@@ -116,11 +117,19 @@ def refusal(daemon: Daemon) -> str | None:
 async def hand_over(daemon: Daemon, stream: trio.SocketStream, lines: LineReader, request: dict) -> bool:
     """Answer ``handover-begin`` on this connection and see the handover through. True when
     the daemon has handed everything over and is stopping (the connection is then done)."""
-    why = refusal(daemon) if not daemon.handing_over else "a handover is already under way"
-    if why is not None:
-        await send(stream, {"ok": False, "error": why, "type": "refused"})
+    if daemon.handing_over:
+        await send(stream, {"ok": False, "error": "a handover is already under way", "type": "refused"})
         return False
     daemon.handing_over = True
+    # An attach or detach that began before the freeze ends first: what we hand over is then
+    # all there is (each is bounded by the read and request timeouts).
+    while daemon.changes_in_flight:
+        await trio.sleep(CHANGES_POLL)
+    why = refusal(daemon)
+    if why is not None:
+        daemon.handing_over = False
+        await send(stream, {"ok": False, "error": why, "type": "refused"})
+        return False
     committed = aborted = False
     try:
         layers = [daemon.fs.layer(name) for name in daemon.layer_mounts]
@@ -165,10 +174,12 @@ async def hand_over(daemon: Daemon, stream: trio.SocketStream, lines: LineReader
 
 
 async def reclaim(daemon: Daemon) -> None:
-    """Point every layer's chunk loop back at this daemon's own chunk-device file (a no-op for
-    the ones the new daemon had not taken yet)."""
+    """Point every layer's chunk loop that the new daemon took back at this daemon's own
+    chunk-device file."""
     for name in list(daemon.layer_mounts):
         loop = daemon.fs.layer(name).info["loop"]
+        if kernel.loop_backing_file(loop) == str(daemon.options.fuse_dir / name):
+            continue  # never taken: no swap needed
         try:
             await trio.to_thread.run_sync(kernel.change_backing_file, loop, daemon.options.fuse_dir / name)
         except kernel.KernelServeError as e:

@@ -197,6 +197,7 @@ class Daemon:
         self._fallback_reasons: set[str] = set()
         self.attach_requests: dict[str, dict] = {}  # by layer name: what a successor attaches to take over
         self.handing_over = False  # frozen for a successor (lazyfs.daemon.handover)
+        self.changes_in_flight = 0  # requests of handover.CHANGING_OPS being carried out
         self.taking_over = False  # attaching a predecessor's layers: every root must be taken over
         self.control_path: Path | None = None  # where our control socket is (moves once on a takeover)
 
@@ -698,9 +699,18 @@ class Daemon:
     async def handle(self, request: Any) -> dict:
         if not isinstance(request, dict):
             raise RequestError("a request must be a JSON object")
-        op = request.get("op")
-        if self.handing_over and op in handover.CHANGING_OPS:
+        if request.get("op") not in handover.CHANGING_OPS:
+            return await self._handle(request)
+        if self.handing_over:
             raise RequestError("the daemon is handing over to a new daemon (hot upgrade); retry", "upgrading")
+        self.changes_in_flight += 1  # a handover waits for these to end before it says what we serve
+        try:
+            return await self._handle(request)
+        finally:
+            self.changes_in_flight -= 1
+
+    async def _handle(self, request: dict) -> dict:
+        op = request.get("op")
         if op == "ping":
             return {"ready": self.ready, "pid": os.getpid(), "fuse": str(self.options.fuse_dir),
                     "serve": self.options.serve}
