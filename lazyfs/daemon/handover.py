@@ -177,9 +177,9 @@ async def reclaim(daemon: Daemon) -> None:
     """Point every layer's chunk loop that the new daemon took back at this daemon's own
     chunk-device file."""
     for name in list(daemon.layer_mounts):
-        loop = daemon.fs.layer(name).info["loop"]
-        if kernel.loop_backing_file(loop) == str(daemon.options.fuse_dir / name):
-            continue  # never taken: no swap needed
+        loop = daemon.fs.layer(name).info.get("loop")
+        if loop is None or kernel.loop_backing_file(loop) == str(daemon.options.fuse_dir / name):
+            continue  # not a loop-served layer, or never taken: no swap needed
         try:
             await trio.to_thread.run_sync(kernel.change_backing_file, loop, daemon.options.fuse_dir / name)
         except kernel.KernelServeError as e:
