@@ -120,6 +120,11 @@ def open_image(path: str | os.PathLike) -> Image:
 
 
 async def attach_plain(ctx: AttachContext, request: dict) -> Attached:
+    with ctx.fetcher.attaching():
+        return await _attach_plain(ctx, request)
+
+
+async def _attach_plain(ctx: AttachContext, request: dict) -> Attached:
     meta = _string(request, "meta")
     blob = _string(request, "blob")
     image = await trio.to_thread.run_sync(open_image, meta)
@@ -256,7 +261,35 @@ def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes
         raise
 
 
+async def _sections_bytes(ctx: AttachContext, store: ImageStore, digest: str,
+                          sections: list[tuple[Section, str]]) -> list[bytes]:
+    """Several sections' stored bytes, fetched side by side (one round trip, not one each);
+    the first failure cancels the others and is raised."""
+    results: list[bytes] = [b""] * len(sections)
+    failure: list[BaseException] = []
+
+    async def one(i: int, section: Section, what: str, cancel: trio.CancelScope) -> None:
+        try:
+            results[i] = await _section_bytes(ctx, store, digest, section, what)
+        except Exception as e:
+            failure.append(e)
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for i, (section, what) in enumerate(sections):
+            nursery.start_soon(one, i, section, what, nursery.cancel_scope)
+    if failure:
+        raise failure[0]
+    return results
+
+
 async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
+    # Attach-critical fetches first: no prefetch starts on the link until the layer is attached.
+    with ctx.fetcher.attaching():
+        return await _attach_lazyfs(ctx, request)
+
+
+async def _attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
     ref = _string(request, "ref")
     digest = _string(request, "digest")
     annotations = request.get("annotations") or {}
@@ -276,15 +309,18 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
             tail = await _footer_bytes(store, digest, size)
             index, trusted = locate(lambda _o, _l: tail, size), True
             log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
-        meta = await _section_bytes(ctx, store, digest, index.meta, "layer metadata")
-        table = await _section_bytes(ctx, store, digest, index.table, "chunk table")
+        sections = [(index.meta, "layer metadata"), (index.table, "chunk table")]
+        if request.get("prefetch") and request.get("trace") is None and index.trace is not None:
+            sections.append((index.trace, "embedded trace"))
+        meta, table, *trace = await _sections_bytes(ctx, store, digest, sections)
         layer, meta_fd = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
     except LayerFormatError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     except RegistryError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     try:
-        device, info = await _serve_lazyfs(ctx, request, store, host, index, layer, trusted)
+        device, info = await _serve_lazyfs(ctx, request, store, host, index, layer, trusted,
+                                           trace[0] if trace else None)
     except BaseException:
         if meta_fd is not None:
             os.close(meta_fd)
@@ -293,9 +329,9 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
 
 
 async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, host: str, index, layer: Layer,
-                        trusted: bool) -> tuple[ChunkGridDevice, dict]:
+                        trusted: bool, trace_stored: bytes | None) -> tuple[ChunkGridDevice, dict]:
     """The device reader and `list` info of a loaded lazyfs layer; queues its prefetch and
-    background fill."""
+    background fill (``trace_stored``: the embedded trace's stored bytes, if fetched)."""
     ref, digest = request["ref"], request["digest"]
     background_rate = _background_rate(request)
     source = StoreBlobSource(store, digest, host, ctx.chunk_retry)
@@ -305,7 +341,7 @@ async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, ho
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
     trace_chunks: list[int] = []
-    found = await _prefetch_trace(ctx, store, digest, index, request)
+    found = await _prefetch_trace(digest, index, request, trace_stored)
     if found is not None:
         trace, embedded = found
         chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
@@ -413,9 +449,10 @@ def _background_rate(request: dict) -> int | None:
     return rate
 
 
-async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, index,
-                          request: dict) -> tuple[Trace, bool] | None:
-    """(trace, embedded): a file named by ``trace``, else (with ``prefetch``) the layer's own."""
+async def _prefetch_trace(digest: str, index, request: dict,
+                          trace_stored: bytes | None) -> tuple[Trace, bool] | None:
+    """(trace, embedded): a file named by ``trace``, else (with ``prefetch``) the layer's own,
+    whose stored bytes the attach fetched with its metadata."""
     path = request.get("trace")
     try:
         if path is not None:
@@ -425,9 +462,8 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
                 return Trace.decode(await trio.to_thread.run_sync(Path(path).read_bytes)), False
             except OSError as e:
                 raise AttachError(f"cannot read trace {path}: {e.strerror}") from e
-        if request.get("prefetch") and index.trace is not None:
-            stored = await _section_bytes(ctx, store, digest, index.trace, "embedded trace")
-            return Trace.decode(index.trace.open("trace", stored)), True
+        if trace_stored is not None:
+            return Trace.decode(index.trace.open("trace", trace_stored)), True
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e
     return None
