@@ -340,29 +340,24 @@ async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, ho
                              recent=ctx.recent, **({} if readahead else {"readahead_bytes": 0}))
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
-    trace_chunks: list[int] = []
     found = await _prefetch_trace(digest, index, request, trace_stored)
-    if found is not None:
-        trace, embedded = found
-        chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
-        if ctx.policies is None:
-            if chunks:
-                ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
-        else:
-            trace_chunks = chunks
-        info["prefetch_chunks"] = len(chunks)
+    layer_info = None
     if ctx.policies is not None:
         layer_info = LayerInfo(_string(request, "name"), source, layer.chunk_count, layer.chunk_ref,
-                               trace_chunks=trace_chunks, background_rate=background_rate)
+                               background_rate=background_rate)
         ctx.policies.attach(layer_info)
         if ctx.policies.wants_files:
             ctx.policies.build_files_soon(layer_info, lambda: file_map(layer))
         info["policies"] = ctx.policies.names
+    learn = None
     if request.get("learned_trace") or request.get("record_trace"):
-        # After the attach, in the background: the look-up must not delay the layer.
-        info[AFTER_ATTACH] = functools.partial(
+        learn = functools.partial(
             _learn, ctx, store, ref, digest, _given_manifest(request), layer, source,
             bool(request.get("learned_trace")) and found is None and index.trace is None)
+    if found is not None or learn is not None:
+        # After the attach, in the background: the pull must not wait for the trace's chunks
+        # to be looked up, nor for a learned trace.
+        info[AFTER_ATTACH] = functools.partial(_after_attach, ctx, layer, digest, source, found, layer_info, learn)
     if request.get("background_fetch") and not (ctx.policies and "background" in ctx.policies.names):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
@@ -374,6 +369,25 @@ async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, ho
 
 
 AFTER_ATTACH = "_after_attach"  # info key: what the daemon runs once the layer is attached
+
+
+async def _after_attach(ctx: AttachContext, layer: Layer, digest: str, source: StoreBlobSource,
+                        found: tuple[Trace, bool] | None, layer_info: LayerInfo | None,
+                        learn: Callable[..., Awaitable[None]] | None, info: dict,
+                        on_manifest: Callable[[str], None]) -> None:
+    """What follows an attach without delaying it (``info`` is the layer's live ``list``
+    entry): the chunks of its trace queued for prefetch (following an embedded trace's paths
+    through the metadata takes up to half a second on a large layer), then learned traces."""
+    if found is not None:
+        trace, embedded = found
+        chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
+        if layer_info is not None:
+            layer_info.trace_chunks = chunks
+        if chunks and (ctx.policies is None or "trace" in ctx.policies.names):
+            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        info["prefetch_chunks"] = len(chunks)
+    if learn is not None:
+        await learn(info, on_manifest)
 
 
 def _given_manifest(request: dict) -> str | None:
