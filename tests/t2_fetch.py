@@ -884,3 +884,23 @@ async def test_background_and_speculation_wait_for_an_attach_readahead_does_not(
         await fetcher.wait_idle()
     assert all(start >= attached + 0.2 for start, _, _ in source.requests[1:])
     assert all(cache.contains(ref.digest) for ref in refs[:2] + refs[4:])
+
+
+async def test_attaches_settled_waits_for_every_attach_and_the_settle_time(cache, autojump_clock):
+    async with ChunkFetcher(cache, attach_settle=0.5) as fetcher:
+        await fetcher.attaches_settled()  # nothing attaching: at once
+        assert trio.current_time() == 0
+        settled_at = []
+
+        async def after_the_pull():
+            await fetcher.attaches_settled()
+            settled_at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            with fetcher.attaching():
+                nursery.start_soon(after_the_pull)
+                await trio.sleep(1.0)
+            await trio.sleep(0.3)
+            with fetcher.attaching():  # the next layer of the pull, within the settle time
+                await trio.sleep(1.0)
+    assert settled_at == [pytest.approx(2.3 + 0.5)]

@@ -376,10 +376,13 @@ async def _after_attach(ctx: AttachContext, layer: Layer, digest: str, source: S
                         learn: Callable[..., Awaitable[None]] | None, info: dict,
                         on_manifest: Callable[[str], None]) -> None:
     """What follows an attach without delaying it (``info`` is the layer's live ``list``
-    entry): the chunks of its trace queued for prefetch (following an embedded trace's paths
-    through the metadata takes up to half a second on a large layer), then learned traces."""
+    entry): the chunks of its trace queued for prefetch, then learned traces. Following an
+    embedded trace's paths through the metadata takes up to half a second of CPU on a large
+    layer; it waits until the layers being attached (the rest of a pull) are attached, as the
+    prefetch would anyway."""
     if found is not None:
         trace, embedded = found
+        await ctx.fetcher.attaches_settled()
         chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
         if layer_info is not None:
             layer_info.trace_chunks = chunks

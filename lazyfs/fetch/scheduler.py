@@ -343,6 +343,7 @@ class ChunkFetcher:
         self.attach_settle = attach_settle
         self._attaching = 0  # attaches in flight (attaching())
         self._held_until = -math.inf  # trio clock: held requests wait until then after the last attach
+        self._attaches_done: trio.Event | None = None  # set when the last attach in flight ends
         self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
         self._pending: dict[Hashable, _Pending] = {}
         self._hosts: dict[str, _Host] = {}
@@ -482,8 +483,22 @@ class ChunkFetcher:
             self._attaching -= 1
             if self._attaching == 0:
                 self._held_until = trio.current_time() + self.attach_settle
+                if self._attaches_done is not None:
+                    self._attaches_done.set()
+                    self._attaches_done = None
                 if self._nursery is not None and not self._closing:
                     self._nursery.start_soon(self._release_held, self._held_until)
+
+    async def attaches_settled(self) -> None:
+        """Return once no layer attaches, nor did within ``attach_settle``: for work that
+        belongs after a pull (it would slow the attaches down, even off the link)."""
+        while self._holding():
+            if self._attaching:
+                if self._attaches_done is None:
+                    self._attaches_done = trio.Event()
+                await self._attaches_done.wait()
+            else:
+                await trio.sleep_until(self._held_until)
 
     def _holding(self) -> bool:
         """Whether requests led by HELD_WHILE_ATTACHING priorities must wait (see attaching)."""
