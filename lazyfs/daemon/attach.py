@@ -263,23 +263,23 @@ def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes
 
 async def _sections_bytes(ctx: AttachContext, store: ImageStore, digest: str,
                           sections: list[tuple[Section, str]]) -> list[bytes]:
-    """Several sections' stored bytes, fetched side by side (one round trip, not one each);
-    the first failure cancels the others and is raised."""
+    """Several sections' stored bytes, fetched side by side (one round trip, not one each).
+    If any fails, the error of the first failed one in list order is raised (the same error
+    whichever read gives up first; each read's retries are bounded)."""
     results: list[bytes] = [b""] * len(sections)
-    failure: list[BaseException] = []
+    failures: dict[int, Exception] = {}
 
-    async def one(i: int, section: Section, what: str, cancel: trio.CancelScope) -> None:
+    async def one(i: int, section: Section, what: str) -> None:
         try:
             results[i] = await _section_bytes(ctx, store, digest, section, what)
         except Exception as e:
-            failure.append(e)
-            cancel.cancel()
+            failures[i] = e
 
     async with trio.open_nursery() as nursery:
         for i, (section, what) in enumerate(sections):
-            nursery.start_soon(one, i, section, what, nursery.cancel_scope)
-    if failure:
-        raise failure[0]
+            nursery.start_soon(one, i, section, what)
+    if failures:
+        raise failures[min(failures)]
     return results
 
 
