@@ -138,9 +138,9 @@ def test_mount_survives_damaged_manifest_metadata_and_chunk_table_fetches(repo, 
         assert not proxy.unused_rules()
         for layer in converted.layers:
             asked = [r.range for r in proxy.requests if r.path.endswith(layer.descriptor.digest)]
-            # Four tries of the metadata (three damaged), then three of the chunk table.
-            assert [re.fullmatch(_section_range(layer, "meta"), r) is not None for r in asked[:7]] == [True] * 4 + [False] * 3
-            assert all(re.fullmatch(_section_range(layer, "table"), r) for r in asked[4:7])
+            # Four tries of the metadata (three damaged) and three of the chunk table (side by side).
+            assert sum(re.fullmatch(_section_range(layer, "meta"), r) is not None for r in asked[:7]) == 4
+            assert sum(re.fullmatch(_section_range(layer, "table"), r) is not None for r in asked[:7]) == 3
         for rel, want in FILES.items():
             assert (mount.path / rel).read_bytes() == want
 
@@ -174,9 +174,17 @@ def test_blob_reads_follow_redirects_to_expiring_storage_urls(repo, proxy, tmp_p
     blob_requests = [r for r in proxy.requests if "/blobs/" in r.path]
     expired = [i for i, r in enumerate(blob_requests) if r.status == 403]
     assert len(expired) == 3
-    for i in expired:  # each expired URL sent the next request of that blob back to the registry
-        later = [r for r in blob_requests[i + 1:] if r.path.split("/blobs/")[1] == blob_requests[i].path.split("/blobs/")[1]]
-        assert later and later[0].path.startswith("/v2/")
+    blob_of = lambda r: r.path.split("/blobs/")[1]  # noqa: E731
+    refreshed = 0
+    for i in expired:  # each expired range is read again, through a fresh URL from the registry
+        later = [j for j in range(i + 1, len(blob_requests)) if blob_of(blob_requests[j]) == blob_of(blob_requests[i])
+                 and blob_requests[j].range == blob_requests[i].range]
+        assert later and blob_requests[later[-1]].status == 206
+        # A layer's sections are read side by side: a URL fetched just before the expiry by the
+        # other section's read may serve the retry, so only some retries ask the registry.
+        refreshed += any(r.path.startswith("/v2/") and blob_of(r) == blob_of(blob_requests[i])
+                         for r in blob_requests[i + 1:later[0] + 1])
+    assert refreshed >= 1
     assert not any(r.has_authorization for r in blob_requests if r.path.startswith("/_cdn/"))
 
 
