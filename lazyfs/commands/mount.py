@@ -20,6 +20,7 @@ from pathlib import Path
 from lazyfs.cliopts import add_registry_arguments, load_with_registry
 from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.mountsupervisor import command as supervisor_command
 from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 from lazyfs.daemon.mountstate import (
     DEFAULT_RUN_DIR, MountState, add_timeout_arguments, daemon_command, daemon_running,
@@ -119,14 +120,21 @@ def run(args: argparse.Namespace) -> int:
                          request_timeout=args.request_timeout,
                          serve=serve, layers_dir=state.layers_dir if serve == "kernel" else None,
                          policies=args.policy.split(",") if args.policy else None)
-    cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
+    cmd += ["--startup", str(state.startup_file)]
+    # Kernel mode: the layers' mounts outlive the daemon, so a supervisor restarts a daemon that
+    # dies (lazyfs.daemon.mountsupervisor). In the foreground this command watches it instead.
+    supervised = serve == "kernel" and not args.foreground
+    if supervised:
+        cmd = supervisor_command(state, cmd, ready_fd=ready_write)
+    else:
+        cmd += ["--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                     start_new_session=not args.foreground, close_fds=True, pass_fds=(ready_write,))
     finally:
         os.close(ready_write)
-    state.pid_file.write_text(f"{proc.pid}\n")
+    (state.supervisor_pid_file if supervised else state.pid_file).write_text(f"{proc.pid}\n")
     with os.fdopen(ready_read, "rb") as ready:
         error, status = _wait_ready(state, proc, ready)
     if error is not None:
@@ -145,7 +153,7 @@ class _UsageError(Exception):
 def _mount_point_refusal(state: MountState) -> str | None:
     """Why nothing may be mounted at the state's mount point (after cleaning up after a dead
     daemon), or None."""
-    if state.exists() and state.daemon_alive():
+    if state.exists() and state.in_use():
         return f"{state.mountpoint} is already mounted by daemon {state.pid()}"
     state.clean_stale()
     if is_mounted(state.mountpoint):
