@@ -46,9 +46,9 @@ def wait_until(condition, what: str, timeout: float = 60.0):
     return result
 
 
-def released(path: Path) -> bool:
+def released(path: Path, timeout: float = 10.0) -> bool:
     """Every loop and mount below ``path`` gone (loops clear as their last user closes them)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout
     while any(leftovers(path)):
         if time.monotonic() > deadline:
             return False
@@ -101,34 +101,41 @@ def test_a_killed_daemon_is_restarted_and_an_open_file_reads_on(pushed_image, tm
         lazyfs_cli("umount", "--run-dir", str(run_dir), str(mount.path))
         assert not process_running(supervisor, str(state.root))
         assert not daemon_running(new_pid)
-    assert released(tmp_path), leftovers(tmp_path)
+    # After a dead daemon the kernel takes a while to let the loops go (15-22 s seen on a loaded
+    # machine, against well under 10 s after a clean shutdown): a longer bound, still bounded.
+    assert released(tmp_path, 60), leftovers(tmp_path)
     assert not os.path.ismount(tmp_path / "mnt")
     assert not state.root.exists()
 
 
-def test_a_daemon_that_cannot_come_back_is_given_up(tmp_path):
-    """The metadata image goes away after the mount: every restarted daemon fails to attach
-    the layer. The supervisor gives up after a bounded number of restarts; umount releases."""
+def test_a_daemon_that_keeps_dying_is_given_up(tmp_path):
+    """Each daemon the supervisor starts is SIGKILLed once it is ready: after a bounded number
+    of restarts in a row the supervisor gives up with one ERROR line; umount releases all."""
     require_root()
     image = make_plain_image(tmp_path / "image")
-    meta = tmp_path / "meta-copy"
-    meta.write_bytes(image.meta.read_bytes())
     run_dir = tmp_path / "run"
-    with lazy_mount(tmp_path / "mnt", "--serve", "kernel", "--meta", str(meta), "--blob", str(image.blob),
+    with lazy_mount(tmp_path / "mnt", "--serve", "kernel", "--meta", str(image.meta), "--blob", str(image.blob),
                     run_dir=run_dir, cache_dir=tmp_path / "cache") as mount:
         state = MountState.for_mountpoint(mount.path, run_dir)
         supervisor = state.supervisor_pid()
         assert supervisor is not None
-        assert (mount.path / "small.txt").read_bytes() == b"hello lazyfs\n"
-        meta.unlink()
-        os.kill(mount.daemon_pid(), signal.SIGKILL)
-        wait_until(lambda: not process_running(supervisor, str(state.root)), "the supervisor did not give up",
-                   timeout=120)
+        killed = []
+        for _ in range(20):  # bounded: the supervisor gives up after 5 restarts
+            pid = wait_until(lambda: (not process_running(supervisor, str(state.root)) and -1)
+                             or (mount.daemon_pid() not in killed and (state.ping(timeout=2) or {}).get("ready")
+                                 and mount.daemon_pid()), "no new daemon and no end")
+            if pid == -1:
+                break
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        assert len(killed) == 6, killed  # the first daemon and 5 restarted ones
         log = state.log_file.read_text()
         gave_up = [line for line in log.splitlines() if "giving up" in line]
         assert len(gave_up) == 1 and "keeps dying (5 restarts in a row did not last)" in gave_up[0], gave_up
         assert f"`lazyfs umount {mount.path}` releases the mount" in gave_up[0]
-        assert log.count("restarting the lazyfs daemon of") == 5
+        assert all(f"lazyfs daemon lost (pid {pid}, killed by SIGKILL)" in log for pid in killed)
         lazyfs_cli("umount", "--run-dir", str(run_dir), str(mount.path))
-    assert released(tmp_path), leftovers(tmp_path)
+    # After a dead daemon the kernel takes a while to let the loops go (15-22 s seen on a loaded
+    # machine, against well under 10 s after a clean shutdown): a longer bound, still bounded.
+    assert released(tmp_path, 60), leftovers(tmp_path)
     assert not os.path.ismount(tmp_path / "mnt")
