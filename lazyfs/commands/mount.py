@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
     parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
                         help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
-                             "each layer, the daemon only its chunk device (default: config, else fuse)")
+                             "each layer, the daemon only its chunk device (default: config, else kernel)")
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
     parser.add_argument("--daemon", type=Path, default=None, metavar="SOCKET",
                         help="mount through the running daemon at this control socket (`lazyfs daemon`) "
@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefetch the chunks this trace file lists (instead of the layers' embedded traces)")
     parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
     parser.add_argument("--record-trace", type=Path, default=None, metavar="FILE",
-                        help="record an access trace from the mount on; written to FILE when unmounted")
+                        help="record an access trace from the mount on; written to FILE when unmounted "
+                             "(mounts with --serve fuse unless --serve is given)")
     parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
                         help="fetch policies of the mount's daemon: none, readahead, trace, background, "
                              "locality, or package.module:Class (default: readahead,trace)")
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
                                           indent=1))
     ready_read, ready_write = os.pipe()
-    serve = args.serve or config.serve
+    # A trace recorded in kernel mode lacks the lookup/open events (the kernel answers them).
+    serve = args.serve or ("fuse" if args.record_trace is not None else config.serve)
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
                          metrics=args.metrics, registry=registry, verbose=args.verbose,
                          allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
