@@ -31,8 +31,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 from lazyfs.daemon.mountstate import MountState
@@ -43,6 +41,27 @@ log = logging.getLogger("lazyfs.supervisor")
 MODULE = "lazyfs.daemon.mountsupervisor"
 READY_TIMEOUT = 300.0
 POLICY = RestartPolicy(watch_interval=0.2, first_delay=0.5, max_delay=8.0, max_restarts=5, stable_after=60.0)
+
+
+class SignalStop:
+    """A stop flag that a signal handler may set (a threading.Event may not: a handler that
+    interrupts the main thread while it holds the event's lock would wait for it for ever)."""
+
+    def __init__(self):
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._write_fd, b"\0")
+        except BlockingIOError:  # set many times over: already readable
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(select.select([self.fd], [], [], timeout)[0])
+
+    def is_set(self) -> bool:
+        return self.wait(0)
 
 
 class StartFailed(Exception):
@@ -57,7 +76,7 @@ class MountSupervisor:
         self.state = state
         self.daemon_cmd = daemon_cmd
         self.process: subprocess.Popen | None = None
-        self.stop = threading.Event()
+        self.stop = SignalStop()
 
     def start(self, restart: bool) -> None:
         """Start a daemon and wait for its startup report; raises StartFailed."""
@@ -98,19 +117,17 @@ class MountSupervisor:
                           bool(outcome.get("usage")))
 
     def _wait_report(self, ready) -> dict | None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not self.stop.is_set():
-            readable, _, _ = select.select([ready], [], [], 0.2)
-            if readable:
-                line = ready.readline()
-                try:
-                    return json.loads(line) if line else {}
-                except ValueError:
-                    return {}
-            if time.monotonic() > deadline:
-                self.process.terminate()
-                return {"error": f"the daemon was not ready after {READY_TIMEOUT:.0f}s"}
-        return None
+        readable, _, _ = select.select([ready, self.stop.fd], [], [], READY_TIMEOUT)
+        if ready in readable:
+            line = ready.readline()
+            try:
+                return json.loads(line) if line else {}
+            except ValueError:
+                return {}
+        if readable:
+            return None
+        self.process.terminate()
+        return {"error": f"the daemon was not ready after {READY_TIMEOUT:.0f}s"}
 
     def alive(self) -> bool:
         status = self.process.poll()

@@ -20,8 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+class Stop(Protocol):
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,11 @@ class RestartPolicy:
 class Supervisor:
     """Calls ``start()`` whenever ``alive()`` turns false, until ``stop`` is set or the policy
     gives up. ``start`` raises on failure (any exception: the supervisor must outlive it) and
-    returns once the new daemon is ready; ``on_lost`` logs the loss (once per loss)."""
+    returns once the new daemon is ready; ``on_lost`` logs the loss (once per loss). ``stop``
+    is a threading.Event or anything with its ``wait(timeout) -> bool``."""
 
     def __init__(self, *, alive: Callable[[], bool], start: Callable[[], None], policy: RestartPolicy,
-                 on_lost: Callable[[], None] = lambda: None, stop: threading.Event | None = None,
+                 on_lost: Callable[[], None] = lambda: None, stop: Stop | None = None,
                  what: str = "the lazyfs daemon", give_up_hint: str = ""):
         self.alive = alive
         self.start = start
