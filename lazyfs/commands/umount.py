@@ -32,10 +32,14 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(f"lazyfs umount: {state.mountpoint} is not a lazyfs mount", file=sys.stderr)
         return 1
+    shared = state.shared_socket()
+    # A shared daemon is asked whether it lives: after a hot upgrade (`lazyfs daemon upgrade`)
+    # another process serves its socket than the one whose pid was recorded.
+    if shared is not None and _answers(shared):
+        return _unmount_shared(state, shared, args.lazy)
     if not state.in_use():
         state.clean_stale()
         return 0
-    shared = state.shared_socket()
     if shared is not None:
         return _unmount_shared(state, shared, args.lazy)
     try:
@@ -90,6 +94,14 @@ def _stop_supervisor(pid: int | None) -> None:
             _kill(pid)
             break
         time.sleep(0.05)
+
+
+def _answers(socket: Path) -> bool:
+    try:
+        request(str(socket), "ping", timeout=5.0)
+    except ControlError:
+        return False
+    return True
 
 
 def _process_exists(pid: int) -> bool:
