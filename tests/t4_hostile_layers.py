@@ -41,7 +41,9 @@ def daemon(tmp_path):
     socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
     # A crafted chunk never verifies: its reads fail once the read bound is spent retrying it,
     # so a short bound keeps the test short (what fails, and what keeps working, is the same).
-    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log", "--read-timeout", "5")
+    # FUSE-tree mode: lazyfs itself parses every crafted layer's metadata and serves its tree.
+    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log", "--read-timeout", "5",
+                               "--serve", "fuse")
     try:
         yield socket, fuse, proc
     finally:

@@ -164,7 +164,9 @@ def test_blob_reads_follow_redirects_to_expiring_storage_urls(repo, proxy, tmp_p
     # storage URLs expire now and then (403): the registry is asked again for a fresh one.
     proxy.add(Fault.status(403), path=r"^/_cdn/", times=2)
     proxy.add(Fault.redirect(), method="GET", path=r"^/v2/.*/blobs/", times=None)
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    # FUSE mode: its reads come one at a time, so "the next request of that blob" below is the
+    # one after the expiry (a kernel-mode loop device reads ahead concurrently).
+    with lazy_mount(tmp_path / "mnt", "--serve", "fuse", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         assert (mount.path / "data/one").read_bytes() == FILES["data/one"]
         proxy.add(Fault.status(403), path=r"^/_cdn/", times=1)  # expires while mounted
@@ -282,7 +284,8 @@ def test_corrupt_chunks_are_never_served(repo, proxy, tmp_path):
 def test_killed_daemon_leaves_a_stale_mount_that_the_next_mount_cleans(repo, proxy, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     mnt = tmp_path / "mnt"
-    with lazy_mount(mnt, f"{proxy.host}/{repo}", run_dir=run_dir, cache_dir=cache) as mount:
+    # FUSE mode: no supervisor, a dead daemon's mount stays dead (kernel mode: t4_mount_supervisor).
+    with lazy_mount(mnt, "--serve", "fuse", f"{proxy.host}/{repo}", run_dir=run_dir, cache_dir=cache) as mount:
         proxy.add(Fault.delay(0.05), path=BLOB_RANGES, ranged=True, times=None)  # keep reads in flight
         stop = threading.Event()
         errors: list[BaseException] = []
@@ -316,7 +319,8 @@ def test_killed_daemon_leaves_a_stale_mount_that_the_next_mount_cleans(repo, pro
 
         # The mount point is now stale; mounting again cleans it up and serves correct content.
         proxy.clear_rules()
-        lazyfs_cli("mount", "--run-dir", str(run_dir), "--cache-dir", str(cache), f"{proxy.host}/{repo}", str(mnt))
+        lazyfs_cli("mount", "--serve", "fuse", "--run-dir", str(run_dir), "--cache-dir", str(cache),
+                   f"{proxy.host}/{repo}", str(mnt))
         for rel, want in FILES.items():
             assert (mnt / rel).read_bytes() == want
 
