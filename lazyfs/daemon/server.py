@@ -546,6 +546,8 @@ class Daemon:
         else:
             self.fs.layer(name).info["serve"] = "fuse"
         layer = self.fs.layer(name)  # after a fallback to the FUSE tree, a new slot
+        if layer.as_device and self._nursery is not None:
+            self._nursery.start_soon(layer.device.load_mapped_lengths)  # type: ignore[attr-defined]
         log.info("attached %s (%s %s, served by %s)", name, kind, layer.info.get("digest") or layer.info.get("meta", ""),
                  layer.info["serve"])
         if after is not None and self._nursery is not None:
