@@ -107,11 +107,12 @@ def test_snapshotter_config_reaches_every_daemon_option(tmp_path):
     assert (options.recording.quiet, options.recording.max_duration, options.recording.max_bytes) == (
         2.5, 60.0, 2 << 20)
     assert options.policies == ("trace", "locality")
-    # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe).
+    # The fields left are the ones `lazyfs mount` alone sets (its startup spec and ready pipe)
+    # and the one only an upgrade sets (the successor taking the running daemon's layers over).
     covered = {"fuse_dir", "socket_path", "cache_dir", "cache_size", "metrics", "registry", "recording",
                "allow_suid_dev", "serve", "layers_dir", "loop_direct_io", "policies",
                "read_timeout", "request_timeout"}
-    assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd"}
+    assert set(DaemonOptions.__dataclass_fields__) - covered == {"startup", "ready_fd", "take_over"}
 
 
 # -- hosts.toml ----------------------------------------------------------------------------
