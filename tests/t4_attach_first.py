@@ -48,8 +48,9 @@ def test_second_layer_attaches_while_the_first_layers_prefetch_yields(registry, 
         # until it yields.
         near_start = r"^bytes=\d{1,3}-"
         proxy.add(Fault.stall(), method="GET", path=first, range=near_start)
+        # (FUSE-tree mode: the test reads the layers' trees under the FUSE mount)
         daemon = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log",
-                                     "--request-timeout", "300")
+                                     "--request-timeout", "300", "--serve", "fuse")
         try:
             def attach(name: str, layer) -> None:
                 request(str(socket), "attach", name=name, kind="lazyfs", ref=f"{proxy.host}/t/attach-first:v1",

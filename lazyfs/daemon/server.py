@@ -48,7 +48,7 @@ from lazyfs.fetch.scheduler import RetryPolicy as ChunkRetryPolicy
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve import kernel
 from lazyfs.serve.fuse import LazyOperations
-from lazyfs.serve.layerfs import LayerExists, LayerFS, NoSuchEntry, cell_owners
+from lazyfs.serve.layerfs import AttachedLayer, LayerExists, LayerFS, NoSuchEntry, cell_owners
 from lazyfs.serve.mounts import (
     MountError, is_mounted, is_stale, mount_flags, set_read_ahead, stack_mount, unmount_fuse, unmount_path,
 )
@@ -547,12 +547,20 @@ class Daemon:
             self.fs.layer(name).info["serve"] = "fuse"
         layer = self.fs.layer(name)  # after a fallback to the FUSE tree, a new slot
         if layer.as_device and self._nursery is not None:
-            self._nursery.start_soon(layer.device.load_mapped_lengths)  # type: ignore[attr-defined]
+            self._nursery.start_soon(self._load_mapped_lengths, layer)
         log.info("attached %s (%s %s, served by %s)", name, kind, layer.info.get("digest") or layer.info.get("meta", ""),
                  layer.info["serve"])
         if after is not None and self._nursery is not None:
             self._nursery.start_soon(self._after_attach, after, layer, learn)
         return {"path": str(self.options.layer_root(name))}
+
+    async def _load_mapped_lengths(self, layer: AttachedLayer) -> None:
+        """Kernel mode: walk the layer's metadata for its padding check before reads need it.
+        A layer detached meanwhile (its image closed) makes the walk fail: nothing to keep."""
+        try:
+            await layer.device.load_mapped_lengths()  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - a background warm-up; reads compute it again
+            log.debug("layer %s: mapped lengths not computed in advance: %s", layer.name, e)
 
     async def _mount_layer_root(self, name: str, attached: attach_kinds.Attached, map_cells: bool = False) -> None:
         """Kernel mode: the layer's EROFS mount over loop devices of its chunk-device file and

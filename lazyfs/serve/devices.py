@@ -154,7 +154,10 @@ class ChunkGridDevice:
 
     async def _check_padding(self, n: int, have: int) -> None:
         """Zero padding after a short cell may be served only where no file maps data."""
-        mapped = (await self.load_mapped_lengths()).get(n, 0)
+        try:
+            mapped = (await self.load_mapped_lengths()).get(n, 0)
+        except Exception as e:  # the metadata walk failed as a whole: no padding is known safe
+            raise DeviceReadError(f"{self.source.name}: chunk {n}: cannot check what maps onto it: {e}") from e
         if mapped > have:
             raise DeviceReadError(
                 f"{self.source.name}: chunk {n} has {have} bytes, the metadata maps {mapped} bytes of file data onto it")
