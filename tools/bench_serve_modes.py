@@ -100,17 +100,27 @@ TRACEFS = Path("/sys/kernel/tracing")
 FUSE_SEND = TRACEFS / "events/fuse/fuse_request_send/enable"
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
 class FuseRequestCounter:
-    """Counts FUSE requests by opcode with the kernel's fuse:fuse_request_send tracepoint (every
-    FUSE connection on the machine: run nothing else that uses FUSE meanwhile)."""
+    """Counts FUSE requests by opcode with the kernel's fuse:fuse_request_send tracepoint, of the
+    FUSE connections made while it counts (the daemon that `lazyfs mount` starts): connections
+    that existed before (other FUSE filesystems on the machine) are left out, by their numbers
+    in the fusectl filesystem."""
 
     def __init__(self) -> None:
         if not FUSE_SEND.exists():
             subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=False, capture_output=True)
         if not FUSE_SEND.exists():
             raise SystemExit("no fuse:fuse_request_send tracepoint (tracefs, CONFIG_FUSE_FS tracing)")
+        if not os.path.ismount(FUSECTL):
+            subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False, capture_output=True)
+        if not os.path.ismount(FUSECTL):
+            raise SystemExit(f"no fusectl filesystem at {FUSECTL}: cannot tell FUSE connections apart")
 
     def __enter__(self) -> "FuseRequestCounter":
+        self.before = {entry.name for entry in FUSECTL.iterdir()}
         (TRACEFS / "tracing_on").write_text("0\n")
         (TRACEFS / "buffer_size_kb").write_text("32768\n")
         (TRACEFS / "trace").write_text("")
@@ -123,11 +133,15 @@ class FuseRequestCounter:
         (TRACEFS / "tracing_on").write_text("0\n")
         FUSE_SEND.write_text("0\n")
         for line in (TRACEFS / "trace").read_text().splitlines():
-            if "fuse_request_send" in line and "(" in line:
-                opcode = line.rsplit("(", 1)[1].split(")", 1)[0]
-                self.by_opcode[opcode] = self.by_opcode.get(opcode, 0) + 1
-        lost = sum(int(line.split()[-1]) for line in (TRACEFS / "per_cpu/cpu0/stats").read_text().splitlines()
-                   if line.startswith("overrun"))
+            if "fuse_request_send" not in line or "(" not in line:
+                continue
+            connection = line.split("connection ", 1)[1].split(" ", 1)[0]
+            if connection in self.before:
+                continue
+            opcode = line.rsplit("(", 1)[1].split(")", 1)[0]
+            self.by_opcode[opcode] = self.by_opcode.get(opcode, 0) + 1
+        lost = sum(int(line.split()[-1]) for cpu in (TRACEFS / "per_cpu").iterdir()
+                   for line in (cpu / "stats").read_text().splitlines() if line.startswith("overrun"))
         if lost:
             raise SystemExit(f"the trace buffer overran ({lost} events lost): counts would be low")
         (TRACEFS / "trace").write_text("")
