@@ -100,27 +100,25 @@ TRACEFS = Path("/sys/kernel/tracing")
 FUSE_SEND = TRACEFS / "events/fuse/fuse_request_send/enable"
 
 
-FUSECTL = Path("/sys/fs/fuse/connections")
-
-
 class FuseRequestCounter:
-    """Counts FUSE requests by opcode with the kernel's fuse:fuse_request_send tracepoint, of the
-    FUSE connections made while it counts (the daemon that `lazyfs mount` starts): connections
-    that existed before (other FUSE filesystems on the machine) are left out, by their numbers
-    in the fusectl filesystem."""
+    """Counts FUSE requests by opcode with the kernel's fuse:fuse_request_send tracepoint, of one
+    FUSE connection: the one of the daemon serving the mount, named by :meth:`mounted` while it
+    is mounted (the machine's other FUSE filesystems send requests meanwhile too)."""
 
     def __init__(self) -> None:
         if not FUSE_SEND.exists():
             subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=False, capture_output=True)
         if not FUSE_SEND.exists():
             raise SystemExit("no fuse:fuse_request_send tracepoint (tracefs, CONFIG_FUSE_FS tracing)")
-        if not os.path.ismount(FUSECTL):
-            subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=False, capture_output=True)
-        if not os.path.ismount(FUSECTL):
-            raise SystemExit(f"no fusectl filesystem at {FUSECTL}: cannot tell FUSE connections apart")
+
+    def mounted(self, mountpoint: Path, run_dir: Path) -> None:
+        """The connection number is the FUSE mount's device number (its minor; major 0)."""
+        from lazyfs.daemon.mountstate import MountState
+
+        self.connection = str(os.minor(os.stat(MountState.for_mountpoint(mountpoint, run_dir).fuse_dir).st_dev))
 
     def __enter__(self) -> "FuseRequestCounter":
-        self.before = {entry.name for entry in FUSECTL.iterdir()}
+        self.connection: str | None = None
         (TRACEFS / "tracing_on").write_text("0\n")
         (TRACEFS / "buffer_size_kb").write_text("32768\n")
         (TRACEFS / "trace").write_text("")
@@ -132,11 +130,10 @@ class FuseRequestCounter:
     def __exit__(self, *exc) -> None:
         (TRACEFS / "tracing_on").write_text("0\n")
         FUSE_SEND.write_text("0\n")
+        if self.connection is None and exc[0] is None:
+            raise SystemExit("the FUSE connection of the mount was never named")
         for line in (TRACEFS / "trace").read_text().splitlines():
-            if "fuse_request_send" not in line or "(" not in line:
-                continue
-            connection = line.split("connection ", 1)[1].split(" ", 1)[0]
-            if connection in self.before:
+            if f"connection {self.connection} " not in line or "(" not in line:
                 continue
             opcode = line.rsplit("(", 1)[1].split(")", 1)[0]
             self.by_opcode[opcode] = self.by_opcode.get(opcode, 0) + 1
@@ -184,7 +181,8 @@ def warm_starts(image_name: str, runs: int, count_requests: bool = False) -> int
                     with contextlib.ExitStack() as stack:
                         counter = stack.enter_context(FuseRequestCounter()) if count_requests else None
                         total, mount = start_once(ref, work, work / f"cache-{name}", ready, workload,
-                                                  [*mount_args, "--no-prefetch"], 300)
+                                                  [*mount_args, "--no-prefetch"], 300,
+                                                  on_mounted=counter.mounted if counter is not None else None)
                     if counter is not None:
                         requests[name] = counter.by_opcode  # the last run's (every run sends about as many)
                     times.setdefault(f"lazyfs mount --serve {name}", []).append(total)
