@@ -121,6 +121,9 @@ PAGE = 4096
 # files' caches before they are invalidated (chosen by measurement: docs/design.md).
 DEVICE_WINDOW = 256 << 10
 DEVICE_CACHE_BUDGET = 64 << 20
+# Only reads smaller than this are followed by stores: larger ones are a sequential stream's
+# readahead, whose next request the kernel sends by itself (stores would only race with it).
+DEVICE_STORE_BELOW = 128 << 10
 
 
 class DevicePagePusher:
@@ -132,7 +135,8 @@ class DevicePagePusher:
     small files, or an ELF header and then the rest of the library, are separate reads of the
     chunk device, and the page cache's readahead treats such reads as random (reads them as
     they are). The daemon has the read's cell decoded anyway, so it hands the kernel up to
-    ``window`` bytes that follow the read within that cell. This needs the loop to read its
+    ``window`` bytes that follow the read within that cell (after reads smaller than
+    ``store_below``: larger ones are sequential readahead). This needs the loop to read its
     file through the page cache (direct I/O off). What the device files' caches hold is data
     also cached by EROFS above them, so it is bounded: once ``budget`` bytes have entered
     them (reads answered and bytes stored), they are invalidated.
@@ -142,11 +146,12 @@ class DevicePagePusher:
     run in worker threads, never on the loop.
     """
 
-    def __init__(self, window: int, budget: int,
+    def __init__(self, window: int, budget: int, store_below: int = DEVICE_STORE_BELOW,
                  store: Callable[[int, int, bytes], None] = pyfuse3.notify_store,
                  invalidate: Callable[[int], None] = pyfuse3.invalidate_inode):
         self.window = window
         self.budget = budget
+        self.store_below = store_below
         self._store = store
         self._invalidate = invalidate
         self._cached: dict[int, int] = {}  # device inode -> bytes that entered its page cache
@@ -341,7 +346,8 @@ class LazyOperations(pyfuse3.Operations):
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         pusher = self.device_pages
-        stop = None if pusher is None else self.fs.device_window_end(fh, off, size, pusher.window)
+        window = 0 if pusher is None or size >= pusher.store_below else pusher.window
+        stop = None if pusher is None else self.fs.device_window_end(fh, off, size, window)
         if pusher is not None and stop is not None:
             # One read of the cell for both: what was asked, and what follows it.
             data = await self.fs.read(fh, off, stop - off)

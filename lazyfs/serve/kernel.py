@@ -222,8 +222,6 @@ def adopt_layer(device_file: Path, root: Path, identity: str) -> KernelLayer:
     except OSError as e:
         raise KernelServeError("device-file", f"cannot open the chunk-device file {device_file}: {e.strerror}") from e
     try:
-        if not direct_io:
-            _read_exactly(new_fd)
         loop_fd = os.open(chunk_loop, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.ioctl(loop_fd, LOOP_CHANGE_FD, new_fd)
@@ -235,13 +233,6 @@ def adopt_layer(device_file: Path, root: Path, identity: str) -> KernelLayer:
         os.close(new_fd)
     log.info("%s: %s now reads %s", root, chunk_loop, device_file)
     return KernelLayer(root, chunk_loop, meta_loop, direct_io, identity)
-
-
-def _read_exactly(device_fd: int) -> None:
-    """A loop device reads through the open file it is given: with direct I/O off, no page-cache
-    readahead on that file, so that the daemon alone decides what enters its cache beyond the
-    loop's reads (lazyfs.serve.fuse.DevicePagePusher)."""
-    os.posix_fadvise(device_fd, 0, 0, os.POSIX_FADV_RANDOM)
 
 
 def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool, identity: str = "",
@@ -259,8 +250,6 @@ def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool, id
         except OSError as e:
             raise KernelServeError("device-file", f"cannot open the chunk-device file {device_file}: {e.strerror}") from e
         try:
-            if not direct_io:
-                _read_exactly(device_fd)
             chunk_loop, fd = attach_loop(device_fd, direct_io)
         finally:
             os.close(device_fd)  # the loop holds its own reference to the file
