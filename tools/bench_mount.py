@@ -289,7 +289,7 @@ def main() -> int:
                         # cache between)
                         os.sync()
                         drop_file_cache(mount.path / "big.bin", kernel.path / "big.bin", kernel.device, kernel.meta,
-                                        *mount.device_files())
+                                        *map(Path, kernel.loops), *mount.device_files())
                         first_s, _ = timed_read(mount.path / "big.bin")
                         before = mount.read_requests()
                         second_s = min(timed_read(mount.path / "big.bin")[0] for _ in range(3))
