@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lazyfs.daemon.control import ControlClient, ControlError
+from lazyfs.daemon.upgrade import successor_fuse_dir
 
 from .config import Config, TracesConfig
 from .errors import LayerFSError
@@ -140,6 +141,7 @@ class DaemonSupervisor:
         self.pid_file = cfg.root / "daemon.pid"
         self.log_file = cfg.root / "daemon.log"
         self._process: subprocess.Popen | None = None
+        self._process_pid = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -207,7 +209,11 @@ class DaemonSupervisor:
         """Whether the daemon process exists. A slow answer is no reason to start a second
         daemon on the same mountpoint, so liveness is the process, not the ping."""
         if self._process is not None:
-            return self._process.poll() is None  # poll also reaps an exited child
+            if self._process.poll() is None:  # poll also reaps an exited child
+                return True
+            self._process = None
+            if self.daemon_pid() != self._process_pid:  # `lazyfs-snapshotter upgrade` recorded its successor
+                log.info("lazyfs daemon %d was replaced by daemon %s (upgrade)", self._process_pid, self.daemon_pid())
         pid = self.daemon_pid()
         return pid is not None and _is_daemon_process(pid, self.cfg.daemon.control_socket)
 
@@ -226,6 +232,7 @@ class DaemonSupervisor:
                                                  stdout=out, stderr=out, start_new_session=True)
             except OSError as e:
                 raise LayerFSError(f"cannot run {self.cfg.daemon.binary}: {e}") from e
+        self._process_pid = self._process.pid
         self.pid_file.write_text(str(self._process.pid))
         deadline = time.monotonic() + START_TIMEOUT
         while not self.layerfs.ready():
@@ -240,12 +247,14 @@ class DaemonSupervisor:
     def _release_stale_mount(self) -> None:
         """A dead daemon leaves its FUSE mount behind ("transport endpoint is not connected").
         (In kernel mode its layers' EROFS mounts stay too: the new daemon replaces each one as
-        it re-attaches the layer.)"""
-        mountpoint = str(self.cfg.daemon.fuse_dir(self.cfg.root))
-        with open("/proc/self/mountinfo") as f:
-            mounted = any(line.split()[4] == mountpoint for line in f)
-        if mounted:
-            subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+        it re-attaches the layer.) After an upgrade the daemon's FUSE mount is beside the
+        configured one (lazyfs.daemon.upgrade.successor_fuse_dir)."""
+        fuse_dir = self.cfg.daemon.fuse_dir(self.cfg.root)
+        for path in (str(fuse_dir), str(successor_fuse_dir(fuse_dir))):
+            with open("/proc/self/mountinfo") as f:
+                mounted = any(line.split()[4] == path for line in f)
+            if mounted:
+                subprocess.run(["umount", "-l", path], check=False, capture_output=True)
 
     def _watch(self) -> None:
         delay = WATCH_INTERVAL

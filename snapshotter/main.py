@@ -3,7 +3,8 @@
 Starts (or adopts) and supervises the lazyfs daemon when lazy layers are enabled, re-attaches
 the lazy layers of committed snapshots, and serves until SIGTERM/SIGINT. Stopping the
 snapshotter leaves the daemon running, so running containers keep their lazy layers;
-``lazyfs-snapshotter stop`` stops both (snapshotter.stop).
+``lazyfs-snapshotter stop`` stops both (snapshotter.stop); ``lazyfs-snapshotter upgrade``
+replaces the daemon by a new one under running containers (snapshotter.upgrade).
 """
 
 from __future__ import annotations
@@ -50,9 +51,35 @@ def stop_main(argv: list[str]) -> int:
     return status
 
 
+def parse_upgrade_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="lazyfs-snapshotter upgrade",
+        description="replace the running lazyfs daemon by a new one (the lazyfs installed now) without "
+                    "a failed read of running containers; kernel serving mode only")
+    p.add_argument("--config", type=Path, help="TOML configuration file (default: built-in defaults)")
+    p.add_argument("--root", type=Path, help="state directory (overrides the config)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds the new daemon may take to take over")
+    return p.parse_args(argv)
+
+
+def upgrade_main(argv: list[str]) -> int:
+    from .upgrade import upgrade
+
+    args = parse_upgrade_args(argv)
+    try:
+        cfg = config_mod.load(args.config, root=args.root)
+    except config_mod.ConfigError as e:
+        print(f"lazyfs-snapshotter upgrade: {e}", file=sys.stderr)
+        return 2
+    status, message = upgrade(cfg, timeout=args.timeout)
+    print(f"lazyfs-snapshotter upgrade: {message}", file=sys.stderr if status else sys.stdout)
+    return status
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        epilog="`lazyfs-snapshotter stop [--force]` stops the snapshotter and its daemon.",
+        epilog="`lazyfs-snapshotter stop [--force]` stops the snapshotter and its daemon; "
+               "`lazyfs-snapshotter upgrade` replaces the daemon under running containers.",
         prog="lazyfs-snapshotter",
         description="containerd remote snapshotter serving lazyfs layers lazily "
                     "(configure containerd with proxy_plugins.lazyfs pointing at --socket)")
@@ -70,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["stop"]:
         return stop_main(argv[1:])
+    if argv[:1] == ["upgrade"]:
+        return upgrade_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg = config_mod.load(args.config, root=args.root)

@@ -23,7 +23,7 @@ from lazyfs.cli import _command_names, build_parser
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "docs" / "design.md"]
 # Inline spans that quote output rather than show a command.
-NOT_COMMANDS = {"lazyfs daemon lost (pid N)"}
+NOT_COMMANDS = {"lazyfs daemon lost (pid N)", "lazyfs daemon N was replaced by daemon M (upgrade)"}
 
 
 def _fenced_and_prose(text: str) -> tuple[list[str], str]:
@@ -158,12 +158,13 @@ def test_documented_command_parses(where, command, whole, capsys):
 
 
 def _check_snapshotter_command(where: str, command: str, tokens: list[str], capsys) -> None:
-    from snapshotter.main import parse_args, parse_stop_args
+    from snapshotter.main import parse_args, parse_stop_args, parse_upgrade_args
 
+    subcommands = {"stop": parse_stop_args, "upgrade": parse_upgrade_args}
     for argv in _expand(tokens[1:]):
-        parse = parse_stop_args if argv[:1] == ["stop"] else parse_args
+        parse = subcommands.get(argv[0] if argv else "", parse_args)
         try:
-            parse(argv[1:] if argv[:1] == ["stop"] else argv)
+            parse(argv[1:] if parse is not parse_args else argv)
         except SystemExit as e:
             if e.code != 0:
                 pytest.fail(f"{where}: `{command}` does not parse as {argv}:\n{capsys.readouterr().err}")

@@ -5,6 +5,7 @@ import trio
 
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.policies import FetchPolicy, FileMap, LayerInfo, PolicyError, PolicySet, load_policy, parse_policy_names
+from lazyfs.fetch.policies.extent import ExtentPolicy
 from lazyfs.fetch.policies.locality import LocalityPolicy
 from lazyfs.fetch.scheduler import ChunkFetcher, Priority
 from tests.t2_fetch import StreamingMemorySource, build_blob
@@ -72,6 +73,60 @@ async def test_locality_turns_a_chain_of_reads_into_few_requests(cache, autojump
             assert len(source.requests) == 40
         else:
             assert fetcher.stats.done[Priority.SPECULATIVE] > 30
+
+
+def test_extent_window_doubles_while_misses_land_past_it_and_restarts_far_away():
+    blob, refs, _ = build_blob([1000] * 40, compress=False)
+    layer = layer_of(StreamingMemorySource(blob), refs, [(f"/p/f{i:02d}.pyc", [i]) for i in range(40)])
+    policy = ExtentPolicy(min_window=2000, max_window=8000, grow_reach=3000, back=0.5)
+    # A new region: 2000 bytes after the miss, 1000 before it (none before chunk 0).
+    assert policy.guesses(layer, [0]) == [1, 2]
+    # Past what was queued: twice the window, after and before (1 and 2 are pending by now;
+    # the fetcher skips them).
+    assert policy.guesses(layer, [3]) == [4, 5, 6, 7, 2, 1]
+    assert policy.guesses(layer, [8]) == [*range(9, 17), 7, 6, 5, 4]
+    assert policy.guesses(layer, [17]) == [*range(18, 26), *range(16, 12, -1)]  # at most max_window
+    assert policy.state(layer).grown == 2
+    # Beyond grow_reach of every region: a new one at the smallest window.
+    assert policy.guesses(layer, [35]) == [36, 37, 34]
+    # Another layer has regions of its own.
+    other = layer_of(StreamingMemorySource(blob, name="other"), refs)
+    assert policy.guesses(other, [3]) == [4, 5, 2]
+
+
+def test_extent_guesses_the_rest_of_the_file_and_only_kinds_that_were_read():
+    blob, refs, _ = build_blob([1000] * 10, compress=False)
+    files = [("/p/a.pyc", [0]), ("/p/a.py", [1]), ("/p/b.pyc", [2]), ("/p/b.py", [3]), ("/p/libm.so.6", [4]),
+             ("/p/c.pyc", [5]), ("/p/big.so", [6, 7, 8, 9])]
+    layer = layer_of(StreamingMemorySource(blob), refs, files)
+    policy = ExtentPolicy(min_window=6000, back=1.0)
+    # Only .pyc files were read: the sources and libraries between them are left alone.
+    assert policy.guesses(layer, [0]) == [2, 5]
+    # A read of a library: the rest of it whatever its kind, then .pyc and .so files around it.
+    assert policy.guesses(layer, [6]) == [7, 8, 9, 5, 4, 2, 0]
+    assert ExtentPolicy(min_window=6000, by_kind=False).guesses(layer, [0]) == [1, 2, 3, 4, 5, 6]
+    no_map = layer_of(layer.source, refs)  # before the file map is built: the window only
+    assert ExtentPolicy(min_window=3000, back=0).guesses(no_map, [4]) == [5, 6, 7]
+
+
+async def test_extent_turns_a_chain_of_reads_into_few_requests(cache, autojump_clock):
+    """Reading chunk N+1 only after chunk N: the misses walk through the blob, so the window
+    grows and the later reads find their chunks fetched or on their way."""
+    blob, refs, datas = build_blob([20_000] * 80, compress=False)
+    source = StreamingMemorySource(blob)
+    fetcher = ChunkFetcher(cache)
+    policies = PolicySet(fetcher, ["extent"])
+    fetcher.policies = policies
+    layer = layer_of(source, refs, [(f"/pkg{i // 10}/f{i}", [i]) for i in range(80)])
+    policies.attach(layer)
+    async with fetcher:
+        for ref, data in zip(refs, datas):
+            assert await fetcher.get(source, [ref]) == [data]
+            await trio.sleep(0.005)
+    # 7 when measured (without a policy: 80), the window grown 3 times
+    assert len(source.requests) <= 12
+    assert fetcher.stats.queued[Priority.SPECULATIVE] > 60
+    assert policies.policies[0].state(layer).grown >= 2
 
 
 async def test_trace_policy_prefetches_at_attach_and_none_does_nothing(cache, autojump_clock):

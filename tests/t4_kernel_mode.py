@@ -9,28 +9,33 @@ metadata the kernel refuses falls back to the FUSE tree, logged once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from lazyfs.daemon.control import ControlClient, ControlError, request
+from lazyfs.daemon.mountstate import wait_for_exit
 from lazyfs.erofs import format as fmt
 from lazyfs.erofs.reader import Image
 from lazyfs.erofs.writer import Builder, Entry
 from lazyfs.serve.kernel import attached_loops
 from lazyfs.serve.mounts import is_mounted, mounted_paths
-from tests.fixtures.common import require_root
+from tests.fixtures.common import require_root, require_tool
 from tests.fixtures.erofs_images import ChunkDevice
 from tests.fixtures.erofs_trees import make_plain_image
 from tests.fixtures.images import build_image, directory, file, hardlink, opaque, whiteout
-from tests.fixtures.lazyimage import convert_image, push_to_store
-from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli, stop_daemon
+from tests.fixtures.lazyimage import convert_image, push_to_registry, push_to_store
+from tests.fixtures.lazymount import assert_same_tree, lazy_mount, lazyfs_cli, start_shared_daemon, stop_daemon
 
 
 def loops_under(path: Path) -> dict[str, str]:
@@ -40,6 +45,20 @@ def loops_under(path: Path) -> dict[str, str]:
 
 def mounts_under(path: Path) -> list[str]:
     return sorted(p for p in mounted_paths() if p.startswith(str(path) + "/"))
+
+
+def daemons_serving(socket: Path) -> list[int]:
+    """Pids of the lazyfs daemons whose command line names ``socket`` (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and b"lazyfs.daemon" in cmdline and str(socket).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def released(path: Path, timeout: float = 10.0) -> bool:
@@ -309,4 +328,249 @@ def test_a_mount_of_another_layer_under_the_same_name_is_replaced_not_taken_over
         if second is not None:
             stop_daemon(second, tmp_path / "fuse")
         stop_daemon(first, tmp_path / "fuse")
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
+
+
+# ---------------------------------------------------------------------- hot upgrade
+
+
+class Reader(threading.Thread):
+    """Reads files of a mount in a loop, as a container would, counting every failed read.
+
+    Each pass reads every file of ``warm`` whole and drops its pages afterwards (so the next
+    pass reaches the daemon again), and one piece of ``fresh`` that no pass read before (so a
+    chunk the daemon has never fetched). Bounded: at most ``max_passes`` passes.
+    """
+
+    PIECE = 65536
+
+    def __init__(self, warm: dict[Path, bytes], fresh: Path, fresh_bytes: bytes, max_passes: int = 100_000):
+        super().__init__(daemon=True)
+        self.warm, self.fresh, self.fresh_bytes, self.max_passes = warm, fresh, fresh_bytes, max_passes
+        self.passes = self.reads = self.fresh_reads = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.progress = threading.Condition()
+
+    def run(self) -> None:
+        offset = 0
+        while not self.stop.is_set() and self.passes < self.max_passes:
+            for path, expected in self.warm.items():
+                self._check(path, 0, len(expected), expected)
+            if offset < len(self.fresh_bytes):
+                length = min(self.PIECE, len(self.fresh_bytes) - offset)
+                if self._check(self.fresh, offset, length, self.fresh_bytes[offset:offset + length]):
+                    self.fresh_reads += 1
+                offset += 3 * self.PIECE  # a chunk (64 KiB) that neither this nor readahead fetched yet
+            with self.progress:
+                self.passes += 1
+                self.progress.notify_all()
+
+    def _check(self, path: Path, offset: int, length: int, expected: bytes) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, length, offset)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.failures.append(f"pass {self.passes}: {path}@{offset}: {e}")
+            return False
+        self.reads += 1
+        if data != expected:
+            self.failures.append(f"pass {self.passes}: {path}@{offset}: wrong bytes")
+            return False
+        return True
+
+    def wait_passes(self, count: int, timeout: float = 60.0) -> None:
+        with self.progress:
+            assert self.progress.wait_for(lambda: self.passes >= count or not self.is_alive(), timeout), self.passes
+        assert self.passes >= count, f"the reader stopped early: {self.failures}"
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=60)
+        assert not self.is_alive()
+
+
+class Churn(threading.Thread):
+    """Attaches and detaches a layer over the control socket in a loop, as a snapshotter
+    does while containers come and go, counting failed requests. Bounded."""
+
+    def __init__(self, socket: Path, image, max_cycles: int = 10_000):
+        super().__init__(daemon=True)
+        self.socket, self.image, self.max_cycles = socket, image, max_cycles
+        self.cycles = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.cycles < self.max_cycles:
+            try:
+                request(str(self.socket), "attach", name="churn", kind="plain", meta=str(self.image.meta),
+                        blob=str(self.image.blob))
+                request(str(self.socket), "detach", name="churn")
+            except ControlError as e:
+                self.failures.append(f"cycle {self.cycles}: {e}")
+                return
+            self.cycles += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=60)
+        assert not self.is_alive()
+
+
+UPGRADE_RNG = random.Random(1111)
+UPGRADE_WARM = {f"data/warm-{i}": UPGRADE_RNG.randbytes(200_000 + i * 7919) for i in range(6)}
+UPGRADE_FRESH = UPGRADE_RNG.randbytes(24 << 20)
+UPGRADE_LATER = UPGRADE_RNG.randbytes(3 << 20)
+
+
+@pytest.fixture(scope="module")
+def upgrade_image(registry):
+    require_root()
+    base = [directory("data"), *(file(path, data) for path, data in UPGRADE_WARM.items())]
+    top = [directory("data"), file("data/fresh.bin", UPGRADE_FRESH), file("data/later.bin", UPGRADE_LATER)]
+    push_to_registry(registry, "t/upgrade", convert_image(build_image([base, top]), chunk_size=65536))
+    return f"{registry.host}/t/upgrade:v1"
+
+
+def test_hot_upgrade_replaces_the_daemon_without_a_failed_read(upgrade_image, tmp_path):
+    """`lazyfs daemon upgrade` while a reader loops over files of an image mount and a client
+    attaches and detaches another layer in a loop: the new daemon takes over every loop
+    device, the image mount and the socket; no read fails, even of data neither daemon had
+    fetched, and no control request fails; the old daemon exits; nothing leaks."""
+    require_tool("mkfs.erofs")
+    churn_image = make_plain_image(tmp_path / "churn-image")
+    sock, run_dir, mnt, log = tmp_path / "daemon.sock", tmp_path / "run", tmp_path / "mnt", tmp_path / "daemon.log"
+    old = start_shared_daemon(sock, tmp_path / "fuse", tmp_path / "cache", log, "--serve", "kernel",
+                              "--layers-dir", str(tmp_path / "layers"))
+    try:
+        mnt.mkdir()
+        lazyfs_cli("mount", "--daemon", str(sock), "--run-dir", str(run_dir), "--no-prefetch", upgrade_image, str(mnt))
+        before = {layer["name"]: layer for layer in request(str(sock), "list")["layers"]}
+        assert len(before) == 2 and {layer["serve"] for layer in before.values()} == {"kernel"}
+        reader = Reader({mnt / path: data for path, data in UPGRADE_WARM.items()}, mnt / "data/fresh.bin",
+                        UPGRADE_FRESH)
+        churn = Churn(sock, churn_image)
+        reader.start()
+        churn.start()
+        try:
+            reader.wait_passes(3)
+            old_reads = request(str(sock), "stats")["reads"]["requests"]
+            passes_before, cycles_before = reader.passes, churn.cycles
+            done = lazyfs_cli("daemon", "upgrade", "--socket", str(sock))
+            passes_during = reader.passes - passes_before
+            reader.wait_passes(reader.passes + 3)
+            cycles_after = churn.cycles
+            deadline = time.monotonic() + 60
+            while churn.cycles < cycles_after + 2 and churn.is_alive():  # cycles through the new daemon
+                assert time.monotonic() < deadline, churn.cycles
+                time.sleep(0.05)
+        finally:
+            reader.finish()
+            churn.finish()
+        assert reader.failures == [], reader.failures[:10]
+        assert churn.failures == [] and cycles_after > cycles_before, (churn.failures, cycles_before, cycles_after)
+        assert passes_during > 0 and reader.fresh_reads > passes_before  # reads ran through the upgrade
+        assert old.wait(timeout=30) == 0  # the old daemon exited by itself
+        stats = request(str(sock), "stats")
+        new_pid = stats["pid"]
+        assert new_pid != old.pid and f"replaced by daemon {new_pid}" in done.stdout
+        assert stats["layers"] == 2 and stats["reads"]["requests"] > 0  # the new daemon serves the loops
+        assert old_reads > 0
+        after = {layer["name"]: layer for layer in request(str(sock), "list")["layers"]}
+        assert after.keys() == before.keys()
+        for name, layer in after.items():  # the same loop devices, now reading the new daemon's files
+            assert (layer["loop"], layer["meta_loop"]) == (before[name]["loop"], before[name]["meta_loop"])
+            assert attached_loops()[layer["loop"]] == str(tmp_path / "fuse.next" / name)
+        assert not is_mounted(tmp_path / "fuse")
+        # Data nobody read before, through the new daemon; the upgraded daemon still knows the
+        # image mount: `lazyfs umount` has it unmount the image and detach its layers.
+        assert hashlib.sha256((mnt / "data/later.bin").read_bytes()).digest() == hashlib.sha256(UPGRADE_LATER).digest()
+        assert json.loads(lazyfs_cli("stats", "--json", "--run-dir", str(run_dir), str(mnt)).stdout)["pid"] == new_pid
+        lazyfs_cli("umount", "--run-dir", str(run_dir), str(mnt))
+        assert not os.path.ismount(mnt) and request(str(sock), "stats")["layers"] == 0
+        assert released(tmp_path / "layers"), (loops_under(tmp_path), mounts_under(tmp_path))
+        request(str(sock), "shutdown")
+        assert wait_for_exit(new_pid, 30)
+    finally:
+        for pid in daemons_serving(sock):  # a successor, however far the test got
+            if pid != old.pid and not wait_for_exit(pid, 0.1):
+                os.kill(pid, signal.SIGTERM)
+                if not wait_for_exit(pid, 20):
+                    os.kill(pid, signal.SIGKILL)
+        stop_daemon(old, tmp_path / "fuse")
+        lazyfs_cli("umount", "--lazy", "--run-dir", str(run_dir), str(mnt), check=False)
+        for fuse_dir in (tmp_path / "fuse", tmp_path / "fuse.next"):
+            if is_mounted(fuse_dir):
+                subprocess.run(["umount", "-l", str(fuse_dir)], check=False)
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
+    assert not is_mounted(tmp_path / "fuse.next")
+
+
+@pytest.mark.parametrize("served", ["fuse", "kernel-fallback"])
+def test_hot_upgrade_refuses_layers_served_by_the_fuse_tree(served, plain_image, tmp_path):
+    """A FUSE-tree layer cannot change daemons (its overlays hold the old FUSE mount): the
+    upgrade names it and fails, and the running daemon serves on unchanged."""
+    sock, log = tmp_path / "daemon.sock", tmp_path / "daemon.log"
+    extra = ("--serve", "fuse") if served == "fuse" else ("--serve", "kernel", "--layers-dir", str(tmp_path / "layers"))
+    meta, blob = (plain_image.meta, plain_image.blob) if served == "fuse" else _big_block_image(tmp_path / "big")[:2]
+    daemon = start_shared_daemon(sock, tmp_path / "fuse", tmp_path / "cache", log, *extra)
+    try:
+        with ControlClient(str(sock)) as client:
+            path = Path(client.request("attach", name="tree-layer", kind="plain", meta=str(meta), blob=str(blob))["path"])
+            refused = lazyfs_cli("daemon", "upgrade", "--socket", str(sock), "--log", str(tmp_path / "successor.log"),
+                                 check=False)
+            assert refused.returncode == 1, refused
+            assert "served by the FUSE tree" in refused.stderr and "tree-layer" in refused.stderr, refused.stderr
+            assert client.request("stats")["pid"] == daemon.pid and daemon.poll() is None
+            assert (path / "f" if served != "fuse" else path / "small.txt").exists()
+            client.request("attach", name="later", kind="plain", meta=str(meta), blob=str(blob))  # not frozen
+        assert not is_mounted(tmp_path / "fuse.next")
+        assert daemons_serving(sock) == [daemon.pid]  # no successor left behind
+    finally:
+        stop_daemon(daemon, tmp_path / "fuse")
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
+
+
+def test_a_failed_takeover_leaves_the_running_daemon_serving_every_read(upgrade_image, tmp_path):
+    """The successor cannot take one layer over (its loop record is gone: fault injected)
+    after it took another: the running daemon points every loop back at its own
+    files and serves on, unfrozen; no read failed; no successor and no FUSE mount are left."""
+    sock, run_dir, mnt, log = tmp_path / "daemon.sock", tmp_path / "run", tmp_path / "mnt", tmp_path / "daemon.log"
+    old = start_shared_daemon(sock, tmp_path / "fuse", tmp_path / "cache", log, "--serve", "kernel",
+                              "--layers-dir", str(tmp_path / "layers"))
+    try:
+        mnt.mkdir()
+        lazyfs_cli("mount", "--daemon", str(sock), "--run-dir", str(run_dir), "--no-prefetch", upgrade_image, str(mnt))
+        names = sorted(layer["name"] for layer in request(str(sock), "list")["layers"])
+        (tmp_path / "layers" / f".{names[-1]}.loops").unlink()
+        reader = Reader({mnt / path: data for path, data in UPGRADE_WARM.items()}, mnt / "data/fresh.bin",
+                        UPGRADE_FRESH)
+        reader.start()
+        try:
+            reader.wait_passes(3)
+            refused = lazyfs_cli("daemon", "upgrade", "--socket", str(sock), "--log", str(tmp_path / "successor.log"),
+                                 check=False)
+            reader.wait_passes(reader.passes + 3)
+        finally:
+            reader.finish()
+        assert refused.returncode == 1 and "no record of the loop devices" in refused.stderr, refused
+        assert reader.failures == [], reader.failures[:10]
+        assert request(str(sock), "stats")["pid"] == old.pid and daemons_serving(sock) == [old.pid]
+        loops = attached_loops()
+        for layer in request(str(sock), "list")["layers"]:
+            assert loops[layer["loop"]] == str(tmp_path / "fuse" / layer["name"])
+        assert not is_mounted(tmp_path / "fuse.next")
+        # The successor had taken the first layer (name order) before failing on the second.
+        assert f"now reads {tmp_path / 'fuse.next' / names[0]}" in (tmp_path / "successor.log").read_text()
+        assert "cannot take its loop device back" not in log.read_text()
+        lazyfs_cli("umount", "--run-dir", str(run_dir), str(mnt))  # no longer frozen
+        assert request(str(sock), "stats")["layers"] == 0
+    finally:
+        stop_daemon(old, tmp_path / "fuse")
+        lazyfs_cli("umount", "--lazy", "--run-dir", str(run_dir), str(mnt), check=False)
     assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))

@@ -122,7 +122,9 @@ def open_store_digests(host: str, repo: str) -> list[str]:
 
 def test_concurrent_random_reads_and_single_flight(pushed_image, proxy, tmp_path):
     repo, _ = pushed_image
-    with lazy_mount(tmp_path / "mnt", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
+    # Without speculation (the default's extent policy guesses around a miss), so the requests
+    # counted are the readers' own.
+    with lazy_mount(tmp_path / "mnt", "--policy", "readahead,trace", f"{proxy.host}/{repo}", run_dir=tmp_path / "run",
                     cache_dir=tmp_path / "cache") as mount:
         # N readers of one uncached chunk (the same content in two layers, so one digest): the
         # first request is held back so that every reader is waiting on it.

@@ -37,7 +37,7 @@ def _range_requests(proxy: FaultProxy) -> int:
     return len([r for r in proxy.requests if "/blobs/" in r.path and r.range is not None])
 
 
-@pytest.mark.parametrize("policy", ["none", "locality"])
+@pytest.mark.parametrize("policy", ["none", "locality", "extent"])
 def test_chain_of_dependent_reads(pushed, registry, tmp_path, policy):
     """A script that opens file N+1 only after reading file N: one request per file without a
     policy; with locality the first miss brings the files stored after it."""
@@ -59,7 +59,7 @@ def test_chain_of_dependent_reads(pushed, registry, tmp_path, policy):
 
 
 @pytest.mark.parametrize("policy", ["none", "readahead", "trace", "background", "locality",
-                                    "readahead,trace,locality"])
+                                    "readahead,trace,locality", "extent", "readahead,trace,extent"])
 def test_whole_image_reader_gets_every_byte_under_every_policy(pushed, registry, tmp_path, policy):
     repo, rootfs = pushed
     with lazy_mount(tmp_path / "mnt", "--policy", policy, f"{registry.host}/{repo}", run_dir=tmp_path / "run",
@@ -76,7 +76,7 @@ def test_whole_image_reader_gets_every_byte_under_every_policy(pushed, registry,
         names = policy.split(",")
         # The selected policies, and only they, did something (data/big is read sequentially).
         assert (stats["fetch"]["queued"]["readahead"] > 0) == ("readahead" in names)
-        assert (stats["fetch"]["queued"]["speculative"] > 0) == ("locality" in names)
+        assert (stats["fetch"]["queued"]["speculative"] > 0) == bool({"locality", "extent"} & set(names))
         assert bool(stats["background"]["layers"]) == ("background" in names)
 
 
@@ -88,5 +88,5 @@ def test_unknown_policy_is_a_one_line_error_before_any_daemon_starts(tmp_path):
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
             f"lazyfs {command[0]}: unknown fetch policy 'fast' (built in: none, readahead, trace, background, "
-            "locality; or package.module:Class)"]
+            "locality, extent; or package.module:Class)"]
     assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()

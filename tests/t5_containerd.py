@@ -526,3 +526,84 @@ async def test_kernel_mode_daemon_failover_under_a_running_container(containerd,
     assert outcome["run"].returncode == 0 and outcome["run"].stdout == "survived\n", outcome["run"]
     containerd.ctr("image", "rm", "--sync", dst)
     assert daemon_layers(snapshotter_proc) == set()
+
+
+@pytest.mark.parametrize("snapshotter_proc", ["kernel"], indirect=True)
+async def test_hot_upgrade_under_a_running_container_fails_no_read(containerd, registry, registry_repo,
+                                                                  snapshotter_proc):
+    """`lazyfs-snapshotter upgrade` under a container that reads in a loop, every pass a piece
+    of big.bin it never read (so a read that reaches the daemon): no read fails, the new daemon
+    serves every layer through the same loop devices, the supervisor watches it instead of
+    restarting one, and data never read before reads right through it."""
+    piece, stride, pieces = 65536, 262144, 128
+    big, later = os.urandom(pieces * stride), os.urandom(4 << 20)
+    image = build_image([busybox_layer(), [file("hello.txt", b"hello lazily\n"), file("big.bin", big),
+                                           file("later.bin", later)]])
+    src = await push(registry, registry_repo, image)
+    dst = f"{registry.host}/{registry_repo}-lazy:v1"
+    await trio.to_thread.run_sync(convert_with_cli, src, dst)
+    await trio.to_thread.run_sync(lambda: containerd.pull(dst, snapshotter=SNAPSHOTTER, remote=True))
+    before = {layer["name"]: layer for layer in daemon_list(snapshotter_proc)}
+    assert len(before) == 2 and {layer["serve"] for layer in before.values()} == {"kernel"}
+    reader = ("cat /bin/busybox /hello.txt >/dev/null && touch /tmp/started; i=0; while [ ! -e /tmp/stop ]; do "
+              "cat /hello.txt >/dev/null || exit 7; "
+              f"if [ $i -lt {pieces} ]; then dd if=/big.bin of=/tmp/got bs={piece} skip=$((i*{stride // piece})) "
+              "seek=$i count=1 conv=notrunc 2>/dev/null || exit 8; i=$((i+1)); echo $i >/tmp/i; fi; "
+              "sleep 0.02; done; echo survived $i; sha256sum /tmp/got")
+    outcome: dict = {}
+
+    def run_reader() -> None:
+        outcome["run"] = containerd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, dst, "upgraded",
+                                        "/bin/sh", "-c", reader, timeout=180, check=False)
+
+    def pieces_read(exec_id: str) -> int:
+        done = containerd.ctr("task", "exec", "--exec-id", exec_id, "upgraded", "/bin/cat", "/tmp/i", check=False)
+        return int(done.stdout or 0)
+
+    old_pid = int((snapshotter_proc.root / "daemon.pid").read_text())
+    exe = Path(sys.executable).parent / "lazyfs-snapshotter"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, run_reader)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            for attempt in itertools.count():
+                if task_status(containerd, "upgraded") == "RUNNING" and containerd.ctr(
+                        "task", "exec", "--exec-id", f"check-{attempt}", "upgraded", "/bin/cat", "/tmp/started",
+                        check=False).returncode == 0:
+                    break
+                assert time.monotonic() < deadline and "run" not in outcome, outcome
+                await trio.sleep(0.05)
+            read_before = await trio.to_thread.run_sync(pieces_read, "before")
+            upgraded = await trio.to_thread.run_sync(lambda: subprocess.run(
+                [str(exe), "upgrade", "--config", str(snapshotter_proc.config)], capture_output=True, text=True,
+                timeout=300))
+            read_after = await trio.to_thread.run_sync(pieces_read, "after")
+            assert upgraded.returncode == 0, (upgraded.stderr, snapshotter_proc.log_tail())
+            new_pid = int((snapshotter_proc.root / "daemon.pid").read_text())
+            assert new_pid != old_pid and f"replaced by daemon {new_pid}" in upgraded.stdout
+            assert read_after > read_before, (read_before, read_after)  # the loop read on meanwhile
+            after = {layer["name"]: layer for layer in daemon_list(snapshotter_proc)}
+            assert after.keys() == before.keys()
+            loops = attached_loops()
+            for name, layer in after.items():
+                assert layer["adopted"] and layer["loop"] == before[name]["loop"]
+                assert loops[layer["loop"]] == str(snapshotter_proc.root / "chunk-devices.next" / name)
+            # The supervisor watches the new daemon rather than restarting one.
+            deadline = time.monotonic() + START_TIMEOUT
+            while f"was replaced by daemon {new_pid}" not in snapshotter_proc.log_tail(200):
+                assert time.monotonic() < deadline, snapshotter_proc.log_tail()
+                await trio.sleep(0.05)
+            assert "lazyfs daemon lost" not in snapshotter_proc.log_path.read_text()
+            probe = await trio.to_thread.run_sync(lambda: containerd.ctr(
+                "task", "exec", "--exec-id", "probe", "upgraded", "/bin/sh", "-c", "sha256sum /later.bin"))
+            assert probe.stdout.split()[0] == hashlib.sha256(later).hexdigest()
+        finally:
+            await trio.to_thread.run_sync(lambda: containerd.ctr(
+                "task", "exec", "--exec-id", "stop", "upgraded", "/bin/busybox", "touch", "/tmp/stop", check=False))
+    run = outcome["run"]
+    assert run.returncode == 0 and run.stdout.startswith("survived "), run
+    count = int(run.stdout.split()[1])
+    expected = b"".join(big[k * stride:k * stride + piece] for k in range(count))
+    assert run.stdout.split()[2] == hashlib.sha256(expected).hexdigest()
+    containerd.ctr("image", "rm", "--sync", dst)
+    assert daemon_layers(snapshotter_proc) == set()  # the snapshotter's requests reach the new daemon

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="record an access trace from the mount on; written to FILE when unmounted")
     parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
                         help="fetch policies of the mount's daemon: none, readahead, trace, background, "
-                             "locality, or package.module:Class (default: readahead,trace)")
+                             "locality, extent, or package.module:Class (default: readahead,trace,extent)")
     parser.add_argument("--learned-trace", choices=("off", "pull", "push"), default="pull",
                         help="pull (default): a layer without a trace of its own prefetches from a trace "
                              "attached to the image in the registry, and the start is recorded into the "

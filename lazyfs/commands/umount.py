@@ -30,10 +30,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"lazyfs umount: {state.mountpoint} is not a lazyfs mount", file=sys.stderr)
         return 1
     pid = state.pid()
+    shared = state.shared_socket()
+    # A shared daemon is asked whether it lives: after a hot upgrade (`lazyfs daemon upgrade`)
+    # another process serves its socket than the one whose pid was recorded.
+    if shared is not None and _answers(shared):
+        return _unmount_shared(state, shared, args.lazy)
     if not state.daemon_alive():
         state.clean_stale()
         return 0
-    shared = state.shared_socket()
     if shared is not None:
         return _unmount_shared(state, shared, args.lazy)
     try:
@@ -66,6 +70,14 @@ def _unmount_shared(state: MountState, socket: Path, lazy: bool) -> int:
         unmount_path(state.mountpoint, lazy_if_busy=True)  # the daemon no longer knows it
     state.clean_stale()
     return 0
+
+
+def _answers(socket: Path) -> bool:
+    try:
+        request(str(socket), "ping", timeout=5.0)
+    except ControlError:
+        return False
+    return True
 
 
 def _kill(pid: int | None) -> None:

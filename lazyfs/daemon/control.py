@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Any
 
 MAX_LINE = 1 << 20
+# A daemon handing over to its successor (hot upgrade) answers requests that would change what
+# it serves with the error type "upgrading": they are sent again, on a new connection (which
+# reaches the successor once it owns the socket), for at most the client's timeout.
+UPGRADING = "upgrading"
+UPGRADING_RETRY = 0.05
 
 
 class ControlError(Exception):
@@ -58,6 +64,17 @@ class ControlClient:
 
     def request(self, op: str, /, **args: Any) -> dict:
         """Send one request; return the answer's fields, or raise ControlError."""
+        deadline = time.monotonic() + (self.timeout if self.timeout is not None else 600.0)
+        while True:
+            try:
+                return self._request_once(op, args)
+            except ControlError as e:
+                if e.kind != UPGRADING or time.monotonic() > deadline:
+                    raise
+            self.close()
+            time.sleep(UPGRADING_RETRY)
+
+    def _request_once(self, op: str, args: dict) -> dict:
         sock = self._connect()
         line = json.dumps({"op": op, **args}).encode() + b"\n"
         try:

@@ -36,11 +36,11 @@ import pyfuse3
 import trio
 
 from lazyfs.daemon import attach as attach_kinds
+from lazyfs.daemon import handover
 from lazyfs.fetch.background import BackgroundFill
 from lazyfs.fetch.policies import DEFAULT_POLICIES, PolicyError, PolicySet, load_policy, parse_policy_names
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.config import DEFAULT_HOSTS_DIR, ConfigError, RegistrySettings, parse_size
-from lazyfs.daemon.control import MAX_LINE
 from lazyfs.daemon.learned import LearnedTraces, Recorder, RecordingPolicy
 from lazyfs.daemon.mountstate import DEFAULT_READ_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, add_timeout_arguments
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchStats, Priority
@@ -60,10 +60,11 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_KIB = 1024
 SERVE_MODES = ("fuse", "kernel")
-# Kernel mode: the chunk device's loop reads the FUSE file with direct I/O, so its pages are
-# cached once (by EROFS, per file) and not a second time under the FUSE file (see
-# docs/design.md, Serving modes, for the measurement).
-LOOP_DIRECT_IO = False  # through the page cache, with DevicePagePusher: docs/design.md
+# Kernel mode: the chunk device's loop reads the FUSE file through the page cache, so that the
+# daemon can store what follows each small read there (lazyfs.serve.fuse.DevicePagePusher; that
+# second copy is bounded). Direct I/O made every file's first read a request (docs/design.md,
+# Serving modes, "Reads of the chunk device", for the measurements).
+LOOP_DIRECT_IO = False
 
 
 class StartupError(Exception):
@@ -103,6 +104,7 @@ class DaemonOptions:
     serve: str = "fuse"  # "kernel": layers are EROFS mounts over their chunk devices (lazyfs.serve.kernel)
     layers_dir: Path | None = None  # kernel mode: where the layer roots are mounted
     loop_direct_io: bool = LOOP_DIRECT_IO
+    take_over: bool = False  # hot upgrade: take over the daemon at socket_path (lazyfs.daemon.handover)
 
     def layer_root(self, name: str) -> Path:
         """The directory serving layer ``name``: a directory of the FUSE mount, or in kernel
@@ -199,6 +201,11 @@ class Daemon:
         self.attached: dict[str, attach_kinds.Attached] = {}  # by layer name: owns the metadata descriptor
         self.layer_mounts: dict[str, Path] = {}  # kernel mode: EROFS (or fallback bind) mount per layer
         self._fallback_reasons: set[str] = set()
+        self.attach_requests: dict[str, dict] = {}  # by layer name: what a successor attaches to take over
+        self.handing_over = False  # frozen for a successor (lazyfs.daemon.handover)
+        self.changes_in_flight = 0  # requests of handover.CHANGING_OPS being carried out
+        self.taking_over = False  # attaching a predecessor's layers: every root must be taken over
+        self.control_path: Path | None = None  # where our control socket is (moves once on a takeover)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -229,7 +236,12 @@ class Daemon:
                     await nursery.start(self._serve_control)
                     if self.options.metrics is not None:
                         await nursery.start(self._serve_metrics)
-                    if self.options.startup is not None:
+                    if self.options.take_over:
+                        try:
+                            await handover.take_over(self, self._publish_control)
+                        except handover.HandoverError as e:
+                            raise StartupError(str(e), usage=True) from e
+                    elif self.options.startup is not None:
                         await self._run_startup(self.options.startup)
                     self.ready = True
                     report_startup(self.options, {"ready": True})
@@ -519,6 +531,7 @@ class Daemon:
             attached.close_meta()
             raise RequestError(str(e)) from e
         self.attached[name] = attached
+        self.attach_requests[name] = request
         if kernel_mode:
             try:
                 await self._mount_layer_root(name, attached, map_cells=learn is not None)
@@ -541,22 +554,28 @@ class Daemon:
         root = self.options.layer_root(name)
         layer = self.fs.layer(name)
         # What a later daemon must attach under this name to take the mount over.
-        identity = layer.info.get("digest") or f"{layer.info.get('meta')}|{layer.info.get('blob')}"
+        identity = handover.layer_identity(layer.info)
         if map_cells or self.recorder is not None or self.learning.active:
             await self._map_cells(layer)  # traces: before the kernel's first read of the device
-        if is_mounted(root):  # left by a daemon that died: its loop reads a dead FUSE file
+        if is_mounted(root):  # left by a daemon that died (its loop reads a dead FUSE file), or handed over
             if layer.as_device:
                 try:
                     adopted = await trio.to_thread.run_sync(kernel.adopt_layer, self.options.fuse_dir / name, root,
                                                            identity)
                 except kernel.KernelServeError as e:
+                    if self.taking_over:  # the running daemon's mount: not ours to replace
+                        raise RequestError(f"layer {name}: {e}", "attach-failed") from e
                     log.info("cannot take over the mount at %s: %s", root, e)
                 else:
                     self.layer_mounts[name] = root
                     layer.info.update(adopted.describe(), adopted=True)
                     return
+            if self.taking_over:
+                raise RequestError(f"layer {name}: the mount at {root} cannot be taken over", "attach-failed")
             await trio.to_thread.run_sync(unmount_path, root, True)
             log.info("replaced the stale mount at %s", root)
+        if self.taking_over:
+            raise RequestError(f"layer {name}: nothing to take over at {root}", "attach-failed")
         if not layer.as_device:
             kind, reason = "device", "its device cannot be shown as a file"
         elif attached.meta_fd is None:
@@ -614,12 +633,20 @@ class Daemon:
             await trio.to_thread.run_sync(kernel.unmount_layer, root)
         self.fs.detach(name)
         self.policies.detach(name)
+        self.attach_requests.pop(name, None)
         attached = self.attached.pop(name, None)
         if attached is not None:
             attached.close_meta()
         await self._invalidate_root_entry(name)
         log.info("detached %s", name)
         return {}
+
+    def forget_mounts(self) -> None:
+        """Let go of the layer and stacked mounts without unmounting them (handed over to a
+        successor, or given back to a predecessor)."""
+        self.layer_mounts.clear()
+        self.stacked.clear()
+        self.image_mounts.clear()
 
     async def _invalidate_root_entry(self, name: str) -> None:
         # Answer only once the kernel has forgotten the entry (its timeout is a day), so that
@@ -678,6 +705,17 @@ class Daemon:
     async def handle(self, request: Any) -> dict:
         if not isinstance(request, dict):
             raise RequestError("a request must be a JSON object")
+        if request.get("op") not in handover.CHANGING_OPS:
+            return await self._handle(request)
+        if self.handing_over:
+            raise RequestError("the daemon is handing over to a new daemon (hot upgrade); retry", "upgrading")
+        self.changes_in_flight += 1  # a handover waits for these to end before it says what we serve
+        try:
+            return await self._handle(request)
+        finally:
+            self.changes_in_flight -= 1
+
+    async def _handle(self, request: dict) -> dict:
         op = request.get("op")
         if op == "ping":
             return {"ready": self.ready, "pid": os.getpid(), "fuse": str(self.options.fuse_dir),
@@ -711,6 +749,8 @@ class Daemon:
 
     async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         path = self.options.socket_path
+        if self.options.take_over:  # the predecessor's socket is at `path` until we take it over
+            path = path.with_name(f".{path.name}.{os.getpid()}.new")
         with _suppress_missing():
             path.unlink()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -720,35 +760,44 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
+        bound = os.stat(path).st_ino
+        self.control_path = path
         sock.listen(64)
         listener = trio.SocketListener(sock)
         task_status.started()
         try:
             await trio.serve_listeners(self._serve_connection, [listener])
         finally:
+            # Unless a successor's socket has replaced ours there (a hot upgrade).
             with _suppress_missing():
-                path.unlink()
+                if os.stat(self.control_path).st_ino == bound:
+                    self.control_path.unlink()
+
+    def _publish_control(self) -> None:
+        """Takeover: our control socket replaces the predecessor's, in one rename (a client
+        connecting meanwhile reaches one daemon or the other, never nothing)."""
+        assert self.control_path is not None
+        os.replace(self.control_path, self.options.socket_path)
+        self.control_path = self.options.socket_path
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        buffer = b""
+        lines = handover.LineReader(stream)
         async with stream:
             while True:
-                while b"\n" not in buffer:
-                    if len(buffer) > MAX_LINE:
-                        await _send(stream, {"ok": False, "error": "request line too long", "type": "bad-request"})
-                        return
-                    try:
-                        block = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        return
-                    if not block:
-                        return
-                    buffer += block
-                line, _, buffer = buffer.partition(b"\n")
-                if not line.strip():
-                    continue
+                try:
+                    line = await lines.next()
+                except ValueError as e:
+                    await _send(stream, {"ok": False, "error": str(e), "type": "bad-request"})
+                    return
+                if line is None:
+                    return
                 try:
                     request = json.loads(line)
+                    if isinstance(request, dict) and request.get("op") == "handover-begin":
+                        if await handover.hand_over(self, stream, lines, request):
+                            self._nursery.start_soon(self.terminate)  # type: ignore[union-attr]
+                            return
+                        continue
                     reply = {"ok": True, **await self.handle(request)}
                 except ValueError as e:
                     reply = {"ok": False, "error": f"invalid JSON: {e}", "type": "bad-request"}
@@ -988,7 +1037,7 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop-direct-io", choices=("on", "off"), default="on" if LOOP_DIRECT_IO else "off",
                         help="kernel mode: whether the chunk device's loop reads its FUSE file with direct I/O")
     parser.add_argument("--policy", type=_policies, default=DEFAULT_POLICIES, metavar="NAME[,NAME]",
-                        help="fetch policies: none, readahead, trace, background, locality, or "
+                        help="fetch policies: none, readahead, trace, background, locality, extent, or "
                              f"package.module:Class (default: {','.join(DEFAULT_POLICIES)})")
     parser.add_argument("--ready-fd", type=int, default=None,
                         help="file descriptor that gets one JSON line once the startup spec is done or has failed")
@@ -1001,6 +1050,9 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the merged trace of an image is cut to its earliest records to this size")
     parser.add_argument("--allow-suid-dev", action="store_true",
                         help="mount FUSE with suid,dev (only for trusted images; default nosuid,nodev)")
+    parser.add_argument("--take-over", action="store_true",
+                        help="hot upgrade: take over the layers, mounts and control socket of the kernel-mode "
+                             "daemon at --socket (with its --layers-dir and another --fuse-dir), which then exits")
 
 
 def options_from_args(args: argparse.Namespace) -> DaemonOptions:
@@ -1019,7 +1071,7 @@ def options_from_args(args: argparse.Namespace) -> DaemonOptions:
         allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
         request_timeout=args.request_timeout,
         serve=args.serve, layers_dir=args.layers_dir, loop_direct_io=args.loop_direct_io == "on",
-        policies=tuple(args.policy))
+        policies=tuple(args.policy), take_over=args.take_over)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-BUILTIN_NAMES = ("none", "readahead", "trace", "background", "locality")
-DEFAULT_POLICIES = ("readahead", "trace")
+BUILTIN_NAMES = ("none", "readahead", "trace", "background", "locality", "extent")
+DEFAULT_POLICIES = ("readahead", "trace", "extent")
 
 
 class PolicyError(Exception):

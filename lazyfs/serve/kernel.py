@@ -217,6 +217,14 @@ def adopt_layer(device_file: Path, root: Path, identity: str) -> KernelLayer:
         raise KernelServeError("adopt", f"{root} serves another layer ({recorded_identity})")
     if _mount_source(root) != ("erofs", meta_loop):
         raise KernelServeError("adopt", f"{root} is not the EROFS mount of {meta_loop} its record names")
+    change_backing_file(chunk_loop, device_file)
+    log.info("%s: %s now reads %s", root, chunk_loop, device_file)
+    return KernelLayer(root, chunk_loop, meta_loop, direct_io, identity)
+
+
+def change_backing_file(chunk_loop: str, device_file: Path) -> None:
+    """Point a chunk device's loop at ``device_file`` (a chunk-device file of the same layer)
+    with LOOP_CHANGE_FD; the kernel lets the reads in flight on the old file finish first."""
     try:
         new_fd = os.open(device_file, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -231,8 +239,6 @@ def adopt_layer(device_file: Path, root: Path, identity: str) -> KernelLayer:
         raise KernelServeError("adopt", f"LOOP_CHANGE_FD of {chunk_loop} to {device_file}: {e.strerror}") from e
     finally:
         os.close(new_fd)
-    log.info("%s: %s now reads %s", root, chunk_loop, device_file)
-    return KernelLayer(root, chunk_loop, meta_loop, direct_io, identity)
 
 
 def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool, identity: str = "",

@@ -140,9 +140,10 @@ class FetchPolicy:
 
 def _builtins() -> dict[str, type[FetchPolicy]]:
     from lazyfs.fetch.policies.builtin import BackgroundPolicy, ReadaheadPolicy, TracePolicy
+    from lazyfs.fetch.policies.extent import ExtentPolicy
     from lazyfs.fetch.policies.locality import LocalityPolicy
     return {"none": FetchPolicy, "readahead": ReadaheadPolicy, "trace": TracePolicy,
-            "background": BackgroundPolicy, "locality": LocalityPolicy}
+            "background": BackgroundPolicy, "locality": LocalityPolicy, "extent": ExtentPolicy}
 
 
 def load_policy(name: str) -> FetchPolicy:
