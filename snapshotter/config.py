@@ -11,8 +11,8 @@ binary = ""                    # "": this Python's `-m lazyfs.daemon`; else a pr
 mountpoint = ""                # default <root>/mnt: one directory per attached layer (the lowerdirs)
 serve = "fuse"                 # "kernel": each layer is an EROFS mount over a loop device of its chunk
                                # device, a file of the daemon's FUSE mount at <root>/chunk-devices
-loop_direct_io = false         # kernel mode: true makes the chunk device's loop read its file with direct
-                               # I/O (the daemon then cannot pass it what follows each read: more requests)
+loop_direct_io = true          # kernel mode: the chunk device's loop reads its file with direct I/O (false:
+                               # through the page cache, the daemon storing what follows small reads there)
 control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"
@@ -95,7 +95,7 @@ class DaemonConfig:
     read_timeout: float | None = None  # None: the daemon's default
     request_timeout: float | None = None
     serve: str = "fuse"
-    loop_direct_io: bool = False
+    loop_direct_io: bool = True
 
     def fuse_dir(self, root: Path) -> Path:
         """Where the daemon's FUSE mount goes: the layer directories themselves, or in kernel

@@ -87,7 +87,7 @@ def test_layer_root_is_an_erofs_mount_over_a_loop_of_the_chunk_device_file(plain
         (layer,) = mount.stats()["attached"]
         state = mount.state_root()
         device_file = state / "fuse" / "layer"
-        assert layer["serve"] == "kernel" and layer["loop_direct_io"] is False
+        assert layer["serve"] == "kernel" and layer["loop_direct_io"] is True
         assert layer["path"] == str(state / "layers" / "layer")
         # The FUSE mount shows the chunk device as one read-only file: the whole grid of cells.
         st = os.stat(device_file)
@@ -132,10 +132,10 @@ def resident_pages(path: Path, offset: int, length: int) -> list[bool]:
 
 
 def test_a_read_of_the_chunk_device_brings_the_bytes_that_follow_it_into_the_page_cache(tmp_path):
-    """Reading the first bytes of a file through the layer's EROFS brings the chunk device's
-    following bytes into the page cache of the device file below the loop (the daemon stores
-    what follows a small read within its cell): the rest of that file, and the next file,
-    then need no request to the daemon."""
+    """With the loop through the page cache (`--loop-direct-io off`), reading the first bytes of
+    a file through the layer's EROFS brings the chunk device's following bytes into the page
+    cache of the device file below the loop (the daemon stores what follows a small read within
+    its cell): the rest of that file, and the next file, then need no request to the daemon."""
     require_root()
     source = tmp_path / "src"
     source.mkdir()
@@ -146,15 +146,21 @@ def test_a_read_of_the_chunk_device_brings_the_bytes_that_follow_it_into_the_pag
         where = {name: meta.map(meta.resolve(name), 0, 1)[0].device_offset for name in ("a", "b")}
     first, second = sorted(where, key=where.get)
     assert where[second] - where[first] < 128 << 10  # neighbours, as mkfs.erofs lays them out
-    with lazy_mount(tmp_path / "mnt", "--serve", "kernel", "--meta", str(image.meta), "--blob", str(image.blob),
-                    run_dir=tmp_path / "run", cache_dir=tmp_path / "cache") as mount:
-        device_file = mount.state_root() / "fuse" / "layer"
-        with open(mount.path / first, "rb") as f:
+    sock, root = tmp_path / "control.sock", tmp_path / "layers" / "one"
+    daemon = start_kernel_daemon(tmp_path, tmp_path / "daemon.log", "--loop-direct-io", "off")
+    try:
+        request(str(sock), "attach", name="one", kind="plain", meta=str(image.meta), blob=str(image.blob))
+        with open(root / first, "rb") as f:
             assert f.read(100) == (source / first).read_bytes()[:100]  # an ELF-header-sized read
-        assert mount.stats()["reads"]["requests"] >= 1
-        assert all(resident_pages(device_file, where[first], 2 * 100_000 + where[second] - where[first] - 100_000))
-        assert (mount.path / first).read_bytes() == (source / first).read_bytes()
-        assert (mount.path / second).read_bytes() == (source / second).read_bytes()
+        assert request(str(sock), "stats")["reads"]["requests"] >= 1
+        assert all(resident_pages(tmp_path / "fuse" / "one", where[first],
+                                  2 * 100_000 + where[second] - where[first] - 100_000))
+        assert (root / first).read_bytes() == (source / first).read_bytes()
+        assert (root / second).read_bytes() == (source / second).read_bytes()
+        request(str(sock), "detach", name="one")
+    finally:
+        stop_daemon(daemon, tmp_path / "fuse")
+    assert released(tmp_path), (loops_under(tmp_path), mounts_under(tmp_path))
 
 
 def test_mount_and_umount_cycles_leak_nothing(tmp_path):

@@ -60,11 +60,12 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_KIB = 1024
 SERVE_MODES = ("fuse", "kernel")
-# Kernel mode: the chunk device's loop reads the FUSE file through the page cache, so that the
-# daemon can store what follows each small read there (lazyfs.serve.fuse.DevicePagePusher; that
-# second copy is bounded). Direct I/O made every file's first read a request (docs/design.md,
-# Serving modes, "Reads of the chunk device", for the measurements).
-LOOP_DIRECT_IO = False
+# Kernel mode: the chunk device's loop reads the FUSE file with direct I/O by default. Off, it
+# reads through the page cache and the daemon stores what follows each small read there
+# (lazyfs.serve.fuse.DevicePagePusher): fewer requests (948 against 1,057 per debian-scipy
+# start), but slower warm starts and sequential reads as measured (docs/design.md, Serving
+# modes, "Reads of the chunk device").
+LOOP_DIRECT_IO = True
 
 
 class StartupError(Exception):
