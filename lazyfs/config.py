@@ -5,7 +5,7 @@
     dir = "/var/cache/lazyfs"
     size = "20G"          # bytes, or with a K/M/G/T suffix
     [daemon]
-    serve = "fuse"        # or "kernel": the kernel's EROFS serves each layer (docs/design.md)
+    serve = "kernel"      # or "fuse": the daemon serves every file operation (docs/design.md)
 
     [registry]            # for every command that talks to a registry, and the daemon
     insecure = ["127.0.0.1:5000"]          # plain HTTP (loopback registries always are)
@@ -73,7 +73,7 @@ class RegistrySettings:
 class Config:
     cache_dir: Path = DEFAULT_CACHE_DIR
     cache_size: int | None = None
-    serve: str = "fuse"
+    serve: str = "kernel"
     registry: RegistrySettings = RegistrySettings()
 
 
@@ -93,7 +93,7 @@ def load_config(path: Path | None = None) -> Config:
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError(f"{path}: [daemon] must be a table")
-    serve = daemon.get("serve", "fuse")
+    serve = daemon.get("serve", Config.serve)
     if serve not in SERVE_MODES:
         raise ConfigError(f"{path}: [daemon] serve must be one of {', '.join(SERVE_MODES)}, not {serve!r}")
     return Config(

@@ -9,8 +9,9 @@ log_level = "info"
 enabled = true                 # false: no lazy layers, every layer is unpacked
 binary = ""                    # "": this Python's `-m lazyfs.daemon`; else a program taking its arguments
 mountpoint = ""                # default <root>/mnt: one directory per attached layer (the lowerdirs)
-serve = "fuse"                 # "kernel": each layer is an EROFS mount over a loop device of its chunk
-                               # device, a file of the daemon's FUSE mount at <root>/chunk-devices
+serve = "kernel"               # each layer is an EROFS mount over a loop device of its chunk device, a
+                               # file of the daemon's FUSE mount at <root>/chunk-devices; "fuse": the
+                               # daemon's FUSE mount serves the layers' trees
 loop_direct_io = true          # kernel mode: the chunk device's loop reads its file with direct I/O (false:
                                # through the page cache, the daemon storing what follows small reads there)
 control_socket = ""            # default <root>/daemon.sock
@@ -94,7 +95,7 @@ class DaemonConfig:
     allow_suid_dev: bool = False
     read_timeout: float | None = None  # None: the daemon's default
     request_timeout: float | None = None
-    serve: str = "fuse"
+    serve: str = "kernel"
     loop_direct_io: bool = True
 
     def fuse_dir(self, root: Path) -> Path:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lazyfs.daemon.control import ControlClient, ControlError
+from lazyfs.daemon.supervise import RestartPolicy, Supervisor, process_running
 from lazyfs.daemon.upgrade import successor_fuse_dir
 
 from .config import Config, TracesConfig
@@ -257,34 +258,26 @@ class DaemonSupervisor:
                 subprocess.run(["umount", "-l", path], check=False, capture_output=True)
 
     def _watch(self) -> None:
-        delay = WATCH_INTERVAL
-        while not self._stop.wait(delay):
-            if self._alive():
-                delay = WATCH_INTERVAL
-                continue
-            if self.cfg.daemon.serve == "kernel":
-                log.error("lazyfs daemon lost (pid %s); restarting it (kernel serving mode: running "
-                          "containers get their layers back when they are re-attached)", self.daemon_pid())
-            else:
-                log.error("lazyfs daemon lost (pid %s); containers using its layers lose them; "
-                          "restarting it", self.daemon_pid())
-            try:
-                self._spawn()
-                self.on_restart()
-                delay = WATCH_INTERVAL
-            except LayerFSError as e:
-                delay = min(delay * 2, MAX_RESTART_DELAY)
-                log.error("restarting the lazyfs daemon failed (next try in %.0fs): %s", delay, e)
+        Supervisor(alive=self._alive, start=self._restart, on_lost=self._log_loss, stop=self._stop,
+                   policy=RestartPolicy(watch_interval=WATCH_INTERVAL, first_delay=2 * WATCH_INTERVAL,
+                                        max_delay=MAX_RESTART_DELAY)).watch()
+
+    def _log_loss(self) -> None:
+        if self.cfg.daemon.serve == "kernel":
+            log.error("lazyfs daemon lost (pid %s); restarting it (kernel serving mode: running "
+                      "containers get their layers back when they are re-attached)", self.daemon_pid())
+        else:
+            log.error("lazyfs daemon lost (pid %s); containers using its layers lose them; "
+                      "restarting it", self.daemon_pid())
+
+    def _restart(self) -> None:
+        self._spawn()
+        self.on_restart()
 
 
 def _is_daemon_process(pid: int, control_socket: Path) -> bool:
     """``pid`` is running and is the daemon serving ``control_socket`` (not a reused pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and str(control_socket).encode() in cmdline
+    return process_running(pid, control_socket)
 
 
 def stop_daemon(pid_file: Path, timeout: float = 10.0) -> None:

@@ -23,7 +23,8 @@ from lazyfs.cli import _command_names, build_parser
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "docs" / "design.md"]
 # Inline spans that quote output rather than show a command.
-NOT_COMMANDS = {"lazyfs daemon lost (pid N)", "lazyfs daemon N was replaced by daemon M (upgrade)"}
+NOT_COMMANDS = {"lazyfs daemon lost (pid N)", "lazyfs daemon N was replaced by daemon M (upgrade)",
+                "lazyfs daemon lost (pid N, killed by SIGKILL)", "lazyfs daemon started (pid N)"}  # log lines
 
 
 def _fenced_and_prose(text: str) -> tuple[list[str], str]:

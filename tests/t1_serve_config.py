@@ -14,8 +14,10 @@ from snapshotter.daemon_client import DaemonLayerFS, DaemonSupervisor
 
 def test_lazyfs_config_serve(tmp_path):
     path = tmp_path / "lazyfs.toml"
-    assert load_config(tmp_path / "missing.toml").serve == "fuse"
-    path.write_text('[daemon]\nserve = "kernel"\n')
+    assert load_config(tmp_path / "missing.toml").serve == "kernel"  # the faster mode (docs/design.md)
+    path.write_text('[daemon]\nserve = "fuse"\n')
+    assert load_config(path).serve == "fuse"
+    path.write_text('[cache]\nsize = "1G"\n')
     assert load_config(path).serve == "kernel"
     path.write_text('[daemon]\nserve = "fast"\n')
     with pytest.raises(ConfigError, match="serve must be one of fuse, kernel"):
@@ -37,7 +39,9 @@ def test_snapshotter_kernel_mode_puts_layers_at_the_mountpoint(tmp_path):
     # The lowerdirs stay <root>/mnt/<layer>; the FUSE mount holds only the chunk-device files.
     assert cmd[cmd.index("--layers-dir") + 1] == str(tmp_path / "root" / "mnt")
     assert cmd[cmd.index("--fuse-dir") + 1] == str(tmp_path / "root" / "chunk-devices")
-    assert snapshotter_config.load(None, root=tmp_path).daemon.serve == "fuse"
+    assert snapshotter_config.load(None, root=tmp_path).daemon.serve == "kernel"
+    path.write_text('[daemon]\nserve = "fuse"\n')
+    assert snapshotter_config.load(path, root=tmp_path).daemon.serve == "fuse"
     path.write_text('[daemon]\nserve = 1\n')
     with pytest.raises(snapshotter_config.ConfigError):
         snapshotter_config.load(path)

@@ -16,6 +16,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lazyfs.fetch import scheduler
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.scheduler import ChunkFetcher, FetchError, Priority, RetryPolicy
 from lazyfs.layer.chunks import ChunkCorrupt, ChunkRef, decode_chunk
@@ -48,15 +49,28 @@ class MemorySource:
         return [(offset, length) for _, offset, length in self.requests]
 
 
+class SharedLink:
+    """One link for several streams: pieces cross it one at a time, in turn (trio.Lock is
+    fair), at ``rate`` bytes per second, so concurrent responses share its bandwidth."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.lock = trio.Lock()
+
+    async def send(self, nbytes: int) -> None:
+        async with self.lock:
+            await trio.sleep(nbytes / self.rate)
+
+
 class StreamingMemorySource(MemorySource):
     """A MemorySource that answers in pieces (``iter_range``) at ``rate`` bytes per second after
     ``latency`` seconds, like a response arriving over a link. An exception fault is raised
     half-way through the body; ``ends`` records (time, offset, bytes sent) when each stops."""
 
     def __init__(self, blob: bytes, *, rate: float = 1 << 20, latency: float = 0.02,
-                 piece: int = 16 << 10, **kwargs):
+                 piece: int = 16 << 10, link: SharedLink | None = None, **kwargs):
         super().__init__(blob, **kwargs)
-        self.rate, self.latency, self.piece = rate, latency, piece
+        self.rate, self.latency, self.piece, self.link = rate, latency, piece, link
         self.ends: list[tuple[float, int, int]] = []
 
     async def iter_range(self, offset: int, length: int):
@@ -72,7 +86,10 @@ class StreamingMemorySource(MemorySource):
                 if isinstance(fault, BaseException) and sent >= len(data) // 2:
                     raise fault
                 piece = data[sent:sent + self.piece]
-                await trio.sleep(len(piece) / self.rate)
+                if self.link is not None:
+                    await self.link.send(len(piece))
+                else:
+                    await trio.sleep(len(piece) / self.rate)
                 sent += len(piece)
                 yield piece
         finally:
@@ -783,3 +800,107 @@ async def test_speculation_right_after_a_miss_rides_along_in_its_request(cache, 
     # refs[2] on demand, with refs[3..5] (192 KiB) riding along; refs[1] (before it) does not
     assert (refs[2].offset, refs[6].offset - refs[2].offset) in source.ranges()
     assert first < 0.2
+
+
+# ----------------------------------------------------------------- attach-critical work first
+
+@pytest.fixture
+def stores_on_loop(monkeypatch):
+    """Chunks are written to the cache on the trio thread (with ``offload_threshold=ON_LOOP``):
+    a worker thread would let the autojump clock leap ahead while it runs, and these tests
+    compare times on that clock."""
+    monkeypatch.setattr(scheduler, "_STORE_ON_LOOP_MAX", ON_LOOP)
+
+
+ON_LOOP = 1 << 30
+
+
+async def test_prefetch_waits_while_a_layer_attaches_and_reads_do_not(cache, autojump_clock, stores_on_loop):
+    """Prefetch queued while a layer attaches starts only attach_settle after the last attach
+    ended; an on-demand read meanwhile goes at once (also of a held prefetch chunk)."""
+    blob, refs, datas = build_blob([64 << 10] * 8, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, attach_settle=0.5, offload_threshold=ON_LOOP) as fetcher:
+        with fetcher.attaching():
+            fetcher.enqueue(source, refs[2:], Priority.PREFETCH)
+            with fetcher.attaching():  # a second layer attaching side by side
+                assert await fetcher.get(source, refs[:1]) == datas[:1]
+                assert await fetcher.get(source, refs[5:6]) == datas[5:6]
+            await trio.sleep(1.0)
+            assert [offset for _, offset, _ in source.requests] == [refs[0].offset, refs[5].offset]
+        attached = trio.current_time()
+        await fetcher.wait_idle()
+    starts = [start for start, offset, _ in source.requests[2:]]
+    assert starts and min(starts) >= attached + 0.5
+    assert all(cache.contains(ref.digest) for ref in refs[:1] + refs[2:])
+    assert fetcher.stats.failed_chunks == 0
+
+
+async def test_attach_fetch_is_not_slowed_by_prefetch_on_the_link(cache, autojump_clock, stores_on_loop):
+    """Layer 1's trace prefetch streams over the link when layer 2 starts attaching: its
+    request stops after the chunk it is receiving and nothing else starts, so layer 2's
+    metadata (fetched outside the fetcher, over the same link) has the link to itself; the
+    prefetch resumes once the attach is over, and nothing is lost."""
+    link = SharedLink(rate=1 << 20)
+    blob, refs, datas = build_blob([64 << 10] * 32, compress=False)  # 2 MiB: 2 s of prefetch
+    layer1 = StreamingMemorySource(blob, name="layer 1", link=link)
+    metadata = bytes(256 << 10)
+    layer2 = StreamingMemorySource(metadata, name="layer 2", link=link)
+    async with ChunkFetcher(cache, attach_settle=0.5, offload_threshold=ON_LOOP) as fetcher:
+        with fetcher.attaching():
+            fetcher.enqueue(layer1, refs, Priority.PREFETCH)
+        await trio.sleep(0.5 + 0.5)  # the settle time, then half a second of prefetch
+        assert len(layer1.requests) == 1 and not layer1.ends
+        with fetcher.attaching():
+            began = trio.current_time()
+            assert b"".join([piece async for piece in layer2.iter_range(0, len(metadata))]) == metadata
+            took = trio.current_time() - began
+        attached = trio.current_time()
+        await fetcher.wait_idle()
+    # Alone on the link: 20 ms + 256 KiB at 1 MiB/s. At most the rest of one 64 KiB prefetch
+    # chunk shares it (sharing it with the whole prefetch would take twice as long).
+    alone = 0.02 + len(metadata) / link.rate
+    assert took <= alone + (64 << 10) / link.rate + 0.01, took
+    (cut_at, _, sent), *_ = layer1.ends
+    assert cut_at <= began + (64 << 10) / link.rate + 0.01 and sent % (64 << 10) == 0
+    assert [start for start, _, _ in layer1.requests[1:]] and all(
+        start >= attached + 0.5 for start, _, _ in layer1.requests[1:])
+    assert all(cache.contains(ref.digest) for ref in refs)
+    assert fetcher.stats.failed_chunks == 0 and fetcher.stats.chunks_fetched == 32
+
+
+async def test_background_and_speculation_wait_for_an_attach_readahead_does_not(cache, autojump_clock,
+                                                                             stores_on_loop):
+    blob, refs, datas = build_blob([64 << 10] * 8, compress=False)
+    source = StreamingMemorySource(blob)
+    async with ChunkFetcher(cache, attach_settle=0.2, offload_threshold=ON_LOOP) as fetcher:
+        with fetcher.attaching():
+            fetcher.enqueue(source, refs[6:], Priority.BACKGROUND)
+            fetcher.enqueue(source, refs[4:6], Priority.SPECULATIVE)
+            fetcher.enqueue(source, refs[:2], Priority.READAHEAD)
+            await trio.sleep(1.0)
+            assert source.ranges() == [(refs[0].offset, refs[2].offset - refs[0].offset)]
+        attached = trio.current_time()
+        await fetcher.wait_idle()
+    assert all(start >= attached + 0.2 for start, _, _ in source.requests[1:])
+    assert all(cache.contains(ref.digest) for ref in refs[:2] + refs[4:])
+
+
+async def test_attaches_settled_waits_for_every_attach_and_the_settle_time(cache, autojump_clock):
+    async with ChunkFetcher(cache, attach_settle=0.5) as fetcher:
+        await fetcher.attaches_settled()  # nothing attaching: at once
+        assert trio.current_time() == 0
+        settled_at = []
+
+        async def after_the_pull():
+            await fetcher.attaches_settled()
+            settled_at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            with fetcher.attaching():
+                nursery.start_soon(after_the_pull)
+                await trio.sleep(1.0)
+            await trio.sleep(0.3)
+            with fetcher.attaching():  # the next layer of the pull, within the settle time
+                await trio.sleep(1.0)
+    assert settled_at == [pytest.approx(2.3 + 0.5)]

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -34,14 +35,22 @@ def layout_with(root, blobs: dict[str, bytes]) -> str:
     return f"oci:{root}"
 
 
+# A crafted chunk never verifies: its reads fail once the read bound is spent retrying it, so a
+# short bound keeps the test short (what fails, and what keeps working, is the same). No
+# speculative policy: one that fetched the good layer's "ext" would put chunks with the digests
+# the crafted tables name into the content-addressed cache, and the crafted reads would then be
+# served those verified bytes instead of failing.
+CRAFTED_DAEMON_OPTIONS = ("--read-timeout", "5", "--policy", "readahead")
+
+
 @pytest.fixture
 def daemon(tmp_path):
     require_root()
     require_tool("fusermount3")
     socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
-    # A crafted chunk never verifies: its reads fail once the read bound is spent retrying it,
-    # so a short bound keeps the test short (what fails, and what keeps working, is the same).
-    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log", "--read-timeout", "5")
+    # FUSE-tree mode: lazyfs itself parses every crafted layer's metadata and serves its tree.
+    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log", *CRAFTED_DAEMON_OPTIONS,
+                               "--serve", "fuse")
     try:
         yield socket, fuse, proc
     finally:
@@ -136,3 +145,58 @@ def test_crafted_layers_fail_alone(daemon, tmp_path):
 
 def _raise(error: OSError) -> None:
     raise error
+
+
+@pytest.fixture
+def kernel_daemon(tmp_path):
+    require_root()
+    require_tool("fusermount3")
+    socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
+    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log", *CRAFTED_DAEMON_OPTIONS,
+                               "--serve", "kernel", "--layers-dir", str(tmp_path / "layers"))
+    try:
+        yield socket, proc
+    finally:
+        for layer in request(str(socket), "list")["layers"]:
+            request(str(socket), "detach", name=layer["name"], timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_crafted_layers_fail_alone_in_kernel_mode(kernel_daemon, tmp_path):
+    """Kernel serving mode: the kernel's EROFS driver parses the crafted metadata and the
+    daemon serves only the chunk device. Refusals at attach are the same as in FUSE-tree mode;
+    the crafted parts fail for their own operations, with the kernel's error where it is the
+    kernel that finds the damage; the good layer and the daemon are untouched."""
+    socket, proc = kernel_daemon
+    layers = crafted_layers()
+    ref = layout_with(tmp_path / "layout", {name: blob for name, (blob, _a) in layers.items()})
+    good = Path(attach(socket, ref, "good", *layers["good"])["path"])
+    read_good(good.parent)
+    for name, why in (("meta-bomb", "decompressed to more than"), ("lying-offset", "exceeds the blob")):
+        with pytest.raises(ControlError) as failure:
+            attach(socket, ref, name, *layers[name])
+        assert failure.value.kind == "attach-failed" and why in str(failure.value)
+        read_good(good.parent)
+    roots = {name: Path(attach(socket, ref, name, *layers[name])["path"])
+             for name in ("dir-loop", "huge-size", "wrong-frames", "short-twin")}
+    damaged = (errno.EIO, errno.ELOOP, errno.EUCLEAN)
+    with pytest.raises(OSError) as failure:
+        for _ in os.walk(roots["dir-loop"], onerror=_raise):
+            pass
+        os.listdir(roots["dir-loop"] / "a" / "b" / "a")
+    assert failure.value.errno in damaged, failure.value
+    with pytest.raises(OSError) as failure:  # the kernel may accept the size, never the bytes behind it
+        (roots["huge-size"] / "ext").read_bytes()
+    assert failure.value.errno in damaged + (errno.EFBIG, errno.EINVAL, errno.ENOMEM), failure.value
+    assert (roots["huge-size"] / "top").read_bytes() == b"top file\n" * 1000
+    with pytest.raises(OSError) as failure:
+        (roots["wrong-frames"] / "ext").read_bytes()
+    assert failure.value.errno == errno.EIO
+    assert (roots["wrong-frames"] / "a" / "b" / "big").read_bytes() == bytes(range(256)) * 64
+    with pytest.raises(OSError) as failure:
+        (roots["short-twin"] / "ext").read_bytes()
+    assert failure.value.errno == errno.EIO
+    assert (roots["short-twin"] / "top").read_bytes() == b"top file\n" * 1000
+    read_good(good.parent)
+    assert proc.poll() is None

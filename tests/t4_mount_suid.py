@@ -117,7 +117,8 @@ def test_shared_daemon_is_nosuid_and_image_mounts_opt_in_one_by_one(suid_image, 
     who reaches it gets nothing), and one image mount may still opt in while another does not."""
     require_tool("fusermount3")
     socket, fuse_dir = tmp_path / "daemon.sock", public_dir / "fuse"
-    daemon = start_shared_daemon(socket, fuse_dir, tmp_path / "cache", tmp_path / "daemon.log")
+    # The FUSE-tree mode: its layer directories are what this checks (kernel mode: t4_kernel_mode).
+    daemon = start_shared_daemon(socket, fuse_dir, tmp_path / "cache", tmp_path / "daemon.log", "--serve", "fuse")
     try:
         plain, trusted, trusted_bind = public_dir / "plain", public_dir / "trusted", public_dir / "trusted-bind"
         host, _, repo = suid_image.partition("/")

@@ -14,6 +14,7 @@ import pytest
 
 from lazyfs.bench.system import unmount_below
 from lazyfs.daemon.control import ControlError, request
+from snapshotter import config as snapshotter_config
 from snapshotter.daemon_client import stop_daemon
 from snapshotter.stop import lazy_layer_users
 from tests.fixtures.common import require_root
@@ -42,6 +43,8 @@ class Node:
         self.config.write_text(f'root = "{self.root}"\nsocket = "{tmp_path}/sn.sock"\n'
                                f'[registry]\nhosts_dir = ""\n')
         self.process: subprocess.Popen | None = None
+        # The daemon's FUSE mount: the layers' trees, or in kernel mode their chunk devices.
+        self.fuse_dir = snapshotter_config.load(self.config).daemon.fuse_dir(self.root)
 
     def start(self) -> None:
         log = open(self.root.parent / "snapshotter.log", "ab")
@@ -107,7 +110,7 @@ def test_stop_refuses_while_in_use_then_stops_both(node, tmp_path):
     assert lazy_layer_users(node.root / "mnt") == [str(rootfs)]
     refused = node.stop()
     assert refused.returncode == 1 and "refusing" in refused.stderr and str(rootfs) in refused.stderr
-    assert _alive(snapshotter_pid) and _alive(daemon_pid) and _mounted(node.root / "mnt")
+    assert _alive(snapshotter_pid) and _alive(daemon_pid) and _mounted(node.fuse_dir)
 
     subprocess.run(["umount", str(rootfs)], check=True)
     done = node.stop()
@@ -117,7 +120,7 @@ def test_stop_refuses_while_in_use_then_stops_both(node, tmp_path):
     while _alive(daemon_pid):
         assert time.monotonic() < deadline, "the daemon did not exit"
         time.sleep(0.05)
-    assert not _mounted(node.root / "mnt") and not (node.root / "snapshotter.pid").exists()
+    assert not _mounted(node.fuse_dir) and not (node.root / "snapshotter.pid").exists()
     assert node.stop().stdout.strip().endswith("nothing was running")
 
 
@@ -128,5 +131,5 @@ def test_stop_force_detaches_the_lazy_layers_of_mounts_in_use(node, tmp_path):
     done = node.stop("--force")
     assert done.returncode == 0 and "lost their lazy layers" in done.stdout, done.stderr
     assert node.process.wait(timeout=30) == 0 and not _alive(daemon_pid)
-    assert not _mounted(node.root / "mnt")
+    assert not _mounted(node.fuse_dir) and not _mounted(node.root / "mnt")
     subprocess.run(["umount", "-l", str(rootfs)], check=False)

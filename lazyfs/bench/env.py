@@ -121,7 +121,7 @@ class BenchEnv:
         pid = self.snapshotter.daemon_pid()
         if pid is None or pid == old_daemon_pid:
             problems.append(f"the lazyfs daemon was not restarted (pid {old_daemon_pid} -> {pid})")
-        if str(self.snapshotter.fuse_dir) not in mount_points_below(self.snapshotter.root):
+        if str(self.snapshotter.fuse_dir()) not in mount_points_below(self.snapshotter.root):
             problems.append("the daemon's FUSE mount is missing")
         stats = self.snapshotter.daemon_request("stats")
         if stats.get("layers"):

@@ -362,9 +362,10 @@ class Snapshotter:
     def control_socket(self) -> Path:
         return self.root / "daemon.sock"
 
-    @property
     def fuse_dir(self) -> Path:
-        return self.root / "mnt"
+        """The daemon's FUSE mount, as it says (the layers' trees, or in kernel serving mode
+        their chunk-device files)."""
+        return Path(self.daemon_request("ping")["fuse"])
 
     def daemon_pid(self) -> int | None:
         try:

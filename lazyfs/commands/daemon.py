@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_timeout_arguments(parser)
     parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
                         help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
-                             "each layer, the daemon only its chunk device (default: config, else fuse)")
+                             "each layer, the daemon only its chunk device (default: config, else kernel)")
     parser.add_argument("--layers-dir", type=Path, default=None,
                         help="kernel mode: where the layers' EROFS mounts go (default: FUSE-DIR.layers)")
     parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",

@@ -20,6 +20,7 @@ from pathlib import Path
 from lazyfs.cliopts import add_registry_arguments, load_with_registry
 from lazyfs.config import ConfigError, parse_size
 from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.mountsupervisor import command as supervisor_command
 from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
 from lazyfs.daemon.mountstate import (
     DEFAULT_RUN_DIR, MountState, add_timeout_arguments, daemon_command, daemon_running,
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blob", help="its blob device (mkfs.erofs --blobdev): a file or an http(s) URL")
     parser.add_argument("--serve", choices=("fuse", "kernel"), default=None,
                         help="fuse: the daemon serves every file operation; kernel: the kernel's EROFS serves "
-                             "each layer, the daemon only its chunk device (default: config, else fuse)")
+                             "each layer, the daemon only its chunk device (default: config, else kernel)")
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground until unmounted")
     parser.add_argument("--daemon", type=Path, default=None, metavar="SOCKET",
                         help="mount through the running daemon at this control socket (`lazyfs daemon`) "
@@ -62,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefetch the chunks this trace file lists (instead of the layers' embedded traces)")
     parser.add_argument("--no-prefetch", action="store_true", help="do not prefetch embedded traces")
     parser.add_argument("--record-trace", type=Path, default=None, metavar="FILE",
-                        help="record an access trace from the mount on; written to FILE when unmounted")
+                        help="record an access trace from the mount on; written to FILE when unmounted "
+                             "(mounts with --serve fuse unless --serve is given)")
     parser.add_argument("--policy", default=None, metavar="NAME[,NAME]",
                         help="fetch policies of the mount's daemon: none, readahead, trace, background, "
                              "locality, extent, or package.module:Class (default: readahead,trace,extent)")
@@ -112,21 +114,29 @@ def run(args: argparse.Namespace) -> int:
     state.info_file.write_text(json.dumps({"mountpoint": str(state.mountpoint), "source": startup["source"]},
                                           indent=1))
     ready_read, ready_write = os.pipe()
-    serve = args.serve or config.serve
+    # A trace recorded in kernel mode lacks the lookup/open events (the kernel answers them).
+    serve = args.serve or ("fuse" if args.record_trace is not None else config.serve)
     cmd = daemon_command(fuse_dir=state.fuse_dir, socket=state.socket, cache_dir=cache_dir, cache_size=cache_size,
                          metrics=args.metrics, registry=registry, verbose=args.verbose,
                          allow_suid_dev=args.allow_suid_dev, read_timeout=args.read_timeout,
                          request_timeout=args.request_timeout,
                          serve=serve, layers_dir=state.layers_dir if serve == "kernel" else None,
                          policies=args.policy.split(",") if args.policy else None)
-    cmd += ["--startup", str(state.startup_file), "--ready-fd", str(ready_write)]
+    cmd += ["--startup", str(state.startup_file)]
+    # Kernel mode: the layers' mounts outlive the daemon, so a supervisor restarts a daemon that
+    # dies (lazyfs.daemon.mountsupervisor). In the foreground this command watches it instead.
+    supervised = serve == "kernel" and not args.foreground
+    if supervised:
+        cmd = supervisor_command(state, cmd, ready_fd=ready_write)
+    else:
+        cmd += ["--ready-fd", str(ready_write)]
     try:
         with open(state.log_file, "ab") as log_file:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                     start_new_session=not args.foreground, close_fds=True, pass_fds=(ready_write,))
     finally:
         os.close(ready_write)
-    state.pid_file.write_text(f"{proc.pid}\n")
+    (state.supervisor_pid_file if supervised else state.pid_file).write_text(f"{proc.pid}\n")
     with os.fdopen(ready_read, "rb") as ready:
         error, status = _wait_ready(state, proc, ready)
     if error is not None:
@@ -145,7 +155,7 @@ class _UsageError(Exception):
 def _mount_point_refusal(state: MountState) -> str | None:
     """Why nothing may be mounted at the state's mount point (after cleaning up after a dead
     daemon), or None."""
-    if state.exists() and state.daemon_alive():
+    if state.exists() and state.in_use():
         return f"{state.mountpoint} is already mounted by daemon {state.pid()}"
     state.clean_stale()
     if is_mounted(state.mountpoint):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from lazyfs.daemon.control import ControlError, request
@@ -29,13 +32,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(f"lazyfs umount: {state.mountpoint} is not a lazyfs mount", file=sys.stderr)
         return 1
-    pid = state.pid()
     shared = state.shared_socket()
     # A shared daemon is asked whether it lives: after a hot upgrade (`lazyfs daemon upgrade`)
     # another process serves its socket than the one whose pid was recorded.
     if shared is not None and _answers(shared):
         return _unmount_shared(state, shared, args.lazy)
-    if not state.daemon_alive():
+    if not state.in_use():
         state.clean_stale()
         return 0
     if shared is not None:
@@ -45,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
     except MountError as e:
         print(f"lazyfs umount: {e}", file=sys.stderr)
         return 1
+    # Kernel mode: the supervisor goes first, or it would restart the daemon stopped below.
+    _stop_supervisor(state.supervisor_pid())
+    pid = state.pid()
+    if not state.daemon_alive():
+        state.clean_stale()
+        return 0
     try:
         request(str(state.socket), "shutdown", timeout=10.0)
     except ControlError as e:
@@ -72,6 +80,22 @@ def _unmount_shared(state: MountState, socket: Path, lazy: bool) -> int:
     return 0
 
 
+def _stop_supervisor(pid: int | None) -> None:
+    """SIGTERM the mount's supervisor (it leaves the daemon running) and wait for it to go."""
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while _process_exists(pid):
+        if time.monotonic() > deadline:
+            _kill(pid)
+            break
+        time.sleep(0.05)
+
+
 def _answers(socket: Path) -> bool:
     try:
         request(str(socket), "ping", timeout=5.0)
@@ -80,10 +104,15 @@ def _answers(socket: Path) -> bool:
     return True
 
 
-def _kill(pid: int | None) -> None:
-    import os
-    import signal
+def _process_exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
+
+def _kill(pid: int | None) -> None:
     if pid is not None:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -120,6 +120,11 @@ def open_image(path: str | os.PathLike) -> Image:
 
 
 async def attach_plain(ctx: AttachContext, request: dict) -> Attached:
+    with ctx.fetcher.attaching():
+        return await _attach_plain(ctx, request)
+
+
+async def _attach_plain(ctx: AttachContext, request: dict) -> Attached:
     meta = _string(request, "meta")
     blob = _string(request, "blob")
     image = await trio.to_thread.run_sync(open_image, meta)
@@ -256,7 +261,35 @@ def _load_layer(cache_root: Path, index, meta_stored: bytes, table_stored: bytes
         raise
 
 
+async def _sections_bytes(ctx: AttachContext, store: ImageStore, digest: str,
+                          sections: list[tuple[Section, str]]) -> list[bytes]:
+    """Several sections' stored bytes, fetched side by side (one round trip, not one each).
+    If any fails, the error of the first failed one in list order is raised (the same error
+    whichever read gives up first; each read's retries are bounded)."""
+    results: list[bytes] = [b""] * len(sections)
+    failures: dict[int, Exception] = {}
+
+    async def one(i: int, section: Section, what: str) -> None:
+        try:
+            results[i] = await _section_bytes(ctx, store, digest, section, what)
+        except Exception as e:
+            failures[i] = e
+
+    async with trio.open_nursery() as nursery:
+        for i, (section, what) in enumerate(sections):
+            nursery.start_soon(one, i, section, what)
+    if failures:
+        raise failures[min(failures)]
+    return results
+
+
 async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
+    # Attach-critical fetches first: no prefetch starts on the link until the layer is attached.
+    with ctx.fetcher.attaching():
+        return await _attach_lazyfs(ctx, request)
+
+
+async def _attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
     ref = _string(request, "ref")
     digest = _string(request, "digest")
     annotations = request.get("annotations") or {}
@@ -276,15 +309,18 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
             tail = await _footer_bytes(store, digest, size)
             index, trusted = locate(lambda _o, _l: tail, size), True
             log.warning("layer %s: no lazyfs annotations, trusting the footer of the blob", digest)
-        meta = await _section_bytes(ctx, store, digest, index.meta, "layer metadata")
-        table = await _section_bytes(ctx, store, digest, index.table, "chunk table")
+        sections = [(index.meta, "layer metadata"), (index.table, "chunk table")]
+        if request.get("prefetch") and request.get("trace") is None and index.trace is not None:
+            sections.append((index.trace, "embedded trace"))
+        meta, table, *trace = await _sections_bytes(ctx, store, digest, sections)
         layer, meta_fd = await trio.to_thread.run_sync(_load_layer, ctx.cache.root, index, meta, table, trusted)
     except LayerFormatError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     except RegistryError as e:
         raise AttachError(f"layer {digest} of {store.name}: {e}") from e
     try:
-        device, info = await _serve_lazyfs(ctx, request, store, host, index, layer, trusted)
+        device, info = await _serve_lazyfs(ctx, request, store, host, index, layer, trusted,
+                                           trace[0] if trace else None)
     except BaseException:
         if meta_fd is not None:
             os.close(meta_fd)
@@ -293,9 +329,9 @@ async def attach_lazyfs(ctx: AttachContext, request: dict) -> Attached:
 
 
 async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, host: str, index, layer: Layer,
-                        trusted: bool) -> tuple[ChunkGridDevice, dict]:
+                        trusted: bool, trace_stored: bytes | None) -> tuple[ChunkGridDevice, dict]:
     """The device reader and `list` info of a loaded lazyfs layer; queues its prefetch and
-    background fill."""
+    background fill (``trace_stored``: the embedded trace's stored bytes, if fetched)."""
     ref, digest = request["ref"], request["digest"]
     background_rate = _background_rate(request)
     source = StoreBlobSource(store, digest, host, ctx.chunk_retry)
@@ -304,29 +340,24 @@ async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, ho
                              recent=ctx.recent, **({} if readahead else {"readahead_bytes": 0}))
     info = {"kind": "lazyfs", "ref": ref, "digest": digest, "chunk_size": layer.chunk_size,
             "chunks": layer.chunk_count, "trusted_footer": trusted}
-    trace_chunks: list[int] = []
-    found = await _prefetch_trace(ctx, store, digest, index, request)
-    if found is not None:
-        trace, embedded = found
-        chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
-        if ctx.policies is None:
-            if chunks:
-                ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
-        else:
-            trace_chunks = chunks
-        info["prefetch_chunks"] = len(chunks)
+    found = await _prefetch_trace(digest, index, request, trace_stored)
+    layer_info = None
     if ctx.policies is not None:
         layer_info = LayerInfo(_string(request, "name"), source, layer.chunk_count, layer.chunk_ref,
-                               trace_chunks=trace_chunks, background_rate=background_rate)
+                               background_rate=background_rate)
         ctx.policies.attach(layer_info)
         if ctx.policies.wants_files:
             ctx.policies.build_files_soon(layer_info, lambda: file_map(layer))
         info["policies"] = ctx.policies.names
+    learn = None
     if request.get("learned_trace") or request.get("record_trace"):
-        # After the attach, in the background: the look-up must not delay the layer.
-        info[AFTER_ATTACH] = functools.partial(
+        learn = functools.partial(
             _learn, ctx, store, ref, digest, _given_manifest(request), layer, source,
             bool(request.get("learned_trace")) and found is None and index.trace is None)
+    if found is not None or learn is not None:
+        # After the attach, in the background: the pull must not wait for the trace's chunks
+        # to be looked up, nor for a learned trace.
+        info[AFTER_ATTACH] = functools.partial(_after_attach, ctx, layer, digest, source, found, layer_info, learn)
     if request.get("background_fetch") and not (ctx.policies and "background" in ctx.policies.names):
         if ctx.background is None:
             raise AttachError("this daemon does not fetch in the background")
@@ -338,6 +369,28 @@ async def _serve_lazyfs(ctx: AttachContext, request: dict, store: ImageStore, ho
 
 
 AFTER_ATTACH = "_after_attach"  # info key: what the daemon runs once the layer is attached
+
+
+async def _after_attach(ctx: AttachContext, layer: Layer, digest: str, source: StoreBlobSource,
+                        found: tuple[Trace, bool] | None, layer_info: LayerInfo | None,
+                        learn: Callable[..., Awaitable[None]] | None, info: dict,
+                        on_manifest: Callable[[str], None]) -> None:
+    """What follows an attach without delaying it (``info`` is the layer's live ``list``
+    entry): the chunks of its trace queued for prefetch, then learned traces. Following an
+    embedded trace's paths through the metadata takes up to half a second of CPU on a large
+    layer; it waits until the layers being attached (the rest of a pull) are attached, as the
+    prefetch would anyway."""
+    if found is not None:
+        trace, embedded = found
+        await ctx.fetcher.attaches_settled()
+        chunks = await trio.to_thread.run_sync(prefetch_chunks, layer, digest, trace, embedded)
+        if layer_info is not None:
+            layer_info.trace_chunks = chunks
+        if chunks and (ctx.policies is None or "trace" in ctx.policies.names):
+            ctx.fetcher.enqueue(source, [layer.chunk_ref(n) for n in chunks], Priority.PREFETCH)
+        info["prefetch_chunks"] = len(chunks)
+    if learn is not None:
+        await learn(info, on_manifest)
 
 
 def _given_manifest(request: dict) -> str | None:
@@ -413,9 +466,10 @@ def _background_rate(request: dict) -> int | None:
     return rate
 
 
-async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, index,
-                          request: dict) -> tuple[Trace, bool] | None:
-    """(trace, embedded): a file named by ``trace``, else (with ``prefetch``) the layer's own."""
+async def _prefetch_trace(digest: str, index, request: dict,
+                          trace_stored: bytes | None) -> tuple[Trace, bool] | None:
+    """(trace, embedded): a file named by ``trace``, else (with ``prefetch``) the layer's own,
+    whose stored bytes the attach fetched with its metadata."""
     path = request.get("trace")
     try:
         if path is not None:
@@ -425,9 +479,8 @@ async def _prefetch_trace(ctx: AttachContext, store: ImageStore, digest: str, in
                 return Trace.decode(await trio.to_thread.run_sync(Path(path).read_bytes)), False
             except OSError as e:
                 raise AttachError(f"cannot read trace {path}: {e.strerror}") from e
-        if request.get("prefetch") and index.trace is not None:
-            stored = await _section_bytes(ctx, store, digest, index.trace, "embedded trace")
-            return Trace.decode(index.trace.open("trace", stored)), True
+        if trace_stored is not None:
+            return Trace.decode(index.trace.open("trace", trace_stored)), True
     except (TraceError, LayerFormatError) as e:
         raise AttachError(f"layer {digest}: trace: {e}") from e
     return None

@@ -7,6 +7,8 @@ Each mount point gets a private directory ``<run dir>/<16 hex of sha256(mount po
     layers/        kernel serving mode: one EROFS mount per layer (the overlay's lowerdirs)
     control.sock   the daemon's control socket
     daemon.pid     the daemon's process id
+    supervisor.pid kernel serving mode: the process id of the daemon's supervisor
+                   (lazyfs.daemon.mountsupervisor), which restarts a daemon that died
     daemon.log     the daemon's stderr
     startup.json   the startup spec handed to the daemon
     mount.json     what was mounted (mount point, image), for humans
@@ -37,6 +39,7 @@ from pathlib import Path
 
 from lazyfs.config import RegistrySettings
 from lazyfs.daemon.control import ControlError, request
+from lazyfs.daemon.supervise import process_running
 from lazyfs.serve.mounts import is_mounted, is_stale, mounted_paths, unmount_fuse, unmount_path
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,10 @@ class MountState:
         return self.root / "daemon.pid"
 
     @property
+    def supervisor_pid_file(self) -> Path:
+        return self.root / "supervisor.pid"
+
+    @property
     def log_file(self) -> Path:
         return self.root / "daemon.log"
 
@@ -107,6 +114,18 @@ class MountState:
     def daemon_alive(self) -> bool:
         pid = self.pid()
         return pid is not None and daemon_running(pid)
+
+    def supervisor_pid(self) -> int | None:
+        """The supervisor's pid while it runs, else None."""
+        try:
+            pid = int(self.supervisor_pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if process_running(pid, str(self.root)) else None
+
+    def in_use(self) -> bool:
+        """Whether a daemon, or a supervisor that may start one, is looking after this mount."""
+        return self.daemon_alive() or self.supervisor_pid() is not None
 
     def info(self) -> dict:
         try:

@@ -297,15 +297,15 @@ class Daemon:
             self.record_to = Path(spec["record_trace"])
             self.recorder = TraceRecorder()  # kernel-mode layers map their cells as they attach
         stack = spec.get("stack")
+        restart = bool(spec.get("restart"))  # by the mount's supervisor, after its daemon died
         if "image" in spec:
-            await self.mount_image(spec["image"], Path(stack["mountpoint"]))
+            await self.mount_image(spec["image"], Path(stack["mountpoint"]), restart=restart)
             return
         await self._attach_all(spec.get("attach", []))
         if stack:
-            await self._stack([self.options.layer_root(name) for name in stack["layers"]],
-                              Path(stack["mountpoint"]), _trusted(stack))
+            await self._stack(stack["layers"], Path(stack["mountpoint"]), _trusted(stack), restart)
 
-    async def mount_image(self, image: dict, mountpoint: Path, prefix: str = "") -> list[str]:
+    async def mount_image(self, image: dict, mountpoint: Path, prefix: str = "", restart: bool = False) -> list[str]:
         """Attach every layer of the image (named ``prefix`` + ``NNN-<digest>``) and stack them
         read-only at mountpoint; the layer names, topmost first. On failure nothing stays."""
         allow_suid_dev = _trusted(image)
@@ -315,7 +315,7 @@ class Daemon:
         names = [request["name"] for request in reversed(requests)]  # overlayfs: topmost first
         try:
             await self._attach_all(requests)
-            await self._stack([self.options.layer_root(name) for name in names], mountpoint, allow_suid_dev)
+            await self._stack(names, mountpoint, allow_suid_dev, restart)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for name in names:
@@ -345,7 +345,17 @@ class Daemon:
             for request in requests:
                 nursery.start_soon(self.attach, request)
 
-    async def _stack(self, lower: list[Path], target: Path, allow_suid_dev: bool) -> None:
+    async def _stack(self, names: list[str], target: Path, allow_suid_dev: bool, restart: bool = False) -> None:
+        """Stack the layers at target. On a restart the dead daemon's overlay is still there: it
+        is kept if every layer under it was taken over (kernel mode), else replaced."""
+        if restart and is_mounted(target):
+            if all(self.fs.layer(name).info.get("adopted") for name in names):
+                log.info("kept the mount at %s: its layers were taken over", target)
+                self.stacked.append(target)
+                return
+            await trio.to_thread.run_sync(unmount_path, target, True)
+            log.info("replaced the mount at %s: not every layer under it could be taken over", target)
+        lower = [self.options.layer_root(name) for name in names]
         await trio.to_thread.run_sync(functools.partial(stack_mount, lower, target, allow_suid_dev=allow_suid_dev))
         self.stacked.append(target)
 
@@ -543,6 +553,8 @@ class Daemon:
         else:
             self.fs.layer(name).info["serve"] = "fuse"
         layer = self.fs.layer(name)  # after a fallback to the FUSE tree, a new slot
+        if layer.as_device and self._nursery is not None:
+            self._nursery.start_soon(layer.device.load_mapped_lengths)  # type: ignore[attr-defined]
         log.info("attached %s (%s %s, served by %s)", name, kind, layer.info.get("digest") or layer.info.get("meta", ""),
                  layer.info["serve"])
         if after is not None and self._nursery is not None:

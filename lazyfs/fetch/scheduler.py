@@ -72,6 +72,12 @@ CUT_AHEAD_BYTES = 256 << 10
 # behind at most YIELDING_WINDOW_BYTES (40 ms at 100 Mbit/s) of speculation.
 YIELDING_REQUEST_BYTES = 256 << 10
 YIELDING_WINDOW_BYTES = 512 << 10
+# Requests led by these priorities wait while a layer attaches (ChunkFetcher.attaching).
+HELD_WHILE_ATTACHING = frozenset({Priority.PREFETCH, Priority.SPECULATIVE, Priority.BACKGROUND})
+# How long they keep waiting after the last attach ended: the layers of one containerd pull
+# attach one after another, a few milliseconds apart (docs: "The pull does not wait for
+# prefetch").
+ATTACH_SETTLE = 0.1
 
 
 class BlobSource(Protocol):
@@ -308,6 +314,7 @@ class ChunkFetcher:
         cpu_threads: int = 2,
         index_save_interval: float = 60.0,
         read_timeout: float | None = None,
+        attach_settle: float = ATTACH_SETTLE,
     ):
         if per_host_concurrency < 1:
             raise ValueError("per_host_concurrency must be at least 1")
@@ -333,6 +340,10 @@ class ChunkFetcher:
         # How long get() waits for fetched chunks before it fails (FetchError) instead; the
         # fetch itself goes on (as a prefetch), so a later read may find the chunk cached.
         self.read_timeout = read_timeout
+        self.attach_settle = attach_settle
+        self._attaching = 0  # attaches in flight (attaching())
+        self._held_until = -math.inf  # trio clock: held requests wait until then after the last attach
+        self._attaches_done: trio.Event | None = None  # set when the last attach in flight ends
         self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
         self._pending: dict[Hashable, _Pending] = {}
         self._hosts: dict[str, _Host] = {}
@@ -453,6 +464,50 @@ class ChunkFetcher:
             self._want(source, ref, priority, waiter=False)
         self._dispatch()
 
+    @contextlib.contextmanager
+    def attaching(self):
+        """While this context is open a layer attaches: its metadata and chunk table come from
+        the registry outside the fetcher, over the same link, and a pull waits for them. So
+        meanwhile (and ``attach_settle`` seconds after the last attach) no trace prefetch,
+        speculative or background request starts, and those in flight stop after their
+        current chunk (their other chunks are queued again): the attach's bytes do not queue
+        behind theirs. On-demand reads and readahead go on as always."""
+        self._attaching += 1
+        for host in self._hosts.values():
+            for request in host.requests:
+                if request.priority in HELD_WHILE_ATTACHING:
+                    self._cut(request)
+        try:
+            yield
+        finally:
+            self._attaching -= 1
+            if self._attaching == 0:
+                self._held_until = trio.current_time() + self.attach_settle
+                if self._attaches_done is not None:
+                    self._attaches_done.set()
+                    self._attaches_done = None
+                if self._nursery is not None and not self._closing:
+                    self._nursery.start_soon(self._release_held, self._held_until)
+
+    async def attaches_settled(self) -> None:
+        """Return once no layer attaches, nor did within ``attach_settle``: for work that
+        belongs after a pull (it would slow the attaches down, even off the link)."""
+        while self._holding():
+            if self._attaching:
+                if self._attaches_done is None:
+                    self._attaches_done = trio.Event()
+                await self._attaches_done.wait()
+            else:
+                await trio.sleep_until(self._held_until)
+
+    def _holding(self) -> bool:
+        """Whether requests led by HELD_WHILE_ATTACHING priorities must wait (see attaching)."""
+        return self._attaching > 0 or trio.current_time() < self._held_until
+
+    async def _release_held(self, at: float) -> None:
+        await trio.sleep_until(at)
+        self._dispatch()
+
     def pending_count(self) -> int:
         return len(self._pending)
 
@@ -555,9 +610,12 @@ class ChunkFetcher:
         nursery = self._nursery
         if nursery is None or self._closing:
             return
+        holding = self._holding()
         for host in self._hosts.values():
             while host.queue and host.active < self.per_host_concurrency:
                 leader = host.queue[0]
+                if holding and leader.priority in HELD_WHILE_ATTACHING:
+                    break  # a layer is attaching (the queue is in priority order)
                 background = leader.priority is not Priority.ON_DEMAND
                 if background and host.active_background >= self.background_slots:
                     break

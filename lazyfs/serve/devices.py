@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+import trio
+
 from lazyfs.fetch.scheduler import BlobSource, ChunkFetcher, FetchError, Priority
 from lazyfs.layer.chunks import ChunkRef
 from lazyfs.serve.layerfs import DeviceReadError
@@ -99,6 +101,13 @@ class ChunkGridDevice:
         self._last_cell = -2  # last cell of the previous read; -2: none yet (cell 0 is a jump)
         self._window = 0  # current readahead window in cells (0: not sequential)
         self._prefetched_until = 0  # cells below this were already queued as readahead
+        # Kernel mode: cell -> bytes of file data the metadata maps onto it (one walk of the
+        # metadata, set by the layer model). read_grid pads a short cell with zeros, so a
+        # table that puts a short (valid) chunk under a longer file range would otherwise read
+        # as zeros where the tree read in FUSE mode fails.
+        self.mapped_lengths: Callable[[], dict[int, int]] | None = None
+        self._mapped: dict[int, int] | None = None
+        self._mapped_lock = trio.Lock()
 
     def _key(self, n: int, ref: ChunkRef) -> Hashable:
         return ref.digest if ref.digest is not None else (self.source.name, n)
@@ -127,9 +136,28 @@ class ChunkGridDevice:
         first = offset // self.chunk_size
         last = (offset + length - 1) // self.chunk_size
         cells = await self._cells(first, last)
+        for n, cell in enumerate(cells, start=first):
+            if len(cell) < self.chunk_size and offset + length > n * self.chunk_size + len(cell):
+                await self._check_padding(n, len(cell))
         padded = b"".join(c if len(c) == self.chunk_size else c.ljust(self.chunk_size, b"\0") for c in cells)
         start = offset - first * self.chunk_size
         return padded[start:start + length]
+
+    async def load_mapped_lengths(self) -> dict[int, int]:
+        """The cell -> mapped-bytes map, computed once off the event loop (the daemon starts
+        this at attach so that reads seldom wait for it)."""
+        if self._mapped is None and self.mapped_lengths is not None:
+            async with self._mapped_lock:
+                if self._mapped is None:
+                    self._mapped = await trio.to_thread.run_sync(self.mapped_lengths)
+        return self._mapped or {}
+
+    async def _check_padding(self, n: int, have: int) -> None:
+        """Zero padding after a short cell may be served only where no file maps data."""
+        mapped = (await self.load_mapped_lengths()).get(n, 0)
+        if mapped > have:
+            raise DeviceReadError(
+                f"{self.source.name}: chunk {n} has {have} bytes, the metadata maps {mapped} bytes of file data onto it")
 
     async def _cells(self, first: int, last: int) -> list[bytes]:
         """Decoded cells first..last: from the recent-chunks LRU, the rest in one fetcher call."""

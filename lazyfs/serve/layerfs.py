@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lazyfs.erofs import format as ef
+from lazyfs.erofs.errors import ErofsError
 from lazyfs.erofs.reader import Image
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,9 @@ class LayerFS:
         if as_device and not hasattr(device, "read_grid"):
             raise ValueError(f"layer {name!r}: its device reader cannot be shown as a file")
         layer = AttachedLayer(name, next(self._slots), image, device, dict(info or {}), as_device=as_device)
+        if as_device:
+            cell_size = device.chunk_size  # type: ignore[attr-defined]
+            device.mapped_lengths = lambda: mapped_lengths(image, cell_size)  # type: ignore[attr-defined]
         self._by_slot[layer.slot] = layer
         self._by_name[name] = layer
         self._root_mtime_ns = time.time_ns()
@@ -388,6 +392,42 @@ def cell_owners(image: Image, cell_size: int) -> dict[int, int]:
                 for n in range(ext.device_offset // cell_size, (ext.device_offset + ext.length - 1) // cell_size + 1):
                     owners.setdefault(n, inode.nid)
     return owners
+
+
+def mapped_lengths(image: Image, cell_size: int) -> dict[int, int]:
+    """Chunk-device cell -> bytes of file data mapped onto it (the most any file maps): what
+    its chunk must hold for the kernel's reads of those files to be right. A walk that steps
+    over what it cannot read (crafted metadata fails there on its own; the rest still counts)."""
+    mapped: dict[int, int] = {}
+    seen, directories = {image.root_nid}, [image.root_nid]
+    while directories:
+        try:
+            entries = [(e.name, e.nid) for e in image.iterdir(directories.pop())]
+        except ErofsError:
+            continue
+        for name, nid in entries:
+            if name in (b".", b"..") or nid in seen:
+                continue
+            seen.add(nid)
+            try:
+                inode = image.inode(nid)
+                if stat.S_ISDIR(inode.mode):
+                    directories.append(nid)
+                    continue
+                if not stat.S_ISREG(inode.mode) or not inode.size:
+                    continue
+                extents = list(image.map(nid, 0, inode.size))
+            except ErofsError:
+                continue
+            for ext in extents:
+                if ext.device_id != CHUNK_DEVICE or not ext.length:
+                    continue
+                end = ext.device_offset + ext.length
+                for n in range(ext.device_offset // cell_size, (end - 1) // cell_size + 1):
+                    reach = min(end, (n + 1) * cell_size) - n * cell_size
+                    if reach > mapped.get(n, 0):
+                        mapped[n] = reach
+    return mapped
 
 
 def _named_children(image: Image, nid: int) -> Iterator[tuple[bytes, int]]:

@@ -75,9 +75,11 @@ def is_mounted(path: str | os.PathLike) -> bool:
 
 
 def is_stale(path: str | os.PathLike) -> bool:
-    """A mount whose FUSE server is gone (or stacked on one) answers ENOTCONN."""
+    """A mount whose FUSE server is gone (or stacked on one) answers ENOTCONN. (statfs too: a
+    stat may be answered from attributes the kernel still has cached.)"""
     try:
         os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
     return False
