@@ -12,8 +12,8 @@ mountpoint = ""                # default <root>/mnt: one directory per attached 
 serve = "kernel"               # each layer is an EROFS mount over a loop device of its chunk device, a
                                # file of the daemon's FUSE mount at <root>/chunk-devices; "fuse": the
                                # daemon's FUSE mount serves the layers' trees
-loop_direct_io = true          # kernel mode: the chunk device's loop reads its file with direct I/O
-                               # (false caches the data twice: in the loop's and the file's pages)
+loop_direct_io = true          # kernel mode: the chunk device's loop reads its file with direct I/O (false:
+                               # through the page cache, the daemon storing what follows small reads there)
 control_socket = ""            # default <root>/daemon.sock
 cache_dir = ""                 # default <root>/cache
 cache_size = "10GiB"

@@ -8,12 +8,13 @@ import stat
 
 import pyfuse3
 import pytest
+import trio
 
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.serve.devices import plain_blob_device
 from lazyfs.erofs.reader import Image
 from lazyfs.fetch.scheduler import ChunkFetcher, RetryPolicy
-from lazyfs.serve.fuse import LazyOperations, boundary
+from lazyfs.serve.fuse import DevicePagePusher, LazyOperations, boundary
 from lazyfs.serve.layerfs import ROOT_INODE, DeviceReadError, LayerFS, NoSuchEntry, StaleInode
 from lazyfs.fetch.sources import FileBlobSource, SourceError
 from tests.fixtures.erofs_trees import make_plain_image
@@ -205,3 +206,47 @@ async def test_boundary_turns_unexpected_errors_into_eio():
     with pytest.raises(pyfuse3.FUSEError) as e:
         await handler(None, 5)
     assert e.value.errno == errno.EIO
+
+
+async def test_a_device_read_hands_the_kernel_whole_pages_of_what_follows_within_its_cell(plain_image, tmp_path):
+    """Kernel mode: a read of the chunk-device file returns what was asked; what follows it
+    within the read's cell goes to the page-cache store in whole pages (none of the read's own
+    last page), and once the byte budget is exceeded the device file is invalidated."""
+    stored: list[tuple[int, int, bytes]] = []
+    invalidated: list[int] = []
+    pusher = DevicePagePusher(window=20_000, budget=100_000, store=lambda *args: stored.append(args),
+                              invalidate=invalidated.append)
+    cache = ChunkCache(tmp_path / "cache")
+    fetcher = ChunkFetcher(cache, retry=RetryPolicy(attempts=2, initial_delay=0.01))
+    blob = plain_image.blob.read_bytes()
+    async with fetcher:
+        with Image.open(plain_image.meta) as image, FileBlobSource(plain_image.blob) as source:
+            fs = LayerFS()
+            layer = fs.attach("base", image, plain_blob_device(fetcher, source, source.size, cell_size=65536),
+                              as_device=True)
+            ops = LazyOperations(fs, device_pages=pusher)
+            device = layer.entry_ino
+            assert await ops.read(device, 1000, 3000) == blob[1000:4000]
+            # 4000..24000 follows; the first whole page starts at 4096, the last ends at 20480
+            ((ino, offset, data),) = stored
+            assert (ino, offset, data) == (device, 4096, blob[4096:20480])
+            # A read ending 6000 bytes before the cell's end: only those (one whole page).
+            assert await ops.read(device, 57_344, 2192) == blob[57_344:59_536]
+            assert stored[-1][1:] == (61_440, blob[61_440:65_536])
+            # A read that ends on the cell boundary: nothing follows within the cell.
+            count = len(stored)
+            assert await ops.read(device, 61_440, 4096) == blob[61_440:65_536]
+            assert len(stored) == count and not invalidated
+            # Bytes that entered the device file's cache: 3000+16384, 2192+4096, 4096; then over.
+            assert await ops.read(device, 65_536, 70_000) == blob[65_536:135_536]
+            for _ in range(100):  # the invalidation runs in its own thread: wait, bounded
+                if invalidated:
+                    break
+                await trio.sleep(0.01)
+            assert invalidated == [device]
+            assert pusher.wait_idle()
+            # Other inodes are read as they are.
+            other = fs.attach("tree", image, plain_blob_device(fetcher, source, source.size, cell_size=65536))
+            before = len(stored)
+            await ops.read(other.ino(image.resolve("big.bin")), 0, 100)
+            assert len(stored) == before

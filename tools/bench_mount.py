@@ -2,15 +2,19 @@
 """lazyfs mounts side by side with curl and the kernel's EROFS; prints a table.
 
     .venv/bin/python tools/bench_mount.py [--big-mib 1024] [--files 100000] [--chunk-kib 1024]
+                                          [--serve fuse kernel]
 
 In one run, against a local docker-registry on loopback:
-1. cold sequential read of one big file through `lazyfs mount --layer` (empty cache)
+1. cold sequential read of one big file through `lazyfs mount --layer` (empty cache), in each
+   serving mode (`--serve`: the FUSE tree, or the kernel's EROFS over the daemon's chunk device)
    vs `curl -o /dev/null` of the same layer blob, and `curl | zstd -d` of it (download and
    decompress in C, nothing else: the bound for any reader that must decompress);
-2. first read of cached data (page cache of the file dropped, chunk cache warm) vs the same file
+2. in each serving mode, first read of cached data (page cache of the file dropped, and in kernel
+   mode that of the chunk-device file below the loop too; chunk cache warm) vs the same file
    on a kernel EROFS mount of the materialised layer (metadata + chunk device on a loop device,
    page cache dropped), then a second read (page cache) of both;
-3. `find -type f | xargs stat` over a layer of many small files on a fresh lazyfs mount vs a
+3. `find -type f | xargs stat` over a layer of many small files on a fresh lazyfs mount (the
+   first serving mode given) vs a
    fresh kernel EROFS mount of the same layer;
 4. the daemon's RSS with that many-file layer mounted: straight after the walk, and after
    a few idle seconds (the daemon unmaps idle metadata pages periodically, lazyfs.serve.residency).
@@ -122,12 +126,12 @@ def lazyfs(*args: str) -> None:
 
 
 class LazyMount:
-    def __init__(self, work: Path, name: str, image: str, digest: str, cache: Path):
-        self.path = work / f"mnt-{name}"
+    def __init__(self, work: Path, name: str, image: str, digest: str, cache: Path, serve: str):
+        self.path = work / f"mnt-{name}-{serve}"
         self.run_dir = work / "run"
         self.path.mkdir(exist_ok=True)
-        lazyfs("mount", "--run-dir", str(self.run_dir), "--cache-dir", str(cache), "--layer", digest, image,
-               str(self.path))
+        lazyfs("mount", "--run-dir", str(self.run_dir), "--cache-dir", str(cache), "--serve", serve, "--layer",
+               digest, image, str(self.path))
 
     def pid(self) -> int:
         for state in self.run_dir.iterdir():
@@ -136,10 +140,23 @@ class LazyMount:
                 return int((state / "daemon.pid").read_text())
         raise RuntimeError("no daemon for this mount")
 
-    def read_requests(self) -> int:
+    def stats(self) -> dict:
         out = subprocess.run([sys.executable, "-m", "lazyfs.cli", "stats", "--json", "--run-dir", str(self.run_dir),
                               str(self.path)], check=True, capture_output=True, text=True).stdout
-        return json.loads(out)["reads"]["requests"]
+        return json.loads(out)
+
+    def read_requests(self) -> int:
+        return self.stats()["reads"]["requests"]
+
+    def device_files(self) -> list[Path]:
+        """Kernel mode: the chunk-device files below the loop devices (their pages are a
+        second cache of the same data)."""
+        files = []
+        for layer in self.stats()["attached"]:
+            if layer.get("loop"):
+                name = os.path.basename(layer["loop"])
+                files.append(Path(Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()))
+        return files
 
     def close(self) -> None:
         lazyfs("umount", "--run-dir", str(self.run_dir), str(self.path))
@@ -227,6 +244,8 @@ def main() -> int:
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument("--serve", nargs="+", choices=("fuse", "kernel"), default=["fuse", "kernel"],
+                        help="serving modes of the big-file rows (the many-file rows use the first)")
     args = parser.parse_args()
     rows: list[tuple[str, str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="bench-mount-") as tmp:
@@ -246,64 +265,66 @@ def main() -> int:
             blob_url = f"{registry.url}/v2/bench/mount/blobs/{big.digest}"
             size_mib = args.big_mib
 
-            # 1. cold sequential read vs curl of the blob
+            # 1. cold sequential read vs curl of the blob, in each serving mode
             os.sync()
             curl_s = statistics.median(timed_curl(blob_url) for _ in range(3))
             floor_s = statistics.median(timed_curl_zstd(blob_url) for _ in range(3))
-            cache = work / "cache"
-            mount = LazyMount(work, "big", image, big.digest, cache)
-            kernel = None
+            kernel = KernelErofs(work, "big", work / "big.blob")
             try:
-                os.sync()  # no writeback of the setup's files during the timed reads
-                cpu_before = cpu_seconds(mount.pid())
-                cold_s, n = timed_read(mount.path / "big.bin")
-                cpu_s = cpu_seconds(mount.pid()) - cpu_before
-                assert n == size_mib * MiB
-                rows.append((f"cold read of a {size_mib} MiB file (registry)",
-                             f"{size_mib / cold_s:.0f} MiB/s ({cold_s:.1f}s)",
-                             f"curl of its {big.size / MiB:.0f} MiB blob: {curl_s:.1f}s",
-                             f"{curl_s / cold_s:.2f}x in time (target >= 0.5x); "
-                             f"daemon CPU {cpu_s:.1f}s ({1000 * cpu_s / size_mib:.1f} ms/MiB)"))
+                for serve in args.serve:
+                    mount = LazyMount(work, "big", image, big.digest, work / f"cache-{serve}", serve)
+                    try:
+                        os.sync()  # no writeback of the setup's files during the timed reads
+                        cpu_before = cpu_seconds(mount.pid())
+                        cold_s, n = timed_read(mount.path / "big.bin")
+                        cpu_s = cpu_seconds(mount.pid()) - cpu_before
+                        assert n == size_mib * MiB
+                        rows.append((f"[{serve}] cold read of a {size_mib} MiB file (registry)",
+                                     f"{size_mib / cold_s:.0f} MiB/s ({cold_s:.1f}s)",
+                                     f"curl of its {big.size / MiB:.0f} MiB blob: {curl_s:.1f}s",
+                                     f"{curl_s / cold_s:.2f}x in time (target >= 0.5x); "
+                                     f"daemon CPU {cpu_s:.1f}s ({1000 * cpu_s / size_mib:.1f} ms/MiB)"))
+                        # 2. cached data: first read after dropping the file's pages, then a second
+                        # read (straight after, so that nothing else on the machine drops the page
+                        # cache between)
+                        os.sync()
+                        drop_file_cache(mount.path / "big.bin", kernel.path / "big.bin", kernel.device, kernel.meta,
+                                        *map(Path, kernel.loops), *mount.device_files())
+                        first_s, _ = timed_read(mount.path / "big.bin")
+                        before = mount.read_requests()
+                        second_s = min(timed_read(mount.path / "big.bin")[0] for _ in range(3))
+                        reached = mount.read_requests() - before
+                        k_first_s, _ = timed_read(kernel.path / "big.bin")
+                        k_second_s = min(timed_read(kernel.path / "big.bin")[0] for _ in range(3))
+                        rows.append((f"[{serve}] first read, chunk cache warm", f"{size_mib / first_s:.0f} MiB/s",
+                                     f"kernel EROFS: {size_mib / k_first_s:.0f} MiB/s",
+                                     f"{k_first_s / first_s:.2f}x (target >= 0.5x)"))
+                        rows.append((f"[{serve}] second read (page cache)", f"{size_mib / second_s:.0f} MiB/s",
+                                     f"kernel EROFS: {size_mib / k_second_s:.0f} MiB/s",
+                                     f"{k_second_s / second_s:.2f}x (target >= 0.9x); "
+                                     f"{reached} reads reached the daemon"))
+                    finally:
+                        mount.close()
                 rows.append(("curl | zstd -d of the blob (no FUSE/cache)",
                              f"{size_mib / floor_s:.0f} MiB/s ({floor_s:.1f}s)", f"curl alone: {curl_s:.1f}s",
                              f"{curl_s / floor_s:.2f}x in time: the bound for any decompressing reader"))
-                # 2. cached data: first read after dropping the file's pages, then a second read
-                # (straight after, so that nothing else on the machine drops the page cache between)
-                kernel = KernelErofs(work, "big", work / "big.blob")
-                os.sync()
-                drop_file_cache(mount.path / "big.bin", kernel.path / "big.bin", kernel.device, kernel.meta)
-                first_s, _ = timed_read(mount.path / "big.bin")
-                before = mount.read_requests()
-                second_s = min(timed_read(mount.path / "big.bin")[0] for _ in range(3))
-                reached = mount.read_requests() - before
-                k_first_s, _ = timed_read(kernel.path / "big.bin")
-                k_second_s = min(timed_read(kernel.path / "big.bin")[0] for _ in range(3))
-                rows.append(("first read, chunk cache warm", f"{size_mib / first_s:.0f} MiB/s",
-                             f"kernel EROFS: {size_mib / k_first_s:.0f} MiB/s",
-                             f"{k_first_s / first_s:.2f}x (target >= 0.5x)"))
-                rows.append(("second read (page cache)", f"{size_mib / second_s:.0f} MiB/s",
-                             f"kernel EROFS: {size_mib / k_second_s:.0f} MiB/s",
-                             f"{k_second_s / second_s:.2f}x (target >= 0.9x); "
-                             f"{reached} reads reached the daemon"))
             finally:
-                mount.close()
-                if kernel is not None:
-                    kernel.close()
+                kernel.close()
 
             # 3./4. metadata walk over many files, and the daemon's memory
-            mount = LazyMount(work, "many", image, many.digest, cache)
+            mount = LazyMount(work, "many", image, many.digest, work / "cache-many", args.serve[0])
             kernel = KernelErofs(work, "many", work / "many.blob")
             os.sync()
             try:
                 walk_s = timed_walk(mount.path)
                 k_walk_s = timed_walk(kernel.path)
-                rows.append((f"find | xargs stat, {args.files} files", f"{walk_s:.2f}s",
+                rows.append((f"[{args.serve[0]}] find | xargs stat, {args.files} files", f"{walk_s:.2f}s",
                              f"kernel EROFS: {k_walk_s:.2f}s", f"{walk_s / k_walk_s:.2f}x (target <= 3x)"))
                 for when in ("after the walk", f"{IDLE_S:.0f}s later"):
                     if when != "after the walk":
                         time.sleep(IDLE_S)
                     memory = memory_mib(mount.pid())
-                    rows.append((f"daemon RSS, {args.files}-file layer, {when}", f"{memory['VmRSS']:.0f} MiB",
+                    rows.append((f"[{args.serve[0]}] daemon RSS, {args.files}-file layer, {when}", f"{memory['VmRSS']:.0f} MiB",
                                  f"anon {memory['RssAnon']:.0f} MiB, file {memory['RssFile']:.0f} MiB, "
                                  f"shmem {memory.get('RssShmem', 0):.0f} MiB", "target <= 150 MiB"))
             finally:

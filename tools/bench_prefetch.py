@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -73,9 +74,11 @@ def lazyfs(*args: str) -> None:
 
 def start_once(image: str, work: Path, cache: Path, ready: re.Pattern, workload: list[str],
                mount_args: list[str], timeout: float, shared_daemon: bool = False,
-               fetch_stats: list | None = None, policy: str | None = None) -> tuple[float, float]:
+               fetch_stats: list | None = None, policy: str | None = None,
+               on_mounted: Callable[[Path, Path], None] | None = None) -> tuple[float, float]:
     """Seconds from the start of `lazyfs mount` to the ready line, and of those the mount.
-    With ``fetch_stats``, the daemon's fetch statistics at the ready line are appended to it."""
+    With ``fetch_stats``, the daemon's fetch statistics at the ready line are appended to it.
+    ``on_mounted(mountpoint, run_dir)`` is called once the workload is ready, before the unmount."""
     mnt, run = work / "mnt", work / "run"
     mnt.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -93,6 +96,8 @@ def start_once(image: str, work: Path, cache: Path, ready: re.Pattern, workload:
             if outcome.reason != "ready":
                 raise SystemExit(f"workload did not get ready ({outcome.reason}): {outcome.output[-5:]}")
             total = time.monotonic() - began
+            if on_mounted is not None:
+                on_mounted(mnt, run)
             if fetch_stats is not None:
                 control = socket if shared_daemon else MountState.for_mountpoint(mnt, run).socket
                 fetch = request(str(control), "stats")["fetch"]

@@ -101,8 +101,9 @@ FUSE_SEND = TRACEFS / "events/fuse/fuse_request_send/enable"
 
 
 class FuseRequestCounter:
-    """Counts FUSE requests by opcode with the kernel's fuse:fuse_request_send tracepoint (every
-    FUSE connection on the machine: run nothing else that uses FUSE meanwhile)."""
+    """Counts FUSE requests by opcode with the kernel's fuse:fuse_request_send tracepoint, of one
+    FUSE connection: the one of the daemon serving the mount, named by :meth:`mounted` while it
+    is mounted (the machine's other FUSE filesystems send requests meanwhile too)."""
 
     def __init__(self) -> None:
         if not FUSE_SEND.exists():
@@ -110,7 +111,14 @@ class FuseRequestCounter:
         if not FUSE_SEND.exists():
             raise SystemExit("no fuse:fuse_request_send tracepoint (tracefs, CONFIG_FUSE_FS tracing)")
 
+    def mounted(self, mountpoint: Path, run_dir: Path) -> None:
+        """The connection number is the FUSE mount's device number (its minor; major 0)."""
+        from lazyfs.daemon.mountstate import MountState
+
+        self.connection = str(os.minor(os.stat(MountState.for_mountpoint(mountpoint, run_dir).fuse_dir).st_dev))
+
     def __enter__(self) -> "FuseRequestCounter":
+        self.connection: str | None = None
         (TRACEFS / "tracing_on").write_text("0\n")
         (TRACEFS / "buffer_size_kb").write_text("32768\n")
         (TRACEFS / "trace").write_text("")
@@ -122,12 +130,15 @@ class FuseRequestCounter:
     def __exit__(self, *exc) -> None:
         (TRACEFS / "tracing_on").write_text("0\n")
         FUSE_SEND.write_text("0\n")
+        if self.connection is None and exc[0] is None:
+            raise SystemExit("the FUSE connection of the mount was never named")
         for line in (TRACEFS / "trace").read_text().splitlines():
-            if "fuse_request_send" in line and "(" in line:
-                opcode = line.rsplit("(", 1)[1].split(")", 1)[0]
-                self.by_opcode[opcode] = self.by_opcode.get(opcode, 0) + 1
-        lost = sum(int(line.split()[-1]) for line in (TRACEFS / "per_cpu/cpu0/stats").read_text().splitlines()
-                   if line.startswith("overrun"))
+            if f"connection {self.connection} " not in line or "(" not in line:
+                continue
+            opcode = line.rsplit("(", 1)[1].split(")", 1)[0]
+            self.by_opcode[opcode] = self.by_opcode.get(opcode, 0) + 1
+        lost = sum(int(line.split()[-1]) for cpu in (TRACEFS / "per_cpu").iterdir()
+                   for line in (cpu / "stats").read_text().splitlines() if line.startswith("overrun"))
         if lost:
             raise SystemExit(f"the trace buffer overran ({lost} events lost): counts would be low")
         (TRACEFS / "trace").write_text("")
@@ -170,7 +181,8 @@ def warm_starts(image_name: str, runs: int, count_requests: bool = False) -> int
                     with contextlib.ExitStack() as stack:
                         counter = stack.enter_context(FuseRequestCounter()) if count_requests else None
                         total, mount = start_once(ref, work, work / f"cache-{name}", ready, workload,
-                                                  [*mount_args, "--no-prefetch"], 300)
+                                                  [*mount_args, "--no-prefetch"], 300,
+                                                  on_mounted=counter.mounted if counter is not None else None)
                     if counter is not None:
                         requests[name] = counter.by_opcode  # the last run's (every run sends about as many)
                     times.setdefault(f"lazyfs mount --serve {name}", []).append(total)

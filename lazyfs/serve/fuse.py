@@ -18,10 +18,12 @@ import os
 import functools
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyfuse3
+import trio
 
 from lazyfs.fetch.cache import CacheError
 from lazyfs.erofs.errors import CorruptImage, ErofsError, UnsupportedImage
@@ -113,6 +115,120 @@ def negative_entry() -> pyfuse3.EntryAttributes:
     return entry
 
 
+PAGE = 4096
+# Kernel mode, loop through the page cache: how far past a chunk-device read (within its
+# cell) the daemon stores bytes in the kernel's cache, and how much may enter the device
+# files' caches before they are invalidated (chosen by measurement: docs/design.md).
+DEVICE_WINDOW = 256 << 10
+DEVICE_CACHE_BUDGET = 64 << 20
+# Only reads smaller than this are followed by stores: larger ones are a sequential stream's
+# readahead, whose next request the kernel sends by itself (stores would only race with it).
+DEVICE_STORE_BELOW = 128 << 10
+
+
+class DevicePagePusher:
+    """Kernel mode: the bytes that follow a read of a chunk-device file, stored into the
+    kernel's page cache of that file (FUSE_NOTIFY_STORE) before the read is answered, so that
+    the loop device's next read of them is no request.
+
+    The kernel's EROFS driver reads each file through the loop device on its own: neighbouring
+    small files, or an ELF header and then the rest of the library, are separate reads of the
+    chunk device, and the page cache's readahead treats such reads as random (reads them as
+    they are). The daemon has the read's cell decoded anyway, so it hands the kernel up to
+    ``window`` bytes that follow the read within that cell (after reads smaller than
+    ``store_below``: larger ones are sequential readahead). This needs the loop to read its
+    file through the page cache (direct I/O off). What the device files' caches hold is data
+    also cached by EROFS above them, so it is bounded: once ``budget`` bytes have entered
+    them (reads answered and bytes stored), they are invalidated.
+
+    A store waits for page locks that other reads in flight may hold (reads further on in
+    the device, answered independently), and those are answered by the FUSE loop: so stores
+    run in worker threads, never on the loop.
+    """
+
+    def __init__(self, window: int, budget: int, store_below: int = DEVICE_STORE_BELOW,
+                 store: Callable[[int, int, bytes], None] = pyfuse3.notify_store,
+                 invalidate: Callable[[int], None] = pyfuse3.invalidate_inode):
+        self.window = window
+        self.budget = budget
+        self.store_below = store_below
+        self._store = store
+        self._invalidate = invalidate
+        self._cached: dict[int, int] = {}  # device inode -> bytes that entered its page cache
+        self._busy = 0  # stores and invalidations in worker threads
+        self._idle = threading.Condition()
+        self.stored_bytes = 0
+        self.invalidations = 0
+
+    async def read_answered(self, ino: int, offset: int, length: int, following: bytes) -> None:
+        """A read of ``length`` bytes at ``offset`` is about to be answered; ``following`` are
+        the bytes right after it (possibly none). Stores them in whole pages."""
+        # Whole pages only (a partial one would not become valid), and none of the read's own:
+        # those stay locked until it is answered.
+        end = offset + length
+        start, stop = -(-end // PAGE) * PAGE, (end + len(following)) // PAGE * PAGE
+        data = following[start - end:stop - end] if stop > start else b""
+        invalidate = self._count(ino, length + len(data))
+        if len(data) >= PAGE:
+            await trio.to_thread.run_sync(self._guarded(self._store, ino, start, data), abandon_on_cancel=True)
+            self.stored_bytes += len(data)
+        if invalidate:
+            # Not awaited: invalidating waits for the pages of reads in flight, this one's too.
+            threading.Thread(target=self._guarded(self._invalidate_all, invalidate), name="device-page-invalidate",
+                             daemon=True).start()
+
+    def _invalidate_all(self, inos: list[int]) -> None:
+        for ino in inos:
+            try:
+                self._invalidate(ino)
+            except OSError as e:  # ENOENT: the kernel has no such inode (any more)
+                log.debug("invalidating device inode %#x: %s", ino, e)
+
+    def _count(self, ino: int, length: int) -> list[int]:
+        """Count bytes entering a device file's cache; the files to invalidate, largest first,
+        once the budget is exceeded (until half of it remains: each invalidation also costs
+        the kernel one GETATTR of the file)."""
+        self._cached[ino] = self._cached.get(ino, 0) + length
+        total = sum(self._cached.values())
+        inos: list[int] = []
+        if total > self.budget:
+            for cached_ino in sorted(self._cached, key=self._cached.__getitem__, reverse=True):
+                if total <= self.budget // 2:
+                    break
+                total -= self._cached.pop(cached_ino)
+                inos.append(cached_ino)
+            self.invalidations += len(inos)
+        return inos
+
+    def forget(self, ino: int) -> None:
+        """The device file is gone (its layer detached)."""
+        self._cached.pop(ino, None)
+
+    def _guarded(self, call: Callable, *args: Any) -> Callable[[], None]:
+        """``call(*args)`` for a worker thread, counted until it ends (see :meth:`wait_idle`).
+        A store stuck behind a read that is never answered (the daemon stopping) is abandoned
+        by the loop rather than keeping it from ending."""
+        with self._idle:
+            self._busy += 1
+
+        def run() -> None:
+            try:
+                call(*args)
+            except OSError as e:  # ENOENT: the kernel has no such inode (any more)
+                log.debug("device page store at %r: %s", args[1:2], e)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+
+        return run
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no store runs (before the FUSE session goes away)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+
 class LazyOperations(pyfuse3.Operations):
     """Read-only pyfuse3 operations over a LayerFS."""
 
@@ -121,9 +237,10 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, fs: LayerFS, on_read: Callable[[int, int, int], None] | None = None,
-                 on_use: Callable[[str, int], None] | None = None):
+                 on_use: Callable[[str, int], None] | None = None, device_pages: DevicePagePusher | None = None):
         super().__init__()
         self.fs = fs
+        self.device_pages = device_pages
         self._dir_handles: dict[int, list[DirEntry]] = {}
         self._next_dir_handle = itertools.count(1)
         self._on_read = on_read
@@ -228,7 +345,16 @@ class LazyOperations(pyfuse3.Operations):
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = await self.fs.read(fh, off, size)
+        pusher = self.device_pages
+        window = 0 if pusher is None or size >= pusher.store_below else pusher.window
+        stop = None if pusher is None else self.fs.device_window_end(fh, off, size, window)
+        if pusher is not None and stop is not None:
+            # One read of the cell for both: what was asked, and what follows it.
+            data = await self.fs.read(fh, off, stop - off)
+            data, following = data[:size], data[size:]
+            await pusher.read_answered(fh, off, len(data), following)
+        else:
+            data = await self.fs.read(fh, off, size)
         if self._on_read is not None:
             self._on_read(fh, off, len(data))
         return data

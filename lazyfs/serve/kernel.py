@@ -222,6 +222,15 @@ def adopt_layer(device_file: Path, root: Path, identity: str) -> KernelLayer:
     return KernelLayer(root, chunk_loop, meta_loop, direct_io, identity)
 
 
+def _no_readahead(device_fd: int) -> None:
+    """A loop device reads through the open file it is given: no page-cache readahead on it
+    (POSIX_FADV_RANDOM), so that every read of the chunk device is one EROFS asked for. EROFS
+    reads ahead within a file only; readahead of the device file would cross into other files,
+    whose reads traces would then record (kernel-mode traces name the files whose cells are
+    read). What follows a small read the daemon stores itself (lazyfs.serve.fuse.DevicePagePusher)."""
+    os.posix_fadvise(device_fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
 def change_backing_file(chunk_loop: str, device_file: Path) -> None:
     """Point a chunk device's loop at ``device_file`` (a chunk-device file of the same layer)
     with LOOP_CHANGE_FD; the kernel lets the reads in flight on the old file finish first."""
@@ -230,6 +239,7 @@ def change_backing_file(chunk_loop: str, device_file: Path) -> None:
     except OSError as e:
         raise KernelServeError("device-file", f"cannot open the chunk-device file {device_file}: {e.strerror}") from e
     try:
+        _no_readahead(new_fd)
         loop_fd = os.open(chunk_loop, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.ioctl(loop_fd, LOOP_CHANGE_FD, new_fd)
@@ -256,6 +266,7 @@ def mount_layer(device_file: Path, meta_fd: int, root: Path, direct_io: bool, id
         except OSError as e:
             raise KernelServeError("device-file", f"cannot open the chunk-device file {device_file}: {e.strerror}") from e
         try:
+            _no_readahead(device_fd)
             chunk_loop, fd = attach_loop(device_fd, direct_io)
         finally:
             os.close(device_fd)  # the loop holds its own reference to the file

@@ -343,6 +343,22 @@ class LayerFS:
 
     # ------------------------------------------------------------------ data
 
+    def device_window_end(self, ino: int, offset: int, size: int, window: int) -> int | None:
+        """For a read of a chunk-device file: where the bytes that follow it, up to ``window``
+        of them, stop without leaving the last cell the read touches (so that they cost no
+        fetch and no decoding beyond the read's own); ``offset + size`` when there are none
+        (the read ends on a cell boundary or at the end of the device). None for any other
+        inode."""
+        if ino == ROOT_INODE or size <= 0:
+            return None
+        layer, nid = self._resolve(ino)
+        if nid != DEVICE_NID:
+            return None
+        cell = layer.device.chunk_size  # type: ignore[attr-defined]
+        end = offset + size
+        stop = min(end + max(window, 0), -(-end // cell) * cell, layer.device.grid_size)  # type: ignore[attr-defined]
+        return max(stop, end)
+
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         if ino == ROOT_INODE:
             raise LayerFSError(f"inode {ino} is a directory")
