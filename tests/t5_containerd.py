@@ -41,14 +41,15 @@ class SnapshotterProcess:
     """lazyfs-snapshotter serving ``socket`` with its state under ``root``."""
 
     def __init__(self, root: Path, socket: Path, insecure_hosts: list[str], daemon: bool = True,
-                 serve: str = "fuse"):
+                 serve: str = "fuse", policies: tuple[str, ...] | None = None):
         self.root = root
         self.socket = socket
         self.config = root.parent / "snapshotter.toml"
         hosts = ", ".join(f'"{h}"' for h in insecure_hosts)
         self.config.write_text(
             f'root = "{root}"\nsocket = "{socket}"\nlog_level = "debug"\n\n'
-            f'[daemon]\nenabled = {"true" if daemon else "false"}\nserve = "{serve}"\n\n'
+            f'[daemon]\nenabled = {"true" if daemon else "false"}\nserve = "{serve}"\n'
+            + ("" if policies is None else f"policies = {list(policies)!r}\n".replace("'", '"')) + "\n"
             f'[registry]\ninsecure_hosts = [{hosts}]\n')
         self.log_path = root.parent / "snapshotter.log"
         self.process: subprocess.Popen | None = None

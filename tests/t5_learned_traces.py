@@ -35,8 +35,9 @@ class Node:
     def __init__(self, base: Path, registry, share_mode: str):
         base.mkdir(parents=True)
         self.containerd = Containerd(base / "containerd")
+        # No speculative policy: node 1's on-demand fetches are the yardstick of node 2's.
         self.snapshotter = SnapshotterProcess(base / "sn-root", self.containerd.snapshotter_socket,
-                                              [registry.host])
+                                              [registry.host], policies=("readahead", "trace"))
         with open(self.snapshotter.config, "a") as config:
             config.write(f'\n[traces]\nrecord = true\nshare = "{share_mode}"\nquiet = 1.0\n')
         self.registry = registry
