@@ -245,6 +245,7 @@ class Runner:
             serving = env.snapshotter.daemon_request("ping").get("serve")
             timings = mode.run(env, target)
             stats = env.snapshotter.daemon_request("stats")
+            layers = env.snapshotter.daemon_request("list").get("layers", [])
             fetch_log = env.snapshotter.daemon_request("fetch-log", timeout=30)
             daemon_cpu_after, containerd_cpu_after = env.daemon_cpu(), env.containerd_cpu()
             time.sleep(0.2)  # the registry writes its access-log line after the body
@@ -266,6 +267,11 @@ class Runner:
             # ("default" when none were: the daemon's default set).
             record["serve"] = serving
             record["policies"] = record["policies"] or policies_label(())
+            served: dict[str, int] = {}
+            for layer in layers:
+                served[layer.get("serve", "fuse")] = served.get(layer.get("serve", "fuse"), 0) + 1
+            record["layers_served"] = served
+            record["daemon_policy_arg"] = daemon_policy_arg(reset.daemon_pid)
         record.update({
             "status": OK,
             "link_utilisation": link_utilisation(traffic.bytes, profile, timings.ready_s),
@@ -308,6 +314,15 @@ def _variants_json(source: SourceImage) -> dict:
     return {variant: {"manifest_digest": i.manifest_digest, "layer_bytes": i.layer_bytes,
                       "layers": i.layers, "repository": i.repository, "tag": i.registry_tag}
             for variant, i in source.variants.items()}
+
+
+def daemon_policy_arg(pid: int) -> str | None:
+    """The daemon's ``--policy`` argument as it runs (None: not given, its default applies)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    return argv[argv.index("--policy") + 1] if "--policy" in argv[:-1] else None
 
 
 def link_utilisation(nbytes: int, profile: Profile, seconds: float) -> float | None:
