@@ -32,10 +32,10 @@ from typing import ClassVar
 
 from .env import BenchEnv, ResetReport
 from .measure import Timings, Workload, measure
-from .system import DaemonSettings
 from .prepare import (
     LAZY, ORIGINAL, OciImage, PrepareError, SourceImage, convert_cached, push, registry_names,
 )
+from .system import DaemonSettings
 
 
 @dataclass

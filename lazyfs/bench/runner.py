@@ -14,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -267,10 +268,7 @@ class Runner:
             # ("default" when none were: the daemon's default set).
             record["serve"] = serving
             record["policies"] = record["policies"] or policies_label(())
-            served: dict[str, int] = {}
-            for layer in layers:
-                served[layer.get("serve", "fuse")] = served.get(layer.get("serve", "fuse"), 0) + 1
-            record["layers_served"] = served
+            record["layers_served"] = dict(Counter(layer.get("serve", "fuse") for layer in layers))
             record["daemon_policy_arg"] = daemon_policy_arg(reset.daemon_pid)
         record.update({
             "status": OK,
