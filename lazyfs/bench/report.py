@@ -116,11 +116,18 @@ class Report:
 
         experiment = self.config.get("experiment", {}).get("name", "")
         # Columns of the cell that hold one value in every row go into the title instead.
+        # (Serving mode and policies: one value in every lazyfs row; overlayfs has none.)
         keys = ("image", "workload", "profile", "mode", "serve", "policies")
-        constant = {k: self.summary[0].get(k) for k in keys if self.summary
-                    and len({row.get(k) or "-" for row in self.summary}) == 1 and k != "mode"}
+        constant = {}
+        for k in keys:
+            values = {row.get(k) for row in self.summary}
+            if k in ("serve", "policies"):
+                values.discard(None)
+            if k != "mode" and len(values) <= 1:
+                constant[k] = next(iter(values), None)
         shown = [k for k in keys if k not in constant]
-        fixed = ", ".join(f"{k} {v}" for k, v in constant.items() if v is not None)
+        fixed = ", ".join(f"{k} {v}" + (" (lazyfs modes)" if k in ("serve", "policies") else "")
+                          for k, v in constant.items() if v is not None)
         table = Table(title=f"lazyfs bench: {experiment} (medians; IQR and min-max of time to ready)"
                             + (f"\n{fixed}" if fixed else ""))
         columns = [(k, "left") for k in shown] + [
