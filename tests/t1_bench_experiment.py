@@ -109,6 +109,17 @@ def test_command_line_overrides_replace_top_level_keys(tmp_path):
         load_experiment(path, set(MODES), ['serve=["fuse"]'])
 
 
+def test_a_run_for_some_images_only():
+    e = parse_experiment(DIMENSIONS, set(MODES))
+    only = e.only_images(["b"])
+    assert [i.name for i in only.images] == ["b"] and {r.image for r in only.runs()} == {"b"}
+    assert only.source.startswith("# run for the images b only (--image)\n")
+    assert parse_experiment(only.source, set(MODES)) != only  # the file names both; config.json has the truth
+    assert only.fingerprint() != e.fingerprint()
+    with pytest.raises(ExperimentError, match="no image c in the experiment"):
+        e.only_images(["c"])
+
+
 def test_cli_refuses_a_bad_override_before_anything_runs():
     lazyfs = str(Path(sys.executable).parent / "lazyfs")
     bad = subprocess.run([lazyfs, "bench", "run", "ci-small", "--set", "serve=['ext4']"],

@@ -42,7 +42,7 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import BenchError
@@ -166,6 +166,17 @@ class Experiment:
                             keys.append(RunKey(image.name, workload.name, mode, profile.name, rep,
                                                serve, policies))
         return keys
+
+    def only_images(self, names: list[str]) -> Experiment:
+        """The same experiment for some of its images (``lazyfs bench run --image``)."""
+        unknown = set(names) - {i.name for i in self.images}
+        if unknown:
+            raise ExperimentError(f"--image: no image {', '.join(sorted(unknown))} in the experiment "
+                                  f"(it has {', '.join(i.name for i in self.images)})")
+        images = tuple(i for i in self.images if i.name in names)
+        workloads = tuple(w for w in self.workloads if any(w.applies_to(i.name) for i in images))
+        note = f"# run for the images {', '.join(i.name for i in images)} only (--image)\n"
+        return replace(self, images=images, workloads=workloads, source=note + self.source)
 
     def to_json(self) -> dict:
         data = asdict(self)

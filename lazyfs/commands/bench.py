@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="replace a top-level key of the experiment, VALUE in TOML "
                           "(repetitions=2, 'serve=[\"kernel\"]'); repeatable")
+    run.add_argument("--image", dest="images", action="append", default=[], metavar="NAME",
+                     help="run only this image of the experiment; repeatable")
     run.add_argument("--skip-unavailable", action="store_true",
                      help="record runs of modes this build cannot run as unavailable, run the rest")
     run.add_argument("--cache", type=Path, default=None,
@@ -87,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         experiment = load_experiment(resolve_experiment_path(args.experiment), set(MODES), args.overrides)
+        if args.images:
+            experiment = experiment.only_images(args.images)
     except BenchError as e:
         console.print(f"lazyfs bench: {e}")
         return 2
