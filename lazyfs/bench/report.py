@@ -31,7 +31,8 @@ from .results import OK, UNAVAILABLE, load_results
 MODE_ORDER = ("overlayfs", "lazy", "lazy-prefetch", "lazy-ordered", "learned", "warm")
 MODE_COLOURS = {"overlayfs": "#7f7f7f", "lazy": "#1f77b4", "lazy-prefetch": "#2ca02c",
                 "lazy-ordered": "#9467bd", "learned": "#17becf", "warm": "#ff7f0e"}
-PRIORITY_COLOURS = {"on_demand": "#d62728", "readahead": "#ff7f0e", "prefetch": "#2ca02c", "background": "#1f77b4"}
+PRIORITY_COLOURS = {"on_demand": "#d62728", "readahead": "#ff7f0e", "prefetch": "#2ca02c",
+                    "speculative": "#9467bd", "background": "#1f77b4"}
 POLICY_COLOURS = ("#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 MB = 1e6
 
