@@ -1,5 +1,6 @@
 """`lazyfs bench` end to end: a small experiment with the real containerd, runc, lazyfs-snapshotter,
-lazyfs daemon and docker-registry behind a shaped link; its results, resume and report.
+lazyfs daemon and docker-registry behind a shaped link; its results, resume and report. Then
+the built-in ci-small experiment: the lazy mode in both serving modes under two policy sets.
 
 The image is made here: a busybox layer and a layer with a 24 MiB file the workload barely
 touches, so a lazy start must fetch far less than a full pull. Modes: overlayfs (full pull),
@@ -16,8 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from lazyfs.bench.experiment import load_experiment
+from lazyfs.bench.experiment import load_experiment, resolve_experiment_path
 from lazyfs.bench.modes import MODES
 from lazyfs.bench.report import build_report
 from lazyfs.bench.results import FIELDS
@@ -156,3 +158,34 @@ def test_small_experiment_end_to_end(bench_tools, tmp_path):
                           "--out", str(tmp_path / "report2")], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert "overlayfs" in cli.stdout and "lazy" in cli.stdout
+
+
+def test_ci_small_serving_modes_and_policies(bench_tools, tmp_path):
+    # ci-small as it is, but one repetition of the lazy cells only (overlayfs is the first test's)
+    experiment = load_experiment(resolve_experiment_path("ci-small"), set(MODES),
+                                 ["repetitions=1", 'modes=["lazy"]'])
+    assert experiment.serve == ("fuse", "kernel") and experiment.policies == ((), ("none",))
+    results = tmp_path / "results"
+
+    records = Runner(experiment, results, cache_dir=tmp_path / "cache").run()
+
+    assert len(records) == 4
+    lazy = {(r["serve"], r["policies"]): r for r in records}
+    assert set(lazy) == {("fuse", "default"), ("kernel", "default"), ("fuse", "none"), ("kernel", "none")}
+    for (serve, policies), r in lazy.items():
+        assert r["status"] == "ok", r["error"]
+        # every layer served as asked (no fallback), by a daemon started with the policies asked
+        assert set(r["layers_served"]) == {serve} and sum(r["layers_served"].values()) == 2, r["layers_served"]
+        assert r["daemon_policy_arg"] == (None if policies == "default" else policies)
+        assert r["run_id"] == f"busybox-python.default.lazy.{serve}.{policies}.100mbit-20ms.0"
+        assert r["lazyfs_fetched_bytes"] > 0 and r["workload_read_bytes"] > 0
+        assert 0 < r["link_utilisation"] < 1.5
+
+    report = build_report(results, tmp_path / "report")
+    assert {(row["serve"], row["policies"]) for row in report.summary} == set(lazy)
+    names = {p.name for p in report.plots}
+    assert {"timelines-busybox-python.png", "timeline-busybox-python-lazy-kernel-none.png",
+            "timeline-busybox-python-lazy-fuse-default.png"} <= names
+    console = Console(width=250, record=True)
+    console.print(report.table())
+    assert [line for line in console.export_text().splitlines() if "kernel" in line and "none" in line]

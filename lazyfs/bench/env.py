@@ -16,12 +16,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .system import Containerd, Snapshotter, SystemError_, cpu_seconds, drop_page_cache, mount_points_below
+from .system import (
+    Containerd, DaemonSettings, Snapshotter, SystemError_, cpu_seconds, drop_page_cache, mount_points_below,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,17 @@ class BenchEnv:
         self.endpoint = ""
         self.registry_log: Path | None = None
         self.daemon_log = self.work_dir / "daemon.log"
+        # The serving mode and policies the next reset starts the snapshotter with.
+        self.daemon_settings = DaemonSettings()
+
+    @contextlib.contextmanager
+    def settings(self, settings: DaemonSettings) -> Iterator[None]:
+        """Resets inside the block start the daemon with ``settings``."""
+        saved, self.daemon_settings = self.daemon_settings, settings
+        try:
+            yield
+        finally:
+            self.daemon_settings = saved
 
     def start(self) -> None:
         self.containerd.base.mkdir(parents=True, exist_ok=True)
@@ -83,7 +98,7 @@ class BenchEnv:
             raise ColdStateError(f"mounts left below the snapshotter root: "
                                  f"{mount_points_below(self.snapshotter.root)}")
         self._clear_snapshotter_state(keep_cache)
-        self.snapshotter.start([self.endpoint])
+        self.snapshotter.start([self.endpoint], self.daemon_settings)
         self.containerd.wait_snapshotter("lazyfs")
         before, after = drop_page_cache()
         report = ResetReport(self.snapshotter.daemon_pid() or 0, cached_files(self.snapshotter.cache_dir),
@@ -121,8 +136,12 @@ class BenchEnv:
         pid = self.snapshotter.daemon_pid()
         if pid is None or pid == old_daemon_pid:
             problems.append(f"the lazyfs daemon was not restarted (pid {old_daemon_pid} -> {pid})")
-        if str(self.snapshotter.fuse_dir()) not in mount_points_below(self.snapshotter.root):
-            problems.append("the daemon's FUSE mount is missing")
+        fuse_dir = self.snapshotter.fuse_dir()
+        if fuse_dir is None or str(fuse_dir) not in mount_points_below(self.snapshotter.root):
+            problems.append(f"the daemon's FUSE mount ({fuse_dir}) is missing")
+        serve = self.daemon_settings.serve
+        if serve is not None and self.snapshotter.daemon_request("ping").get("serve") != serve:
+            problems.append(f"the daemon does not serve in {serve} mode")
         stats = self.snapshotter.daemon_request("stats")
         if stats.get("layers"):
             problems.append(f"the new daemon has {stats['layers']} layers attached")

@@ -4,6 +4,10 @@
 name = "coldstart"
 repetitions = 3
 modes = ["overlayfs", "lazy", "warm"]   # see lazyfs.bench.modes.MODES
+serve = ["fuse", "kernel"]               # optional: the snapshotter's [daemon] serve, per lazyfs mode
+policies = ["default", ["none"], ["readahead", "trace", "locality"]]
+                                         # optional: [daemon] policies, per lazyfs mode
+                                         # ("default": none configured, the daemon's default)
 timeout_s = 300                          # per container run
 registry_root = ""                       # registry storage ("" = <image cache>/registry)
 chunk_size = "1M"                        # lazyfs convert --chunk-size
@@ -26,9 +30,10 @@ rtt_ms = 20
 # name = "loopback" without rate/rtt: the registry on 127.0.0.1, no shaping
 ```
 
-The matrix is images x workloads x modes x profiles x repetitions; ``runs()`` lists it in
-execution order (modes interleaved within a repetition, so slow drifts of the machine hit
-every mode alike).
+The matrix is images x workloads x cells x profiles x repetitions, where a cell is a mode
+with, for lazyfs modes, one serving mode and one policy set (every combination; overlayfs
+runs once, neither applies to it); ``runs()`` lists it in execution order (cells
+interleaved within a repetition, so slow drifts of the machine hit every cell alike).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import BenchError
@@ -46,6 +51,11 @@ READY_ON_EXIT = "exit"
 LOOPBACK = "loopback"
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SERVE_MODES = ("fuse", "kernel")
+DEFAULT_POLICIES = "default"  # no policies configured: whatever the daemon does by default
+# Modes that do not use lazyfs: serving mode and policies do not apply (lazyfs.bench.modes
+# agrees: their snapshotter is not lazyfs).
+NOT_LAZYFS_MODES = frozenset({"overlayfs"})
 
 
 class ExperimentError(BenchError):
@@ -89,10 +99,29 @@ class RunKey:
     mode: str
     profile: str
     repetition: int
+    serve: str | None = None                 # None: not a dimension (or overlayfs)
+    policies: tuple[str, ...] | None = None  # None: not a dimension (or overlayfs); () default
 
     @property
     def run_id(self) -> str:
-        return f"{self.image}.{self.workload}.{self.mode}.{self.profile}.{self.repetition}"
+        parts = [self.image, self.workload, self.mode]
+        if self.serve is not None:
+            parts.append(self.serve)
+        if self.policies is not None:
+            parts.append(policies_slug(self.policies))
+        return ".".join([*parts, self.profile, str(self.repetition)])
+
+
+def policies_label(policies: tuple[str, ...] | list[str] | None) -> str:
+    """How a policy set is shown: "readahead,trace"; "default" for none configured."""
+    if policies is None:
+        return ""
+    return ",".join(policies) if policies else DEFAULT_POLICIES
+
+
+def policies_slug(policies: tuple[str, ...]) -> str:
+    """The policy set as one run-id part (no dots: module paths have them)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", "+".join(policies)) if policies else DEFAULT_POLICIES
 
 
 @dataclass(frozen=True)
@@ -106,10 +135,26 @@ class Experiment:
     timeout_s: float = 300.0
     registry_root: str = ""
     chunk_size: int = 1 << 20
+    serve: tuple[str, ...] | None = None                 # None: the snapshotter's default
+    policies: tuple[tuple[str, ...], ...] | None = None  # None: the daemon's default; () in it too
     source: str = field(default="", compare=False)  # the TOML text it was read from
 
     def workloads_for(self, image: str) -> list[WorkloadSpec]:
         return [w for w in self.workloads if w.applies_to(image)]
+
+    def cells(self) -> list[tuple[str, str | None, tuple[str, ...] | None]]:
+        """(mode, serving mode, policies) in execution order within a repetition: each mode
+        with each serving mode and policy set (serving modes alternate innermost-but-one, so
+        the two serving modes of a mode run side by side)."""
+        cells: list[tuple[str, str | None, tuple[str, ...] | None]] = []
+        for mode in self.modes:
+            if mode in NOT_LAZYFS_MODES:
+                cells.append((mode, None, None))
+                continue
+            for policies in self.policies if self.policies is not None else (None,):
+                for serve in self.serve if self.serve is not None else (None,):
+                    cells.append((mode, serve, policies))
+        return cells
 
     def runs(self) -> list[RunKey]:
         keys = []
@@ -117,13 +162,29 @@ class Experiment:
             for image in self.images:
                 for workload in self.workloads_for(image.name):
                     for rep in range(self.repetitions):
-                        for mode in self.modes:
-                            keys.append(RunKey(image.name, workload.name, mode, profile.name, rep))
+                        for mode, serve, policies in self.cells():
+                            keys.append(RunKey(image.name, workload.name, mode, profile.name, rep,
+                                               serve, policies))
         return keys
+
+    def only_images(self, names: list[str]) -> Experiment:
+        """The same experiment for some of its images (``lazyfs bench run --image``)."""
+        unknown = set(names) - {i.name for i in self.images}
+        if unknown:
+            raise ExperimentError(f"--image: no image {', '.join(sorted(unknown))} in the experiment "
+                                  f"(it has {', '.join(i.name for i in self.images)})")
+        images = tuple(i for i in self.images if i.name in names)
+        workloads = tuple(w for w in self.workloads if any(w.applies_to(i.name) for i in images))
+        note = f"# run for the images {', '.join(i.name for i in images)} only (--image)\n"
+        return replace(self, images=images, workloads=workloads, source=note + self.source)
 
     def to_json(self) -> dict:
         data = asdict(self)
         data.pop("source")
+        # Experiments without the newer dimensions keep the fingerprint they always had.
+        for key in ("serve", "policies"):
+            if data[key] is None:
+                data.pop(key)
         return data
 
     def fingerprint(self) -> str:
@@ -210,6 +271,79 @@ def _parse_profile(t: dict) -> Profile:
     return Profile(name, float(rate), float(rtt))
 
 
+def _parse_serve(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value or len(set(value)) != len(value)
+            or not all(v in SERVE_MODES for v in value)):
+        raise ExperimentError(f"serve must be a non-empty array of distinct serving modes "
+                              f"({', '.join(SERVE_MODES)}), got {value!r}")
+    return tuple(value)
+
+
+def _parse_policy_set(value: object) -> tuple[str, ...]:
+    """One policy set: "default", "trace,locality" or ["trace", "locality"]."""
+    from lazyfs.fetch.policy_names import PolicyError, parse_policy_names
+
+    if value == DEFAULT_POLICIES:
+        return ()
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ExperimentError(f"policies: {value!r} is not a list of policy names")
+    if not isinstance(value, (str, list)):
+        raise ExperimentError(f"policies: {value!r} is not a policy set "
+                              "(\"default\", \"NAME,NAME\" or [\"NAME\", ...])")
+    try:
+        return tuple(parse_policy_names(value))
+    except PolicyError as e:
+        raise ExperimentError(f"policies: {e}") from None
+
+
+def _parse_policies(value: object) -> tuple[tuple[str, ...], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ExperimentError("policies must be a non-empty array of policy sets, e.g. "
+                              "[\"default\", [\"none\"], [\"trace\", \"locality\"]]")
+    sets = tuple(_parse_policy_set(v) for v in value)
+    if len(set(sets)) != len(sets):
+        raise ExperimentError("policies: the same policy set is listed twice")
+    return sets
+
+
+def apply_overrides(text: str, overrides: list[str]) -> str:
+    """The experiment's TOML with top-level keys replaced: each override is ``KEY=VALUE``
+    with VALUE in TOML (``repetitions=2``, ``modes=["overlayfs","lazy"]``). The result is
+    TOML again, so what a results directory records is the experiment as run."""
+    if not overrides:
+        return text
+    values: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[a-z_]+", key) or key in ("images", "workloads", "profiles"):
+            raise ExperimentError(f"override {item!r}: expected KEY=VALUE for a top-level key "
+                                  "(name, repetitions, modes, serve, policies, timeout_s, ...)")
+        try:
+            tomllib.loads(f"{key} = {value}")
+        except tomllib.TOMLDecodeError as e:
+            raise ExperimentError(f"override {item!r}: the value is not TOML: {e}") from None
+        values[key] = value.strip()
+    # The overrides, then the file's top-level lines without the overridden keys (single-line
+    # values only), then its tables as they were.
+    body = text.splitlines()
+    first_table = next((i for i, line in enumerate(body) if line.lstrip().startswith("[")), len(body))
+    head = [line for line in body[:first_table]
+            if not any(re.match(rf"\s*{key}\s*=", line) for key in values)]
+    result = "\n".join(["# overridden on the command line:", *(f"{k} = {v}" for k, v in values.items()),
+                        *head, *body[first_table:]]) + "\n"
+    try:
+        tomllib.loads(result)
+    except tomllib.TOMLDecodeError as e:
+        raise ExperimentError(f"overrides {', '.join(values)}: the experiment's own value spans "
+                              f"several lines; edit the file instead ({e})") from None
+    return result
+
+
 def parse_experiment(text: str, known_modes: set[str] | None = None) -> Experiment:
     try:
         raw = tomllib.loads(text)
@@ -255,19 +389,23 @@ def parse_experiment(text: str, known_modes: set[str] | None = None) -> Experime
     if not isinstance(registry_root, str):
         raise ExperimentError("registry_root must be a string")
     chunk_size = parse_size(raw.pop("chunk_size", 1 << 20))
+    serve = _parse_serve(raw.pop("serve", None))
+    policies = _parse_policies(raw.pop("policies", None))
     _no_extra(raw, "experiment")
     return Experiment(name=name, images=images, workloads=workloads, modes=tuple(modes),
                       profiles=profiles, repetitions=repetitions, timeout_s=float(timeout),
-                      registry_root=registry_root, chunk_size=chunk_size, source=text)
+                      registry_root=registry_root, chunk_size=chunk_size, serve=serve,
+                      policies=policies, source=text)
 
 
-def load_experiment(path: Path, known_modes: set[str] | None = None) -> Experiment:
+def load_experiment(path: Path, known_modes: set[str] | None = None,
+                    overrides: list[str] | None = None) -> Experiment:
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ExperimentError(f"{path}: {e}") from None
     try:
-        return parse_experiment(text, known_modes)
+        return parse_experiment(apply_overrides(text, overrides or []), known_modes)
     except ExperimentError as e:
         raise ExperimentError(f"{path}: {e}") from None
 

@@ -35,6 +35,7 @@ from .measure import Timings, Workload, measure
 from .prepare import (
     LAZY, ORIGINAL, OciImage, PrepareError, SourceImage, convert_cached, push, registry_names,
 )
+from .system import DaemonSettings
 
 
 @dataclass
@@ -130,6 +131,9 @@ class PrepareContext:
     timeout: float
 
 
+RECORDING_SETTINGS = DaemonSettings(serve="fuse")
+
+
 def _workload_key(workload: Workload) -> str:
     return hashlib.sha256(json.dumps([workload.command, workload.ready]).encode()).hexdigest()[:12]
 
@@ -146,13 +150,16 @@ def record_trace(ctx: PrepareContext, env: BenchEnv, source: SourceImage, worklo
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    env.reset(keep_cache=False)
-    lazy = source.variants[LAZY]
-    env.snapshotter.daemon_request("trace-start")
-    measure(env.containerd, lazy.registry_ref(env.endpoint), "lazyfs", True,
-            f"bench-trace-{secrets.token_hex(4)}", workload, ctx.timeout)
-    tmp = path.with_name(f".{path.name}.tmp")
-    reply = env.snapshotter.daemon_request("trace-stop", timeout=60, path=str(tmp))
+    # Whatever serving mode and policies the run is for: a FUSE-tree daemon sees the lookups
+    # and opens a trace records, and its default policies fetch only what the start reads.
+    with env.settings(RECORDING_SETTINGS):
+        env.reset(keep_cache=False)
+        lazy = source.variants[LAZY]
+        env.snapshotter.daemon_request("trace-start")
+        measure(env.containerd, lazy.registry_ref(env.endpoint), "lazyfs", True,
+                f"bench-trace-{secrets.token_hex(4)}", workload, ctx.timeout)
+        tmp = path.with_name(f".{path.name}.tmp")
+        reply = env.snapshotter.daemon_request("trace-stop", timeout=60, path=str(tmp))
     if not reply.get("records"):
         raise PrepareError(f"the trace of {source.name} / {workload.name} is empty")
     os.rename(tmp, path)

@@ -27,10 +27,10 @@ from .errors import BenchError
 
 # Scalar fields, in CSV column order. Every record has every one (None when not applicable).
 FIELDS = (
-    "run_id", "experiment", "image", "workload", "mode", "profile", "rate_mbit", "rtt_ms",
+    "run_id", "experiment", "image", "workload", "mode", "serve", "policies", "profile", "rate_mbit", "rtt_ms",
     "repetition", "status", "error", "started_at",
     "pull_s", "start_to_ready_s", "ready_s", "total_s", "exit_code", "killed_after_ready",
-    "registry_requests", "registry_bytes", "registry_blob_requests", "registry_blob_bytes",
+    "registry_requests", "registry_bytes", "registry_blob_requests", "registry_blob_bytes", "link_utilisation",
     "image_layer_bytes", "workload_read_bytes", "workload_read_requests",
     "lazyfs_fetch_requests", "lazyfs_fetched_bytes", "lazyfs_chunks_fetched", "lazyfs_cache_hits",
     "daemon_cpu_s", "containerd_cpu_s", "daemon_pid", "cache_files_at_start",

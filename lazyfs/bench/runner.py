@@ -14,13 +14,14 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 from .env import BenchEnv
 from .errors import BenchError
-from .experiment import Experiment, Profile, RunKey
+from .experiment import Experiment, Profile, RunKey, policies_label
 from .images import default_cache_dir
 from .measure import Workload
 from .modes import Mode, ModeUnavailable, PrepareContext, RunTarget, make_mode
@@ -29,7 +30,7 @@ from .prepare import LAZY, SourceImage, convert_cached, push, registry_names, re
 from .registrylog import log_position, traffic_since
 from .results import FAILED, FIELDS, OK, UNAVAILABLE, ResultsError, ResultStore
 from .sysinfo import environment
-from .system import PlainRegistry, make_work_dir
+from .system import DaemonSettings, PlainRegistry, make_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ class Runner:
         record.update({
             "run_id": key.run_id, "experiment": self.experiment.name, "image": key.image,
             "workload": key.workload, "mode": key.mode, "profile": key.profile,
+            "serve": key.serve,
+            "policies": None if key.policies is None else policies_label(key.policies),
             "rate_mbit": profile.rate_mbit, "rtt_ms": profile.rtt_ms, "repetition": key.repetition,
             "status": status, "error": error,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -234,13 +237,16 @@ class Runner:
             self.reporter.run_started(key)
             target = RunTarget(key.image, image, workload, f"bench-{secrets.token_hex(4)}",
                                self.experiment.timeout_s)
-            reset = mode.setup(env, target)
+            with env.settings(DaemonSettings(key.serve, key.policies)):
+                reset = mode.setup(env, target)
             assert env.registry_log is not None
             position = log_position(env.registry_log)
             daemon_cpu, containerd_cpu = env.daemon_cpu(), env.containerd_cpu()
             stats_before = env.snapshotter.daemon_request("stats")
+            serving = env.snapshotter.daemon_request("ping").get("serve")
             timings = mode.run(env, target)
             stats = env.snapshotter.daemon_request("stats")
+            layers = env.snapshotter.daemon_request("list").get("layers", [])
             fetch_log = env.snapshotter.daemon_request("fetch-log", timeout=30)
             daemon_cpu_after, containerd_cpu_after = env.daemon_cpu(), env.containerd_cpu()
             time.sleep(0.2)  # the registry writes its access-log line after the body
@@ -257,8 +263,16 @@ class Runner:
                   for e in fetch_log.get("events", []) if e["end"] >= timings.started_wall]
         fetch = stats["fetch"]
         record.update(timings.to_json())
+        if mode.snapshotter == "lazyfs":
+            # The daemon's own word on its serving mode; the policies stay as configured
+            # ("default" when none were: the daemon's default set).
+            record["serve"] = serving
+            record["policies"] = record["policies"] or policies_label(())
+            record["layers_served"] = dict(Counter(layer.get("serve", "fuse") for layer in layers))
+            record["daemon_policy_arg"] = daemon_policy_arg(reset.daemon_pid)
         record.update({
             "status": OK,
+            "link_utilisation": link_utilisation(traffic.bytes, profile, timings.ready_s),
             "registry_requests": traffic.requests, "registry_bytes": traffic.bytes,
             "registry_blob_requests": traffic.blob_requests, "registry_blob_bytes": traffic.blob_bytes,
             "registry_by_status": traffic.by_status,
@@ -298,6 +312,24 @@ def _variants_json(source: SourceImage) -> dict:
     return {variant: {"manifest_digest": i.manifest_digest, "layer_bytes": i.layer_bytes,
                       "layers": i.layers, "repository": i.repository, "tag": i.registry_tag}
             for variant, i in source.variants.items()}
+
+
+def daemon_policy_arg(pid: int) -> str | None:
+    """The daemon's ``--policy`` argument as it runs (None: not given, its default applies)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    return argv[argv.index("--policy") + 1] if "--policy" in argv[:-1] else None
+
+
+def link_utilisation(nbytes: int, profile: Profile, seconds: float) -> float | None:
+    """Bytes the registry sent over what the link could have carried from the start of the
+    pull to readiness (bytes sent after readiness count too); None on an unshaped link."""
+    if not profile.shaped or seconds <= 0:
+        return None
+    assert profile.rate_mbit is not None
+    return round(nbytes * 8 / (profile.rate_mbit * 1e6 * seconds), 4)
 
 
 def _delta(before: float | None, after: float | None) -> float | None:

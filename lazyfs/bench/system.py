@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.daemon.control import ControlClient, ControlError
@@ -343,6 +344,23 @@ disabled_plugins = [{disabled}]
         unmount_below(self.base)
 
 
+@dataclass(frozen=True)
+class DaemonSettings:
+    """What the snapshotter configuration says about its daemon for a run: the serving mode
+    (``[daemon] serve``) and the fetch policies (``[daemon] policies``); None for either
+    writes nothing, so the snapshotter's and the daemon's defaults apply."""
+    serve: str | None = None
+    policies: tuple[str, ...] | None = None
+
+    def toml(self) -> str:
+        lines = []
+        if self.serve is not None:
+            lines.append(f"serve = {json.dumps(self.serve)}")
+        if self.policies:  # () is "the daemon's default" as well: nothing to write
+            lines.append(f"policies = {json.dumps(list(self.policies))}")
+        return "".join(line + "\n" for line in lines)
+
+
 class Snapshotter:
     """lazyfs-snapshotter (and through it the lazyfs daemon) with its state in ``root``."""
 
@@ -362,10 +380,13 @@ class Snapshotter:
     def control_socket(self) -> Path:
         return self.root / "daemon.sock"
 
-    def fuse_dir(self) -> Path:
-        """The daemon's FUSE mount, as it says (the layers' trees, or in kernel serving mode
-        their chunk-device files)."""
-        return Path(self.daemon_request("ping")["fuse"])
+    def fuse_dir(self) -> Path | None:
+        """The running daemon's FUSE mount (the layer directories, or in kernel serving mode
+        the chunk-device files), as its ``ping`` says."""
+        with contextlib.suppress(SystemError_):
+            fuse = self.daemon_request("ping").get("fuse")
+            return Path(fuse) if fuse else None
+        return None
 
     def daemon_pid(self) -> int | None:
         try:
@@ -381,14 +402,14 @@ class Snapshotter:
         except ControlError as e:
             raise SystemError_(f"lazyfs daemon: {op}: {e}") from e
 
-    def start(self, insecure_hosts: list[str]) -> None:
+    def start(self, insecure_hosts: list[str], settings: DaemonSettings = DaemonSettings()) -> None:
         self.insecure_hosts = list(insecure_hosts)
         self.root.mkdir(parents=True, exist_ok=True)
         hosts = ", ".join(json.dumps(h) for h in self.insecure_hosts)
         # prefetch = true: layers with an embedded trace are prefetched (trace modes).
         self.config_path.write_text(
             f'root = {json.dumps(str(self.root))}\nsocket = {json.dumps(str(self.socket))}\n'
-            f'log_level = "info"\n\n[daemon]\nenabled = true\nprefetch = true\n\n'
+            f'log_level = "info"\n\n[daemon]\nenabled = true\nprefetch = true\n{settings.toml()}\n'
             f'[registry]\ninsecure_hosts = [{hosts}]\n')
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()

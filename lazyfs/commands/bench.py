@@ -16,10 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", help="run an experiment's matrix (as root)",
                          description="Run an experiment: images x workloads x modes x network "
                                      "profiles x repetitions, each from a checked cold state.")
-    run.add_argument("experiment", help="EXPERIMENT.toml, or a built-in name (ci-small, coldstart)")
+    run.add_argument("experiment", help="EXPERIMENT.toml, or a built-in name (ci-small, coldstart, readall)")
     run.add_argument("--results", type=Path, default=None,
                      help="results directory (default: results/NAME-YYYYmmdd-HHMMSS)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted experiment in --results")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="replace a top-level key of the experiment, VALUE in TOML "
+                          "(repetitions=2, 'serve=[\"kernel\"]'); repeatable")
+    run.add_argument("--image", dest="images", action="append", default=[], metavar="NAME",
+                     help="run only this image of the experiment; repeatable")
     run.add_argument("--skip-unavailable", action="store_true",
                      help="record runs of modes this build cannot run as unavailable, run the rest")
     run.add_argument("--cache", type=Path, default=None,
@@ -83,7 +88,9 @@ def _run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
-        experiment = load_experiment(resolve_experiment_path(args.experiment), set(MODES))
+        experiment = load_experiment(resolve_experiment_path(args.experiment), set(MODES), args.overrides)
+        if args.images:
+            experiment = experiment.only_images(args.images)
     except BenchError as e:
         console.print(f"lazyfs bench: {e}")
         return 2
