@@ -128,7 +128,7 @@ def test_cli_refuses_a_bad_override_before_anything_runs():
 
 
 def test_daemon_settings_are_what_the_snapshotter_reads(tmp_path):
-    for settings, serve, policies in ((DaemonSettings(), "fuse", []),
+    for settings, serve, policies in ((DaemonSettings(), snapshotter_config.DaemonConfig().serve, []),
                                       (DaemonSettings("kernel", ()), "kernel", []),
                                       (DaemonSettings("fuse", ("trace", "locality")), "fuse", ["trace", "locality"])):
         path = tmp_path / "snapshotter.toml"
