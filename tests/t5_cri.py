@@ -23,7 +23,7 @@ import grpc
 import pytest
 import trio
 
-from lazyfs.bench.system import Snapshotter
+from lazyfs.bench.system import DaemonSettings, Snapshotter
 from snapshotter.layerfs import layer_source
 from snapshotter.store import Kind, MetaStore
 from tests.cri.client import CriClient, api_pb2
@@ -75,7 +75,8 @@ def node(registry, tmp_path_factory):
     snapshotter = Snapshotter(base / "snapshotter", containerd.snapshotter_socket, base)
     try:
         containerd.start()
-        snapshotter.start(insecure_hosts=[registry.host])
+        # No speculative policy: the byte counts below measure what reads fetch on demand.
+        snapshotter.start(insecure_hosts=[registry.host], settings=DaemonSettings(policies=("readahead", "trace")))
         containerd.wait_snapshotter(SNAPSHOTTER)
         yield Node(containerd, snapshotter, registry, base / "pods")
     finally:
