@@ -37,18 +37,24 @@ def parse_stop_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _config_command(name: str, args: argparse.Namespace, operation) -> int:
+    """Load the configuration a command names and run ``operation(cfg) -> (status, message)``:
+    one line out (stderr on failure), a bad configuration exits 2."""
+    try:
+        cfg = config_mod.load(args.config, root=args.root)
+    except config_mod.ConfigError as e:
+        print(f"lazyfs-snapshotter {name}: {e}", file=sys.stderr)
+        return 2
+    status, message = operation(cfg)
+    print(f"lazyfs-snapshotter {name}: {message}", file=sys.stderr if status else sys.stdout)
+    return status
+
+
 def stop_main(argv: list[str]) -> int:
     from .stop import stop
 
     args = parse_stop_args(argv)
-    try:
-        cfg = config_mod.load(args.config, root=args.root)
-    except config_mod.ConfigError as e:
-        print(f"lazyfs-snapshotter stop: {e}", file=sys.stderr)
-        return 2
-    status, message = stop(cfg, force=args.force, timeout=args.timeout)
-    print(f"lazyfs-snapshotter stop: {message}", file=sys.stderr if status else sys.stdout)
-    return status
+    return _config_command("stop", args, lambda cfg: stop(cfg, force=args.force, timeout=args.timeout))
 
 
 def parse_upgrade_args(argv: list[str]) -> argparse.Namespace:
@@ -66,14 +72,7 @@ def upgrade_main(argv: list[str]) -> int:
     from .upgrade import upgrade
 
     args = parse_upgrade_args(argv)
-    try:
-        cfg = config_mod.load(args.config, root=args.root)
-    except config_mod.ConfigError as e:
-        print(f"lazyfs-snapshotter upgrade: {e}", file=sys.stderr)
-        return 2
-    status, message = upgrade(cfg, timeout=args.timeout)
-    print(f"lazyfs-snapshotter upgrade: {message}", file=sys.stderr if status else sys.stdout)
-    return status
+    return _config_command("upgrade", args, lambda cfg: upgrade(cfg, timeout=args.timeout))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -43,14 +43,19 @@ def layout_with(root, blobs: dict[str, bytes]) -> str:
 CRAFTED_DAEMON_OPTIONS = ("--read-timeout", "5", "--policy", "readahead")
 
 
-@pytest.fixture
-def daemon(tmp_path):
+def start_crafted_daemon(tmp_path, *serve: str):
+    """A `lazyfs daemon` for crafted layers: (socket, FUSE mount, process)."""
     require_root()
     require_tool("fusermount3")
     socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
+    return socket, fuse, start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log",
+                                             *CRAFTED_DAEMON_OPTIONS, *serve)
+
+
+@pytest.fixture
+def daemon(tmp_path):
     # FUSE-tree mode: lazyfs itself parses every crafted layer's metadata and serves its tree.
-    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log", *CRAFTED_DAEMON_OPTIONS,
-                               "--serve", "fuse")
+    socket, fuse, proc = start_crafted_daemon(tmp_path, "--serve", "fuse")
     try:
         yield socket, fuse, proc
     finally:
@@ -149,11 +154,7 @@ def _raise(error: OSError) -> None:
 
 @pytest.fixture
 def kernel_daemon(tmp_path):
-    require_root()
-    require_tool("fusermount3")
-    socket, fuse = tmp_path / "daemon.sock", tmp_path / "fuse"
-    proc = start_shared_daemon(socket, fuse, tmp_path / "cache", tmp_path / "daemon.log", *CRAFTED_DAEMON_OPTIONS,
-                               "--serve", "kernel", "--layers-dir", str(tmp_path / "layers"))
+    socket, _fuse, proc = start_crafted_daemon(tmp_path, "--serve", "kernel", "--layers-dir", str(tmp_path / "layers"))
     try:
         yield socket, proc
     finally:
