@@ -78,7 +78,7 @@ def signature(root: Path) -> dict[str, tuple]:
     hard-link group, user.* xattrs (times are not compared: containerd stamps implicit
     directories with the time of extraction)."""
     out: dict[str, tuple] = {}
-    groups: dict[int, str] = {}
+    groups: dict[tuple[int, int], str] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(dirnames + filenames):
@@ -95,7 +95,9 @@ def signature(root: Path) -> dict[str, tuple]:
                     content = hashlib.sha256(f.read()).hexdigest()
             elif stat.S_ISLNK(st.st_mode):
                 content = os.readlink(path)
-            group = groups.setdefault(st.st_ino, rel) if not stat.S_ISDIR(st.st_mode) else None
+            # (st_dev, st_ino): a lazyfs mount in kernel serving mode is an overlay of one EROFS
+            # per layer, whose inode numbers repeat from layer to layer.
+            group = groups.setdefault((st.st_dev, st.st_ino), rel) if not stat.S_ISDIR(st.st_mode) else None
             out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                         st.st_size if stat.S_ISREG(st.st_mode) else None,
                         st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None,
