@@ -82,9 +82,11 @@ def _wait(mount, done, what: str, seconds: float = 30) -> dict:
 def _prefetch_done(stats: dict) -> bool:
     # Totals over priorities: a queued prefetch chunk that an on-demand read promotes is
     # counted done at on-demand priority.
+    # A layer's trace chunks are queued after its attach, once attaches settle: none pending.
     fetch = stats["fetch"]
     queued = sum(fetch["queued"].values())
-    return sum(fetch["done"].values()) + fetch["failed_chunks"] >= queued and fetch["inflight"] == 0
+    return (stats["prefetch"]["layers_pending"] == 0
+            and sum(fetch["done"].values()) + fetch["failed_chunks"] >= queued and fetch["inflight"] == 0)
 
 
 def _fetch_log(mount) -> list[dict]:

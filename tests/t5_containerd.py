@@ -549,7 +549,7 @@ async def test_hot_upgrade_under_a_running_container_fails_no_read(containerd, r
     reader = ("cat /bin/busybox /hello.txt >/dev/null && touch /tmp/started; i=0; while [ ! -e /tmp/stop ]; do "
               "cat /hello.txt >/dev/null || exit 7; "
               f"if [ $i -lt {pieces} ]; then dd if=/big.bin of=/tmp/got bs={piece} skip=$((i*{stride // piece})) "
-              "seek=$i count=1 conv=notrunc 2>/dev/null || exit 8; i=$((i+1)); echo $i >/tmp/i; fi; "
+              "seek=$i count=1 conv=notrunc 2>/dev/null || exit 8; i=$((i+1)); echo $i >/tmp/i.new && mv /tmp/i.new /tmp/i; fi; "
               "sleep 0.02; done; echo survived $i; sha256sum /tmp/got")
     outcome: dict = {}
 

@@ -203,6 +203,9 @@ class Daemon:
         self.layer_mounts: dict[str, Path] = {}  # kernel mode: EROFS (or fallback bind) mount per layer
         self._fallback_reasons: set[str] = set()
         self.attach_requests: dict[str, dict] = {}  # by layer name: what a successor attaches to take over
+        # Layers whose after-attach work (trace look-up, learned trace) has not ended: until
+        # it has, a prefetch may still be queued, so "prefetch done" must wait for it.
+        self.after_attach_pending = 0
         self.handing_over = False  # frozen for a successor (lazyfs.daemon.handover)
         self.changes_in_flight = 0  # requests of handover.CHANGING_OPS being carried out
         self.taking_over = False  # attaching a predecessor's layers: every root must be taken over
@@ -558,6 +561,7 @@ class Daemon:
         log.info("attached %s (%s %s, served by %s)", name, kind, layer.info.get("digest") or layer.info.get("meta", ""),
                  layer.info["serve"])
         if after is not None and self._nursery is not None:
+            self.after_attach_pending += 1
             self._nursery.start_soon(self._after_attach, after, layer, learn)
         return {"path": str(self.options.layer_root(name))}
 
@@ -642,6 +646,8 @@ class Daemon:
             await after(attached.info, on_manifest)
         except Exception:  # a learned trace is an optimisation: it must not take the daemon down
             log.exception("learned trace of layer %s failed", attached.name)
+        finally:
+            self.after_attach_pending -= 1
 
     async def detach(self, request: dict) -> dict:
         name = _require_str(request, "name")
@@ -717,7 +723,8 @@ class Daemon:
             "fetch": fetch,
             "cache": self.cache.stats(),
             "prefetch": {"queued": prefetch_queued, "done": prefetch_done,
-                         "skipped_cached": fetch["already_cached"].get("prefetch", 0)},
+                         "skipped_cached": fetch["already_cached"].get("prefetch", 0),
+                         "layers_pending": self.after_attach_pending},
             "background": self.background.progress(),
             "learned": {"lookups": self.learned.lookups, "found": self.learned.found,
                         "recordings": self.learning.summary()},
